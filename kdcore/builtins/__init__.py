@@ -1,0 +1,23 @@
+"""The core's own components, registered through the same hooks as any plugin."""
+
+from kdcore.builtins import (
+    aggregators,
+    aligners,
+    datasets,
+    initializers,
+    losses,
+    models,
+    schedulers,
+    teacher_sources,
+)
+
+MODULES = [
+    losses,
+    schedulers,
+    aggregators,
+    aligners,
+    initializers,
+    models,
+    datasets,
+    teacher_sources,
+]

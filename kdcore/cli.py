@@ -1,0 +1,329 @@
+"""The ``kd`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from kdcore.components import KINDS
+from kdcore.errors import KdError, SpecError
+from kdcore.plugins import get_registry
+
+
+def _print_json(data: Any) -> None:
+    print(json.dumps(data, indent=2, default=str))
+
+
+def _table(rows: list[list[str]], header: list[str]) -> str:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    line = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
+    return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])
+
+
+# ---------------------------------------------------------------- plugins & components
+
+
+def cmd_plugins(args) -> int:
+    registry = get_registry()
+    dists = registry.distributions()
+    failures = [attrs.asdict(f) for f in registry.failures]
+    if args.json:
+        _print_json({"distributions": dists, "failures": failures})
+        return 0
+    for name, info in dists.items():
+        print(f"{name} {info['version']}")
+        for kind, names in info["components"].items():
+            print(f"  {kind}: {', '.join(names)}")
+    for f in failures:
+        print(f"FAILED {f['distribution']} (entry point {f['entry_point']}): {f['error']}")
+        print("  " + f["traceback"].strip().replace("\n", "\n  "))
+    return 0
+
+
+def cmd_components(args) -> int:
+    registry = get_registry()
+    kinds = [args.kind] if args.kind else list(KINDS)
+    rows = []
+    for kind in kinds:
+        if kind not in KINDS:
+            print(f"error: unknown kind {kind!r}; kinds: {', '.join(KINDS)}", file=sys.stderr)
+            return 2
+        for reg in registry.entries(kind):
+            rows.append([kind, reg.component.name, reg.distribution, reg.component.doc])
+    if args.json:
+        _print_json([dict(zip(["kind", "name", "distribution", "doc"], r)) for r in rows])
+    else:
+        print(_table(rows, ["kind", "name", "distribution", "doc"]))
+    return 0
+
+
+def describe(reg) -> dict:
+    from kdcore.spec import converter
+
+    component = reg.component
+    params = []
+    for f in attrs.fields(component.config):
+        default = f.default
+        if isinstance(default, attrs.Factory):
+            default = default.factory() if not default.takes_self else None
+        if default is attrs.NOTHING:
+            default = "(required)"
+        params.append(
+            {
+                "name": f.name,
+                "type": getattr(f.type, "__name__", None) or str(f.type),
+                "default": converter.unstructure(default) if default != "(required)" else default,
+            }
+        )
+    return {
+        "name": component.name,
+        "kind": reg.kind,
+        "distribution": reg.distribution,
+        "doc": component.doc,
+        "requires": sorted(component.requires),
+        "properties": sorted(component.properties),
+        "parameters": params,
+        "details": (getattr(component.factory, "__doc__", None) or "").strip(),
+    }
+
+
+def cmd_explain(args) -> int:
+    registry = get_registry()
+    found = registry.find(args.name)
+    if args.kind:
+        found = [r for r in found if r.kind == args.kind]
+    if not found:
+        every = {n for k in KINDS for n in registry.names(k)}
+        from kdcore.plugins import unknown_name_message
+
+        print(f"error: {unknown_name_message('component', args.name, every)}", file=sys.stderr)
+        return 2
+    described = [describe(r) for r in found]
+    if args.json:
+        _print_json(described if len(described) > 1 else described[0])
+        return 0
+    for d in described:
+        print(f"{d['name']} ({d['kind']}, from {d['distribution']})")
+        print(f"  {d['doc']}")
+        if d["details"]:
+            print("  " + d["details"].replace("\n", "\n  "))
+        if d["requires"]:
+            print(f"  requires: {', '.join(d['requires'])}")
+        if d["properties"]:
+            print(f"  properties: {', '.join(d['properties'])}")
+        if d["parameters"]:
+            print("  parameters:")
+            for p in d["parameters"]:
+                print(f"    {p['name']}: {p['type']} = {p['default']!r}")
+        else:
+            print("  parameters: none")
+    return 0
+
+
+# ---------------------------------------------------------------- spec & runs
+
+
+def cmd_validate(args) -> int:
+    from kdcore.spec import load_spec
+    from kdcore.train import check_composition
+
+    spec = load_spec(args.spec, args.set)
+    problems = check_composition(spec)
+    if problems:
+        raise SpecError(problems, source=args.spec)
+    if args.json:
+        from kdcore.spec import spec_to_dict
+
+        _print_json(spec_to_dict(spec))
+    else:
+        print(f"{args.spec}: ok")
+    return 0
+
+
+def cmd_distill(args) -> int:
+    from kdcore.train import distill
+
+    summary = distill(args.spec, overrides=args.set, output=args.output, resume=args.resume)
+    if args.json:
+        _print_json(summary)
+    else:
+        ev = summary["eval"]
+        line = f"done: {summary['steps']} steps, val loss {ev['val_loss']:.4f}"
+        if "teacher_val_loss" in ev:
+            line += f" (teacher {ev['teacher_val_loss']:.4f})"
+        print(line + f"; student in {summary['output']}/student")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from kdcore.evaluate import evaluate_run
+
+    report = evaluate_run(args.run_dir, data=args.data, batches=args.batches, options=vars(args))
+    if args.json:
+        _print_json(report)
+    else:
+        for key, value in report.items():
+            print(f"{key}: {value:.4f}" if isinstance(value, float) else f"{key}: {value}")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from kdcore.report import write_report
+
+    path = write_report(args.run_dir)
+    print(path)
+    return 0
+
+
+def cmd_data_inspect(args) -> int:
+    from kdcore.evaluate import inspect_data
+
+    report = inspect_data(args.source, args.format, args.limit, args.set)
+    if args.json:
+        _print_json(report)
+    else:
+        for key, value in report.items():
+            if key == "samples":
+                for sample in value:
+                    print(f"--- sample ({sample['tokens']} tokens, {sample['loss_tokens']} carry loss)")
+                    print(f"text:      {sample['text'][:200]!r}")
+                    print(f"loss text: {sample['loss_text'][:200]!r}")
+            elif key == "rejected":
+                print(f"rejected: {len(value)}")
+                for r in value[:20]:
+                    print(f"  line {r['line']}: {r['reason']}")
+            else:
+                print(f"{key}: {value}")
+    return 0
+
+
+def cmd_doctor(args) -> int:
+    import platform
+
+    import mlx.core as mx
+
+    from kdcore import fastpath
+
+    info = {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "mlx": getattr(mx, "__version__", "unknown"),
+        "device": str(mx.default_device()),
+        "metal": bool(getattr(mx, "metal", None) and mx.metal.is_available()),
+        "cuda": bool(getattr(mx, "cuda", None) and mx.cuda.is_available()),
+        "blas_loaded": fastpath.loaded_blas(),
+        "fast_path_available": fastpath.openblas_path(),
+        "fast_path_active": fastpath.fast_path_active(),
+        "plugins": {k: v["version"] for k, v in get_registry().distributions().items()},
+        "plugin_failures": [f.distribution for f in get_registry().failures],
+    }
+    if args.json:
+        _print_json(info)
+        return 0
+    for key, value in info.items():
+        print(f"{key}: {value}")
+    if sys.platform.startswith("linux") and not info["fast_path_active"]:
+        if info["fast_path_available"]:
+            print("hint: run through `kd` (not python -m) or set LD_PRELOAD to use OpenBLAS")
+        else:
+            print("hint: apt-get install libopenblas0-pthread makes MLX matmuls ~30x faster")
+    return 0
+
+
+# ---------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kd", description="knowledge distillation on MLX")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("plugins", help="installed plugin distributions and load failures")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_plugins)
+
+    p = sub.add_parser("components", help="list components")
+    p.add_argument("--kind", help=f"one of: {', '.join(KINDS)}")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_components)
+
+    p = sub.add_parser("explain", help="a component's doc, parameters and requirements")
+    p.add_argument("name")
+    p.add_argument("--kind")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_explain)
+
+    def spec_args(p):
+        p.add_argument("spec", help="TOML or JSON spec file")
+        p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a field, e.g. --set train.steps=10 (TOML literal)")
+
+    p = sub.add_parser("validate", help="check a spec; exit 2 listing every problem")
+    spec_args(p)
+    p.add_argument("--json", action="store_true", help="print the resolved spec")
+    p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("distill", help="run a distillation")
+    spec_args(p)
+    p.add_argument("--output", "-o")
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_distill)
+
+    p = sub.add_parser("eval", help="student vs teacher on held-out data")
+    p.add_argument("run_dir")
+    p.add_argument("--data", help="a text file to evaluate on instead of the run's val split")
+    p.add_argument("--batches", type=int, default=16)
+    p.add_argument("--pairs", help="preference pairs (JSONL) for preference metrics")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("report", help="Markdown report with loss and schedule plots")
+    p.add_argument("run_dir")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("data", help="data tools")
+    data_sub = p.add_subparsers(dest="data_command", required=True, metavar="SUBCOMMAND")
+    q = data_sub.add_parser("inspect", help="how records tokenize and which tokens carry loss")
+    q.add_argument("source", help="a spec (uses its [data]) or a data file")
+    q.add_argument("--format", help="dataset component for a file (default: by extension)")
+    q.add_argument("--limit", type=int, default=3)
+    q.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    q.add_argument("--json", action="store_true")
+    q.set_defaults(func=cmd_data_inspect)
+
+    p = sub.add_parser("doctor", help="MLX version, device, BLAS and plugins")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_doctor)
+
+    get_registry().pm.hook.kd_add_commands(subparsers=sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    if argv is None:
+        from kdcore.fastpath import reexec_with_fast_path
+
+        reexec_with_fast_path()
+    try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        return int(args.func(args) or 0)
+    except SpecError as exc:
+        for line in str(exc).splitlines():
+            print(f"error: {line}", file=sys.stderr)
+        return 2
+    except KdError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

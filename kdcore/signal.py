@@ -1,0 +1,103 @@
+"""One teacher-signal type for live logits, top-k caches and mixtures of teachers.
+
+Losses ask a signal for log-probabilities at a temperature; they do not need to know
+whether it came from a live teacher, an offline cache or an aggregator.
+"""
+
+from __future__ import annotations
+
+import attrs
+import mlx.core as mx
+
+
+@attrs.frozen(eq=False)
+class TeacherSignal:
+    """What a teacher tells the student about one batch.
+
+    Exactly one of the three forms is set:
+
+    - dense: ``logits`` [B, L, V] at temperature 1;
+    - sparse: ``topk_ids`` / ``topk_logprobs`` [B, L, K] (log-probabilities at
+      ``capture_temperature``) and ``tail_logmass`` [B, L] (log of the mass outside the top-k);
+    - mixture: ``members`` (signals) and ``weights`` ([B, M] or [B, L, M], rows sum to 1);
+      the mixture's distribution at temperature T is ``sum_m w_m softmax(z_m / T)``.
+
+    ``hidden_states`` and ``attentions`` are per-layer tuples when a component required them.
+    """
+
+    vocab_size: int
+    logits: mx.array | None = None
+    topk_ids: mx.array | None = None
+    topk_logprobs: mx.array | None = None
+    tail_logmass: mx.array | None = None
+    capture_temperature: float = 1.0
+    members: tuple[TeacherSignal, ...] | None = None
+    weights: mx.array | None = None
+    hidden_states: tuple[mx.array, ...] | None = None
+    attentions: tuple[mx.array, ...] | None = None
+
+    def __attrs_post_init__(self) -> None:
+        forms = [self.logits is not None, self.topk_ids is not None, self.members is not None]
+        if sum(forms) != 1:
+            raise ValueError("a TeacherSignal is exactly one of: dense, sparse, mixture")
+
+    @property
+    def is_dense(self) -> bool:
+        return self.logits is not None
+
+    @property
+    def is_sparse(self) -> bool:
+        if self.members is not None:
+            return any(m.is_sparse for m in self.members)
+        return self.topk_ids is not None
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(batch, length) of the token positions."""
+        if self.logits is not None:
+            return tuple(self.logits.shape[:2])
+        if self.topk_ids is not None:
+            return tuple(self.topk_ids.shape[:2])
+        return self.members[0].shape
+
+    def log_probs(self, temperature: float | mx.array = 1.0) -> mx.array:
+        """Dense log-probabilities [B, L, V] at ``temperature`` (float32)."""
+        if self.logits is not None:
+            z = self.logits.astype(mx.float32) / temperature
+            return z - mx.logsumexp(z, axis=-1, keepdims=True)
+        if self.members is not None:
+            weights = self.weights
+            if weights.ndim == 2:  # per instance -> per token
+                weights = weights[:, None, :]
+            stacked = mx.stack([m.log_probs(temperature) for m in self.members], axis=-1)
+            return mx.logsumexp(stacked + mx.log(mx.maximum(weights, 1e-30))[..., None, :], -1)
+        raise ValueError(
+            "this teacher signal is a top-k cache: use sparse_log_probs(), or a loss that "
+            "declares 'sparse_ok'"
+        )
+
+    def sparse_log_probs(
+        self, temperature: float | mx.array = 1.0, tail: str = "renormalize"
+    ) -> tuple[mx.array, mx.array]:
+        """Top-k ids and log-probabilities re-tempered to ``temperature``.
+
+        The stored values are ``log p_i = z_i / Tc - log Z`` at the capture temperature Tc,
+        so ``z_i / T = (log p_i + log Z) * Tc / T``; the unknown ``log Z`` cancels when the
+        result is normalised. ``tail="renormalize"`` returns [B, L, K] normalised over the
+        top-k. ``tail="tail-bucket"`` returns [B, L, K+1] with the tail mass as a (k+1)-th
+        class, re-tempered as if it were one token (exact at T = Tc).
+        """
+        if self.topk_ids is None:
+            raise ValueError("sparse_log_probs() needs a top-k signal")
+        scale = self.capture_temperature / temperature
+        logp = self.topk_logprobs.astype(mx.float32)
+        if tail == "tail-bucket":
+            logp = mx.concatenate([logp, self.tail_logmass.astype(mx.float32)[..., None]], -1)
+        elif tail != "renormalize":
+            raise ValueError(f"unknown tail policy {tail!r}: 'renormalize' or 'tail-bucket'")
+        z = logp * scale
+        return self.topk_ids, z - mx.logsumexp(z, axis=-1, keepdims=True)
+
+
+def dense_signal(logits: mx.array, **extra) -> TeacherSignal:
+    return TeacherSignal(vocab_size=logits.shape[-1], logits=logits, **extra)
