@@ -1,0 +1,8 @@
+"""kdcore plugin kd-bild."""
+
+import kdcore
+
+
+@kdcore.hookimpl
+def kd_losses():
+    return []

@@ -1,0 +1,5 @@
+"""On-policy MiniLLM distillation."""
+
+
+def components():
+    return []
