@@ -2,7 +2,7 @@
 
 A checkpoint is a folder ``checkpoints/step-NNNNNNN/`` with ``trainable.safetensors``
 (student and learnable component parameters), ``optimizer.safetensors``, ``extra.safetensors``
-(RNG key and any component state such as an EMA teacher) and ``state.json`` (step, data
+(component state such as an EMA teacher) and ``state.json`` (step, data
 position, stage, a hash of the spec, the sha256 of each file). The folder is written under a
 temporary name and renamed into place, then ``checkpoints/latest`` is replaced atomically.
 """

@@ -68,7 +68,11 @@ class Dataset:
         return int(self._examples[split]["mask"].sum())
 
     def batch(self, index: int, batch_size: int, split: str = "train") -> dict[str, np.ndarray]:
-        """Batch number ``index``: examples drawn without replacement, epoch by epoch."""
+        """Batch number ``index``: examples drawn without replacement, epoch by epoch.
+
+        ``example_index`` [B] says which examples of the split the rows are (an offline
+        teacher cache is looked up by it).
+        """
         n = self.num_examples(split)
         if n == 0:
             raise SpecError(f"the {split} split is empty: more data or a smaller seq_len")
@@ -81,7 +85,9 @@ class Dataset:
             else:
                 picks.append(k)
         picks = np.asarray(picks)
-        return {key: value[picks] for key, value in self._examples[split].items()}
+        batch = {key: value[picks] for key, value in self._examples[split].items()}
+        batch["example_index"] = picks.astype(np.int32)
+        return batch
 
     def batches(
         self, batch_size: int, split: str = "val", limit: int | None = None
@@ -92,7 +98,10 @@ class Dataset:
         for start in range(0, n, batch_size):
             if limit is not None and count >= limit:
                 return
-            yield {k: v[start : start + batch_size] for k, v in self._examples[split].items()}
+            batch = {k: v[start : start + batch_size] for k, v in self._examples[split].items()}
+            rows = len(batch["input_ids"])
+            batch["example_index"] = np.arange(start, start + rows, dtype=np.int32)
+            yield batch
             count += 1
 
     def fingerprint(self) -> str:

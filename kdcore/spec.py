@@ -14,6 +14,8 @@ import json
 import os
 import re
 import sys
+import types
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -205,8 +207,38 @@ def _structure_bool(value: Any, _type: Any) -> bool:
     return value
 
 
+def _is_plain_union(type_: Any) -> bool:
+    """A union other than ``X | None`` (which cattrs handles itself)."""
+    args = [a for a in typing.get_args(type_) if a is not type(None)]
+    origin = typing.get_origin(type_)
+    return origin in (typing.Union, types.UnionType) and len(args) > 1
+
+
+def _union_hook(conv: cattrs.Converter):
+    def factory(type_: Any):
+        members = typing.get_args(type_)
+
+        def structure(value: Any, _type: Any) -> Any:
+            if value is None and type(None) in members:
+                return None
+            for member in members:
+                if member is type(None):
+                    continue
+                try:
+                    return conv.structure(value, member)
+                except Exception:
+                    continue
+            names = " or ".join(getattr(m, "__name__", str(m)) for m in members)
+            raise SpecValueError(f"expected {names}, got {type(value).__name__} {value!r}")
+
+        return structure
+
+    return factory
+
+
 def make_converter() -> cattrs.Converter:
     conv = cattrs.Converter(forbid_extra_keys=True)
+    conv.register_structure_hook_factory(_is_plain_union, _union_hook(conv))
     conv.register_structure_hook(float, _structure_float)
     conv.register_structure_hook(int, _structure_int)
     conv.register_structure_hook(str, _structure_str)

@@ -304,6 +304,9 @@ class Run:
                     restored = None
                 while step < stage_end:
                     t0 = time.perf_counter()
+                    # Randomness (sampling, dropout) is a function of (seed, step), so a
+                    # resumed run draws exactly what the uninterrupted one drew.
+                    mx.random.seed(spec.run.seed * 1_000_003 + step)
                     lr = value_at(
                         stage.lr if stage.lr is not None else spec.train.optimizer.lr,
                         step,
@@ -338,7 +341,7 @@ class Run:
                             **{f"loss/{k}": v for k, v in last_terms.items()},
                             **{k: v.item() for k, v in metrics.items()},
                             "lr": lr,
-                            **self._schedule_values(step),
+                            **self._schedule_values(step - 1),  # the values this step used
                             "tokens_per_s": ntok / dt,
                         }
                         metrics_file.write(json.dumps(record) + "\n")
@@ -454,7 +457,7 @@ class Run:
     # ------------------------------------------------------------ checkpoints
 
     def _extra_state(self) -> dict[str, mx.array]:
-        extra = {"rng": mx.random.state[0]}
+        extra = {"step_seed": mx.array(self.spec.run.seed)}
         for i, teacher in enumerate(self.teachers):
             state = getattr(teacher, "state_arrays", None)
             if state is not None:
@@ -494,7 +497,7 @@ class Run:
             raise CheckpointError(
                 f"checkpoint {path} does not fit this run's model: {exc}"
             ) from exc
-        mx.random.state[0] = extra.pop("rng")
+        extra.pop("step_seed", None)
         for i, teacher in enumerate(self.teachers):
             load = getattr(teacher, "load_state_arrays", None)
             prefix = f"teacher.{i}."

@@ -1,0 +1,373 @@
+"""The training engine: outputs, resume, atomic checkpoints, NaN guard, groups, stages."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten
+
+import kdcore
+from kdcore.checkpoint import latest_checkpoint, load_checkpoint
+from kdcore.models import load_model
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _losses(run_dir: Path) -> dict[int, float]:
+    out = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if "loss" in record:
+            out[record["step"]] = record["loss"]
+    return out
+
+
+def _distill_spec(make_spec, teacher_dir, steps=8, **train):
+    return make_spec(
+        teachers=[{"path": str(teacher_dir)}],
+        losses=[{"name": "ce", "weight": {"schedule": "linear", "start": 1.0, "end": 0.5}}],
+        train={"steps": steps, "batch_size": 4, "log_every": 1, "checkpoint_every": 4,
+               "optimizer": {"name": "adamw", "lr": 3e-3}, **train},
+    )
+
+
+def test_outputs_of_a_run(tmp_path, make_spec, teacher_dir):
+    summary = kdcore.distill(kdcore.load_spec(_distill_spec(make_spec, teacher_dir)),
+                             output=tmp_path / "run", progress=False)
+    run = tmp_path / "run"
+    for name in ("student/config.json", "student/model.safetensors", "student/tokenizer.json",
+                 "metrics.jsonl", "summary.json", "spec.toml"):
+        assert (run / name).exists(), name
+    assert summary["steps"] == 8
+    assert summary["teacher_parameters"][0] > summary["student_parameters"]
+    assert {"val_loss", "teacher_val_loss", "top1_agreement"} <= set(summary["eval"])
+    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    logged = [r for r in records if "loss" in r]
+    assert len(logged) == 8
+    assert {"loss/ce", "lr", "tokens_per_s", "weight/ce"} <= set(logged[0])
+    assert logged[0]["weight/ce"] == pytest.approx(1.0)
+    model, arch, _ = load_model(run / "student")
+    assert arch == "transformer"
+    # the saved student is the trained one: its val loss matches the summary
+    again = kdcore.load_spec(run / "spec.toml")
+    assert again.train.steps == 8
+
+
+KILLER = textwrap.dedent("""
+    import os, sys
+    import kdcore
+    from kdcore.plugins import reset_registry
+
+    class Killer:
+        def __init__(self, config, setup):
+            pass
+        def on_log(self, step, record):
+            if step == int(os.environ["KILL_AT"]):
+                os._exit(9)  # no cleanup, like SIGKILL
+
+    class Plugin:
+        @kdcore.hookimpl
+        def kd_run_callbacks(self):
+            return [kdcore.Component("killer", Killer, doc="dies")]
+
+    reset_registry([(Plugin(), "test-killer")])
+    spec = kdcore.load_spec(sys.argv[1])
+    kdcore.distill(spec, output=sys.argv[2], resume=sys.argv[3] == "1", progress=False)
+""")
+
+
+def _spec_file(tmp_path, data) -> Path:
+    path = tmp_path / "spec.json"
+    path.write_text(json.dumps(data))
+    return path
+
+
+def test_resume_after_kill_gives_the_same_losses(tmp_path, make_spec, teacher_dir):
+    data = _distill_spec(make_spec, teacher_dir)
+    data["callbacks"] = [{"name": "killer"}]
+    spec = _spec_file(tmp_path, data)
+    script = tmp_path / "killer.py"
+    script.write_text(KILLER)
+    env = dict(os.environ, KILL_AT="999")
+    full = subprocess.run([sys.executable, str(script), str(spec), str(tmp_path / "full"), "0"],
+                          env=env, capture_output=True, text=True)
+    assert full.returncode == 0, full.stderr
+    env["KILL_AT"] = "6"
+    killed = subprocess.run([sys.executable, str(script), str(spec), str(tmp_path / "cut"), "0"],
+                            env=env, capture_output=True, text=True)
+    assert killed.returncode == 9
+    assert latest_checkpoint(tmp_path / "cut" / "checkpoints").name == "step-0000004"
+    env["KILL_AT"] = "999"
+    resumed = subprocess.run([sys.executable, str(script), str(spec), str(tmp_path / "cut"), "1"],
+                             env=env, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    a, b = _losses(tmp_path / "full"), _losses(tmp_path / "cut")
+    assert sorted(a) == sorted(b) == list(range(1, 9))
+    for step in range(5, 9):
+        assert b[step] == pytest.approx(a[step], rel=1e-5, abs=1e-6), step
+    wa, _, _ = load_model(tmp_path / "full" / "student")
+    wb, _, _ = load_model(tmp_path / "cut" / "student")
+    for (ka, va), (kb, vb) in zip(tree_flatten(wa.parameters()), tree_flatten(wb.parameters())):
+        assert ka == kb
+        np.testing.assert_allclose(np.array(va), np.array(vb), rtol=1e-4, atol=1e-6)
+
+
+WRITE_KILLER = textwrap.dedent("""
+    import os, sys
+    import kdcore
+    import kdcore.checkpoint as ckpt
+
+    real = ckpt.save_arrays
+    calls = {"n": 0}
+
+    def dying_save(path, arrays, metadata=None):
+        calls["n"] += 1
+        if calls["n"] == 4:  # the first file of the second checkpoint
+            with open(path, "wb") as f:
+                f.write(b"half a tensor")
+            os._exit(9)
+        real(path, arrays, metadata)
+
+    ckpt.save_arrays = dying_save
+    spec = kdcore.load_spec(sys.argv[1])
+    kdcore.distill(spec, output=sys.argv[2], progress=False)
+""")
+
+
+def test_kill_during_checkpoint_write_keeps_the_previous_one(tmp_path, make_spec, teacher_dir):
+    spec = _spec_file(tmp_path, _distill_spec(make_spec, teacher_dir))
+    script = tmp_path / "write_killer.py"
+    script.write_text(WRITE_KILLER)
+    proc = subprocess.run([sys.executable, str(script), str(spec), str(tmp_path / "run")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 9, proc.stderr
+    root = tmp_path / "run" / "checkpoints"
+    latest = latest_checkpoint(root)
+    assert latest.name == "step-0000004"
+    state, weights, _, _ = load_checkpoint(latest)  # checksums verified
+    assert state["step"] == 4 and weights
+    assert not (root / "step-0000008").exists()
+    summary = kdcore.distill(kdcore.load_spec(spec), output=tmp_path / "run", resume=True,
+                             progress=False)
+    assert summary["steps"] == 8
+
+
+def test_corrupt_checkpoint_is_a_clear_error(tmp_path, make_spec, teacher_dir):
+    spec = kdcore.load_spec(_distill_spec(make_spec, teacher_dir))
+    kdcore.distill(spec, output=tmp_path / "run", progress=False)
+    latest = latest_checkpoint(tmp_path / "run" / "checkpoints")
+    target = latest / "trainable.safetensors"
+    blob = bytearray(target.read_bytes())
+    blob[-10] ^= 0xFF
+    target.write_bytes(bytes(blob))
+    with pytest.raises(kdcore.CheckpointError, match="trainable.safetensors"):
+        kdcore.distill(spec, output=tmp_path / "run", resume=True, progress=False)
+
+
+def test_resume_with_another_spec_is_refused(tmp_path, make_spec, teacher_dir):
+    spec = kdcore.load_spec(_distill_spec(make_spec, teacher_dir))
+    kdcore.distill(spec, output=tmp_path / "run", progress=False)
+    other = _distill_spec(make_spec, teacher_dir)
+    other["train"]["optimizer"]["lr"] = 1e-2
+    with pytest.raises(kdcore.CheckpointError, match="different spec"):
+        kdcore.distill(kdcore.load_spec(other), output=tmp_path / "run", resume=True,
+                       progress=False)
+
+
+def test_existing_run_is_not_overwritten(tmp_path, make_spec):
+    spec = kdcore.load_spec(make_spec())
+    kdcore.distill(spec, output=tmp_path / "run", progress=False)
+    before = (tmp_path / "run" / "metrics.jsonl").read_text()
+    with pytest.raises(kdcore.CheckpointError, match="--resume"):
+        kdcore.distill(spec, output=tmp_path / "run", progress=False)
+    assert (tmp_path / "run" / "metrics.jsonl").read_text() == before
+
+
+class _NanAt:
+    """A plugin whose loss turns NaN at a given step."""
+
+    def __init__(self, step):
+        self.step = step
+
+    @kdcore.hookimpl
+    def kd_losses(self):
+        at = self.step
+
+        def factory(config, setup):
+            def loss(inputs):
+                base = kdcore.masked_mean(inputs.student.logits.mean(-1) ** 2, inputs.batch["mask"])
+                return (base * float("nan") if inputs.step == at else base), {}
+
+            return loss
+
+        return [kdcore.Component("nan-at", factory, doc="NaN at one step")]
+
+
+def test_nan_loss_stops_with_step_and_term_after_saving(tmp_path, make_spec):
+    from kdcore.plugins import reset_registry
+
+    reset_registry([(_NanAt(3), "test-nan")])
+    try:
+        spec = kdcore.load_spec(make_spec(losses=[{"name": "ce"}, {"name": "nan-at"}]))
+        with pytest.raises(kdcore.NonFiniteLossError) as err:
+            kdcore.distill(spec, output=tmp_path / "run", progress=False)
+    finally:
+        reset_registry()
+    assert err.value.step == 4  # steps count from 1 in logs; inputs.step 3 is the 4th
+    assert err.value.term == "nan-at"
+    latest = latest_checkpoint(tmp_path / "run" / "checkpoints")
+    state, _, _, _ = load_checkpoint(latest)
+    assert state["step"] == 3 and state["reason"] == "non-finite loss"
+    steps = [json.loads(x)["step"] for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3]
+
+
+def test_zero_lr_group_freezes_and_others_train(tmp_path, make_spec):
+    spec = kdcore.load_spec(make_spec(train={
+        "steps": 3, "batch_size": 4, "log_every": 1,
+        "param_groups": [{"pattern": r"student\.embed", "lr_mult": 0.0}],
+    }))
+    run = kdcore.train.Run(spec, tmp_path / "run")
+    before = {k: np.array(v) for k, v in tree_flatten(run.student.parameters())}
+    run.train(progress=False)
+    after = {k: np.array(v) for k, v in tree_flatten(run.student.parameters())}
+    assert np.array_equal(before["embed.weight"], after["embed.weight"])
+    changed = [k for k in before if not np.array_equal(before[k], after[k])]
+    assert "blocks.0.attention.q_proj.weight" in changed
+
+
+def test_stages_rebuild_the_optimizer_with_their_groups(tmp_path, make_spec):
+    spec = kdcore.load_spec(make_spec(train={
+        "batch_size": 4, "log_every": 1,
+        "stages": [
+            {"name": "heads", "steps": 2, "param_groups": [{"pattern": r"blocks", "lr_mult": 0}]},
+            {"name": "all", "steps": 2},
+        ],
+    }))
+    run = kdcore.train.Run(spec, tmp_path / "run")
+    start = {k: np.array(v) for k, v in tree_flatten(run.student.parameters())}
+    seen = {}
+    original = run._stage_optimizer
+
+    def spy(stage):
+        result = original(stage)
+        seen[stage.name] = {k: np.array(v) for k, v in tree_flatten(run.student.parameters())}
+        return result
+
+    run._stage_optimizer = spy
+    summary = run.train(progress=False)
+    assert summary["steps"] == 4
+    # after stage 1, blocks are untouched; embeddings moved
+    assert np.array_equal(start["blocks.0.mlp.up_proj.weight"], seen["all"]["blocks.0.mlp.up_proj.weight"])
+    assert not np.array_equal(start["embed.weight"], seen["all"]["embed.weight"])
+    final = {k: np.array(v) for k, v in tree_flatten(run.student.parameters())}
+    assert not np.array_equal(start["blocks.0.mlp.up_proj.weight"], final["blocks.0.mlp.up_proj.weight"])
+    stages = {json.loads(x).get("stage") for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()}
+    assert {"heads", "all"} <= stages
+
+
+def test_gradient_accumulation_equals_the_larger_batch(tmp_path, make_spec):
+    def params_after(batch, accum, name):
+        spec = kdcore.load_spec(make_spec(train={
+            "steps": 1, "batch_size": batch, "grad_accum": accum, "grad_clip": None,
+            "optimizer": {"name": "sgd", "lr": 0.5},
+        }))
+        run = kdcore.train.Run(spec, tmp_path / name)
+        run.train(progress=False)
+        return {k: np.array(v) for k, v in tree_flatten(run.student.parameters())}
+
+    big = params_after(4, 1, "big")
+    acc = params_after(2, 2, "acc")
+    for key in big:
+        np.testing.assert_allclose(acc[key], big[key], rtol=1e-4, atol=1e-5)
+
+
+def test_from_teacher_initializer_copies_through_a_layer_map(tmp_path, make_spec, teacher_dir):
+    spec = kdcore.load_spec(make_spec(
+        teachers=[{"path": str(teacher_dir)}],
+        student={"model": {"name": "transformer",
+                           "params": {"dim": 48, "layers": 1, "heads": 4, "max_seq_len": 32}},
+                 "init": {"name": "from-teacher", "params": {"layer_map": [1]}}},
+    ))
+    run = kdcore.train.Run(spec, tmp_path / "run")
+    teacher, _, _ = load_model(teacher_dir)
+    t = dict(tree_flatten(teacher.parameters()))
+    s = dict(tree_flatten(run.student.parameters()))
+    assert np.array_equal(np.array(s["blocks.0.mlp.up_proj.weight"]), np.array(t["blocks.1.mlp.up_proj.weight"]))
+    assert np.array_equal(np.array(s["embed.weight"]), np.array(t["embed.weight"]))
+    assert run.init_report["initialised_tensors"] == len(s)
+
+
+def test_from_teacher_truncates_and_interpolates_other_widths(tmp_path, make_spec, teacher_dir):
+    for mode in ("truncate", "interpolate"):
+        spec = kdcore.load_spec(make_spec(
+            teachers=[{"path": str(teacher_dir)}],
+            student={"model": {"name": "transformer",
+                               "params": {"dim": 32, "layers": 2, "heads": 2, "max_seq_len": 32}},
+                     "init": {"name": "from-teacher", "params": {"mismatch": mode}}},
+        ))
+        run = kdcore.train.Run(spec, tmp_path / mode)
+        teacher, _, _ = load_model(teacher_dir)
+        t = np.array(dict(tree_flatten(teacher.parameters()))["embed.weight"])
+        s = np.array(dict(tree_flatten(run.student.parameters()))["embed.weight"])
+        if mode == "truncate":
+            assert np.array_equal(s, t[:, :32])
+        else:
+            assert s[:, 0].tolist() == pytest.approx(t[:, 0].tolist())
+            assert s[:, -1].tolist() == pytest.approx(t[:, -1].tolist())
+        assert run.init_report["initialised_tensors"] > 0
+
+
+def test_identity_aligner_checks_token_strings_not_sizes(tmp_path, make_spec, teacher_dir):
+    (tmp_path / "chars.txt").write_text("".join(chr(0x4E00 + i) for i in range(255)) + "a" * 2000)
+    spec = kdcore.load_spec(make_spec(
+        teachers=[{"path": str(teacher_dir)}],
+        data={"name": "text", "params": {"path": str(tmp_path / "chars.txt"), "tokenizer": "char",
+                                          "seq_len": 16}},
+    ))
+    with pytest.raises(kdcore.SpecError, match="vocabularies differ"):
+        kdcore.train.Run(spec, tmp_path / "run")
+
+
+def test_a_loss_that_needs_a_teacher_without_one_is_rejected(make_spec):
+    class NeedsTeacher:
+        @kdcore.hookimpl
+        def kd_losses(self):
+            return [kdcore.Component("needy", lambda c, s: None, requires={"teacher"})]
+
+    from kdcore.plugins import reset_registry
+    from kdcore.train import check_composition
+
+    reset_registry([(NeedsTeacher(), "test-needy")])
+    try:
+        spec = kdcore.load_spec(make_spec(losses=[{"name": "needy"}]))
+        problems = check_composition(spec)
+    finally:
+        reset_registry()
+    assert problems and "$.teachers" in problems[0]
+
+
+def test_same_seed_same_run(tmp_path, make_spec):
+    spec = kdcore.load_spec(make_spec())
+    kdcore.distill(spec, output=tmp_path / "a", progress=False)
+    kdcore.distill(spec, output=tmp_path / "b", progress=False)
+    assert _losses(tmp_path / "a") == _losses(tmp_path / "b")
+
+
+def test_mx_array_scheduled_params_reach_the_loss(tmp_path, make_spec):
+    spec = kdcore.load_spec(make_spec(losses=[
+        {"name": "ce", "params": {"label_smoothing": {"schedule": "linear", "start": 0.0, "end": 0.2}}},
+    ]))
+    kdcore.distill(spec, output=tmp_path / "run", progress=False)
+    records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    values = [r["ce/label_smoothing"] for r in records if "ce/label_smoothing" in r]
+    assert values[0] == pytest.approx(0.0) and values[-1] > values[0]
+    assert isinstance(mx.array(1.0), mx.array)
