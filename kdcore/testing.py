@@ -90,8 +90,10 @@ def _features(logits: mx.array, layers: int = 3, width: int = 8, seed: int = 0):
     B, L, V = logits.shape
     rng = np.random.default_rng(seed)
     proj = mx.array(rng.standard_normal((V, width)).astype(np.float32) / np.sqrt(V))
+    offset = mx.array(rng.standard_normal((layers + 1, width)).astype(np.float32))
     centred = logits - logits.mean(-1, keepdims=True)  # shift-invariant like the logits
-    hidden = tuple(mx.tanh(centred @ proj * (i + 1)) for i in range(layers + 1))
+    # The fixed offset keeps features non-zero when all logits are equal.
+    hidden = tuple(mx.tanh(centred @ proj * (i + 1) + offset[i]) for i in range(layers + 1))
     scores = mx.tanh(centred @ proj) @ mx.tanh(centred @ proj).transpose(0, 2, 1)
     causal = mx.triu(mx.full((L, L), -1e9), k=1)
     attn = mx.softmax(scores + causal, axis=-1)[:, None]  # [B, 1, L, L]
