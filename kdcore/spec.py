@@ -129,7 +129,6 @@ class TrainSection:
     log_every: int = 10
     checkpoint_every: int = 0  # 0: only at the end
     keep_checkpoints: int = 2
-    compile: bool = True
 
 
 @attrs.define
@@ -253,6 +252,9 @@ converter = make_converter()
 def _format_exception(exc: BaseException, type_: Any) -> str:
     if isinstance(exc, SpecValueError):
         return str(exc)
+    if typing.get_origin(type_) is typing.Literal:
+        allowed = ", ".join(repr(a) for a in typing.get_args(type_))
+        return f"expected one of {allowed}"
     if isinstance(exc, ForbiddenExtraKeysError):
         return f"unknown key(s) {', '.join(sorted(exc.extra_fields))}"
     if isinstance(exc, (ValueError, TypeError)) and not isinstance(exc, ClassValidationError):
