@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 from typing import Any
 
 import attrs
@@ -163,12 +162,38 @@ def cmd_distill(args) -> int:
 def cmd_eval(args) -> int:
     from kdcore.evaluate import evaluate_run
 
+    if args.positions_out and not args.worst:
+        raise SpecError("--positions-out needs --worst N")
     report = evaluate_run(args.run_dir, data=args.data, batches=args.batches, options=vars(args))
     if args.json:
         _print_json(report)
-    else:
-        for key, value in report.items():
-            print(f"{key}: {value:.4f}" if isinstance(value, float) else f"{key}: {value}")
+        return 0
+    grads = report.pop("grads", None)
+    positions = report.pop("positions", None)
+    for key, value in report.items():
+        print(f"{key}: {value:.4f}" if isinstance(value, float) else f"{key}: {value}")
+    if positions is not None:
+        mean, worst = positions["mean"], positions["worst_mean"]
+        print(
+            f"positions: {positions['written']} worst by {positions['by']} of "
+            f"{positions['tokens']} -> {positions['file']}"
+        )
+        for key in ("kl", "js", "top10"):
+            print(f"  {key}: mean {mean[key]:.4f}, worst {worst[key]:.4f}")
+    if grads is not None:
+        for b in grads["batches"]:
+            terms = ", ".join(f"{k} {v:.4f}" for k, v in b["terms"].items())
+            print(f"grads step {b['step']}: loss {b['loss']:.4f} ({terms}), "
+                  f"grad norm {b['grad_norm']:.4g}")
+        rows = [
+            [g["group"], f"{g['parameters']:,}", f"{g['param_norm']:.4g}",
+             f"{g['grad_norm']:.4g}" if g["has_grad"] else "frozen", f"{g['relative']:.3g}",
+             str(g["nan"]), str(g["inf"])]
+            for g in grads["groups"]
+        ]
+        print(_table(rows, ["group", "params", "|w|", "|g| mean", "|g|/|w|", "nan", "inf"]))
+        if grads["nonfinite"]:
+            print(f"warning: {grads['nonfinite']} non-finite gradient entries")
     return 0
 
 
@@ -190,7 +215,8 @@ def cmd_data_inspect(args) -> int:
         for key, value in report.items():
             if key == "samples":
                 for sample in value:
-                    print(f"--- sample ({sample['tokens']} tokens, {sample['loss_tokens']} carry loss)")
+                    tokens, carried = sample["tokens"], sample["loss_tokens"]
+                    print(f"--- sample ({tokens} tokens, {carried} carry loss)")
                     print(f"text:      {sample['text'][:200]!r}")
                     print(f"loss text: {sample['loss_text'][:200]!r}")
             elif key == "rejected":
@@ -279,6 +305,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="a text file to evaluate on instead of the run's val split")
     p.add_argument("--batches", type=int, default=16)
     p.add_argument("--pairs", help="preference pairs (JSONL) for preference metrics")
+    p.add_argument("--grads", action="store_true",
+                   help="gradient norms and NaN/inf counts per parameter group (spec losses)")
+    p.add_argument("--grad-batches", type=int, default=2, metavar="N",
+                   help="training batches for --grads (the run's last N steps)")
+    p.add_argument("--worst", type=int, metavar="N",
+                   help="write the N positions where student and teacher differ most")
+    p.add_argument("--worst-by", choices=["kl", "js", "top10"], default="kl")
+    p.add_argument("--positions-out", metavar="FILE",
+                   help="JSONL for --worst (default RUN_DIR/worst_positions.jsonl)")
+    p.add_argument("--context", type=int, default=48, help="context tokens shown per position")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_eval)
 

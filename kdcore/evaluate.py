@@ -14,11 +14,10 @@ import mlx.nn as nn
 from kdcore.errors import CheckpointError, SpecError
 from kdcore.io import read_json
 from kdcore.losses import token_cross_entropy
-from kdcore.models import count_parameters, load_model
+from kdcore.models import count_parameters
 from kdcore.plugins import get_registry
 from kdcore.setup import Setup
 from kdcore.spec import load_spec
-from kdcore.tokenizer import load_tokenizer
 
 
 def load_run_spec(run_dir: str | Path):
@@ -86,25 +85,18 @@ def evaluate_run(run_dir, data=None, batches: int | None = 16, options: dict | N
     run_dir = Path(run_dir)
     if not (run_dir / "student").is_dir():
         raise CheckpointError(f"{run_dir} has no student/ folder: not a finished kd distill run")
+    from kdcore.analysis.temperature import load_model_dir, run_teacher
+
     spec = load_run_spec(run_dir)
-    student, _, _ = load_model(run_dir / "student")
-    tokenizer = load_tokenizer(run_dir / "student")
+    student, tokenizer = load_model_dir(run_dir / "student")
     registry = get_registry()
-    teacher_model = None
-    for ref in spec.teachers:
-        if ref.source_name == "model":
-            setup = Setup(base_dir=Path(spec.base_dir), teacher=ref)
-            teacher_model = registry.get("teacher_source", "model").factory(None, setup).model
-            break
+    teacher_model, _, _ = run_teacher(spec)
     setup = Setup(base_dir=Path(spec.base_dir), seed=spec.run.seed, tokenizer=tokenizer)
     if data is not None:
-        from kdcore.data import TextConfig, TextDataset
+        from kdcore.analysis.temperature import dataset_for_file
 
         seq_len = getattr(spec.data.config, "seq_len", 128)
-        dataset = TextDataset(
-            TextConfig(path=str(Path(data).resolve()), seq_len=seq_len, val_fraction=0.0),
-            setup,
-        )
+        dataset = dataset_for_file(data, tokenizer, seq_len, spec.run.seed)
         split = "train"
     else:
         dataset = registry.get("dataset", spec.data.name).factory(spec.data.config, setup)
@@ -122,7 +114,26 @@ def evaluate_run(run_dir, data=None, batches: int | None = 16, options: dict | N
         report["compression_ratio"] = report["teacher_parameters"] / report["student_parameters"]
         report["teacher_tokens_per_s"] = forward_tokens_per_second(teacher_model, examples[0])
         report["speedup"] = report["student_tokens_per_s"] / report["teacher_tokens_per_s"]
-    context = {"run_dir": run_dir, "spec": spec, "tokenizer": tokenizer, **(options or {})}
+    options = options or {}
+    if options.get("worst"):
+        from kdcore.analysis.debug import worst_positions
+
+        out = options.get("positions_out") or str(run_dir / "worst_positions.jsonl")
+        report["positions"] = worst_positions(
+            student,
+            teacher_model,
+            examples,
+            tokenizer,
+            options["worst"],
+            out,
+            by=options.get("worst_by") or "kl",
+            context=options.get("context") or 48,
+        )
+    if options.get("grads"):
+        from kdcore.analysis.debug import gradient_report
+
+        report["grads"] = gradient_report(run_dir, options.get("grad_batches") or 2)
+    context = {"run_dir": run_dir, "spec": spec, "tokenizer": tokenizer, **options}
     for reg in registry.entries("metric"):
         metric = reg.component.factory(reg.component.config(), setup)
         extra = metric(student, teacher_model, context)

@@ -13,7 +13,7 @@ fi
 .venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip "setuptools>=70.1"
 plugins=()
 for dir in plugins/*/; do plugins+=(-e "$dir"); done
-.venv/bin/python -m pip install -q --disable-pip-version-check -e ".[test]" "${plugins[@]}"
+.venv/bin/python -m pip install -q --disable-pip-version-check -e ".[test,mlx-lm,tensorboard]" "${plugins[@]}"
 
 # MLX's Linux wheel carries the reference BLAS; Debian's OpenBLAS makes matmuls ~30x faster.
 OPENBLAS=/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3

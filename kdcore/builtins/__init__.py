@@ -3,6 +3,7 @@
 from kdcore.builtins import (
     aggregators,
     aligners,
+    analysis,
     datasets,
     initializers,
     losses,
@@ -20,4 +21,5 @@ MODULES = [
     models,
     datasets,
     teacher_sources,
+    analysis,
 ]
