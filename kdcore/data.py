@@ -242,7 +242,8 @@ class JsonlDataset(Dataset):
                 self.rejected.append(
                     {
                         "line": number,
-                        "reason": f"needs string fields {config.prompt_key!r} and {config.response_key!r}",
+                        "reason": f"needs string fields {config.prompt_key!r} "
+                        f"and {config.response_key!r}",
                     }
                 )
                 continue

@@ -101,8 +101,9 @@ def kd_student_initializers() -> Iterable[Any]:
         def kd_student_initializers():
             def zeros(config, setup):
                 def init(student, teachers):
-                    student.update(mlx.utils.tree_map(mx.zeros_like, student.parameters()))
-                    return {"initialised_tensors": len(mlx.utils.tree_flatten(student.parameters()))}
+                    params = student.parameters()
+                    student.update(mlx.utils.tree_map(mx.zeros_like, params))
+                    return {"initialised_tensors": len(mlx.utils.tree_flatten(params))}
                 return init
             return [kdcore.Component("zeros", zeros, doc="all parameters zero")]
     """

@@ -47,7 +47,9 @@ def plan_groups(module: nn.Module, groups, no_decay: list[str], weight_decay: fl
         try:
             patterns.append(re.compile(group.pattern))
         except re.error as exc:
-            raise SpecError(f"bad regex {group.pattern!r}: {exc} @ $.train.param_groups[{i}]")
+            raise SpecError(
+                f"bad regex {group.pattern!r}: {exc} @ $.train.param_groups[{i}]"
+            ) from None
     no_decay_res = [re.compile(p) for p in no_decay]
     slots: dict[tuple[float, float], int] = {}
     slot_of, frozen, lr_mults, decays, counts = {}, [], [], [], []

@@ -186,7 +186,7 @@ def check_loss(
         B, L, V = student.shape
         case = LossCase(student, teacher, mask, make_batch(B, L, V, mask, rng))
         value = run(case)
-        assert value.ndim == 0 or value.size == 1, f"{name}: loss must be a scalar, got {value.shape}"
+        assert value.size == 1, f"{name}: loss must be a scalar, got shape {value.shape}"
         v = value.item()
         assert np.isfinite(v), f"{name}: loss is {v} on ordinary logits"
         # constant shift of every logit at each position

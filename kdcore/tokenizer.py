@@ -76,6 +76,10 @@ def fingerprint(tokenizer) -> str:
 
 def tokenizer_from_json(data: dict, where: str = "tokenizer.json"):
     kind = data.get("type")
+    if kind is None and "model" in data:  # a Hugging Face tokenizers file (mlx-lm models)
+        from kdcore.vocab import HFTokenizer
+
+        return HFTokenizer.from_json(data)
     if kind == "byte":
         return ByteTokenizer()
     if kind == "char" and isinstance(data.get("chars"), list):

@@ -24,10 +24,13 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_map
 
 from kdcore import checkpoint as ckpt
+from kdcore import lora
 from kdcore.components import Component
+from kdcore.distributed import DataParallel
 from kdcore.errors import CheckpointError, NonFiniteLossError, SpecError
 from kdcore.io import write_json
 from kdcore.losses import LossInputs, token_cross_entropy
+from kdcore.mlxlm import save_student as save_special_student
 from kdcore.models import count_parameters, save_model
 from kdcore.optim import build_optimizer, freeze_paths, plan_groups, set_learning_rate
 from kdcore.plugins import get_registry
@@ -37,6 +40,7 @@ from kdcore.setup import Setup
 from kdcore.spec import RunSpec, Stage, load_spec, loss_labels, spec_to_dict
 from kdcore.tokenizer import save_tokenizer
 from kdcore.tomlwrite import dumps as toml_dumps
+from kdcore.vocab import position_mask
 
 CAPTURABLE = ("hidden_states", "attentions")
 
@@ -125,6 +129,7 @@ class Run:
         if not Path(self.out).is_absolute() and output is None and spec.run.output:
             self.out = spec.path(spec.run.output)
         self.total = total_steps(spec)
+        self.dp = DataParallel()
         mx.random.seed(spec.run.seed)
         base = Setup(base_dir=Path(spec.base_dir), seed=spec.run.seed, spec=spec)
 
@@ -227,15 +232,28 @@ class Run:
             student=out, teacher=None, batch=batch, step=step, total_steps=self.total
         )
         teacher = None
+        teacher_batch = batch
         if signals:
             aggregator = getattr(trainable, "aggregator", self.aggregator)
             teacher = self.aligner(aggregator(signals, inputs))
+            # A teacher with another tokenizer covers only the positions it could align.
+            aligned = position_mask(teacher)
+            if aligned is not None:
+                teacher_batch = {**batch, "mask": batch["mask"] * aligned}
         total = mx.array(0.0)
         terms, metrics = {}, {}
         for i, (ref, loss, label) in enumerate(zip(self.spec.losses, self.losses, self.labels)):
             loss = trainable.losses.get(str(i), loss) if isinstance(loss, nn.Module) else loss
             params = _resolved_params(ref.config, step, self.total)
-            value, extra = loss(attrs.evolve(inputs, teacher=teacher, params=params))
+            uses_teacher = {"teacher", "dense_teacher"} & self.loss_components[i].requires
+            value, extra = loss(
+                attrs.evolve(
+                    inputs,
+                    teacher=teacher,
+                    params=params,
+                    batch=teacher_batch if uses_teacher else batch,
+                )
+            )
             weight = value_at(ref.weight, step, self.total)
             terms[label] = value
             for key, metric in (extra or {}).items():
@@ -260,7 +278,7 @@ class Run:
 
     def train(self, resume: bool = False, progress: bool | None = None) -> dict:
         spec = self.spec
-        out = self.out
+        out = self.out = self.dp.output_dir(self.out, resume)
         resolved = spec_to_dict(spec)
         self.spec_hash = spec_hash(resolved)
         start_step, stage_index = 0, 0
@@ -270,7 +288,7 @@ class Run:
             raise CheckpointError(f"--resume: no checkpoint in {ckpt_root}")
         if not resume and (out / "checkpoints" / "latest").exists():
             raise CheckpointError(
-                f"{out} already holds a run; pass --resume to continue it or choose another --output"
+                f"{out} already holds a run; pass --resume to continue it, or another --output"
             )
         out.mkdir(parents=True, exist_ok=True)
         (out / "spec.toml").write_text(toml_dumps(resolved))
@@ -287,7 +305,7 @@ class Run:
         metrics_file = open(out / "metrics.jsonl", "a", encoding="utf-8")
         for cb in self.callbacks:
             getattr(cb, "on_start", lambda run: None)(self)
-        bar = Progress(self.total, spec.run.name, enabled=progress)
+        bar = Progress(self.total, spec.run.name, self.dp.log_stream(), enabled=progress)
         last_terms: dict[str, float] = {}
         tokens_seen, train_seconds = 0, 0.0
         eval_record = {}
@@ -306,14 +324,16 @@ class Run:
                     t0 = time.perf_counter()
                     # Randomness (sampling, dropout) is a function of (seed, step), so a
                     # resumed run draws exactly what the uninterrupted one drew.
-                    mx.random.seed(spec.run.seed * 1_000_003 + step)
+                    mx.random.seed(self.dp.seed(spec.run.seed * 1_000_003 + step))
                     lr = value_at(
                         stage.lr if stage.lr is not None else spec.train.optimizer.lr,
                         step,
                         self.total,
                     )
                     set_learning_rate(optimizer, plan, lr)
-                    total, terms, metrics, grads, ntok = self._gradients(step)
+                    total, terms, metrics, grads, ntok = self.dp.reduce_step(
+                        *self._gradients(step)
+                    )
                     self._check_finite(step, total, terms, stage_index, optimizer)
                     if spec.train.grad_clip:
                         grads, grad_norm = optim.clip_grad_norm(grads, spec.train.grad_clip)
@@ -398,6 +418,7 @@ class Run:
 
     def _stage_optimizer(self, stage: Stage):
         self.trainable.unfreeze()
+        lora.refreeze(self.student)  # a LoRA student trains its adapters only
         for teacher_module in [getattr(self.trainable, "aggregator", None)]:
             if teacher_module is not None and not getattr(teacher_module, "learnable", True):
                 teacher_module.freeze()
@@ -421,7 +442,8 @@ class Run:
         grads_sum, total_sum, terms_sum, metrics_sum, ntok = None, 0.0, {}, {}, 0
         for micro in range(accum):
             index = step * accum + micro
-            batch = self._prepare_batch(self.dataset.batch(index, self.spec.train.batch_size), step)
+            rows = self.dp.shard(self.dataset.batch(index, self.spec.train.batch_size))
+            batch = self._prepare_batch(rows, step)
             signals = self.teacher_signals(batch)
             (total, (terms, metrics)), grads = loss_and_grad(self.trainable, batch, signals, step)
             ntok += int(batch["mask"].sum().item())
@@ -466,6 +488,8 @@ class Run:
         return extra
 
     def _save_checkpoint(self, step, stage_index, optimizer, reason: str | None = None):
+        if not self.dp.is_main:
+            return self.out / "checkpoints"
         state = {
             "stage": stage_index,
             "data_position": step * self.spec.train.grad_accum,
@@ -512,11 +536,16 @@ class Run:
     # ------------------------------------------------------------ outputs
 
     def save_student(self, directory: Path) -> None:
+        if not self.dp.is_main:
+            return
         tmp = directory.with_name(directory.name + ".tmp")
         if tmp.exists():
             shutil.rmtree(tmp)
-        save_model(self.student, tmp, self.student_arch, self.student_config)
-        save_tokenizer(self.tokenizer, tmp)
+        # mlx-lm students are saved as mlx-lm directories, LoRA students as adapters
+        args = (self.student, tmp, self.student_arch, self.student_config, self.tokenizer)
+        if not save_special_student(*args):
+            save_model(self.student, tmp, self.student_arch, self.student_config)
+            save_tokenizer(self.tokenizer, tmp)
         if directory.exists():
             shutil.rmtree(directory)
         tmp.rename(directory)

@@ -8,6 +8,7 @@ from kdcore.builtins import (
     initializers,
     losses,
     models,
+    realscale,
     schedulers,
     teacher_sources,
 )
@@ -22,4 +23,5 @@ MODULES = [
     datasets,
     teacher_sources,
     analysis,
+    realscale,
 ]

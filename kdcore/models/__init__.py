@@ -54,6 +54,10 @@ def load_model(directory: str | os.PathLike) -> tuple[nn.Module, str, object]:
         raise CheckpointError(f"model directory not found: {directory}")
     raw = read_json(directory / "config.json", "model config")
     name = raw.pop("kd_model", None)
+    if name is None and "model_type" in raw:  # an mlx-lm directory (Hugging Face layout)
+        from kdcore.mlxlm import load_kd_model
+
+        return load_kd_model(directory)
     if name is None:
         raise CheckpointError(f"{directory}/config.json does not name its architecture (kd_model)")
     try:
