@@ -51,6 +51,19 @@ def check_composition(spec: RunSpec) -> list[str]:
     registry = get_registry()
     problems = []
     sources = [ref.source_name for ref in spec.teachers]
+    # A top-k cache holds log-probabilities only, for the dataset's own token rows.
+    not_from_cache = {"hidden_states", "attentions", "student_samples"}
+    if "cache" in sources:
+        try:
+            aggregator = registry.get("teacher_aggregator", spec.aggregator.name)
+            if aggregator.requires & not_from_cache:
+                problems.append(
+                    f"aggregator {spec.aggregator.name!r} needs "
+                    f"{', '.join(sorted(aggregator.requires & not_from_cache))}, which a top-k "
+                    "cache does not hold @ $.aggregator.name"
+                )
+        except KeyError:
+            pass
     for i, ref in enumerate(spec.losses):
         try:
             component = registry.get("loss", ref.name)
@@ -58,6 +71,12 @@ def check_composition(spec: RunSpec) -> list[str]:
             continue
         if ({"teacher", "dense_teacher"} & component.requires) and not spec.teachers:
             problems.append(f"loss {ref.name!r} needs a teacher and the spec has none @ $.teachers")
+        if "cache" in sources and component.requires & not_from_cache:
+            problems.append(
+                f"loss {ref.name!r} needs {', '.join(sorted(component.requires & not_from_cache))}"
+                f", which a top-k cache does not hold @ $.losses[{i}].name"
+            )
+            continue
         needs_dense = "dense_teacher" in component.requires
         sparse_ok = "sparse_ok" in component.properties
         if (
@@ -133,13 +152,15 @@ class Run:
         mx.random.seed(spec.run.seed)
         base = Setup(base_dir=Path(spec.base_dir), seed=spec.run.seed, spec=spec)
 
-        self.teachers = [self._build_teacher(ref, base) for ref in spec.teachers]
-        teacher_tok = next((t.tokenizer for t in self.teachers if t.tokenizer is not None), None)
         data_ref = spec.data
         self.dataset = self._component("dataset", data_ref).factory(
             data_ref.config, attrs.evolve(base)
         )
         self.tokenizer = self.dataset.tokenizer
+        # Teacher sources see the dataset (a cache checks its fingerprint against it).
+        teacher_setup = attrs.evolve(base, extras={"dataset": self.dataset})
+        self.teachers = [self._build_teacher(ref, teacher_setup) for ref in spec.teachers]
+        teacher_tok = next((t.tokenizer for t in self.teachers if t.tokenizer is not None), None)
 
         model_ref = spec.student.model
         model_config = model_ref.config

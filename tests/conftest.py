@@ -24,13 +24,23 @@ def corpus(tmp_path_factory) -> Path:
 def tiny_spec(corpus: Path, **sections) -> dict:
     spec = {
         "run": {"name": "tiny", "seed": 0},
-        "data": {"name": "text", "params": {"path": str(corpus), "seq_len": 32,
-                                             "val_fraction": 0.1}},
-        "student": {"model": {"name": "transformer",
-                              "params": {"dim": 32, "layers": 2, "heads": 2, "max_seq_len": 32}}},
+        "data": {
+            "name": "text",
+            "params": {"path": str(corpus), "seq_len": 32, "val_fraction": 0.1},
+        },
+        "student": {
+            "model": {
+                "name": "transformer",
+                "params": {"dim": 32, "layers": 2, "heads": 2, "max_seq_len": 32},
+            }
+        },
         "losses": [{"name": "ce"}],
-        "train": {"steps": 6, "batch_size": 4, "log_every": 1,
-                  "optimizer": {"name": "adamw", "lr": 3e-3}},
+        "train": {
+            "steps": 6,
+            "batch_size": 4,
+            "log_every": 1,
+            "optimizer": {"name": "adamw", "lr": 3e-3},
+        },
         "eval": {"batches": 2},
     }
     for key, value in sections.items():

@@ -22,15 +22,18 @@ def test_ce_conforms():
     testing.check_loss("ce", label_smoothing=0.1)
 
 
-@pytest.mark.parametrize("name, params", [
-    ("constant", {"value": 2.0}),
-    ("linear", {"start": 0.0, "end": 1.0}),
-    ("cosine", {"start": 4.0, "end": 1.0}),
-    ("cosine", {"start": 1.0, "end": 0.0, "warmup": 10, "warmup_start": 0.0}),
-    ("exponential", {"start": 1.0, "end": 0.01}),
-    ("step", {"start": 1.0, "gamma": 0.5, "every": 10}),
-    ("step", {"start": 1.0, "gamma": 0.5, "milestones": [30, 60]}),
-])
+@pytest.mark.parametrize(
+    "name, params",
+    [
+        ("constant", {"value": 2.0}),
+        ("linear", {"start": 0.0, "end": 1.0}),
+        ("cosine", {"start": 4.0, "end": 1.0}),
+        ("cosine", {"start": 1.0, "end": 0.0, "warmup": 10, "warmup_start": 0.0}),
+        ("exponential", {"start": 1.0, "end": 0.01}),
+        ("step", {"start": 1.0, "gamma": 0.5, "every": 10}),
+        ("step", {"start": 1.0, "gamma": 0.5, "milestones": [30, 60]}),
+    ],
+)
 def test_schedulers_conform(name, params):
     testing.check_scheduler(name, **params)
 
@@ -60,9 +63,11 @@ def test_mean_is_the_average_of_probabilities_not_logits(seed, temperature):
     z = [rng.standard_normal((2, 3, 7)).astype(np.float32) * 3 for _ in range(2)]
     signals = [TeacherSignal(vocab_size=7, logits=mx.array(x)) for x in z]
     out = kdcore.build("teacher_aggregator", "mean")(signals)
+
     def softmax(x):
         e = np.exp(x / temperature - (x / temperature).max(-1, keepdims=True))
         return e / e.sum(-1, keepdims=True)
+
     expected = 0.5 * softmax(z[0].astype(np.float64)) + 0.5 * softmax(z[1].astype(np.float64))
     np.testing.assert_allclose(np.exp(np.array(out.log_probs(temperature))), expected, atol=1e-5)
 
@@ -75,9 +80,13 @@ def test_one_teacher_passes_through():
 def test_learnable_weights_get_gradients():
     import mlx.nn as nn
 
-    agg = kdcore.build("teacher_aggregator", "weighted", kdcore.Setup(num_teachers=2), learnable=True)
-    signals = [TeacherSignal(vocab_size=4, logits=mx.array(np.eye(4, dtype=np.float32)[None] * 5)),
-               TeacherSignal(vocab_size=4, logits=mx.zeros((1, 4, 4)))]
+    agg = kdcore.build(
+        "teacher_aggregator", "weighted", kdcore.Setup(num_teachers=2), learnable=True
+    )
+    signals = [
+        TeacherSignal(vocab_size=4, logits=mx.array(np.eye(4, dtype=np.float32)[None] * 5)),
+        TeacherSignal(vocab_size=4, logits=mx.zeros((1, 4, 4))),
+    ]
     labels = mx.array([[0, 1, 2, 3]])
 
     def nll(module):
@@ -96,9 +105,12 @@ def test_sparse_signal_retempering_matches_a_float64_reference():
     logp = z / Tc - np.log(np.exp(z / Tc).sum(-1, keepdims=True))
     order = np.argsort(-logp, -1)[..., :k]
     sig = TeacherSignal(
-        vocab_size=50, topk_ids=mx.array(order.astype(np.int32)),
+        vocab_size=50,
+        topk_ids=mx.array(order.astype(np.int32)),
         topk_logprobs=mx.array(np.take_along_axis(logp, order, -1).astype(np.float32)),
-        tail_logmass=mx.full((1, 2), -80.0), capture_temperature=Tc)
+        tail_logmass=mx.full((1, 2), -80.0),
+        capture_temperature=Tc,
+    )
     _, out = sig.sparse_log_probs(T, "renormalize")
     ref = z / T - np.log(np.exp(z / T).sum(-1, keepdims=True))
     np.testing.assert_allclose(np.array(out), np.take_along_axis(ref, order, -1), atol=1e-4)

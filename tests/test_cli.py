@@ -15,8 +15,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def kd(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "kdcore.cli", *map(str, args)],
-                          capture_output=True, text=True, cwd=cwd)
+    return subprocess.run(
+        [sys.executable, "-m", "kdcore.cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+    )
 
 
 def test_components_and_explain():
@@ -57,13 +61,23 @@ def test_distill_eval_report_end_to_end(tmp_path, make_spec, teacher_dir):
     # not a tty: plain progress lines
     assert "step 4/4" in proc.stderr
     report = json.loads(kd("eval", tmp_path / "run", "--json", "--batches", "2").stdout)
-    for key in ("student_loss", "teacher_loss", "kl_teacher_student", "js", "top1_agreement",
-                "top5_overlap", "quality_retention", "compression_ratio", "speedup"):
+    for key in (
+        "student_loss",
+        "teacher_loss",
+        "kl_teacher_student",
+        "js",
+        "top1_agreement",
+        "top5_overlap",
+        "quality_retention",
+        "compression_ratio",
+        "speedup",
+    ):
         assert key in report, key
     assert report["compression_ratio"] > 1
     assert 0 <= report["top1_agreement"] <= 1 and report["js"] >= 0
     assert report["quality_retention"] == pytest.approx(
-        report["teacher_ppl"] / report["student_ppl"])
+        report["teacher_ppl"] / report["student_ppl"]
+    )
     proc = kd("report", tmp_path / "run")
     assert proc.returncode == 0, proc.stderr
     md = (tmp_path / "run" / "report.md").read_text()

@@ -30,7 +30,7 @@ def test_text_labels_are_next_tokens_and_val_is_the_tail(corpus):
     assert np.array_equal(batch["input_ids"][:, 1:], batch["labels"][:, :-1])
     text = corpus.read_text()
     tail = ds.tokenizer.decode(next(ds.batches(1, "val"))["input_ids"][0])
-    assert tail in text[int(len(text.encode()) * 0.8) - 20:]
+    assert tail in text[int(len(text.encode()) * 0.8) - 20 :]
 
 
 def test_an_epoch_visits_every_example_once(corpus):
@@ -45,15 +45,19 @@ def test_char_tokenizer_round_trips_and_fingerprints_differ():
     assert tok.decode(tok.encode("hello")) == "hello"
     assert tok.encode("z") == [0]  # unknown character
     assert fingerprint(tok) != fingerprint(ByteTokenizer())
-    assert fingerprint(CharTokenizer.from_text("abc")) == fingerprint(CharTokenizer.from_text("cba"))
+    assert fingerprint(CharTokenizer.from_text("abc")) == fingerprint(
+        CharTokenizer.from_text("cba")
+    )
 
 
 def test_jsonl_masks_cover_responses_only(tmp_path):
     path = tmp_path / "pr.jsonl.gz"
-    lines = [json.dumps({"prompt": "Q: 2+2? ", "response": "A: 4"}),
-             "not json at all",
-             json.dumps({"prompt": "Q: 1+1? "}),
-             json.dumps({"prompt": "Q: 3+3? ", "response": "A: 6"})]
+    lines = [
+        json.dumps({"prompt": "Q: 2+2? ", "response": "A: 4"}),
+        "not json at all",
+        json.dumps({"prompt": "Q: 1+1? "}),
+        json.dumps({"prompt": "Q: 3+3? ", "response": "A: 6"}),
+    ]
     with gzip.open(path, "wt") as f:
         f.write("\n".join(lines) + "\n")
     ds = JsonlDataset(JsonlConfig(path=str(path), seq_len=24, val_fraction=0.0), Setup())

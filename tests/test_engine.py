@@ -34,17 +34,32 @@ def _distill_spec(make_spec, teacher_dir, steps=8, **train):
     return make_spec(
         teachers=[{"path": str(teacher_dir)}],
         losses=[{"name": "ce", "weight": {"schedule": "linear", "start": 1.0, "end": 0.5}}],
-        train={"steps": steps, "batch_size": 4, "log_every": 1, "checkpoint_every": 4,
-               "optimizer": {"name": "adamw", "lr": 3e-3}, **train},
+        train={
+            "steps": steps,
+            "batch_size": 4,
+            "log_every": 1,
+            "checkpoint_every": 4,
+            "optimizer": {"name": "adamw", "lr": 3e-3},
+            **train,
+        },
     )
 
 
 def test_outputs_of_a_run(tmp_path, make_spec, teacher_dir):
-    summary = kdcore.distill(kdcore.load_spec(_distill_spec(make_spec, teacher_dir)),
-                             output=tmp_path / "run", progress=False)
+    summary = kdcore.distill(
+        kdcore.load_spec(_distill_spec(make_spec, teacher_dir)),
+        output=tmp_path / "run",
+        progress=False,
+    )
     run = tmp_path / "run"
-    for name in ("student/config.json", "student/model.safetensors", "student/tokenizer.json",
-                 "metrics.jsonl", "summary.json", "spec.toml"):
+    for name in (
+        "student/config.json",
+        "student/model.safetensors",
+        "student/tokenizer.json",
+        "metrics.jsonl",
+        "summary.json",
+        "spec.toml",
+    ):
         assert (run / name).exists(), name
     assert summary["steps"] == 8
     assert summary["teacher_parameters"][0] > summary["student_parameters"]
@@ -97,17 +112,29 @@ def test_resume_after_kill_gives_the_same_losses(tmp_path, make_spec, teacher_di
     script = tmp_path / "killer.py"
     script.write_text(KILLER)
     env = dict(os.environ, KILL_AT="999")
-    full = subprocess.run([sys.executable, str(script), str(spec), str(tmp_path / "full"), "0"],
-                          env=env, capture_output=True, text=True)
+    full = subprocess.run(
+        [sys.executable, str(script), str(spec), str(tmp_path / "full"), "0"],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert full.returncode == 0, full.stderr
     env["KILL_AT"] = "6"
-    killed = subprocess.run([sys.executable, str(script), str(spec), str(tmp_path / "cut"), "0"],
-                            env=env, capture_output=True, text=True)
+    killed = subprocess.run(
+        [sys.executable, str(script), str(spec), str(tmp_path / "cut"), "0"],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert killed.returncode == 9
     assert latest_checkpoint(tmp_path / "cut" / "checkpoints").name == "step-0000004"
     env["KILL_AT"] = "999"
-    resumed = subprocess.run([sys.executable, str(script), str(spec), str(tmp_path / "cut"), "1"],
-                             env=env, capture_output=True, text=True)
+    resumed = subprocess.run(
+        [sys.executable, str(script), str(spec), str(tmp_path / "cut"), "1"],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert resumed.returncode == 0, resumed.stderr
     a, b = _losses(tmp_path / "full"), _losses(tmp_path / "cut")
     assert sorted(a) == sorted(b) == list(range(1, 9))
@@ -146,8 +173,11 @@ def test_kill_during_checkpoint_write_keeps_the_previous_one(tmp_path, make_spec
     spec = _spec_file(tmp_path, _distill_spec(make_spec, teacher_dir))
     script = tmp_path / "write_killer.py"
     script.write_text(WRITE_KILLER)
-    proc = subprocess.run([sys.executable, str(script), str(spec), str(tmp_path / "run")],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, str(script), str(spec), str(tmp_path / "run")],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 9, proc.stderr
     root = tmp_path / "run" / "checkpoints"
     latest = latest_checkpoint(root)
@@ -155,8 +185,9 @@ def test_kill_during_checkpoint_write_keeps_the_previous_one(tmp_path, make_spec
     state, weights, _, _ = load_checkpoint(latest)  # checksums verified
     assert state["step"] == 4 and weights
     assert not (root / "step-0000008").exists()
-    summary = kdcore.distill(kdcore.load_spec(spec), output=tmp_path / "run", resume=True,
-                             progress=False)
+    summary = kdcore.distill(
+        kdcore.load_spec(spec), output=tmp_path / "run", resume=True, progress=False
+    )
     assert summary["steps"] == 8
 
 
@@ -178,8 +209,9 @@ def test_resume_with_another_spec_is_refused(tmp_path, make_spec, teacher_dir):
     other = _distill_spec(make_spec, teacher_dir)
     other["train"]["optimizer"]["lr"] = 1e-2
     with pytest.raises(kdcore.CheckpointError, match="different spec"):
-        kdcore.distill(kdcore.load_spec(other), output=tmp_path / "run", resume=True,
-                       progress=False)
+        kdcore.distill(
+            kdcore.load_spec(other), output=tmp_path / "run", resume=True, progress=False
+        )
 
 
 def test_existing_run_is_not_overwritten(tmp_path, make_spec):
@@ -226,15 +258,23 @@ def test_nan_loss_stops_with_step_and_term_after_saving(tmp_path, make_spec):
     latest = latest_checkpoint(tmp_path / "run" / "checkpoints")
     state, _, _, _ = load_checkpoint(latest)
     assert state["step"] == 3 and state["reason"] == "non-finite loss"
-    steps = [json.loads(x)["step"] for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    steps = [
+        json.loads(x)["step"] for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    ]
     assert steps == [1, 2, 3]
 
 
 def test_zero_lr_group_freezes_and_others_train(tmp_path, make_spec):
-    spec = kdcore.load_spec(make_spec(train={
-        "steps": 3, "batch_size": 4, "log_every": 1,
-        "param_groups": [{"pattern": r"student\.embed", "lr_mult": 0.0}],
-    }))
+    spec = kdcore.load_spec(
+        make_spec(
+            train={
+                "steps": 3,
+                "batch_size": 4,
+                "log_every": 1,
+                "param_groups": [{"pattern": r"student\.embed", "lr_mult": 0.0}],
+            }
+        )
+    )
     run = kdcore.train.Run(spec, tmp_path / "run")
     before = {k: np.array(v) for k, v in tree_flatten(run.student.parameters())}
     run.train(progress=False)
@@ -245,13 +285,22 @@ def test_zero_lr_group_freezes_and_others_train(tmp_path, make_spec):
 
 
 def test_stages_rebuild_the_optimizer_with_their_groups(tmp_path, make_spec):
-    spec = kdcore.load_spec(make_spec(train={
-        "batch_size": 4, "log_every": 1,
-        "stages": [
-            {"name": "heads", "steps": 2, "param_groups": [{"pattern": r"blocks", "lr_mult": 0}]},
-            {"name": "all", "steps": 2},
-        ],
-    }))
+    spec = kdcore.load_spec(
+        make_spec(
+            train={
+                "batch_size": 4,
+                "log_every": 1,
+                "stages": [
+                    {
+                        "name": "heads",
+                        "steps": 2,
+                        "param_groups": [{"pattern": r"blocks", "lr_mult": 0}],
+                    },
+                    {"name": "all", "steps": 2},
+                ],
+            }
+        )
+    )
     run = kdcore.train.Run(spec, tmp_path / "run")
     start = {k: np.array(v) for k, v in tree_flatten(run.student.parameters())}
     seen = {}
@@ -266,20 +315,34 @@ def test_stages_rebuild_the_optimizer_with_their_groups(tmp_path, make_spec):
     summary = run.train(progress=False)
     assert summary["steps"] == 4
     # after stage 1, blocks are untouched; embeddings moved
-    assert np.array_equal(start["blocks.0.mlp.up_proj.weight"], seen["all"]["blocks.0.mlp.up_proj.weight"])
+    assert np.array_equal(
+        start["blocks.0.mlp.up_proj.weight"], seen["all"]["blocks.0.mlp.up_proj.weight"]
+    )
     assert not np.array_equal(start["embed.weight"], seen["all"]["embed.weight"])
     final = {k: np.array(v) for k, v in tree_flatten(run.student.parameters())}
-    assert not np.array_equal(start["blocks.0.mlp.up_proj.weight"], final["blocks.0.mlp.up_proj.weight"])
-    stages = {json.loads(x).get("stage") for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()}
+    assert not np.array_equal(
+        start["blocks.0.mlp.up_proj.weight"], final["blocks.0.mlp.up_proj.weight"]
+    )
+    stages = {
+        json.loads(x).get("stage")
+        for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    }
     assert {"heads", "all"} <= stages
 
 
 def test_gradient_accumulation_equals_the_larger_batch(tmp_path, make_spec):
     def params_after(batch, accum, name):
-        spec = kdcore.load_spec(make_spec(train={
-            "steps": 1, "batch_size": batch, "grad_accum": accum, "grad_clip": None,
-            "optimizer": {"name": "sgd", "lr": 0.5},
-        }))
+        spec = kdcore.load_spec(
+            make_spec(
+                train={
+                    "steps": 1,
+                    "batch_size": batch,
+                    "grad_accum": accum,
+                    "grad_clip": None,
+                    "optimizer": {"name": "sgd", "lr": 0.5},
+                }
+            )
+        )
         run = kdcore.train.Run(spec, tmp_path / name)
         run.train(progress=False)
         return {k: np.array(v) for k, v in tree_flatten(run.student.parameters())}
@@ -291,29 +354,43 @@ def test_gradient_accumulation_equals_the_larger_batch(tmp_path, make_spec):
 
 
 def test_from_teacher_initializer_copies_through_a_layer_map(tmp_path, make_spec, teacher_dir):
-    spec = kdcore.load_spec(make_spec(
-        teachers=[{"path": str(teacher_dir)}],
-        student={"model": {"name": "transformer",
-                           "params": {"dim": 48, "layers": 1, "heads": 4, "max_seq_len": 32}},
-                 "init": {"name": "from-teacher", "params": {"layer_map": [1]}}},
-    ))
+    spec = kdcore.load_spec(
+        make_spec(
+            teachers=[{"path": str(teacher_dir)}],
+            student={
+                "model": {
+                    "name": "transformer",
+                    "params": {"dim": 48, "layers": 1, "heads": 4, "max_seq_len": 32},
+                },
+                "init": {"name": "from-teacher", "params": {"layer_map": [1]}},
+            },
+        )
+    )
     run = kdcore.train.Run(spec, tmp_path / "run")
     teacher, _, _ = load_model(teacher_dir)
     t = dict(tree_flatten(teacher.parameters()))
     s = dict(tree_flatten(run.student.parameters()))
-    assert np.array_equal(np.array(s["blocks.0.mlp.up_proj.weight"]), np.array(t["blocks.1.mlp.up_proj.weight"]))
+    assert np.array_equal(
+        np.array(s["blocks.0.mlp.up_proj.weight"]), np.array(t["blocks.1.mlp.up_proj.weight"])
+    )
     assert np.array_equal(np.array(s["embed.weight"]), np.array(t["embed.weight"]))
     assert run.init_report["initialised_tensors"] == len(s)
 
 
 def test_from_teacher_truncates_and_interpolates_other_widths(tmp_path, make_spec, teacher_dir):
     for mode in ("truncate", "interpolate"):
-        spec = kdcore.load_spec(make_spec(
-            teachers=[{"path": str(teacher_dir)}],
-            student={"model": {"name": "transformer",
-                               "params": {"dim": 32, "layers": 2, "heads": 2, "max_seq_len": 32}},
-                     "init": {"name": "from-teacher", "params": {"mismatch": mode}}},
-        ))
+        spec = kdcore.load_spec(
+            make_spec(
+                teachers=[{"path": str(teacher_dir)}],
+                student={
+                    "model": {
+                        "name": "transformer",
+                        "params": {"dim": 32, "layers": 2, "heads": 2, "max_seq_len": 32},
+                    },
+                    "init": {"name": "from-teacher", "params": {"mismatch": mode}},
+                },
+            )
+        )
         run = kdcore.train.Run(spec, tmp_path / mode)
         teacher, _, _ = load_model(teacher_dir)
         t = np.array(dict(tree_flatten(teacher.parameters()))["embed.weight"])
@@ -328,11 +405,15 @@ def test_from_teacher_truncates_and_interpolates_other_widths(tmp_path, make_spe
 
 def test_identity_aligner_checks_token_strings_not_sizes(tmp_path, make_spec, teacher_dir):
     (tmp_path / "chars.txt").write_text("".join(chr(0x4E00 + i) for i in range(255)) + "a" * 2000)
-    spec = kdcore.load_spec(make_spec(
-        teachers=[{"path": str(teacher_dir)}],
-        data={"name": "text", "params": {"path": str(tmp_path / "chars.txt"), "tokenizer": "char",
-                                          "seq_len": 16}},
-    ))
+    spec = kdcore.load_spec(
+        make_spec(
+            teachers=[{"path": str(teacher_dir)}],
+            data={
+                "name": "text",
+                "params": {"path": str(tmp_path / "chars.txt"), "tokenizer": "char", "seq_len": 16},
+            },
+        )
+    )
     with pytest.raises(kdcore.SpecError, match="vocabularies differ"):
         kdcore.train.Run(spec, tmp_path / "run")
 
@@ -363,11 +444,46 @@ def test_same_seed_same_run(tmp_path, make_spec):
 
 
 def test_mx_array_scheduled_params_reach_the_loss(tmp_path, make_spec):
-    spec = kdcore.load_spec(make_spec(losses=[
-        {"name": "ce", "params": {"label_smoothing": {"schedule": "linear", "start": 0.0, "end": 0.2}}},
-    ]))
+    spec = kdcore.load_spec(
+        make_spec(
+            losses=[
+                {
+                    "name": "ce",
+                    "params": {"label_smoothing": {"schedule": "linear", "start": 0.0, "end": 0.2}},
+                },
+            ]
+        )
+    )
     kdcore.distill(spec, output=tmp_path / "run", progress=False)
     records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     values = [r["ce/label_smoothing"] for r in records if "ce/label_smoothing" in r]
     assert values[0] == pytest.approx(0.0) and values[-1] > values[0]
     assert isinstance(mx.array(1.0), mx.array)
+
+
+def test_a_cache_teacher_cannot_feed_losses_that_need_features(make_spec, tmp_path):
+    class WantsFeatures:
+        @kdcore.hookimpl
+        def kd_losses(self):
+            return [
+                kdcore.Component(
+                    "wants-features",
+                    lambda c, s: None,
+                    requires={"teacher", "hidden_states"},
+                    properties={"sparse_ok"},
+                )
+            ]
+
+    from kdcore.plugins import reset_registry
+    from kdcore.train import check_composition
+
+    reset_registry([(WantsFeatures(), "test-features")])
+    try:
+        spec = kdcore.load_spec(
+            make_spec(teachers=[{"cache": str(tmp_path)}], losses=[{"name": "wants-features"}])
+        )
+        problems = check_composition(spec)
+    finally:
+        reset_registry()
+    assert len(problems) == 1
+    assert "hidden_states" in problems[0] and "$.losses[0].name" in problems[0]

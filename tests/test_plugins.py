@@ -30,9 +30,11 @@ def _fake_distribution(root: Path, dist: str, module: str, source: str) -> None:
 
 
 def _run_kd(args: list[str], path: Path, env_extra: dict | None = None):
-    env = dict(os.environ, PYTHONPATH=str(path), **(env_extra or {}))
-    return subprocess.run([sys.executable, "-m", "kdcore.cli", *args],
-                          capture_output=True, text=True, env=env)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KD_")}
+    env.update(PYTHONPATH=str(path), **(env_extra or {}))
+    return subprocess.run(
+        [sys.executable, "-m", "kdcore.cli", *args], capture_output=True, text=True, env=env
+    )
 
 
 GOOD = """
@@ -131,8 +133,11 @@ def test_component_validates_its_fields():
 
 def test_builtins_come_through_the_hooks():
     registry = kdcore.get_registry()
-    builtin_plugins = [p for p in registry.pm.get_plugins()
-                       if getattr(p, "__name__", "").startswith("kdcore.builtins")]
+    builtin_plugins = [
+        p
+        for p in registry.pm.get_plugins()
+        if getattr(p, "__name__", "").startswith("kdcore.builtins")
+    ]
     assert builtin_plugins, "built-ins must be registered as plugins"
     assert registry.lookup("loss", "ce").distribution == "kdcore"
 
@@ -158,8 +163,12 @@ def test_fresh_environment_lists_builtins_then_an_installed_plugin(tmp_path):
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
     python = venv / "bin" / "python"
-    site = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                          capture_output=True, text=True, check=True).stdout.strip()
+    site = subprocess.run(
+        [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     view = _clean_site(tmp_path)
     # The view goes on sys.path first; .pth files (editable installs of the core) only run
     # from a real site directory, so they are linked into the new venv's.
@@ -168,15 +177,30 @@ def test_fresh_environment_lists_builtins_then_an_installed_plugin(tmp_path):
         (Path(site) / pth.name).symlink_to(pth.resolve())
 
     def plugins():
-        out = subprocess.run([python, "-m", "kdcore.cli", "plugins", "--json"],
-                             capture_output=True, text=True, cwd=tmp_path)
+        out = subprocess.run(
+            [python, "-m", "kdcore.cli", "plugins", "--json"],
+            capture_output=True,
+            text=True,
+            cwd=tmp_path,
+        )
         assert out.returncode == 0, out.stderr
         return json.loads(out.stdout)["distributions"]
 
     assert list(plugins()) == ["kdcore"]
     subprocess.run(
-        [sys.executable, "-m", "pip", "install", "-q", "--no-deps",
-         "--no-build-isolation", "--target", site, str(ROOT / "plugins" / "minillm")],
-        check=True, capture_output=True,
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "--target",
+            site,
+            str(ROOT / "plugins" / "minillm"),
+        ],
+        check=True,
+        capture_output=True,
     )
     assert set(plugins()) == {"kdcore", "kd-minillm"}

@@ -35,7 +35,8 @@ def test_three_mistakes_are_three_lines_with_paths(tmp_path):
     spec.write_text(THREE_MISTAKES)
     proc = subprocess.run(
         [sys.executable, "-m", "kdcore.cli", "validate", str(spec)],
-        capture_output=True, text=True,
+        capture_output=True,
+        text=True,
     )
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
@@ -48,8 +49,9 @@ def test_three_mistakes_are_three_lines_with_paths(tmp_path):
 def test_good_spec_validates(tmp_path, make_spec):
     spec = tmp_path / "ok.json"
     spec.write_text(json.dumps(make_spec()))
-    proc = subprocess.run([sys.executable, "-m", "kdcore.cli", "validate", str(spec)],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "kdcore.cli", "validate", str(spec)], capture_output=True, text=True
+    )
     assert proc.returncode == 0, proc.stderr
 
 
@@ -68,9 +70,13 @@ def test_params_errors_carry_the_entry_path(make_spec):
 
 
 def test_any_float_may_be_a_schedule(make_spec):
-    spec = kdcore.load_spec(make_spec(losses=[
-        {"name": "ce", "weight": {"schedule": "cosine", "start": 4.0, "end": 1.0}},
-    ]))
+    spec = kdcore.load_spec(
+        make_spec(
+            losses=[
+                {"name": "ce", "weight": {"schedule": "cosine", "start": 4.0, "end": 1.0}},
+            ]
+        )
+    )
     weight = spec.losses[0].weight
     assert isinstance(weight, Schedule)
     assert weight(0, 10) == pytest.approx(4.0)
@@ -103,7 +109,9 @@ def test_overrides_parse_toml_literals():
     assert parse_override("train.steps=10") == (["train", "steps"], 10)
     assert parse_override("run.name=hello") == (["run", "name"], "hello")
     assert parse_override("losses.0.weight={schedule='linear'}") == (
-        ["losses", "0", "weight"], {"schedule": "linear"})
+        ["losses", "0", "weight"],
+        {"schedule": "linear"},
+    )
     data = apply_overrides({"losses": [{"name": "ce"}]}, ["losses.0.weight=0.5", "train.steps=3"])
     assert data == {"losses": [{"name": "ce", "weight": 0.5}], "train": {"steps": 3}}
 
@@ -114,9 +122,13 @@ def test_override_past_list_end_is_an_error():
 
 
 def test_resolved_spec_round_trips_through_toml(tmp_path, make_spec):
-    spec = kdcore.load_spec(make_spec(losses=[
-        {"name": "ce", "weight": {"schedule": "linear", "start": 1.0, "end": 0.5}},
-    ]))
+    spec = kdcore.load_spec(
+        make_spec(
+            losses=[
+                {"name": "ce", "weight": {"schedule": "linear", "start": 1.0, "end": 0.5}},
+            ]
+        )
+    )
     text = dumps(spec_to_dict(spec))
     path = tmp_path / "spec.toml"
     path.write_text(text)

@@ -4,6 +4,7 @@ from kdcore.builtins import (
     aggregators,
     aligners,
     analysis,
+    cache,
     datasets,
     initializers,
     losses,
@@ -22,6 +23,7 @@ MODULES = [
     models,
     datasets,
     teacher_sources,
+    cache,
     analysis,
     realscale,
 ]

@@ -1,0 +1,622 @@
+"""The offline teacher cache: writing, reading, safety checks and training from it."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import attrs
+import mlx.core as mx
+import numpy as np
+import pytest
+
+import kdcore
+from kdcore import cache as kc
+from kdcore.cli import main as kd_main
+from kdcore.errors import CheckpointError
+from kdcore.io import read_json
+from kdcore.models import Transformer, TransformerConfig, save_model
+from kdcore.plugins import get_registry, reset_registry
+from kdcore.setup import Setup
+from kdcore.signal import TeacherSignal
+from kdcore.spec import TeacherRef
+from kdcore.tokenizer import ByteTokenizer, CharTokenizer, save_tokenizer
+from kdcore.tomlwrite import dumps as toml_dumps
+
+ROOT = Path(__file__).resolve().parents[1]
+CORPUS = ROOT / "examples" / "shakespeare" / "data" / "tinyshakespeare.txt"
+SEQ = 16
+CHARS = 3600  # 3240 train tokens -> 202 rows of 16
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def make_teacher(directory: Path, tokenizer, seed: int = 0, scale: float = 3.0) -> Path:
+    """A randomly initialised tiny teacher; ``scale`` sharpens its distributions."""
+    mx.random.seed(seed)
+    config = TransformerConfig(
+        vocab_size=tokenizer.vocab_size, dim=32, layers=2, heads=2, max_seq_len=SEQ
+    )
+    model = Transformer(config)
+    model.embed.weight = model.embed.weight * scale
+    save_model(model, directory, "transformer", config)
+    save_tokenizer(tokenizer, directory)
+    return directory
+
+
+def spec_dict(
+    teachers: list[dict],
+    losses=None,
+    data_path: Path = CORPUS,
+    tokenizer: str = "byte",
+    max_chars: int | None = CHARS,
+) -> dict:
+    params = {"path": str(data_path), "seq_len": SEQ, "val_fraction": 0.1, "tokenizer": tokenizer}
+    if max_chars:
+        params["max_chars"] = max_chars
+    return {
+        "run": {"name": "cache-test", "seed": 3},
+        "data": {"name": "text", "params": params},
+        "student": {
+            "model": {
+                "name": "transformer",
+                "params": {"dim": 16, "layers": 1, "heads": 2, "max_seq_len": SEQ},
+            }
+        },
+        "teachers": teachers,
+        "losses": losses or [{"name": "ce"}],
+        "train": {
+            "steps": 3,
+            "batch_size": 4,
+            "log_every": 1,
+            "optimizer": {"name": "adamw", "lr": 3e-3},
+        },
+        "eval": {"batches": 1},
+    }
+
+
+def open_cache(spec: dict, directory: Path, **params) -> kc.CacheTeacher:
+    """The ``cache`` teacher source as a run builds it."""
+    run_spec = kdcore.load_spec(spec)
+    config = kdcore.make_config("teacher_source", "cache", **params)
+    setup = Setup(
+        base_dir=Path("."),
+        seed=run_spec.run.seed,
+        spec=run_spec,
+        teacher=TeacherRef(cache=str(directory)),
+    )
+    return get_registry().get("teacher_source", "cache").factory(config, setup)
+
+
+def train_rows(spec: dict) -> np.ndarray:
+    dataset = kc.build_dataset(kdcore.load_spec(spec))
+    return next(dataset.batches(10_000, "train"))["input_ids"]
+
+
+def teacher_logits64(teacher_dir: Path, input_ids: np.ndarray) -> np.ndarray:
+    from kdcore.models import load_model
+
+    model = load_model(teacher_dir)[0]
+    return np.array(model(mx.array(input_ids)).logits.astype(mx.float32)).astype(np.float64)
+
+
+def log_softmax64(z: np.ndarray) -> np.ndarray:
+    m = z.max(-1, keepdims=True)
+    return z - m - np.log(np.exp(z - m).sum(-1, keepdims=True))
+
+
+def to_mx(batch: dict) -> dict:
+    return {k: mx.array(v) for k, v in batch.items()}
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A byte-level teacher, its spec, float64 reference logits and an fp16 k=8 cache."""
+    root = tmp_path_factory.mktemp("cache-world")
+    teacher = make_teacher(root / "teacher", ByteTokenizer())
+    spec = spec_dict([{"path": str(teacher)}])
+    logits = teacher_logits64(teacher, train_rows(spec))
+    cache = root / "cache"
+    kc.write_cache(kdcore.load_spec(spec), cache, top_k=8, shard_tokens=40 * SEQ, progress=False)
+    return {"root": root, "teacher": teacher, "spec": spec, "logits": logits, "cache": cache}
+
+
+@pytest.fixture
+def cache_copy(world, tmp_path) -> Path:
+    copy = tmp_path / "cache"
+    shutil.copytree(world["cache"], copy)
+    return copy
+
+
+# ---------------------------------------------------------------- round trip
+
+
+@pytest.mark.parametrize("dtype,eps", [("float16", 2.0**-11), ("bfloat16", 2.0**-8)])
+def test_round_trip_gives_the_teachers_top_k(world, tmp_path, dtype, eps):
+    out = tmp_path / "c"
+    kc.write_cache(
+        kdcore.load_spec(world["spec"]),
+        out,
+        top_k=8,
+        dtype=dtype,
+        shard_tokens=40 * SEQ,
+        batch_size=7,
+        progress=False,
+    )
+    teacher = open_cache(world["spec"], out)
+    assert teacher.model is None and teacher.reader.k == 8
+    dataset = kc.build_dataset(kdcore.load_spec(world["spec"]))
+    batch = dataset.batch(5, 12)  # a permuted draw spanning several shards
+    assert (
+        len(
+            np.unique(np.searchsorted(teacher.reader._starts, batch["example_index"], side="right"))
+        )
+        > 1
+    )
+    signal = teacher.signal(to_mx(batch))
+    assert signal.is_sparse and signal.topk_ids.dtype == mx.int32
+    assert signal.topk_logprobs.dtype == kc.DTYPES[dtype]
+    ids = np.array(signal.topk_ids)
+    stored = np.array(signal.topk_logprobs.astype(mx.float32)).astype(np.float64)
+    ref = log_softmax64(world["logits"][batch["example_index"]])
+    at_ids = np.take_along_axis(ref, ids, -1)
+    # the stored values are the teacher's log-probs rounded to the storage dtype
+    assert np.all(np.abs(stored - at_ids) <= eps * np.abs(at_ids) + 1e-5)
+    # the ids are a top-k: nothing outside is more probable than anything inside
+    outside = ref.copy()
+    np.put_along_axis(outside, ids, -np.inf, -1)
+    assert np.all(at_ids.min(-1) >= outside.max(-1) - 1e-5)
+    assert np.all(np.diff(stored, axis=-1) <= 0)  # most probable first
+    assert all(len(set(row)) == 8 for row in ids.reshape(-1, 8))  # distinct ids
+
+
+def test_tail_mass_matches_float64(world):
+    teacher = open_cache(world["spec"], world["cache"])
+    index = np.arange(teacher.reader.num_rows)
+    ids, _logp, tail = teacher.reader.rows(index)
+    ref = log_softmax64(world["logits"])
+    outside = ref.copy()
+    np.put_along_axis(outside, ids, -np.inf, -1)
+    m = outside.max(-1, keepdims=True)
+    ref_tail = (m + np.log(np.exp(outside - m).sum(-1, keepdims=True)))[..., 0]
+    assert tail.dtype == np.float32
+    assert np.max(np.abs(tail - ref_tail)) < 1e-4
+    # the same mass as 1 - sum of the top-k probabilities (float64 keeps ~1e-16 of it)
+    mass = 1.0 - np.exp(np.take_along_axis(ref, ids, -1)).sum(-1)
+    assert np.all(np.abs(np.exp(tail.astype(np.float64)) - mass) <= 1e-5 * mass + 1e-14)
+
+
+def test_tail_is_stable_when_the_top_k_holds_almost_everything():
+    logits = mx.array(np.array([[[60.0] + [0.0] * 31]], np.float32))
+    ids, logp, tail = kc.topk_logprobs(logits, 1)
+    # float64: log((31 e^0) / (e^60 + 31)) ; a float32 log(1 - p_top) would give -inf
+    exact = np.log(31.0) - np.logaddexp(60.0, np.log(31.0))
+    assert abs(tail.item() - exact) < 1e-4 and np.isfinite(tail.item())
+    assert np.float32(1.0) - np.exp(np.float32(logp.item())) == 0.0
+    _ids, _lp, empty = kc.topk_logprobs(logits, 32)
+    assert empty.item() == kc.FLOOR  # k = V: nothing left, stored finite
+
+
+@pytest.mark.parametrize("target", [1.0, 2.0, 4.0])
+def test_retempering_matches_float64(world, tmp_path, target):
+    capture = 2.0
+    out = tmp_path / "c"
+    kc.write_cache(
+        kdcore.load_spec(world["spec"]),
+        out,
+        top_k=16,
+        dtype="float32",
+        temperature=capture,
+        shard_tokens=64 * SEQ,
+        progress=False,
+    )
+    reader = kc.CacheReader(out / "teacher-0")
+    index = np.arange(0, reader.num_rows, 5)
+    signal = reader.signal(index)
+    ids = np.array(signal.topk_ids)
+    z = np.take_along_axis(world["logits"][index], ids, -1)
+    # renormalize: softmax over the cached ids at the target temperature (exact for any T)
+    _, renorm = signal.sparse_log_probs(target, "renormalize")
+    np.testing.assert_allclose(np.array(renorm), log_softmax64(z / target), atol=2e-5)
+    # tail-bucket: [top-k, tail] of the full distribution, exact at the capture temperature
+    if target == capture:
+        _, bucket = signal.sparse_log_probs(target, "tail-bucket")
+        full = log_softmax64(world["logits"][index] / capture)
+        outside = full.copy()
+        np.put_along_axis(outside, ids, -np.inf, -1)
+        tail = np.log(np.exp(outside).sum(-1))
+        ref = np.concatenate([np.take_along_axis(full, ids, -1), tail[..., None]], -1)
+        np.testing.assert_allclose(np.array(bucket), ref, atol=1e-4)
+        assert np.allclose(np.exp(np.array(bucket)).sum(-1), 1.0, atol=1e-5)
+
+
+# ---------------------------------------------------------------- hinton from the cache
+
+
+def _hinton_inputs(signal: TeacherSignal, batch: dict, seed: int = 0) -> kdcore.LossInputs:
+    from kdcore.models.output import ModelOutput
+
+    B, L = batch["input_ids"].shape
+    rng = np.random.default_rng(seed)
+    student = mx.array(rng.standard_normal((B, L, signal.vocab_size)).astype(np.float32) * 3)
+    return kdcore.LossInputs(
+        student=ModelOutput(logits=student), teacher=signal, batch=to_mx(batch)
+    )
+
+
+@pytest.mark.parametrize("dtype,rtol", [("float32", 1e-5), ("float16", 3e-3)])
+def test_hinton_from_a_full_cache_equals_online_hinton(world, tmp_path, dtype, rtol):
+    out = tmp_path / "c"
+    spec = kdcore.load_spec(world["spec"])
+    kc.write_cache(spec, out, top_k=256, dtype=dtype, shard_tokens=64 * SEQ, progress=False)
+    cached = open_cache(world["spec"], out)
+    online = (
+        get_registry()
+        .get("teacher_source", "model")
+        .factory(
+            kdcore.make_config("teacher_source", "model"),
+            Setup(teacher=TeacherRef(path=str(world["teacher"]))),
+        )
+    )
+    dataset = kc.build_dataset(spec)
+    for tail in ("renormalize", "tail-bucket"):
+        params = kdcore.make_config("loss", "hinton", temperature=2.0, tail=tail)
+        loss = kdcore.build("loss", "hinton", temperature=2.0, tail=tail)
+        for index in range(3):
+            batch = dataset.batch(index, 6)
+            dense = online.signal(to_mx(batch))
+            sparse = cached.signal(to_mx(batch))
+            want, _ = loss(attrs.evolve(_hinton_inputs(dense, batch, index), params=params))
+            got, _ = loss(attrs.evolve(_hinton_inputs(sparse, batch, index), params=params))
+            assert want.item() > 0
+            np.testing.assert_allclose(got.item(), want.item(), rtol=rtol)
+
+
+def test_a_run_from_a_full_cache_follows_the_online_run(world, tmp_path):
+    """Through the engine: rows are found by example_index under the shuffled order."""
+    kc.write_cache(
+        kdcore.load_spec(world["spec"]),
+        tmp_path / "c",
+        top_k=256,
+        dtype="float32",
+        progress=False,
+    )
+    losses = [{"name": "hinton", "params": {"temperature": 2.0}}]
+    curves = {}
+    for name, teacher in (
+        ("online", {"path": str(world["teacher"])}),
+        ("cached", {"cache": str(tmp_path / "c")}),
+    ):
+        kdcore.distill(
+            kdcore.load_spec(spec_dict([teacher], losses=losses)),
+            output=tmp_path / name,
+            progress=False,
+        )
+        lines = (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+        curves[name] = [json.loads(x)["loss/hinton"] for x in lines if "loss/hinton" in x]
+    assert len(curves["online"]) == 3
+    np.testing.assert_allclose(curves["cached"], curves["online"], rtol=1e-4)
+
+
+# ---------------------------------------------------------------- resume
+
+
+def test_an_interrupted_write_resumes_where_it_stopped(world, tmp_path):
+    spec = kdcore.load_spec(world["spec"])
+    out = tmp_path / "c"
+
+    def interrupt(teacher, shard):
+        raise RuntimeError("killed after shard 0")
+
+    with pytest.raises(RuntimeError, match="killed"):
+        kc.write_cache(
+            spec, out, top_k=8, shard_tokens=40 * SEQ, on_shard=interrupt, progress=False
+        )
+    sub = out / "teacher-0"
+    manifest = read_json(sub / "manifest.json")
+    assert [s["file"] for s in manifest["shards"]] == ["shard-00000.safetensors"]
+    assert manifest["complete"] is False
+    with pytest.raises(CheckpointError, match="incomplete"):
+        kc.CacheReader(sub)
+    with pytest.raises(CheckpointError, match="incomplete"):
+        kc.verify_cache(out)
+    first = (sub / "shard-00000.safetensors").stat().st_mtime_ns
+
+    written = []
+    kc.write_cache(
+        spec,
+        out,
+        top_k=8,
+        shard_tokens=40 * SEQ,
+        progress=False,
+        on_shard=lambda t, s: written.append(s),
+    )
+    manifest = read_json(sub / "manifest.json")
+    assert written == list(range(1, len(manifest["shards"])))
+    assert manifest["complete"] and (sub / "shard-00000.safetensors").stat().st_mtime_ns == first
+    # same bytes as a run that was never interrupted
+    reference = read_json(world["cache"] / "teacher-0" / "manifest.json")
+    assert [s["sha256"] for s in manifest["shards"]] == [s["sha256"] for s in reference["shards"]]
+    assert manifest["token_count"] == reference["token_count"] == 202 * SEQ
+    kc.verify_cache(out)
+    # a rerun with other settings refuses to mix them into this cache
+    with pytest.raises(CheckpointError, match="different settings.*k"):
+        kc.write_cache(spec, out, top_k=4, shard_tokens=40 * SEQ, progress=False)
+
+
+# ---------------------------------------------------------------- corruption
+
+
+def test_verify_passes_on_a_good_cache(world, capsys):
+    assert kd_main(["cache", "--verify", str(world["cache"])]) == 0
+    text = capsys.readouterr().out
+    assert "teacher-0: ok, 6 shards, 3232 tokens" in text
+    report = kc.verify_cache(world["cache"])
+    bytes_per_token = report["teacher-0"]["bytes"] / report["teacher-0"]["tokens"]
+    assert 8 * (2 + 4) + 4 <= bytes_per_token < 8 * (2 + 4) + 4 + 2  # + headers
+
+
+def _bad(cache: Path, capsys, match: str, spec: dict) -> None:
+    with pytest.raises(CheckpointError, match=match):
+        kc.verify_cache(cache)
+    assert kd_main(["cache", "--verify", str(cache)]) == 1
+    assert re.search(match, capsys.readouterr().err)
+    with pytest.raises(CheckpointError, match=match):
+        open_cache(spec, cache)
+
+
+def test_truncated_shard_is_named(world, cache_copy, capsys):
+    shard = cache_copy / "teacher-0" / "shard-00001.safetensors"
+    shard.write_bytes(shard.read_bytes()[:-100])
+    _bad(cache_copy, capsys, r"shard-00001\.safetensors is truncated", world["spec"])
+
+
+def test_checksum_mismatch_is_named(world, cache_copy, capsys):
+    shard = cache_copy / "teacher-0" / "shard-00002.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-50] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    _bad(cache_copy, capsys, r"shard-00002\.safetensors does not match its sha256", world["spec"])
+
+
+def test_missing_shard_is_named(world, cache_copy, capsys):
+    (cache_copy / "teacher-0" / "shard-00000.safetensors").unlink()
+    _bad(cache_copy, capsys, r"shard-00000\.safetensors is missing", world["spec"])
+
+
+def test_shape_that_disagrees_with_the_manifest_is_named(world, cache_copy, capsys):
+    path = cache_copy / "teacher-0" / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest["shards"][3]["rows"][1] -= 1  # the manifest claims one row fewer
+    manifest["shards"][4]["rows"][0] -= 1
+    path.write_text(json.dumps(manifest))
+    _bad(
+        cache_copy,
+        capsys,
+        r"shard-00003\.safetensors: topk_ids is int32 \(40, 16, 8\), "
+        r"the manifest says int32 \(39, 16, 8\)",
+        world["spec"],
+    )
+
+
+def test_manifest_that_is_not_json(world, cache_copy, capsys):
+    (cache_copy / "teacher-0" / "manifest.json").write_text("{not json")
+    _bad(cache_copy, capsys, r"teacher-0/manifest\.json is not valid JSON", world["spec"])
+
+
+def test_manifest_with_a_damaged_entry(world, cache_copy, capsys):
+    path = cache_copy / "teacher-0" / "manifest.json"
+    manifest = json.loads(path.read_text())
+    del manifest["shards"][1]["sha256"]
+    path.write_text(json.dumps(manifest))
+    _bad(
+        cache_copy,
+        capsys,
+        r"manifest\.json is damaged: missing or malformed shards\[1\]",
+        world["spec"],
+    )
+
+
+def test_a_gap_between_shards_is_named(world, cache_copy, capsys):
+    path = cache_copy / "teacher-0" / "manifest.json"
+    manifest = json.loads(path.read_text())
+    del manifest["shards"][2]
+    path.write_text(json.dumps(manifest))
+    _bad(
+        cache_copy,
+        capsys,
+        r"shard-00003\.safetensors: rows \[120, 160\) do not follow row 80",
+        world["spec"],
+    )
+
+
+def test_data_fingerprint_mismatch_names_both(world, tmp_path):
+    other = tmp_path / "other.txt"
+    other.write_text(CORPUS.read_text(encoding="utf-8")[CHARS : 2 * CHARS], encoding="utf-8")
+    spec = spec_dict([{"cache": str(world["cache"])}], data_path=other)
+    expected = read_json(world["cache"] / "teacher-0" / "manifest.json")["data"]["fingerprint"]
+    run_fp = kc.build_dataset(kdcore.load_spec(spec)).fingerprint()
+    assert run_fp != expected
+    with pytest.raises(CheckpointError, match=f"data fingerprint {run_fp}.*{expected}") as info:
+        open_cache(spec, world["cache"])
+    assert "tokenizer" not in str(info.value)  # same tokenizer: only the data is named
+
+
+def test_tokenizer_mismatch_names_both(tmp_path):
+    text = CORPUS.read_text(encoding="utf-8")[:CHARS]
+    chars = sorted(set(text))
+    folders = {}
+    for extra in ("@", "#"):  # same ids for this text, different vocabularies
+        assert extra not in text
+        folders[extra] = tmp_path / f"tok{extra == '#'}"
+        save_tokenizer(CharTokenizer(chars + [extra]), folders[extra])
+    teacher = make_teacher(tmp_path / "teacher", CharTokenizer(chars + ["@"]))
+    made = spec_dict([{"path": str(teacher)}], tokenizer=str(folders["@"]))
+    kc.write_cache(kdcore.load_spec(made), tmp_path / "c", top_k=4, progress=False)
+    used = spec_dict([{"cache": str(tmp_path / "c")}], tokenizer=str(folders["#"]))
+    manifest = read_json(tmp_path / "c" / "teacher-0" / "manifest.json")
+    run_tok = kdcore.tokenizer.fingerprint(CharTokenizer(chars + ["#"]))
+    with pytest.raises(
+        CheckpointError, match=f"tokenizer hash {run_tok}.*{manifest['data']['tokenizer_hash']}"
+    ) as info:
+        open_cache(used, tmp_path / "c")
+    assert "fingerprint" not in str(info.value)  # the ids are equal: only the vocabulary differs
+    open_cache(made, tmp_path / "c")  # the matching spec opens
+
+
+def test_a_swapped_tokenizer_file_is_refused(world, cache_copy):
+    save_tokenizer(CharTokenizer(list("abc")), cache_copy / "teacher-0")
+    with pytest.raises(CheckpointError, match="tokenizer.json .* is not the tokenizer"):
+        open_cache(world["spec"], cache_copy)
+
+
+# ---------------------------------------------------------------- the command and the run
+
+
+SPARSE_TEST = "sparse-test-ce"
+
+
+class _Plugin:
+    """A dense-only and a sparse-aware loss, registered in-process for these tests."""
+
+    @staticmethod
+    @kdcore.hookimpl
+    def kd_losses():
+        def sparse_ce(config, setup):
+            def loss(inputs):
+                ids, logp = inputs.teacher.sparse_log_probs(1.0, "renormalize")
+                s = kdcore.log_softmax(inputs.student.logits)
+                picked = mx.take_along_axis(s, ids, axis=-1)
+                return kdcore.masked_mean(
+                    -(mx.exp(logp) * picked).sum(-1), inputs.batch["mask"]
+                ), {}
+
+            return loss
+
+        def dense_ce(config, setup):
+            def loss(inputs):
+                p = mx.exp(inputs.teacher.log_probs(1.0))
+                s = kdcore.log_softmax(inputs.student.logits)
+                return kdcore.masked_mean(-(p * s).sum(-1), inputs.batch["mask"]), {}
+
+            return loss
+
+        return [
+            kdcore.Component(
+                SPARSE_TEST,
+                sparse_ce,
+                requires={"teacher"},
+                properties={"sparse_ok"},
+                doc="test: CE to top-k",
+            ),
+            kdcore.Component(
+                "dense-test-ce", dense_ce, requires={"teacher"}, doc="test: CE to dense"
+            ),
+        ]
+
+
+@pytest.fixture
+def test_losses():
+    reset_registry(extra_plugins=[(_Plugin, "test-cache-losses")])
+    yield
+    reset_registry()
+
+
+def test_kd_cache_command_writes_and_verifies(world, tmp_path, capsys):
+    spec_path = tmp_path / "spec.toml"
+    spec_path.write_text(toml_dumps(world["spec"]))
+    out = tmp_path / "c"
+    assert (
+        kd_main(
+            [
+                "cache",
+                str(spec_path),
+                "--output",
+                str(out),
+                "--top-k",
+                "5",
+                "--dtype",
+                "bfloat16",
+                "--temperature",
+                "1.5",
+            ]
+        )
+        == 0
+    )
+    manifest = read_json(out / "teacher-0" / "manifest.json")
+    assert (manifest["k"], manifest["capture_temperature"]) == (5, 1.5)
+    assert manifest["dtypes"] == {
+        "topk_ids": "int32",
+        "topk_logprobs": "bfloat16",
+        "tail_logmass": "float32",
+    }
+    assert manifest["vocab_size"] == 256 and manifest["seq_len"] == SEQ
+    assert manifest["teacher"]["identity"] == kc.teacher_identity(world["teacher"])
+    assert manifest["tokenizer_hash"] == kdcore.tokenizer.fingerprint(ByteTokenizer())
+    assert (
+        manifest["data"]["fingerprint"]
+        == kc.build_dataset(kdcore.load_spec(world["spec"])).fingerprint()
+    )
+    assert manifest["token_count"] == 202 * SEQ and manifest["complete"]
+    assert kd_main(["cache", "--verify", str(out)]) == 0
+    assert kd_main(["cache"]) == 2
+
+
+def test_validate_rejects_a_dense_loss_with_a_cache_teacher(world, tmp_path, capsys, test_losses):
+    for loss, code in (("dense-test-ce", 2), (SPARSE_TEST, 0)):
+        path = tmp_path / f"{loss}.toml"
+        path.write_text(
+            toml_dumps(spec_dict([{"cache": str(world["cache"])}], losses=[{"name": loss}]))
+        )
+        assert kd_main(["validate", str(path)]) == code
+    err = capsys.readouterr().err
+    assert "loss 'dense-test-ce' cannot work from a top-k cache" in err
+    assert SPARSE_TEST not in err
+
+
+def test_training_from_the_cache_never_loads_the_teacher(world, tmp_path):
+    moved = tmp_path / "teacher-gone"
+    shutil.copytree(world["teacher"], moved)
+    spec = spec_dict([{"path": str(moved)}])
+    kc.write_cache(kdcore.load_spec(spec), tmp_path / "c", top_k=8, progress=False)
+    shutil.rmtree(moved)  # the run below cannot load it even if it tried
+    hinton = {"name": "hinton", "params": {"temperature": 2.0, "tail": "tail-bucket"}}
+    run_spec = spec_dict([{"cache": str(tmp_path / "c")}], losses=[hinton, {"name": "ce"}])
+    summary = kdcore.distill(kdcore.load_spec(run_spec), output=tmp_path / "run", progress=False)
+    assert summary["steps"] == 3 and summary["final_losses"]["hinton"] > 0
+    manifest = read_json(tmp_path / "c" / "teacher-0" / "manifest.json")
+    assert summary["teacher_parameters"] == [manifest["teacher"]["num_parameters"]]
+
+
+def test_a_teacher_that_needs_hidden_states_cannot_come_from_the_cache(world):
+    teacher = open_cache(world["spec"], world["cache"])
+    batch = to_mx(kc.build_dataset(kdcore.load_spec(world["spec"])).batch(0, 2))
+    with pytest.raises(kdcore.SpecError, match="no hidden_states"):
+        teacher.signal(batch, frozenset({"hidden_states"}))
+
+
+def test_multi_teacher_cache_has_one_sub_cache_each(world, tmp_path):
+    second = make_teacher(tmp_path / "t1", ByteTokenizer(), seed=1)
+    spec = spec_dict([{"path": str(world["teacher"])}, {"path": str(second)}])
+    out = tmp_path / "c"
+    kc.write_cache(kdcore.load_spec(spec), out, top_k=4, progress=False)
+    assert [p.name for p in kc.teacher_dirs(out)] == ["teacher-0", "teacher-1"]
+    report = kc.verify_cache(out)
+    assert set(report) == {"teacher-0", "teacher-1"}
+    with pytest.raises(kdcore.SpecError, match="holds 2 teacher caches"):
+        open_cache(spec, out)
+    batch = to_mx(kc.build_dataset(kdcore.load_spec(spec)).batch(1, 3))
+    a = open_cache(spec, out, teacher=0).signal(batch)
+    b = open_cache(spec, out / "teacher-1").signal(batch)
+    ids = np.array(b.topk_ids)
+    ref = log_softmax64(teacher_logits64(second, np.array(batch["input_ids"])))
+    np.testing.assert_allclose(
+        np.array(b.topk_logprobs.astype(mx.float32)),
+        np.take_along_axis(ref, ids, -1),
+        rtol=2.0**-10,
+        atol=1e-5,
+    )
+    assert not np.array_equal(np.array(a.topk_ids), ids)
