@@ -33,7 +33,8 @@ def loaded_blas() -> list[str]:
 
 
 def fast_path_active() -> bool:
-    return any("openblas" in lib for lib in loaded_blas())
+    # NumPy's wheel maps its own libscipy_openblas; only the preloaded libblas counts.
+    return any(lib in CANDIDATES or "openblas-pthread" in lib for lib in loaded_blas())
 
 
 def reexec_with_fast_path() -> None:

@@ -1,0 +1,67 @@
+"""Helpers shared by the benchmark scripts: timing, subprocess isolation, machine facts."""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+OPENBLAS = "/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3"
+
+
+def median_time(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def run_isolated(
+    module: str, args: list[str], fast_path: bool | None = None, expect_json: bool = True
+) -> dict:
+    """Run ``python -m benchmarks.MODULE ARGS`` in a fresh process (clean peak memory)
+    and return the JSON it prints on its last line."""
+    env = dict(os.environ)
+    if fast_path is True and Path(OPENBLAS).exists():
+        env["LD_PRELOAD"] = OPENBLAS
+    elif fast_path is False:
+        env.pop("LD_PRELOAD", None)
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run(
+        [sys.executable, "-m", f"benchmarks.{module}", *args],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"benchmarks.{module} {args} failed:\n{proc.stderr[-3000:]}")
+    if not expect_json:
+        return {}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def machine() -> dict:
+    import platform
+
+    import mlx.core as mx
+
+    from kdcore import fastpath
+
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(),
+        "mlx": mx.__version__,
+        "device": str(mx.default_device()),
+        "fast_path_active": fastpath.fast_path_active(),
+    }
