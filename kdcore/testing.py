@@ -71,7 +71,15 @@ def logit_pairs(draw, bound: float = 30.0, **shape_kwargs):
     teacher = draw(hnp.arrays(np.float32, (B, L, V), elements=floats(bound)))
     mask = draw(hnp.arrays(np.float32, (B, L), elements=st.sampled_from([0.0, 1.0])))
     mask[0, 0] = 1.0
-    return student, teacher, mask
+    return _untie(student), _untie(teacher), mask
+
+
+def _untie(logits: np.ndarray) -> np.ndarray:
+    """Spread each row's logits at least 0.01 apart. Losses over a top-k (BiLD, top-k
+    hinton) are discontinuous at exact ties, and adding a constant in float32 can turn a
+    near-tie into one; the shift check is about invariance, not about that rounding."""
+    rank = np.argsort(np.argsort(logits, axis=-1, kind="stable"), axis=-1).astype(np.float32)
+    return (logits + 0.01 * rank).astype(np.float32)
 
 
 # ---------------------------------------------------------------- building inputs

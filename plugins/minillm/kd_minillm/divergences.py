@@ -1,5 +1,132 @@
-"""Reverse KL, skew KL and generalised JSD losses."""
+"""Reverse KL, DistiLLM's skew KLs and the generalised JSD, on the chunked kernels of kdcore.
+
+With ``q = softmax(s / T)`` (student) and ``p = softmax(t / T)`` (teacher), per token, summed
+over the vocabulary, masked mean over tokens (times ``T^2`` when ``t_squared``):
+
+- ``reverse_kl``: ``KL(q || p)`` (the single-step term of MiniLLM, Gu et al. 2024);
+- ``skew_kl``: ``KL(p || alpha p + (1 - alpha) q)`` (DistiLLM SKL, Ko et al. 2024);
+- ``skew_reverse_kl``: ``KL(q || alpha q + (1 - alpha) p)`` (DistiLLM SRKL);
+- ``gjsd``: ``beta KL(p || m) + (1 - beta) KL(q || m)``, ``m = beta p + (1 - beta) q``
+  (GKD, Agarwal et al. 2024, TRL's convention): ``beta = 0`` is forward KL, ``beta = 1``
+  reverse KL.
+
+From a top-k teacher cache they use ``kdcore.divergence``'s tail policies; the default
+``tail-bucket`` compares the two distributions on the top-k tokens plus one class for the
+rest, a lower bound of the full divergence (see ``kdcore/divergence.py``).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import attrs
+
+import kdcore
+from kdcore import divergence
+from kdcore.schedules import Schedule
+
+Tail = Literal["renormalize", "tail-bucket"]
+_PROPERTIES = {"zero_at_identity", "shift_invariant", "sparse_ok"}
 
 
-def components():
-    return []
+def _positive_number(_instance, attribute, value) -> None:
+    if not isinstance(value, Schedule) and value <= 0:
+        raise ValueError(f"{attribute.name} must be > 0, got {value}")
+
+
+def _unit_interval(_instance, attribute, value) -> None:
+    if not isinstance(value, Schedule) and not 0.0 <= value <= 1.0:
+        raise ValueError(f"{attribute.name} must be in [0, 1], got {value}")
+
+
+@attrs.define
+class ReverseKLConfig:
+    temperature: float = attrs.field(default=1.0, validator=_positive_number)
+    t_squared: bool = False
+    tail: Tail = "tail-bucket"
+
+
+@attrs.define
+class SkewKLConfig:
+    """``alpha``: the teacher's (``skew_kl``) or student's (``skew_reverse_kl``) share of the
+    mixture; DistiLLM's default is 0.1."""
+
+    alpha: float = attrs.field(default=0.1, validator=_unit_interval)
+    temperature: float = attrs.field(default=1.0, validator=_positive_number)
+    t_squared: bool = False
+    tail: Tail = "tail-bucket"
+
+
+@attrs.define
+class GJSDConfig:
+    """``beta`` in [0, 1] (schedulable); TRL's GKD default is 0.5."""
+
+    beta: float = attrs.field(default=0.5, validator=_unit_interval)
+    temperature: float = attrs.field(default=1.0, validator=_positive_number)
+    t_squared: bool = False
+    tail: Tail = "tail-bucket"
+
+
+def divergence_loss(kind: str):
+    """A loss factory for one ``kdcore.divergence`` kind."""
+
+    def factory(config, setup=None):
+        def loss(inputs: kdcore.LossInputs):
+            params = inputs.params if inputs.params is not None else config
+            temperature = float(params.temperature)
+            value = divergence.token_divergence(
+                inputs.student.logits,
+                inputs.teacher,
+                inputs.batch["mask"],
+                kind,
+                temperature=temperature,
+                beta=getattr(params, "beta", 0.5),
+                alpha=getattr(params, "alpha", 0.1),
+                tail=params.tail,
+            )
+            if params.t_squared:
+                value = value * (temperature * temperature)
+            return value, {}
+
+        return loss
+
+    factory.__name__ = kind
+    factory.__doc__ = f"Loss: masked mean of the {kind} divergence (kdcore.divergence)."
+    return factory
+
+
+def components() -> list[kdcore.Component]:
+    return [
+        kdcore.Component(
+            "reverse_kl",
+            divergence_loss("reverse_kl"),
+            ReverseKLConfig,
+            requires={"teacher"},
+            properties=_PROPERTIES,
+            doc="KL(student || teacher) per token (mode-seeking)",
+        ),
+        kdcore.Component(
+            "skew_kl",
+            divergence_loss("skew_kl"),
+            SkewKLConfig,
+            requires={"teacher"},
+            properties=_PROPERTIES,
+            doc="DistiLLM skew KL: KL(p || alpha p + (1 - alpha) q)",
+        ),
+        kdcore.Component(
+            "skew_reverse_kl",
+            divergence_loss("skew_reverse_kl"),
+            SkewKLConfig,
+            requires={"teacher"},
+            properties=_PROPERTIES,
+            doc="DistiLLM skew reverse KL: KL(q || alpha q + (1 - alpha) p)",
+        ),
+        kdcore.Component(
+            "gjsd",
+            divergence_loss("gjsd"),
+            GJSDConfig,
+            requires={"teacher"},
+            properties=_PROPERTIES,
+            doc="generalised JSD with beta (0: forward KL, 1: reverse KL), as in GKD",
+        ),
+    ]

@@ -1,0 +1,125 @@
+"""Hinton's soft-target loss and its selective variant, on the chunked kernels of kdcore.
+
+``hinton``: ``T^2 * KL(softmax(t / T) || softmax(s / T))`` per token, summed over the
+vocabulary, masked mean over tokens (Hinton, Vinyals and Dean 2015, arXiv:1503.02531).
+
+``selective``: the same KL restricted to the teacher's top-k tokens, and only at positions
+where the teacher's entropy ``H(softmax(t))`` exceeds ``min_entropy`` nats.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import attrs
+import mlx.core as mx
+import numpy as np
+
+import kdcore
+from kdcore import divergence
+from kdcore.schedules import Schedule
+
+Tail = Literal["renormalize", "tail-bucket"]
+
+
+def _non_negative(_instance, attribute, value) -> None:
+    if value < 0:
+        raise ValueError(f"{attribute.name} must be >= 0, got {value}")
+
+
+def _positive_number(_instance, attribute, value) -> None:
+    if not isinstance(value, Schedule) and value <= 0:
+        raise ValueError(f"{attribute.name} must be > 0, got {value}")
+
+
+@attrs.define
+class HintonConfig:
+    """``temperature`` T (schedulable); ``top_k`` > 0 restricts the teacher to its top-k
+    tokens (``tail`` says how the rest is treated); ``t_squared`` multiplies by T^2 so the
+    gradient scale does not shrink as T grows (Hinton et al., section 2)."""
+
+    temperature: float = attrs.field(default=2.0, validator=_positive_number)
+    top_k: int = attrs.field(default=0, validator=_non_negative)
+    t_squared: bool = True
+    tail: Tail = "renormalize"
+
+
+def hinton(config: HintonConfig, setup=None):
+    """Soft-target KD loss: ``T^2 KL(p_T || q_T)``, dense, mixture or top-k teachers."""
+
+    def loss(inputs: kdcore.LossInputs):
+        params = inputs.params if inputs.params is not None else config
+        temperature = float(params.temperature)
+        value = divergence.token_divergence(
+            inputs.student.logits,
+            inputs.teacher,
+            inputs.batch["mask"],
+            "forward_kl",
+            temperature=temperature,
+            tail=params.tail,
+            top_k=params.top_k,
+        )
+        if params.t_squared:
+            value = value * (temperature * temperature)
+        return value, {}
+
+    return loss
+
+
+@attrs.define
+class SelectiveConfig:
+    """``top_k`` teacher tokens at positions whose teacher entropy (nats, at T = 1) exceeds
+    ``min_entropy``; ``temperature``, ``t_squared`` and ``tail`` as in ``hinton``."""
+
+    temperature: float = attrs.field(default=2.0, validator=_positive_number)
+    top_k: int = attrs.field(default=32, validator=_non_negative)
+    min_entropy: float = 0.5
+    t_squared: bool = True
+    tail: Tail = "renormalize"
+
+
+def _entropy_rows(x: mx.array) -> mx.array:
+    lp = x - mx.logsumexp(x, axis=-1, keepdims=True)
+    return -mx.where(lp > -mx.inf, mx.exp(lp) * lp, 0.0).sum(-1)
+
+
+def teacher_entropy(teacher: kdcore.TeacherSignal) -> mx.array:
+    """Entropy (nats) of the teacher at T = 1 per position [B, L], no gradient.
+
+    Dense teachers: exact, computed in row chunks. Top-k teachers: the entropy of the
+    (k + 1)-class distribution (top-k tokens and one tail class), a lower bound of the full
+    entropy (merging classes never raises entropy).
+    """
+    if teacher.topk_ids is not None:
+        _ids, lp = teacher.sparse_log_probs(1.0, "tail-bucket")
+        return mx.stop_gradient(_entropy_rows(lp))
+    logits = teacher.logits if teacher.logits is not None else teacher.log_probs(1.0)
+    lead = tuple(logits.shape[:-1])
+    (rows,) = divergence.map_rows(lambda x: _entropy_rows(x.astype(mx.float32)), [logits], lead)
+    return mx.array(rows.astype(np.float32))
+
+
+def selective(config: SelectiveConfig, setup=None):
+    """Top-k KL at high-entropy positions; logs ``kept``, the share of positions distilled."""
+
+    def loss(inputs: kdcore.LossInputs):
+        params = inputs.params if inputs.params is not None else config
+        temperature = float(params.temperature)
+        mask = inputs.batch["mask"].astype(mx.float32)
+        keep = (teacher_entropy(inputs.teacher) > float(params.min_entropy)).astype(mx.float32)
+        kept_mask = mask * keep
+        value = divergence.token_divergence(
+            inputs.student.logits,
+            inputs.teacher,
+            kept_mask,
+            "forward_kl",
+            temperature=temperature,
+            tail=params.tail,
+            top_k=params.top_k,
+        )
+        if params.t_squared:
+            value = value * (temperature * temperature)
+        kept = kept_mask.sum() / mx.maximum(mask.sum(), 1.0)
+        return value, {"kept": kept}
+
+    return loss
