@@ -121,7 +121,10 @@ class Trainable(nn.Module):
         self.student = student
         if isinstance(aggregator, nn.Module):
             self.aggregator = aggregator
-        self.losses = {str(i): loss for i, loss in enumerate(losses) if isinstance(loss, nn.Module)}
+        # Keys must not be numbers: MLX rebuilds numeric paths as lists.
+        self.losses = {
+            f"loss{i}": loss for i, loss in enumerate(losses) if isinstance(loss, nn.Module)
+        }
 
 
 def _resolved_params(config: Any, step: int, total: int) -> Any:
@@ -264,7 +267,7 @@ class Run:
         total = mx.array(0.0)
         terms, metrics = {}, {}
         for i, (ref, loss, label) in enumerate(zip(self.spec.losses, self.losses, self.labels)):
-            loss = trainable.losses.get(str(i), loss) if isinstance(loss, nn.Module) else loss
+            loss = trainable.losses.get(f"loss{i}", loss) if isinstance(loss, nn.Module) else loss
             params = _resolved_params(ref.config, step, self.total)
             uses_teacher = {"teacher", "dense_teacher"} & self.loss_components[i].requires
             value, extra = loss(
@@ -352,9 +355,7 @@ class Run:
                         self.total,
                     )
                     set_learning_rate(optimizer, plan, lr)
-                    total, terms, metrics, grads, ntok = self.dp.reduce_step(
-                        *self._gradients(step)
-                    )
+                    total, terms, metrics, grads, ntok = self.dp.reduce_step(*self._gradients(step))
                     self._check_finite(step, total, terms, stage_index, optimizer)
                     if spec.train.grad_clip:
                         grads, grad_norm = optim.clip_grad_norm(grads, spec.train.grad_clip)

@@ -487,3 +487,52 @@ def test_a_cache_teacher_cannot_feed_losses_that_need_features(make_spec, tmp_pa
         reset_registry()
     assert len(problems) == 1
     assert "hidden_states" in problems[0] and "$.losses[0].name" in problems[0]
+
+
+class _Learnable:
+    """A plugin loss with a learnable parameter (like a hint projection)."""
+
+    @kdcore.hookimpl
+    def kd_losses(self):
+        import mlx.nn as nn
+
+        class Scaled(nn.Module):
+            def __init__(self, config, setup):
+                super().__init__()
+                self.scale = mx.array([0.5])
+
+            def __call__(self, inputs):
+                logits = inputs.student.logits.mean(-1)
+                return kdcore.masked_mean((logits * self.scale[0]) ** 2, inputs.batch["mask"]), {}
+
+        return [kdcore.Component("learnable", Scaled, doc="learnable scale")]
+
+
+def test_learnable_loss_trains_resumes_and_stays_out_of_the_student(tmp_path, make_spec):
+    from kdcore.plugins import reset_registry
+
+    reset_registry([(_Learnable(), "test-learnable")])
+    try:
+        data = make_spec(
+            losses=[{"name": "ce"}, {"name": "learnable", "weight": 0.1}],
+            train={
+                "steps": 4,
+                "batch_size": 4,
+                "checkpoint_every": 2,
+                "optimizer": {"name": "adamw", "lr": 1e-2, "weight_decay": 0.1},
+            },
+        )
+        kdcore.distill(kdcore.load_spec(data), output=tmp_path / "run", progress=False)
+        _, weights, _, _ = load_checkpoint(latest_checkpoint(tmp_path / "run" / "checkpoints"))
+        assert "losses.loss1.scale" in weights
+        assert weights["losses.loss1.scale"].item() != 0.5
+        model, _, _ = load_model(tmp_path / "run" / "student")
+        assert not any("scale" in k for k, _ in tree_flatten(model.parameters()))
+        # resuming from the step-2 checkpoint reloads the loss's parameter too
+        (tmp_path / "run" / "checkpoints" / "latest").write_text("step-0000002\n")
+        summary = kdcore.distill(
+            kdcore.load_spec(data), output=tmp_path / "run", resume=True, progress=False
+        )
+        assert summary["steps"] == 4
+    finally:
+        reset_registry()
