@@ -1,0 +1,137 @@
+"""A tiny two-teacher AMTML run through the engine, and the heatmap command on it."""
+
+from __future__ import annotations
+
+import json
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten
+
+import kdcore
+from kdcore.checkpoint import load_checkpoint
+from kdcore.io import load_arrays
+from kdcore.models import Transformer, TransformerConfig
+
+
+@pytest.fixture(scope="module")
+def amtml_run(tmp_path_factory, domains, teachers):
+    spec = {
+        "run": {"name": "amtml-tiny", "seed": 0},
+        "data": {
+            "name": "mixture",
+            "params": {
+                "paths": [str(domains["shakespeare"]), str(domains["gsm8k"])],
+                "names": ["shakespeare", "gsm8k"],
+                "seq_len": 32,
+                "val_fraction": 0.1,
+            },
+        },
+        "student": {
+            "model": {
+                "name": "transformer",
+                "params": {"dim": 16, "layers": 2, "heads": 2, "max_seq_len": 32},
+            }
+        },
+        "teachers": [
+            {"path": str(teachers["shakespeare"]), "label": "shakespeare"},
+            {"path": str(teachers["gsm8k"]), "label": "gsm8k"},
+        ],
+        "aggregator": {"name": "amtml", "params": {"latent_dim": 8}},
+        "losses": [
+            {"name": "amtml", "weight": 0.7, "params": {"temperature": 2.0}},
+            {"name": "ce", "weight": 0.3},
+            {
+                "name": "hint",
+                "weight": 0.5,
+                "params": {"strategy": "groups", "instance_weighted": True},
+            },
+        ],
+        "train": {
+            "batch_size": 4,
+            "log_every": 1,
+            "keep_checkpoints": 2,
+            "optimizer": {"name": "adamw", "lr": 1e-2},
+            # The paper's two phases: aggregator and student together, then the
+            # aggregator frozen.
+            "stages": [
+                {"steps": 3, "name": "joint"},
+                {
+                    "steps": 3,
+                    "name": "frozen",
+                    "param_groups": [{"pattern": "^aggregator\\.", "lr_mult": 0.0}],
+                },
+            ],
+        },
+        "eval": {"batches": 2},
+    }
+    out = tmp_path_factory.mktemp("amtml-run")
+    summary = kdcore.distill(kdcore.load_spec(spec), output=out, progress=False)
+    return out, summary
+
+
+def test_instance_weights_and_regulariser_are_logged(amtml_run):
+    out, summary = amtml_run
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if "eval" not in r]
+    assert len(train) == 6
+    for r in train:
+        assert r["teacher_weight/0"] + r["teacher_weight/1"] == pytest.approx(1.0, abs=1e-5)
+        assert 0.0 < r["teacher_weight/0"] < 1.0
+        assert r["amtml/regularizer"] > 0 and r["loss/hint"] > 0
+    assert np.isfinite(summary["eval"]["val_loss"])
+
+
+def test_saved_student_holds_no_projection_or_aggregator_weights(amtml_run):
+    out, summary = amtml_run
+    saved = load_arrays(out / "student" / "model.safetensors", "student")
+    fresh = Transformer(
+        TransformerConfig(vocab_size=256, dim=16, layers=2, heads=2, max_seq_len=32)
+    )
+    assert set(saved) == {k for k, _ in tree_flatten(fresh.parameters())}
+    # ... while the run did train more than the student: the aggregator and projections.
+    student_size = sum(v.size for v in saved.values())
+    assert summary["trainable_parameters"] > student_size
+
+
+def test_frozen_stage_keeps_the_aggregator_fixed(amtml_run, teachers):
+    out, _ = amtml_run
+    _, first, _, _ = load_checkpoint(out / "checkpoints" / "step-0000003")
+    _, second, _, _ = load_checkpoint(out / "checkpoints" / "step-0000006")
+    agg_keys = [k for k in first if k.startswith("aggregator.")]
+    assert {"aggregator.theta", "aggregator.w", "aggregator.encoder.weight"} <= set(agg_keys)
+    for key in agg_keys:
+        assert np.array_equal(np.array(first[key]), np.array(second[key])), key
+    moved = [
+        k
+        for k in first
+        if k.startswith("student.") and not np.array_equal(np.array(first[k]), np.array(second[k]))
+    ]
+    assert moved, "the student should keep training in the frozen stage"
+    # The joint stage did train the aggregator (theta differs from its seeded start).
+    from kdcore.setup import Setup
+
+    start = kdcore.build(
+        "teacher_aggregator", "amtml", Setup(num_teachers=2), latent_dim=8, input_dim=16
+    )
+    assert not np.allclose(np.array(start.theta), np.array(first["aggregator.theta"]))
+    # Hint projections are checkpointed with the run (they live in the loss module).
+    assert any(k.startswith("losses.loss2.proj.") for k in first)
+
+
+def test_heatmap_command(amtml_run):
+    from kdcore.cli import main
+
+    out, _ = amtml_run
+    assert main(["amtml-heatmap", str(out), "--json"]) == 0
+    data = json.loads((out / "report" / "amtml_weights.json").read_text())
+    assert (out / "report" / "amtml_weights.png").stat().st_size > 1000
+    assert data["teachers"] == ["shakespeare", "gsm8k"]
+    assert data["domains"] == ["shakespeare", "gsm8k"]
+    assert data["teacher_domain"] == [0, 1]
+    assert 0.0 <= data["routing_accuracy"] <= 1.0
+    matrix = np.array(data["matrix"])
+    assert matrix.shape == (2, 2) and np.allclose(matrix.sum(1), 1.0, atol=1e-5)
+    assert sum(data["examples"].values()) > 0
+    mx.clear_cache()
