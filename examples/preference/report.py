@@ -1,0 +1,92 @@
+"""Collect the `kd eval --pairs` reports of the preference example into JSON and Markdown.
+
+    python examples/preference/report.py OUT_DIR RESULTS_STEM
+
+reads ``OUT_DIR/eval/RUN.json`` (written by run.sh) and ``OUT_DIR/RUN/summary.json`` and
+writes ``RESULTS_STEM.json`` and ``RESULTS_STEM.md``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+TEACHERS = [("teacher-sft", "teacher after `ce` (SFT)"), ("teacher-dpo", "teacher after `dpo`")]
+STUDENTS = [
+    ("student-kd", "preference_kd"),
+    ("student-rank", "preference_kd + ranking_preservation"),
+    ("student-dpkd", "preference_kd + dpkd"),
+    ("student-safety", "preference_kd + safety_alignment"),
+]
+
+
+def fmt(value, digits=3):
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def main(out: Path, stem: Path) -> None:
+    runs = {}
+    for name, label in TEACHERS + STUDENTS:
+        report = json.loads((out / "eval" / f"{name}.json").read_text())
+        summary = json.loads((out / name / "summary.json").read_text())
+        pref = report["preference"]
+        runs[name] = {
+            "label": label,
+            "losses": summary["final_losses"],
+            "steps": summary["steps"],
+            "train_seconds": round(summary["wall_seconds"], 1),
+            "parameters": report["student_parameters"],
+            "teacher_parameters": report.get("teacher_parameters"),
+            "preference": pref,
+        }
+    first = runs["student-kd"]["preference"]
+    result = {
+        "heldout_file": first["file"],
+        "heldout_pairs": first["pairs"],
+        "heldout_rejected_lines": first["rejected_lines"],
+        "safety_pairs": first["safety_pairs"],
+        "runs": runs,
+    }
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+
+    lines = [
+        f"Held-out split: {first['pairs']} pairs ({first['safety_pairs']} safety pairs; "
+        f"{first['rejected_lines']} malformed lines reported and skipped).",
+        "",
+        "| model | parameters | accuracy (chosen preferred) | safety-pair accuracy |",
+        "| --- | ---: | ---: | ---: |",
+    ]
+    for name, _ in TEACHERS:
+        r = runs[name]
+        p = r["preference"]
+        lines.append(
+            f"| {r['label']} | {r['parameters']:,} | {fmt(p['student_accuracy'])} "
+            f"({p['student_correct']}/{p['pairs']}) | {fmt(p['student_safety_accuracy'])} "
+            f"({p['student_safety_correct']}/{p['safety_pairs']}) |"
+        )
+    lines += [
+        "",
+        "Students distilled from the DPO teacher (teacher accuracy "
+        f"{fmt(first['teacher_accuracy'])}):",
+        "",
+        "| student losses | parameters | accuracy | agreement with teacher | Kendall tau | "
+        "Spearman rho | safety preservation |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for name, _ in STUDENTS:
+        r = runs[name]
+        p = r["preference"]
+        lines.append(
+            f"| {r['label']} | {r['parameters']:,} | {fmt(p['student_accuracy'])} "
+            f"({p['student_correct']}/{p['pairs']}) | {fmt(p['agreement'])} "
+            f"({p['agreeing_pairs']}/{p['pairs']}) | {fmt(p['kendall_tau'])} | "
+            f"{fmt(p['spearman_rho'])} | {fmt(p['safety_preservation'])} "
+            f"({p['safety_preserved']}/{p['safety_pairs']}) |"
+        )
+    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]), Path(sys.argv[2]))
