@@ -42,6 +42,7 @@ import attrs
 import mlx.core as mx
 import numpy as np
 
+from kdcore.distributed import DataParallel
 from kdcore.errors import CheckpointError, SpecError
 from kdcore.io import read_json, save_arrays, sha256_file, write_json
 from kdcore.plugins import get_registry
@@ -280,7 +281,11 @@ def _write_teacher(
             meter["line"] = now
         bar.update(meter["position"], f"{rate:,.0f} tok/s", force_line=line)
 
+    dp = DataParallel()  # under mlx.launch each process writes every size-th shard
+
     def commit(shards: dict[int, dict], complete: bool) -> None:
+        if not dp.is_main:
+            return  # the manifest is rank 0's
         listed = [shards[i] for i in sorted(shards)]
         write_json(
             manifest_path,
@@ -295,7 +300,7 @@ def _write_teacher(
     commit(done, len(done) == count)
     try:
         for index, chunk in enumerate(dataset.batches(rows_per_shard, "train")):
-            if index in done:
+            if index in done or index % dp.size != dp.rank:
                 continue
             arrays = _shard_arrays(
                 model, chunk["input_ids"], top_k, temperature, dtype, batch_size, tick
@@ -316,6 +321,19 @@ def _write_teacher(
                 on_shard(index)
     finally:
         bar.close()
+    if dp.size > 1:
+        dp.barrier()  # every shard is on disk
+        for index in range(count):
+            path, first = out / shard_name(index), index * rows_per_shard
+            done[index] = {
+                "index": index,
+                "file": path.name,
+                "rows": [first, min(first + rows_per_shard, total_rows)],
+                "sha256": sha256_file(path),
+                "bytes": path.stat().st_size,
+            }
+        commit(done, True)
+        dp.barrier()  # the manifest is complete before anyone reads it
     return read_json(manifest_path, "cache manifest")
 
 
