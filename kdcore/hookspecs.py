@@ -15,6 +15,9 @@ and announces the module in its ``pyproject.toml``::
     [project.entry-points.kdcore]
     mine = "kd_mine"
 
+Two hooks are not collecting: ``kd_add_commands`` (sub-commands of ``kd``) and
+``kd_report_sections`` (sections of ``kd report``).
+
 The built-in components are registered through these same hooks (``kdcore.builtins``).
 A name registered twice within one kind is an error that names both distributions.
 """
@@ -22,6 +25,7 @@ A name registered twice within one kind is an error that names both distribution
 from __future__ import annotations
 
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 import pluggy
@@ -244,4 +248,33 @@ def kd_add_commands(subparsers: Any) -> None:
         def kd_add_commands(subparsers):
             p = subparsers.add_parser("hello", help="say hello")
             p.set_defaults(func=lambda args: print("hello") or 0)
+    """
+
+
+@hookspec
+def kd_report_sections(run_dir: Path, figures_dir: Path) -> list[str] | None:
+    """Add a section to ``kd report RUN_DIR``.
+
+    Called once per implementation, after the built-in curves, in registration order. It
+    returns the Markdown lines to append to ``RUN_DIR/report.md`` (starting with its own
+    ``## `` heading), or None when the run is not one it knows about (check ``spec.toml``
+    or ``run.json``; ``run_dir`` may be any folder with a ``metrics.jsonl``). Figures go
+    into ``figures_dir`` (``RUN_DIR/report``, already created) and are linked relative to
+    the report as ``report/NAME.png``; prefix NAME with the plugin's name.
+
+    An implementation that raises does not lose the report: the report is written with a
+    line naming the plugin's distribution and the error, and the other sections still
+    run. With ``KD_STRICT_PLUGINS=1`` ``kd report`` then fails (after writing the report).
+
+    :param run_dir: the ``kd distill`` run folder.
+    :param figures_dir: the folder for the report's PNG files.
+
+    Example::
+
+        @kdcore.hookimpl
+        def kd_report_sections(run_dir, figures_dir):
+            if not (run_dir / "spec.toml").exists():
+                return None
+            steps = len((run_dir / "metrics.jsonl").read_text().splitlines())
+            return ["## Mine", "", f"- metric records: {steps}", ""]
     """

@@ -6,7 +6,9 @@ plugins`` lists it with its traceback summary) without taking the others down.
 
 Environment:
     KD_DISABLE_PLUGINS: comma-separated entry-point or distribution names not to load.
-    KD_STRICT_PLUGINS: when "1", a plugin that fails to load is a fatal error (for CI).
+    KD_STRICT_PLUGINS: when "1", a plugin that fails to load is a fatal error (for CI), and
+        so is a ``kd_report_sections`` implementation that raises (after the report, with
+        the error in it, is written).
     KD_TRACE_PLUGINS: when "1", print each hook call and the components it returned.
 """
 
@@ -18,6 +20,7 @@ import os
 import sys
 import traceback
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 import attrs
@@ -53,6 +56,26 @@ class LoadFailure:
     distribution: str
     error: str
     traceback: str
+
+
+@attrs.frozen
+class SectionFailure:
+    """A ``kd_report_sections`` implementation that raised."""
+
+    plugin: str
+    distribution: str
+    error: str
+    traceback: str
+
+    def markdown(self) -> list[str]:
+        return [
+            f"> **report section failed**: {self.plugin} ({self.distribution}): {self.error}",
+            "",
+            "```",
+            *self.traceback.rstrip().splitlines(),
+            "```",
+            "",
+        ]
 
 
 @attrs.frozen
@@ -111,6 +134,47 @@ class Registry:
                     )
                 found[component.name] = Registered(component, kind, dist, version)
         return found
+
+    def report_sections(
+        self, run_dir: Path, figures_dir: Path
+    ) -> tuple[list[str], list[SectionFailure]]:
+        """The Markdown lines of every ``kd_report_sections`` implementation, in registration
+        order, and the implementations that raised (their lines say so; the others run)."""
+        trace = os.environ.get("KD_TRACE_PLUGINS") == "1"
+        arguments = {"run_dir": Path(run_dir), "figures_dir": Path(figures_dir)}
+        lines: list[str] = []
+        failures: list[SectionFailure] = []
+        for impl in reversed(self.pm.hook.kd_report_sections.get_hookimpls()):
+            dist, _version = self._distribution_of(impl.plugin)
+            name = impl.plugin_name if not impl.plugin_name.isdigit() else dist
+            try:
+                section = impl.function(**{k: arguments[k] for k in impl.argnames})
+                if section is not None and (
+                    isinstance(section, str)
+                    or not isinstance(section, (list, tuple))
+                    or not all(isinstance(line, str) for line in section)
+                ):
+                    raise RegistryError(
+                        f"kd_report_sections returned {type(section).__name__}, "
+                        "expected a list of Markdown lines or None"
+                    )
+            except Exception as exc:  # a broken section must not lose the report
+                tb = traceback.format_exception(type(exc), exc, exc.__traceback__)
+                failure = SectionFailure(
+                    name, dist, f"{type(exc).__name__}: {exc}", "".join(tb[-3:])
+                )
+                failures.append(failure)
+                lines += failure.markdown()
+                continue
+            if trace:
+                print(
+                    f"[kd trace] {dist} kd_report_sections -> "
+                    f"{'None' if section is None else f'{len(section)} lines'}",
+                    file=sys.stderr,
+                )
+            if section:
+                lines += [*section, ""]
+        return lines, failures
 
     def names(self, kind: str) -> list[str]:
         return sorted(self._by_kind[kind])

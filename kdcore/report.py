@@ -1,11 +1,19 @@
-"""``kd report RUN_DIR``: a short Markdown report with a plot of every logged series."""
+"""``kd report RUN_DIR``: a short Markdown report with a plot of every logged series.
+
+Plugins add sections through the ``kd_report_sections`` hook (the AMTML instance-weight
+heatmap of kd-amtml, for one). A section that raises is replaced by a line naming the
+plugin and the error; with ``KD_STRICT_PLUGINS=1`` the report is still written, then
+``write_report`` raises.
+"""
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
-from kdcore.errors import CheckpointError
+from kdcore.errors import CheckpointError, RegistryError
+from kdcore.plugins import get_registry
 
 # Series that are bookkeeping, not curves worth a plot.
 _SKIP = {"step", "stage"}
@@ -91,6 +99,11 @@ def write_report(run_dir: str | Path) -> Path:
             file = figures / f"eval_{key}.png"
             plot_series(steps, {key: [r["eval"].get(key, float("nan")) for r in evals]}, key, file)
             lines += [f"![eval {key}](report/{file.name})", ""]
+    sections, failures = get_registry().report_sections(run_dir, figures)
+    lines += sections
     out = run_dir / "report.md"
-    out.write_text("\n".join(lines) + "\n")
+    out.write_text("\n".join(lines).rstrip("\n") + "\n")
+    if failures and os.environ.get("KD_STRICT_PLUGINS") == "1":
+        failed = "; ".join(f"{f.plugin} ({f.distribution}): {f.error}" for f in failures)
+        raise RegistryError(f"report section failed (report written to {out}): {failed}")
     return out

@@ -7,7 +7,8 @@ Components:
   single / all / multi-group, optionally instance-weighted), ``attention_transfer`` and
   ``cka``;
 - dataset ``mixture``: several text domains with a ``domain`` id per example;
-- command ``kd amtml-heatmap RUN_DIR``: instance weights against domains.
+- command ``kd amtml-heatmap RUN_DIR``: instance weights against domains;
+- report section: ``kd report RUN_DIR`` of an ``amtml`` run includes that heatmap.
 """
 
 from __future__ import annotations
@@ -108,3 +109,10 @@ def kd_add_commands(subparsers):
     from kd_amtml.heatmap import add_commands
 
     add_commands(subparsers)
+
+
+@kdcore.hookimpl
+def kd_report_sections(run_dir, figures_dir):
+    from kd_amtml.heatmap import report_section
+
+    return report_section(run_dir, figures_dir)

@@ -6,6 +6,10 @@ the mean weight of each teacher over the examples of each domain (a heatmap PNG 
 file under ``RUN_DIR/report/``) and the routing accuracy: how often the largest weight goes
 to the teacher of the example's domain. Teacher k belongs to the domain with the same name
 as its label when every label names a domain, else to domain k.
+
+``kd report RUN_DIR`` draws the same heatmap into its report for a run whose aggregator
+is ``amtml`` (:func:`report_section`, the plugin's ``kd_report_sections``), scoring the
+run's ``eval.batches`` val batches.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from kdcore.errors import CheckpointError, SpecError
 from kdcore.evaluate import load_run_spec
 from kdcore.io import write_json
 from kdcore.losses import LossInputs
+from kdcore.spec import read_spec_file
 
 
 def teacher_labels(spec) -> list[str]:
@@ -170,14 +175,55 @@ def summary_json(result: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in result.items() if k not in ("weights", "domain_ids")}
 
 
+def write_heatmap(result: dict[str, Any], png: str | Path) -> dict[str, Any]:
+    """The heatmap PNG at ``png`` and its numbers beside it (same name, ``.json``)."""
+    png = plot_heatmap(result, png)
+    data = summary_json(result)
+    data["png"] = str(png)
+    write_json(png.with_suffix(".json"), data)
+    return data
+
+
+def report_section(run_dir: str | Path, figures_dir: str | Path) -> list[str] | None:
+    """``kd report``'s section for an ``amtml`` run: the heatmap and the routing accuracy.
+
+    None for any other run. A run the heatmap cannot be made for (no checkpoint, no
+    ``domain`` ids in its dataset) gets a section that says why."""
+    run_dir, figures_dir = Path(run_dir), Path(figures_dir)
+    spec_file = run_dir / "spec.toml"
+    if not spec_file.exists() or not (run_dir / "run.json").exists():
+        return None
+    spec = read_spec_file(spec_file)
+    if spec.get("aggregator", {}).get("name") != "amtml":
+        return None
+    lines = ["## AMTML instance weights", ""]
+    try:
+        result = instance_weights(run_dir, batches=spec.get("eval", {}).get("batches"))
+    except (CheckpointError, SpecError) as exc:
+        return [*lines, f"No heatmap: {exc}", ""]
+    png = figures_dir / "amtml_weights.png"
+    write_heatmap(result, png)
+    examples = sum(result["examples"].values())
+    lines += [
+        f"![amtml instance weights](report/{png.name})",
+        "",
+        f"- routing accuracy: {result['routing_accuracy']:.3f} (the largest weight goes to "
+        f"the teacher of the example's domain; {result['split']} split, {examples} examples)",
+        "",
+        "| domain | examples | " + " | ".join(result["teachers"]) + " |",
+        "| --- | --- | " + " | ".join("---" for _ in result["teachers"]) + " |",
+    ]
+    for name, row in zip(result["domains"], result["matrix"], strict=True):
+        cells = " | ".join(f"{v:.3f}" for v in row)
+        lines.append(f"| {name} | {result['examples'][name]} | {cells} |")
+    return lines
+
+
 def cmd_heatmap(args) -> int:
     run_dir = Path(args.run_dir)
     result = instance_weights(run_dir, batches=args.batches, split=args.split)
     out = Path(args.output) if args.output else run_dir / "report" / "amtml_weights.png"
-    plot_heatmap(result, out)
-    data = summary_json(result)
-    data["png"] = str(out)
-    write_json(out.with_suffix(".json"), data)
+    data = write_heatmap(result, out)
     if args.json:
         print(json.dumps(data, indent=2))
         return 0

@@ -135,3 +135,31 @@ def test_heatmap_command(amtml_run):
     assert matrix.shape == (2, 2) and np.allclose(matrix.sum(1), 1.0, atol=1e-5)
     assert sum(data["examples"].values()) > 0
     mx.clear_cache()
+
+
+def test_report_includes_the_heatmap(amtml_run):
+    from kdcore.plugins import reset_registry
+    from kdcore.report import write_report
+
+    out, _ = amtml_run
+    reset_registry()  # the installed plugins only
+    png = out / "report" / "amtml_weights.png"
+    png.unlink(missing_ok=True)  # made by the report, not left over from the command's test
+    text = write_report(out).read_text()
+    assert "## AMTML instance weights" in text
+    assert "![amtml instance weights](report/amtml_weights.png)" in text
+    assert png.stat().st_size > 1000
+    data = json.loads(png.with_suffix(".json").read_text())
+    assert f"- routing accuracy: {data['routing_accuracy']:.3f}" in text
+    assert "| domain | examples | shakespeare | gsm8k |" in text
+    assert "report section failed" not in text
+    mx.clear_cache()
+
+
+def test_report_of_a_run_without_amtml_has_no_heatmap_section(tmp_path):
+    from kd_amtml.heatmap import report_section
+
+    (tmp_path / "spec.toml").write_text('[aggregator]\nname = "mean"\n')
+    (tmp_path / "run.json").write_text("{}")
+    assert report_section(tmp_path, tmp_path / "report") is None
+    assert report_section(tmp_path / "missing", tmp_path / "report") is None
