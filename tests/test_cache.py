@@ -620,3 +620,50 @@ def test_multi_teacher_cache_has_one_sub_cache_each(world, tmp_path):
         atol=1e-5,
     )
     assert not np.array_equal(np.array(a.topk_ids), ids)
+
+
+@pytest.mark.parametrize(
+    "aggregator", [{"name": "mean"}, {"name": "weighted", "params": {"weights": [3.0, 1.0]}}]
+)
+def test_a_run_from_two_full_caches_follows_the_online_multi_teacher_run(
+    world, tmp_path, aggregator
+):
+    """Several cached teachers under mean / weighted: the sparse mixture, exact at k = V."""
+    second = make_teacher(tmp_path / "t1", ByteTokenizer(), seed=1)
+    live = [{"path": str(world["teacher"])}, {"path": str(second)}]
+    kc.write_cache(
+        kdcore.load_spec(spec_dict(live)),
+        tmp_path / "c",
+        top_k=256,
+        dtype="float32",
+        progress=False,
+    )
+    cached = [
+        {"cache": str(tmp_path / "c" / "teacher-0")},
+        {"cache": str(tmp_path / "c" / "teacher-1")},
+    ]
+    losses = [{"name": "hinton", "params": {"temperature": 2.0, "tail": "tail-bucket"}}]
+    curves = {}
+    for name, teachers in (("online", live), ("cached", cached)):
+        spec = spec_dict(teachers, losses=losses)
+        spec["aggregator"] = aggregator
+        kdcore.distill(kdcore.load_spec(spec), output=tmp_path / name, progress=False)
+        lines = (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+        curves[name] = [json.loads(x)["loss/hinton"] for x in lines if "loss/hinton" in x]
+    assert len(curves["online"]) == 3
+    np.testing.assert_allclose(curves["cached"], curves["online"], rtol=1e-4)
+
+
+def test_a_run_from_two_top_k_caches_trains(world, tmp_path):
+    second = make_teacher(tmp_path / "t1", ByteTokenizer(), seed=1)
+    live = [{"path": str(world["teacher"])}, {"path": str(second)}]
+    kc.write_cache(kdcore.load_spec(spec_dict(live)), tmp_path / "c", top_k=8, progress=False)
+    spec = spec_dict(
+        [{"cache": str(tmp_path / "c"), "params": {"teacher": i}} for i in range(2)],
+        losses=[{"name": "hinton", "params": {"temperature": 1.0}}],
+    )
+    spec["train"]["steps"] = 12
+    kdcore.distill(kdcore.load_spec(spec), output=tmp_path / "run", progress=False)
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    values = [x["loss/hinton"] for x in lines if "loss/hinton" in x]
+    assert all(np.isfinite(values)) and values[-1] < values[0]

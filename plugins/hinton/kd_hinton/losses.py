@@ -88,10 +88,10 @@ def teacher_entropy(teacher: kdcore.TeacherSignal) -> mx.array:
 
     Dense teachers: exact, computed in row chunks. Top-k teachers: the entropy of the
     (k + 1)-class distribution (top-k tokens and one tail class), a lower bound of the full
-    entropy (merging classes never raises entropy).
+    entropy (merging classes never raises entropy); a mixture of them likewise on its support.
     """
-    if teacher.topk_ids is not None:
-        _ids, lp = teacher.sparse_log_probs(1.0, "tail-bucket")
+    if teacher.is_sparse:
+        _ids, lp = divergence.teacher_support(teacher, 1.0, "tail-bucket")
         return mx.stop_gradient(_entropy_rows(lp))
     logits = teacher.logits if teacher.logits is not None else teacher.log_probs(1.0)
     lead = tuple(logits.shape[:-1])
