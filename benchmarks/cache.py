@@ -315,7 +315,9 @@ def main() -> int:
         "cached_step_at_most_0.6x_online": results["step_seconds"]["ratio_cached_over_online"]
         <= 0.6,
         "at_most_400_bytes_per_token_at_k64": args.top_k != 64 or bytes_per_token <= 400,
-        "val_loss_within_2_percent": results["val_loss"]["relative_difference"] <= 0.02,
+        # "reaches within 2%": no more than 2% above the online student (below is better)
+        "val_loss_within_2_percent": results["val_loss"]["cached"]
+        <= 1.02 * results["val_loss"]["online"],
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -62,8 +62,22 @@ def step_seconds(batch: int, length: int, vocab: int) -> float:
 
 
 def linearity(xs: list[int], ys: list[float]) -> dict:
-    slope = sum(x * y for x, y in zip(xs, ys)) / sum(x * x for x in xs)
-    return {"seconds_per_unit": slope, "ratio_to_line": [y / (slope * x) for x, y in zip(xs, ys)]}
+    """Least-squares line ``y = a + b x`` (a: the part of a step that does not grow with x),
+    each point's ratio to it, and R^2."""
+    n = len(xs)
+    mx_, my = sum(xs) / n, sum(ys) / n
+    sxx = sum((x - mx_) ** 2 for x in xs)
+    slope = sum((x - mx_) * (y - my) for x, y in zip(xs, ys)) / sxx
+    intercept = my - slope * mx_
+    line = [intercept + slope * x for x in xs]
+    residual = sum((y - f) ** 2 for y, f in zip(ys, line))
+    total = sum((y - my) ** 2 for y in ys)
+    return {
+        "seconds_per_unit": slope,
+        "intercept_s": intercept,
+        "r_squared": 1.0 - residual / total if total > 0 else 1.0,
+        "ratio_to_line": [y / f for y, f in zip(ys, line)],
+    }
 
 
 def main() -> None:
