@@ -40,10 +40,16 @@ from kdcore.schedules import value_at
 from kdcore.setup import Setup, make_config
 from kdcore.signal import TeacherSignal
 
-settings.register_profile("fast", max_examples=15, deadline=None, derandomize=True,
-                          suppress_health_check=[HealthCheck.too_slow])
-settings.register_profile("thorough", max_examples=200, deadline=None,
-                          suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile(
+    "fast",
+    max_examples=15,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+settings.register_profile(
+    "thorough", max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
 PROFILE = os.environ.get("KD_HYPOTHESIS_PROFILE", "fast")
 
 
@@ -134,8 +140,9 @@ def _inputs(component, config, case: LossCase, student_logits: mx.array) -> Loss
         attentions=t_attn if "attentions" in needs else None,
     )
     batch = {k: mx.array(v) for k, v in case.batch.items()}
-    return LossInputs(student=student, teacher=teacher, batch=batch, params=config, step=0,
-                      total_steps=10)
+    return LossInputs(
+        student=student, teacher=teacher, batch=batch, params=config, step=0, total_steps=10
+    )
 
 
 def _resolved(config):
@@ -207,8 +214,11 @@ def check_loss(
         # masked positions ignored
         noise = rng.standard_normal((B, L, V)).astype(np.float32) * 10
         where = (mask == 0)[..., None]
-        changed = run(case, np.where(where, student + noise, student),
-                      np.where(where, teacher - noise, teacher)).item()
+        changed = run(
+            case,
+            np.where(where, student + noise, student),
+            np.where(where, teacher - noise, teacher),
+        ).item()
         assert abs(changed - v) <= atol * max(1.0, abs(v)), (
             f"{name}: masked positions changed the loss ({v} vs {changed})"
         )
@@ -273,8 +283,14 @@ def check_scheduler(name: str, *, total: int = 100, **params: Any) -> None:
 # ---------------------------------------------------------------- aggregator contracts
 
 
-def check_aggregator(name: str, *, teachers: int = 3, setup: Setup | None = None,
-                     max_examples: int | None = None, **params: Any) -> None:
+def check_aggregator(
+    name: str,
+    *,
+    teachers: int = 3,
+    setup: Setup | None = None,
+    max_examples: int | None = None,
+    **params: Any,
+) -> None:
     """The aggregated signal is a distribution at several temperatures, and any weights it
     reports are non-negative rows summing to 1."""
     component = get_registry().get("teacher_aggregator", name)
@@ -316,3 +332,71 @@ def check_aggregator(name: str, *, teachers: int = 3, setup: Setup | None = None
             assert np.allclose(w.sum(-1), 1.0, atol=1e-5), f"{name}: weights do not sum to 1"
 
     prop()
+
+
+# ---------------------------------------------------------------- tiny runs
+
+
+def tiny_spec(
+    corpus: str | os.PathLike,
+    losses: list[dict] | None = None,
+    *,
+    steps: int = 20,
+    dim: int = 32,
+    teachers: list[dict] | None = None,
+    **sections: Any,
+) -> dict:
+    """A spec (as a dict) for a run of a few seconds on the text file ``corpus``: 32-byte
+    rows, batches of 4, a 2-layer student of width ``dim``; ``losses`` default to ``ce``.
+    Each keyword in ``sections`` replaces that whole top-level table::
+
+        spec = testing.tiny_spec(corpus, [{"name": "hinton"}], teachers=[{"path": str(t)}])
+        kdcore.distill(spec, output=tmp_path / "run", progress=False)
+    """
+    spec = {
+        "run": {"name": "tiny", "seed": 0},
+        "data": {
+            "name": "text",
+            "params": {"path": str(corpus), "seq_len": 32, "val_fraction": 0.1},
+        },
+        "student": {
+            "model": {
+                "name": "transformer",
+                "params": {"dim": dim, "layers": 2, "heads": 2, "max_seq_len": 32},
+            }
+        },
+        "losses": losses if losses is not None else [{"name": "ce"}],
+        "train": {
+            "steps": steps,
+            "batch_size": 4,
+            "log_every": 1,
+            "optimizer": {"name": "adamw", "lr": 3e-3},
+        },
+        "eval": {"batches": 2},
+    }
+    if teachers is not None:
+        spec["teachers"] = teachers
+    spec.update(sections)
+    return spec
+
+
+def train_tiny_teacher(
+    corpus: str | os.PathLike,
+    output: str | os.PathLike,
+    *,
+    steps: int = 40,
+    dim: int = 48,
+    heads: int = 2,
+    log_every: int = 1,
+) -> os.PathLike:
+    """Train a small teacher on ``corpus`` with the project itself (cross-entropy, a few
+    seconds); returns its model directory ``output/student``."""
+    from pathlib import Path
+
+    import kdcore
+
+    spec = tiny_spec(corpus, steps=steps, dim=dim)
+    spec["student"]["model"]["params"]["heads"] = heads
+    spec["train"]["log_every"] = log_every
+    kdcore.distill(spec, output=output, progress=False)
+    return Path(output) / "student"

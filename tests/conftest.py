@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from kdcore import testing
+
 ROOT = Path(__file__).resolve().parents[1]
 CORPUS = ROOT / "examples" / "shakespeare" / "data" / "tinyshakespeare.txt"
 
@@ -22,44 +24,15 @@ def corpus(tmp_path_factory) -> Path:
 
 
 def tiny_spec(corpus: Path, **sections) -> dict:
-    spec = {
-        "run": {"name": "tiny", "seed": 0},
-        "data": {
-            "name": "text",
-            "params": {"path": str(corpus), "seq_len": 32, "val_fraction": 0.1},
-        },
-        "student": {
-            "model": {
-                "name": "transformer",
-                "params": {"dim": 32, "layers": 2, "heads": 2, "max_seq_len": 32},
-            }
-        },
-        "losses": [{"name": "ce"}],
-        "train": {
-            "steps": 6,
-            "batch_size": 4,
-            "log_every": 1,
-            "optimizer": {"name": "adamw", "lr": 3e-3},
-        },
-        "eval": {"batches": 2},
-    }
-    for key, value in sections.items():
-        spec[key] = value
-    return spec
+    """The core tests' tiny run: six steps of ``kdcore.testing.tiny_spec``."""
+    return testing.tiny_spec(corpus, steps=6, **sections)
 
 
 @pytest.fixture(scope="session")
 def teacher_dir(tmp_path_factory, corpus) -> Path:
     """A small teacher trained for a few steps with the project itself."""
-    import kdcore
-
     out = tmp_path_factory.mktemp("teacher-run")
-    spec = tiny_spec(corpus)
-    spec["student"]["model"]["params"].update(dim=48, layers=2, heads=4)
-    spec["train"]["steps"] = 30
-    spec["train"]["log_every"] = 10
-    kdcore.distill(kdcore.load_spec(spec), output=out, progress=False)
-    return out / "student"
+    return testing.train_tiny_teacher(corpus, out, steps=30, heads=4, log_every=10)
 
 
 @pytest.fixture

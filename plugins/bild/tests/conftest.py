@@ -6,37 +6,12 @@ from pathlib import Path
 
 import pytest
 
-import kdcore
+from kdcore.testing import tiny_spec, train_tiny_teacher
 
 ROOT = Path(__file__).resolve().parents[3]
 CORPUS = ROOT / "examples" / "shakespeare" / "data" / "tinyshakespeare.txt"
 
-
-def tiny_spec(corpus: Path, losses, steps: int = 20, dim: int = 32, teachers=None) -> dict:
-    spec = {
-        "run": {"name": "tiny", "seed": 0},
-        "data": {
-            "name": "text",
-            "params": {"path": str(corpus), "seq_len": 32, "val_fraction": 0.1},
-        },
-        "student": {
-            "model": {
-                "name": "transformer",
-                "params": {"dim": dim, "layers": 2, "heads": 2, "max_seq_len": 32},
-            }
-        },
-        "losses": losses,
-        "train": {
-            "steps": steps,
-            "batch_size": 4,
-            "log_every": 1,
-            "optimizer": {"name": "adamw", "lr": 3e-3},
-        },
-        "eval": {"batches": 2},
-    }
-    if teachers is not None:
-        spec["teachers"] = teachers
-    return spec
+__all__ = ["tiny_spec"]
 
 
 @pytest.fixture(scope="session")
@@ -48,11 +23,7 @@ def corpus(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def teacher_dir(tmp_path_factory, corpus) -> Path:
-    out = tmp_path_factory.mktemp("teacher-run")
-    kdcore.distill(
-        tiny_spec(corpus, [{"name": "ce"}], steps=40, dim=48), output=out, progress=False
-    )
-    return out / "student"
+    return train_tiny_teacher(corpus, tmp_path_factory.mktemp("teacher-run"))
 
 
 @pytest.fixture
