@@ -7,8 +7,8 @@ out=${KD_OUT:-runs/shakespeare}
 rm -rf "$out/hinton" "$out/ce"
 kd distill "$here/distill.toml" --output "$out/hinton" "$@"
 kd distill "$here/ce.toml" --output "$out/ce" "$@"
-python - "$out" <<'PY'
-import json, sys
+python - "$out" "$here/teacher" <<'PY'
+import json, math, sys
 from pathlib import Path
 
 out = Path(sys.argv[1])
@@ -27,4 +27,22 @@ gain = ce["eval"]["val_loss"] - hinton["eval"]["val_loss"]
 print(f"\ndistillation vs ce alone: {gain:+.4f} nats/byte "
       f"({hinton['steps']} steps each; top-1 agreement with the teacher "
       f"{hinton['eval']['top1_agreement']:.3f})")
+
+from kdcore.analysis.compare import measure_speed
+
+teacher_dir = Path(sys.argv[2])
+teacher_tps, student_tps = measure_speed([teacher_dir, out / "hinton"])
+retention = {
+    "compression": rows[0][1] / rows[1][1],
+    "forward_speedup": student_tps / teacher_tps,
+    "teacher_tokens_per_s": teacher_tps,
+    "student_tokens_per_s": student_tps,
+    # per-byte perplexity exp(loss): teacher / student, 1.0 = the student matches the teacher
+    "perplexity_ratio": math.exp(rows[0][2] - rows[1][2]),
+    "top1_agreement": hinton["eval"]["top1_agreement"],
+}
+(out / "retention.json").write_text(json.dumps(retention, indent=2) + "\n")
+print(f"compression {retention['compression']:.1f}x, forward speed-up "
+      f"{retention['forward_speedup']:.1f}x ({student_tps:,.0f} vs {teacher_tps:,.0f} tokens/s), "
+      f"teacher/student perplexity {retention['perplexity_ratio']:.3f}")
 PY

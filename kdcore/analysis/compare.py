@@ -75,11 +75,13 @@ def _data_of(run_dir: Path) -> str | None:
 def measure_speed(
     run_dirs: Sequence[Path], batch: int = 8, seq_len: int = 128, rounds: int = 5
 ) -> list[float]:
-    """Forward tokens/s of each run's saved student on one shared random batch: the best of
-    ``rounds`` timings, taken round-robin so that a burst of load hits every model alike."""
+    """Forward tokens/s of each run's saved student (or of a model directory) on one shared
+    random batch: the best of ``rounds`` timings, taken round-robin so that a burst of load
+    hits every model alike."""
     from kdcore.analysis.temperature import load_model_dir
 
-    models = [load_model_dir(d / "student")[0] for d in run_dirs]
+    dirs = [Path(d) for d in run_dirs]
+    models = [load_model_dir(d / "student" if (d / "student").is_dir() else d)[0] for d in dirs]
     vocab = min(m(mx.zeros((1, 1), mx.int32)).logits.shape[-1] for m in models)
     limits = [getattr(getattr(m, "config", None), "max_seq_len", seq_len) for m in models]
     length = min([seq_len, *limits])
