@@ -5,7 +5,7 @@
 #
 # (extra arguments go to every `kd distill`, e.g. `examples/cot/run.sh --set train.steps=20`
 # for a quick smoke run)
-# makes the data, trains the teacher, samples and filters its rationales (kd generate),
+# makes the data, trains the teacher (two stages), samples and filters its rationales (kd generate),
 # trains four equal-size students and writes examples/cot/out/results.{json,md}.
 # Needs kdcore, kd-cot and kd-hinton installed (`kd` and `python` on PATH, or set KD and
 # PYTHON). Runs niced; every file it writes is under examples/cot/out (removed first).
@@ -21,7 +21,8 @@ NICE="nice -n 10"
 START=$(date +%s)
 rm -rf "$OUT"
 $NICE "$PYTHON" examples/cot/make_data.py "$OUT/data"
-$NICE "$KD" distill examples/cot/cot_teacher.toml --output "$OUT/teacher" "$@"
+$NICE "$KD" distill examples/cot/cot_teacher.toml --output "$OUT/teacher-stage1" "$@"
+$NICE "$KD" distill examples/cot/cot_teacher_more.toml --output "$OUT/teacher" "$@"
 $NICE "$KD" generate examples/cot/cot_generate.toml
 for student in answer_ce answer_hinton cot step_by_step; do
   $NICE "$KD" distill "examples/cot/student_$student.toml" --output "$OUT/$student" "$@"
