@@ -14,6 +14,9 @@ from kdcore.cli import main
 SLICE = Path(__file__).parent / "data" / "gsm8k_slice.jsonl"
 COT = "Q:{question}\n{rationale}\nA:{answer}\n"
 MODEL = {"name": "transformer", "params": {"dim": 32, "layers": 1, "heads": 2, "max_seq_len": 64}}
+# Big enough to learn four problems by heart on any CPU (CE ~1e-4 for seeds 0-3): the
+# one-layer student size at lr 1e-2 recited 0-4 of them depending on seed and machine.
+TEACHER = {"name": "transformer", "params": {"dim": 64, "layers": 2, "heads": 4, "max_seq_len": 64}}
 RECORDS = [
     {"question": "12+34", "rationale": ["2+4+0=6", "1+3+0=4"], "answer": "46"},
     {"question": "57+68", "rationale": ["7+8+0=15", "5+6+1=12"], "answer": "125"},
@@ -44,14 +47,22 @@ def test_kd_data_inspect_text_reports_rejected_lines(tmp_path, capsys):
     assert "2 records, 2 answer masks decode to the answer" in out
 
 
-def _spec(data: dict, losses: list, out: Path, steps: int, teacher: Path | None = None, lr=3e-3):
+def _spec(
+    data: dict,
+    losses: list,
+    out: Path,
+    steps: int,
+    teacher: Path | None = None,
+    lr=3e-3,
+    model: dict = MODEL,
+):
     spec = {
         "run": {"name": out.name, "seed": 0},
         "data": {
             "name": "rationale",
             "params": {"tokenizer": "byte", "val_fraction": 0.25, **data},
         },
-        "student": {"model": MODEL},
+        "student": {"model": model},
         "losses": losses,
         "train": {"steps": steps, "batch_size": 8, "log_every": 1, "optimizer": {"lr": lr}},
         "eval": {"batches": 1},
@@ -67,12 +78,17 @@ def test_teacher_generate_and_students(tmp_path, capsys):
     # A teacher that learns four problems by heart, so its samples can be checked.
     teacher = kdcore.distill(
         _spec(
-            {"path": str(train), "templates": [COT]}, [{"name": "ce"}], tmp_path / "t", 200, lr=1e-2
+            {"path": str(train), "templates": [COT]},
+            [{"name": "ce"}],
+            tmp_path / "t",
+            200,
+            lr=3e-3,
+            model=TEACHER,
         ),
         output=tmp_path / "t",
         progress=False,
     )
-    assert teacher["final_losses"]["ce"] < 0.1
+    assert teacher["final_losses"]["ce"] < 0.01
     teacher_dir = tmp_path / "t" / "student"
 
     questions = tmp_path / "questions.jsonl"
@@ -92,7 +108,7 @@ def test_teacher_generate_and_students(tmp_path, capsys):
     assert summary["kept_matching_reference"] == 1.0
     kept = [json.loads(x) for x in (tmp_path / "gen.jsonl").read_text().splitlines()]
     assert [k["answer"] for k in kept] == [r["answer"] for r in RECORDS]
-    assert [len(k["rationale"]) for k in kept] == [len(r["rationale"]) for r in RECORDS]
+    assert [k["rationale"] for k in kept] == [r["rationale"] for r in RECORDS]
     on_disk = json.loads((tmp_path / "gen.summary.json").read_text())
     assert on_disk["kept"] == 4 and on_disk["dropped"] == {"duplicate": 8}
 
