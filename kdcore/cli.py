@@ -183,12 +183,20 @@ def cmd_eval(args) -> int:
     if grads is not None:
         for b in grads["batches"]:
             terms = ", ".join(f"{k} {v:.4f}" for k, v in b["terms"].items())
-            print(f"grads step {b['step']}: loss {b['loss']:.4f} ({terms}), "
-                  f"grad norm {b['grad_norm']:.4g}")
+            print(
+                f"grads step {b['step']}: loss {b['loss']:.4f} ({terms}), "
+                f"grad norm {b['grad_norm']:.4g}"
+            )
         rows = [
-            [g["group"], f"{g['parameters']:,}", f"{g['param_norm']:.4g}",
-             f"{g['grad_norm']:.4g}" if g["has_grad"] else "frozen", f"{g['relative']:.3g}",
-             str(g["nan"]), str(g["inf"])]
+            [
+                g["group"],
+                f"{g['parameters']:,}",
+                f"{g['param_norm']:.4g}",
+                f"{g['grad_norm']:.4g}" if g["has_grad"] else "frozen",
+                f"{g['relative']:.3g}",
+                str(g["nan"]),
+                str(g["inf"]),
+            ]
             for g in grads["groups"]
         ]
         print(_table(rows, ["group", "params", "|w|", "|g| mean", "|g|/|w|", "nan", "inf"]))
@@ -285,8 +293,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     def spec_args(p):
         p.add_argument("spec", help="TOML or JSON spec file")
-        p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                       help="override a field, e.g. --set train.steps=10 (TOML literal)")
+        p.add_argument(
+            "--set",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help="override a field, e.g. --set train.steps=10 (TOML literal)",
+        )
 
     p = sub.add_parser("validate", help="check a spec; exit 2 listing every problem")
     spec_args(p)
@@ -305,15 +318,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="a text file to evaluate on instead of the run's val split")
     p.add_argument("--batches", type=int, default=16)
     p.add_argument("--pairs", help="preference pairs (JSONL) for preference metrics")
-    p.add_argument("--grads", action="store_true",
-                   help="gradient norms and NaN/inf counts per parameter group (spec losses)")
-    p.add_argument("--grad-batches", type=int, default=2, metavar="N",
-                   help="training batches for --grads (the run's last N steps)")
-    p.add_argument("--worst", type=int, metavar="N",
-                   help="write the N positions where student and teacher differ most")
+    p.add_argument(
+        "--grads",
+        action="store_true",
+        help="gradient norms and NaN/inf counts per parameter group (spec losses)",
+    )
+    p.add_argument(
+        "--grad-batches",
+        type=int,
+        default=2,
+        metavar="N",
+        help="training batches for --grads (the run's last N steps)",
+    )
+    p.add_argument(
+        "--worst",
+        type=int,
+        metavar="N",
+        help="write the N positions where student and teacher differ most",
+    )
     p.add_argument("--worst-by", choices=["kl", "js", "top10"], default="kl")
-    p.add_argument("--positions-out", metavar="FILE",
-                   help="JSONL for --worst (default RUN_DIR/worst_positions.jsonl)")
+    p.add_argument(
+        "--positions-out",
+        metavar="FILE",
+        help="JSONL for --worst (default RUN_DIR/worst_positions.jsonl)",
+    )
     p.add_argument("--context", type=int, default=48, help="context tokens shown per position")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_eval)

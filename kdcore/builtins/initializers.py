@@ -79,13 +79,12 @@ def from_teacher(config: FromTeacherConfig, setup=None):
             )
         teacher_params = dict(tree_flatten(teachers[config.teacher].parameters()))
         student_params = dict(tree_flatten(student.parameters()))
+
         def layers(params):
-            return (
-                    1
-                    + max(  # noqa: E731
-                        [int(m.group(2)) for k in params if (m := _LAYER.match(k))], default=-1
-                    )
-                )
+            return 1 + max(  # noqa: E731
+                [int(m.group(2)) for k in params if (m := _LAYER.match(k))], default=-1
+            )
+
         s_layers, t_layers = layers(student_params), layers(teacher_params)
         if config.layer_map == "uniform":
             mapping = uniform_layer_map(s_layers, t_layers) if s_layers else []
