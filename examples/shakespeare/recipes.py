@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import subprocess
 import sys
@@ -59,8 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     results = {}
     for name, (spec, overrides) in RECIPES.items():
         runs = []
+        slug = re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
         for seed in args.seeds:
-            slug = name.replace(" ", "_").replace("=", "").replace("+", "").replace(".", "")
             runs.append({"seed": seed, **run(spec, overrides, seed, args.out / f"{slug}-{seed}")})
             print(f"{name:<32} seed {seed}: val loss {runs[-1]['val_loss']:.4f}", flush=True)
         losses = [r["val_loss"] for r in runs]
