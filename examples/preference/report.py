@@ -9,6 +9,7 @@ writes ``RESULTS_STEM.json`` and ``RESULTS_STEM.md``.
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -25,6 +26,11 @@ def fmt(value, digits=3):
     return "n/a" if value is None else f"{value:.{digits}f}"
 
 
+def chance_p_value(correct: int, total: int) -> float:
+    """One-sided binomial p-value of ``correct`` or more out of ``total`` under a coin flip."""
+    return sum(math.comb(total, k) for k in range(correct, total + 1)) / 2**total
+
+
 def main(out: Path, stem: Path) -> None:
     runs = {}
     for name, label in TEACHERS + STUDENTS:
@@ -38,7 +44,9 @@ def main(out: Path, stem: Path) -> None:
             "train_seconds": round(summary["wall_seconds"], 1),
             "parameters": report["student_parameters"],
             "teacher_parameters": report.get("teacher_parameters"),
+            "val_loss": summary["eval"]["val_loss"],
             "preference": pref,
+            "accuracy_p_value": chance_p_value(pref["student_correct"], pref["pairs"]),
         }
     first = runs["student-kd"]["preference"]
     result = {
@@ -54,16 +62,18 @@ def main(out: Path, stem: Path) -> None:
         f"Held-out split: {first['pairs']} pairs ({first['safety_pairs']} safety pairs; "
         f"{first['rejected_lines']} malformed lines reported and skipped).",
         "",
-        "| model | parameters | accuracy (chosen preferred) | safety-pair accuracy |",
-        "| --- | ---: | ---: | ---: |",
+        "| model | parameters | accuracy (chosen preferred) | p vs chance (one-sided) | "
+        "safety-pair accuracy | val loss (nats/byte) |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
     ]
     for name, _ in TEACHERS:
         r = runs[name]
         p = r["preference"]
         lines.append(
             f"| {r['label']} | {r['parameters']:,} | {fmt(p['student_accuracy'])} "
-            f"({p['student_correct']}/{p['pairs']}) | {fmt(p['student_safety_accuracy'])} "
-            f"({p['student_safety_correct']}/{p['safety_pairs']}) |"
+            f"({p['student_correct']}/{p['pairs']}) | {r['accuracy_p_value']:.3g} | "
+            f"{fmt(p['student_safety_accuracy'])} "
+            f"({p['student_safety_correct']}/{p['safety_pairs']}) | {fmt(r['val_loss'])} |"
         )
     lines += [
         "",

@@ -2,10 +2,12 @@
 
     python examples/preference/split.py OUT_DIR
 
-writes ``OUT_DIR/train.jsonl.gz``, ``OUT_DIR/heldout.jsonl.gz`` (pairs) and
-``OUT_DIR/sft.txt.gz`` (the chosen dialogues of the training pairs, for the teacher's
-cross-entropy stage). The same input always gives byte-identical files (seeded permutation,
-gzip without a timestamp).
+writes three disjoint pair files, ``OUT_DIR/heldout.jsonl.gz`` (the test split, read only
+at the end), ``OUT_DIR/tune.jsonl.gz`` (a validation split for choosing the DPO settings,
+see tune.py) and ``OUT_DIR/train.jsonl.gz`` (everything else: what the teachers and students
+are trained on), and ``OUT_DIR/sft.txt.gz`` (the chosen dialogues of the training pairs, for
+the teacher's cross-entropy stage). The same input always gives byte-identical files
+(seeded permutation, gzip without a timestamp).
 
 Safety flags: HH harmless data has none, so a pair gets ``"safety": CATEGORY`` when the
 human turns of its prompt match one of the keyword patterns below (first category that
@@ -25,6 +27,7 @@ import numpy as np
 
 SOURCE = Path(__file__).parent / "data" / "hh_harmless_pairs.jsonl.gz"
 HELDOUT = 250
+TUNE = 150
 SEED = 0
 
 CATEGORIES = {
@@ -73,13 +76,17 @@ def main(out: Path) -> None:
         record = json.loads(lines[i])
         record["safety"] = safety_category(record)
         records.append(record)
-    heldout, train = records[:HELDOUT], records[HELDOUT:]
+    heldout, tune = records[:HELDOUT], records[HELDOUT : HELDOUT + TUNE]
+    train = records[HELDOUT + TUNE :]
     out.mkdir(parents=True, exist_ok=True)
-    for name, part in (("train", train), ("heldout", heldout)):
+    for name, part in (("train", train), ("tune", tune), ("heldout", heldout)):
         write_gz(out / f"{name}.jsonl.gz", "".join(json.dumps(r) + "\n" for r in part))
     write_gz(out / "sft.txt.gz", "".join(r["chosen"] for r in train))
     flagged = sum(bool(r["safety"]) for r in heldout)
-    print(f"{out}: {len(train)} train, {len(heldout)} held-out pairs ({flagged} safety)")
+    print(
+        f"{out}: {len(train)} train, {len(tune)} tune, {len(heldout)} held-out pairs "
+        f"({flagged} held-out safety pairs)"
+    )
 
 
 if __name__ == "__main__":
