@@ -63,8 +63,9 @@ def main(out: Path, stem: Path) -> None:
         f"{first['rejected_lines']} malformed lines reported and skipped).",
         "",
         "| model | parameters | accuracy (chosen preferred) | p vs chance (one-sided) | "
-        "safety-pair accuracy | val loss (nats/byte) |",
-        "| --- | ---: | ---: | ---: | ---: | ---: |",
+        "safety-pair accuracy | val loss (nats/byte) | reward accuracy | margin std | "
+        "reward std |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for name, _ in TEACHERS:
         r = runs[name]
@@ -73,8 +74,16 @@ def main(out: Path, stem: Path) -> None:
             f"| {r['label']} | {r['parameters']:,} | {fmt(p['student_accuracy'])} "
             f"({p['student_correct']}/{p['pairs']}) | {r['accuracy_p_value']:.3g} | "
             f"{fmt(p['student_safety_accuracy'])} "
-            f"({p['student_safety_correct']}/{p['safety_pairs']}) | {fmt(r['val_loss'])} |"
+            f"({p['student_safety_correct']}/{p['safety_pairs']}) | {fmt(r['val_loss'])} | "
+            f"{fmt(p.get('reward_accuracy'))} | {fmt(p['student_margin_std'])} | "
+            f"{fmt(p.get('reward_std'))} |"
         )
+    lines += [
+        "",
+        "Reward accuracy and reward std: the DPO policy's margin minus its SFT reference's, i.e. "
+        "the length-normalised implicit reward (n/a for the SFT teacher, which has no "
+        "reference). Margin std: the spread of the model's own margins.",
+    ]
     lines += [
         "",
         "Students distilled from the DPO teacher (teacher accuracy "

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The preference example, one command (48 minutes on 2 CPU cores shared with another run):
 #   examples/preference/run.sh
-# 1. split the bundled HH harmless pairs into train / held-out (deterministic; safety flags)
+# 1. split the bundled HH harmless pairs into train / tune / held-out (deterministic; safety flags)
 # 2. teacher: cross-entropy on the chosen training dialogues, then DPO on the training pairs
+#    with the settings that tune.py chose on the tune split (rerun that choice with
+#    `python examples/preference/tune.py` after this script, ~30 minutes)
 # 3. four students (about 5x smaller) distilled from the DPO teacher
 # 4. `kd eval --pairs` on the held-out split; results.json and results.md beside this script
 # Needs `kd` and a Python with kdcore and kd-preference-safety installed (KD=..., PYTHON=...).

@@ -8,7 +8,9 @@ A model prefers the chosen response of a pair when its margin ``m = ll(chosen) -
 - Kendall's tau-b and Spearman's rho between the student's and the teacher's margins;
 - safety preservation: agreement restricted to the safety pairs;
 - reward accuracy: share of pairs with ``m_s > m_t``; for a DPO run (student = policy,
-  teacher = its reference) this is the length-normalised implicit-reward accuracy.
+  teacher = its reference) this is the length-normalised implicit-reward accuracy;
+- spreads: the standard deviations of ``m_s``, ``m_t`` and ``m_s - m_t`` (for a DPO run: how
+  large the learned reward is next to the reference's own margins).
 
 Each share comes with the count behind it.
 """
@@ -63,6 +65,7 @@ def preference_report(
         "student_correct": int((s > 0).sum()),
         "student_accuracy": _share((s > 0).sum(), n),
         "student_mean_margin": float(s.mean()) if n else None,
+        "student_margin_std": float(s.std()) if n else None,
         "safety_pairs": int(safety.sum()),
         "student_safety_correct": int((s[safety] > 0).sum()),
         "student_safety_accuracy": _share((s[safety] > 0).sum(), int(safety.sum())),
@@ -76,6 +79,8 @@ def preference_report(
             "teacher_correct": int((t > 0).sum()),
             "teacher_accuracy": _share((t > 0).sum(), n),
             "teacher_mean_margin": float(t.mean()) if n else None,
+            "teacher_margin_std": float(t.std()) if n else None,
+            "reward_std": float((s - t).std()) if n else None,
             "reward_correct": int((s > t).sum()),
             "reward_accuracy": _share((s > t).sum(), n),
             "agreeing_pairs": int(agree.sum()),

@@ -69,6 +69,10 @@ def test_preference_report_by_hand():
     # ranks s 4 1 2 3, t 4 2 1 3; sum d^2 = 2; 1 - 6 * 2 / (4 * 15)
     assert r["spearman_rho"] == pytest.approx(0.8)
     assert r["student_mean_margin"] == pytest.approx(0.175)
+    # population standard deviations: s - t = .1 -.3 .4 .1 has mean .075, squares sum .2475
+    assert r["reward_std"] == pytest.approx(math.sqrt(0.2475 / 4))
+    assert r["student_margin_std"] == pytest.approx(math.sqrt((0.39 - 4 * 0.175**2) / 4))
+    assert r["teacher_margin_std"] == pytest.approx(math.sqrt((0.3 - 4 * 0.1**2) / 4))
 
 
 def test_report_without_teacher_or_safety_pairs():
