@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# The preference teacher at other seeds (after run.sh, which made out/data and seed 0):
+#   examples/preference/seeds.sh [SEED ...]      (default 1 2; ~8 minutes a seed on 2 cores)
+# Trains the SFT and DPO stages again with each seed and prints both teachers' held-out
+# accuracy, so that the seed-0 teacher's figure in results.md can be read against its spread.
+set -euo pipefail
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+OUT="$HERE/out"
+KD="${KD:-kd}"
+PYTHON="${PYTHON:-python3}"
+SEEDS=("$@")
+[ ${#SEEDS[@]} -eq 0 ] && SEEDS=(1 2)
+for seed in "${SEEDS[@]}"; do
+  sft="$OUT/seed$seed/teacher-sft"
+  dpo="$OUT/seed$seed/teacher-dpo"
+  rm -rf "$OUT/seed$seed"
+  "$KD" distill "$HERE/teacher_sft.toml" --set run.seed="$seed" --output "$sft" > /dev/null
+  "$KD" distill "$HERE/teacher_dpo.toml" --set run.seed="$seed" \
+    --set teachers.0.path="$sft/student" --output "$dpo" > /dev/null
+  "$KD" eval "$dpo" --pairs "$OUT/data/heldout.jsonl.gz" --batches 2 --json \
+    > "$OUT/seed$seed/eval.json"
+  "$PYTHON" - "$OUT/seed$seed/eval.json" "$seed" <<'PY'
+import json, sys
+p = json.load(open(sys.argv[1]))["preference"]
+print(
+    f"seed {sys.argv[2]}: SFT teacher {p['teacher_accuracy']:.3f} ({p['teacher_correct']}/{p['pairs']}), "
+    f"DPO teacher {p['student_accuracy']:.3f} ({p['student_correct']}/{p['pairs']}), "
+    f"reward accuracy {p['reward_accuracy']:.3f}"
+)
+PY
+done
