@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The preference example, one command (48 minutes on 2 CPU cores shared with another run):
+# The preference example, one command (36 minutes on 2 CPU cores shared with another run):
 #   examples/preference/run.sh
 # 1. split the bundled HH harmless pairs into train / tune / held-out (deterministic; safety flags)
 # 2. teacher: cross-entropy on the chosen training dialogues, then DPO on the training pairs
