@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -57,6 +58,7 @@ def slug(name: str) -> str:
 
 def run_variant(kd: str, out: Path, name: str, overrides: list[str]) -> dict:
     run_dir = out / "tune" / slug(name)
+    shutil.rmtree(run_dir, ignore_errors=True)  # a rerun replaces its runs, as run.sh does
     sets = [a for o in overrides for a in ("--set", o)]
     subprocess.run(
         [kd, "distill", str(HERE / "teacher_dpo.toml"), *sets, "--output", str(run_dir)],
