@@ -5,7 +5,9 @@
 # 2. teacher: cross-entropy on the chosen training dialogues, then DPO on the training pairs
 #    with the settings that tune.py chose on the tune split (rerun that choice with
 #    `python examples/preference/tune.py` after this script, ~30 minutes)
-# 3. four students (about 5x smaller) distilled from the DPO teacher
+# 3. four students (about 5x smaller) distilled from the DPO teacher, each margin loss at the
+#    weight that weights.py chose on the tune split (`python examples/preference/weights.py`
+#    after this script, ~36 minutes)
 # 4. `kd eval --pairs` on the held-out split; results.json and results.md beside this script
 # Needs `kd` and a Python with kdcore and kd-preference-safety installed (KD=..., PYTHON=...).
 set -euo pipefail

@@ -89,3 +89,30 @@ def test_report_p_value_is_the_binomial_upper_tail():
     assert report.chance_p_value(130, 247) + report.chance_p_value(247 - 129, 247) == (
         pytest.approx(1.0)
     )
+
+
+def test_weights_takes_the_best_mean_agreement_per_margin_loss():
+    weights = load_script("weights")
+
+    def row(spec, weight, seed, agreement, tau):
+        return dict(spec=spec, weight=weight, seed=seed, agreement=agreement, kendall_tau=tau)
+
+    rows = [
+        row("student_kd", None, 0, 0.99, 0.99),  # the reference is never "chosen"
+        # best single seed (w 20, seed 0) loses to the best mean over seeds (w 1)
+        row("student_rank", 20.0, 0, 0.95, 0.9),
+        row("student_rank", 20.0, 1, 0.80, 0.9),
+        row("student_rank", 1.0, 0, 0.90, 0.8),
+        row("student_rank", 1.0, 1, 0.90, 0.8),
+        # equal agreement: the higher tau wins; then equal both: the earlier weight
+        row("student_safety", 10.0, 0, 0.9, 0.7),
+        row("student_safety", 1.0, 0, 0.9, 0.8),
+        row("student_dpkd", 1.0, 0, 0.9, 0.8),
+        row("student_dpkd", 0.1, 0, 0.9, 0.8),
+    ]
+    assert weights.choose(rows) == {"student_rank": 1.0, "student_safety": 1.0, "student_dpkd": 1.0}
+    assert weights.parse_run("student_rank:0.1") == ("student_rank", 0.1)
+    assert weights.parse_run("student_kd") == ("student_kd", None)
+    for bad in ("student_kd:1", "student_rank", "student_nope:1"):
+        with pytest.raises(SystemExit):
+            weights.parse_run(bad)
