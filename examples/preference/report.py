@@ -13,17 +13,31 @@ import math
 import sys
 from pathlib import Path
 
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10: tomli is a kdcore dependency there
+    import tomli as tomllib
+
 TEACHERS = [("teacher-sft", "teacher after `ce` (SFT)"), ("teacher-dpo", "teacher after `dpo`")]
 STUDENTS = [
-    ("student-kd", "preference_kd"),
-    ("student-rank", "preference_kd + ranking_preservation"),
-    ("student-dpkd", "preference_kd + dpkd"),
-    ("student-safety", "preference_kd + safety_alignment"),
+    (name, None) for name in ("student-kd", "student-rank", "student-dpkd", "student-safety")
 ]
 
 
 def fmt(value, digits=3):
     return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def losses_label(spec_toml: Path) -> str:
+    """``preference_kd + ranking_preservation (weight 0.1)`` from a run's spec.toml."""
+    parts = []
+    for loss in tomllib.loads(spec_toml.read_text())["losses"]:
+        weight = loss.get("weight", 1.0)
+        if not isinstance(weight, (int, float)):
+            parts.append(f"{loss['name']} (scheduled weight)")
+        else:
+            parts.append(loss["name"] + ("" if weight == 1 else f" (weight {weight:g})"))
+    return " + ".join(parts)
 
 
 def chance_p_value(correct: int, total: int) -> float:
@@ -38,13 +52,14 @@ def main(out: Path, stem: Path) -> None:
         summary = json.loads((out / name / "summary.json").read_text())
         pref = report["preference"]
         runs[name] = {
-            "label": label,
+            "label": label or losses_label(out / name / "spec.toml"),
             "losses": summary["final_losses"],
             "steps": summary["steps"],
             "train_seconds": round(summary["wall_seconds"], 1),
             "parameters": report["student_parameters"],
             "teacher_parameters": report.get("teacher_parameters"),
             "val_loss": summary["eval"]["val_loss"],
+            "token_kl": report.get("kl_teacher_student"),
             "preference": pref,
             "accuracy_p_value": chance_p_value(pref["student_correct"], pref["pairs"]),
         }
@@ -90,8 +105,8 @@ def main(out: Path, stem: Path) -> None:
         f"{fmt(first['teacher_accuracy'])}):",
         "",
         "| student losses | parameters | accuracy | agreement with teacher | Kendall tau | "
-        "Spearman rho | safety preservation |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "Spearman rho | safety preservation | token KL to the teacher (val) |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for name, _ in STUDENTS:
         r = runs[name]
@@ -101,7 +116,7 @@ def main(out: Path, stem: Path) -> None:
             f"({p['student_correct']}/{p['pairs']}) | {fmt(p['agreement'])} "
             f"({p['agreeing_pairs']}/{p['pairs']}) | {fmt(p['kendall_tau'])} | "
             f"{fmt(p['spearman_rho'])} | {fmt(p['safety_preservation'])} "
-            f"({p['safety_preserved']}/{p['safety_pairs']}) |"
+            f"({p['safety_preserved']}/{p['safety_pairs']}) | {fmt(r['token_kl'])} |"
         )
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
