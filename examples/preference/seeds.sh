@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The preference teacher at other seeds (after run.sh, which made out/data and seed 0):
-#   examples/preference/seeds.sh [SEED ...]      (default 1 2; ~8 minutes a seed on 2 cores)
+#   examples/preference/seeds.sh [SEED ...]      (default 1 2; ~10 minutes a seed on 2 cores)
 # Trains the SFT and DPO stages again with each seed and prints both teachers' held-out
 # accuracy, so that the seed-0 teacher's figure in results.md can be read against its spread.
 set -euo pipefail

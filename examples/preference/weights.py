@@ -11,7 +11,7 @@ specs beside this script; ``student_kd`` has no margin loss and is the reference
 
 The rule, with the default ``--split tune``: for each margin loss, the weight with the
 highest agreement with the teacher (mean over the seeds), ties to the higher Kendall tau,
-then to the earlier weight. About 4 minutes a run on two CPU cores; the default grid is
+then to the earlier weight. About 3.5 minutes a run on two CPU cores; the default grid is
 nine runs. ``--split heldout`` only reports (after the choice, to check it at other seeds).
 """
 
