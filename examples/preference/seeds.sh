@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The preference teacher at other seeds (after run.sh, which made out/data and seed 0):
 #   examples/preference/seeds.sh [SEED ...]      (default 1 2; ~10 minutes a seed on 2 cores)
-# Trains the SFT and DPO stages again with each seed and prints both teachers' held-out
-# accuracy, so that the seed-0 teacher's figure in results.md can be read against its spread.
+# Trains the SFT and DPO stages again with each seed and prints both teachers' accuracy on
+# the held-out and the tune pairs, so that the seed-0 teacher's figures in results.md and
+# tune.md can be read against their spread (out/seedN/eval.json and eval_tune.json).
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 OUT="$HERE/out"
@@ -19,13 +20,19 @@ for seed in "${SEEDS[@]}"; do
     --set teachers.0.path="$sft/student" --output "$dpo" > /dev/null
   "$KD" eval "$dpo" --pairs "$OUT/data/heldout.jsonl.gz" --batches 2 --json \
     > "$OUT/seed$seed/eval.json"
-  "$PYTHON" - "$OUT/seed$seed/eval.json" "$seed" <<'PY'
+  "$KD" eval "$dpo" --pairs "$OUT/data/tune.jsonl.gz" --batches 2 --json \
+    > "$OUT/seed$seed/eval_tune.json"
+  for split in heldout tune; do
+    file="$OUT/seed$seed/eval.json"
+    [ "$split" = tune ] && file="$OUT/seed$seed/eval_tune.json"
+    "$PYTHON" - "$file" "$seed" "$split" <<'PY'
 import json, sys
 p = json.load(open(sys.argv[1]))["preference"]
 print(
-    f"seed {sys.argv[2]}: SFT teacher {p['teacher_accuracy']:.3f} ({p['teacher_correct']}/{p['pairs']}), "
-    f"DPO teacher {p['student_accuracy']:.3f} ({p['student_correct']}/{p['pairs']}), "
-    f"reward accuracy {p['reward_accuracy']:.3f}"
+    f"seed {sys.argv[2]}, {sys.argv[3]}: SFT teacher {p['teacher_accuracy']:.3f} "
+    f"({p['teacher_correct']}/{p['pairs']}), DPO teacher {p['student_accuracy']:.3f} "
+    f"({p['student_correct']}/{p['pairs']}), reward accuracy {p['reward_accuracy']:.3f}"
 )
 PY
+  done
 done
