@@ -3,7 +3,7 @@
 #   examples/preference/seeds.sh [SEED ...]      (default 1 2; ~10 minutes a seed on 2 cores)
 # Trains the SFT and DPO stages again with each seed and prints both teachers' accuracy on
 # the held-out and the tune pairs, so that the seed-0 teacher's figures in results.md and
-# tune.md can be read against their spread (out/seedN/eval.json and eval_tune.json).
+# tune.md can be read against their spread (out/seedN/eval_heldout.json, eval_tune.json).
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 OUT="$HERE/out"
@@ -18,14 +18,10 @@ for seed in "${SEEDS[@]}"; do
   "$KD" distill "$HERE/teacher_sft.toml" --set run.seed="$seed" --output "$sft" > /dev/null
   "$KD" distill "$HERE/teacher_dpo.toml" --set run.seed="$seed" \
     --set teachers.0.path="$sft/student" --output "$dpo" > /dev/null
-  "$KD" eval "$dpo" --pairs "$OUT/data/heldout.jsonl.gz" --batches 2 --json \
-    > "$OUT/seed$seed/eval.json"
-  "$KD" eval "$dpo" --pairs "$OUT/data/tune.jsonl.gz" --batches 2 --json \
-    > "$OUT/seed$seed/eval_tune.json"
   for split in heldout tune; do
-    file="$OUT/seed$seed/eval.json"
-    [ "$split" = tune ] && file="$OUT/seed$seed/eval_tune.json"
-    "$PYTHON" - "$file" "$seed" "$split" <<'PY'
+    "$KD" eval "$dpo" --pairs "$OUT/data/$split.jsonl.gz" --batches 2 --json \
+      > "$OUT/seed$seed/eval_$split.json"
+    "$PYTHON" - "$OUT/seed$seed/eval_$split.json" "$seed" "$split" <<'PY'
 import json, sys
 p = json.load(open(sys.argv[1]))["preference"]
 print(
