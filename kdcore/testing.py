@@ -18,27 +18,48 @@ logits are finite for logits up to +/-``bound``; adding a constant to every logi
 student or teacher at a position changes nothing; changing masked positions changes
 nothing; and, when the component declares ``zero_at_identity``, the loss is 0 when the
 student's logits equal the teacher's.
+
+The module is also a pytest plugin (it is not registered automatically: it imports
+hypothesis). Its fixtures: ``corpus`` (a small text file), ``teacher_dir`` (a tiny teacher
+trained on it, once per session), ``spec_for`` (``spec_for(losses, **kw)``: :func:`tiny_spec`
+on the corpus) and ``random_model_dir`` (an untrained byte-level model directory). Enable
+them with ``pytest_plugins = ["kdcore.testing"]`` in a top-level conftest.py; in a conftest
+below the rootdir (pytest refuses ``pytest_plugins`` there) import them instead::
+
+    from kdcore.testing import corpus, spec_for, teacher_dir  # noqa: F401
+
+Helpers for tests that drive the engine: :func:`run_kd` (the ``kd`` command in-process),
+:func:`plugins` (a registry with in-process plugin objects, restored afterwards),
+:func:`build_run` and :func:`prepare_batch` (a run's built parts, and a batch after its
+losses' ``prepare_batch``); and the plain reference formulations of the divergence kernels
+(:func:`plain_divergence`, :func:`plain_sparse_divergence`, :func:`row_terms`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import attrs
 import mlx.core as mx
 import numpy as np
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from kdcore.losses import IGNORE_INDEX, LossInputs
+from kdcore.kernels.divergence import plain_divergence, plain_sparse_divergence, row_terms
+from kdcore.losses.inputs import LossInputs
+from kdcore.losses.tokens import IGNORE_INDEX
 from kdcore.models.output import ModelOutput
-from kdcore.plugins import get_registry
-from kdcore.schedules import value_at
-from kdcore.setup import Setup, make_config
-from kdcore.signal import TeacherSignal
+from kdcore.registry.manager import get_registry
+from kdcore.registry.setup import Setup
+from kdcore.signal.teacher import TeacherSignal
+from kdcore.spec.build import make_config
+from kdcore.spec.schedules import value_at
 
 settings.register_profile(
     "fast",
@@ -51,6 +72,35 @@ settings.register_profile(
     "thorough", max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow]
 )
 PROFILE = os.environ.get("KD_HYPOTHESIS_PROFILE", "fast")
+
+__all__ = [
+    # conformance
+    "PROFILE",
+    "check_aggregator",
+    "check_loss",
+    "check_scheduler",
+    "default_batch",
+    "floats",
+    "logit_pairs",
+    "shapes",
+    # tiny runs
+    "build_run",
+    "plugins",
+    "prepare_batch",
+    "run_kd",
+    "save_random_model",
+    "tiny_spec",
+    "train_tiny_teacher",
+    # references
+    "plain_divergence",
+    "plain_sparse_divergence",
+    "row_terms",
+    # fixtures
+    "corpus",
+    "random_model_dir",
+    "spec_for",
+    "teacher_dir",
+]
 
 
 # ---------------------------------------------------------------- strategies
@@ -146,7 +196,7 @@ def _inputs(component, config, case: LossCase, student_logits: mx.array) -> Loss
 
 
 def _resolved(config):
-    from kdcore.schedules import scheduled_fields
+    from kdcore.spec.schedules import scheduled_fields
 
     fields = scheduled_fields(config)
     return attrs.evolve(config, **{k: mx.array(value_at(v, 0, 10)) for k, v in fields.items()})
@@ -391,8 +441,6 @@ def train_tiny_teacher(
 ) -> os.PathLike:
     """Train a small teacher on ``corpus`` with the project itself (cross-entropy, a few
     seconds); returns its model directory ``output/student``."""
-    from pathlib import Path
-
     import kdcore
 
     spec = tiny_spec(corpus, steps=steps, dim=dim)
@@ -400,3 +448,118 @@ def train_tiny_teacher(
     spec["train"]["log_every"] = log_every
     kdcore.distill(spec, output=output, progress=False)
     return Path(output) / "student"
+
+
+def save_random_model(
+    output: str | os.PathLike,
+    *,
+    dim: int = 16,
+    layers: int = 1,
+    heads: int = 2,
+    max_seq_len: int = 64,
+    seed: int = 3,
+) -> Path:
+    """An untrained byte-level transformer saved as a model directory (config, weights and
+    tokenizer) at ``output``; returns ``output``."""
+    from kdcore.models.io import save_model
+    from kdcore.models.transformer import Transformer, TransformerConfig
+    from kdcore.tokenizers.simple import ByteTokenizer, save_tokenizer
+
+    mx.random.seed(seed)
+    config = TransformerConfig(
+        vocab_size=256, dim=dim, layers=layers, heads=heads, max_seq_len=max_seq_len
+    )
+    model = Transformer(config)
+    mx.eval(model.parameters())
+    save_model(model, output, "transformer", config)
+    save_tokenizer(ByteTokenizer(), output)
+    return Path(output)
+
+
+# ---------------------------------------------------------------- driving the engine
+
+
+def run_kd(*args: Any) -> int:
+    """``kd ARGS...`` in this process (each argument through ``str``); its exit status."""
+    from kdcore.cli.main import main
+
+    return main([str(a) for a in args])
+
+
+@contextlib.contextmanager
+def plugins(*objects: object, distribution: str = "kdcore-testing") -> Iterator[Any]:
+    """The process-wide registry rebuilt from the built-ins, the installed plugins and
+    ``objects`` (modules or objects with ``kd_*`` hook implementations, recorded as coming
+    from ``distribution``); yields it and restores the previous registry on exit. With no
+    objects: the installed plugins only::
+
+        with testing.plugins(MyPlugin()):
+            kdcore.distill(spec, output=tmp_path / "run", progress=False)
+    """
+    from kdcore.registry import manager
+
+    saved = manager._registry
+    try:
+        yield manager.reset_registry([(obj, distribution) for obj in objects])
+    finally:
+        manager._registry = saved
+
+
+def build_run(spec: Any) -> Any:
+    """A run's built parts from a spec (a dict, a path or a ``kdcore.RunSpec``), as
+    ``kd distill`` builds them, without training: ``dataset``, ``student``, ``teachers``,
+    ``aggregator``, ``aligner``, ``losses``, ``total``..."""
+    from kdcore.engine.build import build_parts
+    from kdcore.spec.load import load_spec
+    from kdcore.spec.schema import RunSpec
+
+    return build_parts(spec if isinstance(spec, RunSpec) else load_spec(spec))
+
+
+def prepare_batch(parts: Any, rows: dict[str, np.ndarray], step: int) -> dict[str, mx.array]:
+    """The batch of step ``step`` from dataset ``rows``, as MLX arrays after every loss's
+    ``prepare_batch`` (what the engine's step does before the teachers run)."""
+    from kdcore.engine.step import prepare_batch as engine_prepare_batch
+
+    return engine_prepare_batch(parts, rows, step)
+
+
+# ---------------------------------------------------------------- fixtures
+
+CORPUS = Path(__file__).resolve().parents[1] / "examples" / "shakespeare" / "data"
+CORPUS = CORPUS / "tinyshakespeare.txt"
+CORPUS_CHARS = 20_000
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory) -> Path:
+    """The first 20k characters of the bundled tiny Shakespeare (``$KD_TEST_CORPUS``, when
+    set, names another text file)."""
+    source = Path(os.environ.get("KD_TEST_CORPUS", CORPUS))
+    if not source.exists():
+        pytest.fail(f"no test corpus at {source}: set KD_TEST_CORPUS to a text file")
+    path = tmp_path_factory.mktemp("data") / "tiny.txt"
+    path.write_text(source.read_text(encoding="utf-8")[:CORPUS_CHARS], encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def teacher_dir(tmp_path_factory, corpus) -> Path:
+    """A tiny teacher trained on ``corpus`` (:func:`train_tiny_teacher`), once a session."""
+    return train_tiny_teacher(corpus, tmp_path_factory.mktemp("teacher-run"))
+
+
+@pytest.fixture
+def spec_for(corpus) -> Callable[..., dict]:
+    """``spec_for(losses=None, **kw)``: :func:`tiny_spec` on ``corpus``."""
+
+    def make(losses: list[dict] | None = None, **kw: Any) -> dict:
+        return tiny_spec(corpus, losses, **kw)
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def random_model_dir(tmp_path_factory) -> Path:
+    """An untrained byte-level model directory (:func:`save_random_model`)."""
+    return save_random_model(tmp_path_factory.mktemp("random-model") / "model")

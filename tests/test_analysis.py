@@ -15,12 +15,13 @@ import pytest
 
 import kdcore
 from kdcore.analysis import pareto_front
-from kdcore.cli import main
-from kdcore.evaluate import load_run_spec
+from kdcore.cli.main import main
+from kdcore.engine.rundir import load_run_spec
 from kdcore.io import load_arrays, save_arrays, write_json
-from kdcore.models import Transformer, TransformerConfig, count_parameters, load_model
-from kdcore.plugins import reset_registry
-from kdcore.tokenizer import ByteTokenizer
+from kdcore.models.io import count_parameters, load_model
+from kdcore.models.transformer import Transformer, TransformerConfig
+from kdcore.registry.manager import reset_registry
+from kdcore.tokenizers.simple import ByteTokenizer
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -185,7 +186,7 @@ def test_design_keeps_grouped_kv_heads(capsys, tmp_path):
 
 
 def test_design_mlxlm_llama_and_qwen3(capsys, tmp_path, corpus):
-    from kdcore.mlxlm import build_mlxlm
+    from kdcore.models.mlxlm import build_mlxlm
 
     llama = {
         "model_type": "llama",
@@ -235,7 +236,7 @@ def test_design_mlxlm_llama_and_qwen3(capsys, tmp_path, corpus):
 
 
 def test_temperature_of_an_mlxlm_folder(capsys, tmp_path, corpus):
-    from kdcore.mlxlm import create_mlxlm_dir
+    from kdcore.models.mlxlm import create_mlxlm_dir
 
     config = {
         "model_type": "llama",
@@ -322,7 +323,7 @@ def test_temperature_matches_a_direct_computation(capsys, runs, teacher_dir, tmp
     # The same numbers, computed with NumPy from the teacher's logits on the run's val split.
     spec = load_run_spec(runs["kd"])
     teacher = load_model(teacher_dir)[0]
-    from kdcore.data import TextDataset
+    from kdcore.data.datasets import TextDataset
 
     dataset = TextDataset(
         spec.data.config, kdcore.Setup(base_dir=Path(spec.base_dir), tokenizer=ByteTokenizer())
@@ -417,7 +418,7 @@ def test_eval_grads_uses_the_spec_losses(capsys, runs):
         assert b["grad_norm"] > 0
     # The loss of the last batch, recomputed here from the spec's definition.
     spec = load_run_spec(runs["kd"])
-    from kdcore.data import TextDataset
+    from kdcore.data.datasets import TextDataset
 
     dataset = TextDataset(
         spec.data.config,
@@ -481,7 +482,7 @@ def test_eval_worst_positions(capsys, runs, tmp_path):
     assert kls == sorted(kls, reverse=True) and kls[0] >= positions["mean"]["kl"]
     # Each record is that position: recompute its KL and context from the val split.
     spec = load_run_spec(runs["kd"])
-    from kdcore.data import TextDataset
+    from kdcore.data.datasets import TextDataset
 
     dataset = TextDataset(
         spec.data.config, kdcore.Setup(base_dir=Path(spec.base_dir), tokenizer=ByteTokenizer())

@@ -12,9 +12,9 @@ from hypothesis import strategies as st
 
 import kdcore
 from kdcore import testing
-from kdcore.builtins.aggregators import mixture
-from kdcore.losses import token_cross_entropy
-from kdcore.signal import TeacherSignal
+from kdcore.losses.tokens import token_cross_entropy
+from kdcore.signal.mixture import mixture
+from kdcore.signal.teacher import TeacherSignal
 
 
 def test_ce_conforms():

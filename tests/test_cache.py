@@ -13,17 +13,21 @@ import numpy as np
 import pytest
 
 import kdcore
-from kdcore import cache as kc
-from kdcore.cli import main as kd_main
+from kdcore.cache import format as kc_format
+from kdcore.cache import read as kc_read
+from kdcore.cache import write as kc_write
+from kdcore.cli.main import main as kd_main
+from kdcore.data.build import build_dataset
 from kdcore.errors import CheckpointError
 from kdcore.io import read_json
-from kdcore.models import Transformer, TransformerConfig, save_model
-from kdcore.plugins import get_registry, reset_registry
-from kdcore.setup import Setup
-from kdcore.signal import TeacherSignal
-from kdcore.spec import TeacherRef
-from kdcore.tokenizer import ByteTokenizer, CharTokenizer, save_tokenizer
-from kdcore.tomlwrite import dumps as toml_dumps
+from kdcore.models.io import save_model
+from kdcore.models.transformer import Transformer, TransformerConfig
+from kdcore.registry.manager import get_registry, reset_registry
+from kdcore.registry.setup import Setup
+from kdcore.signal.teacher import TeacherSignal
+from kdcore.spec.schema import TeacherRef
+from kdcore.spec.tomlwrite import dumps as toml_dumps
+from kdcore.tokenizers.simple import ByteTokenizer, CharTokenizer, save_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 CORPUS = ROOT / "examples" / "shakespeare" / "data" / "tinyshakespeare.txt"
@@ -78,7 +82,7 @@ def spec_dict(
     }
 
 
-def open_cache(spec: dict, directory: Path, **params) -> kc.CacheTeacher:
+def open_cache(spec: dict, directory: Path, **params) -> kc_read.CacheTeacher:
     """The ``cache`` teacher source as a run builds it."""
     run_spec = kdcore.load_spec(spec)
     config = kdcore.make_config("teacher_source", "cache", **params)
@@ -92,12 +96,12 @@ def open_cache(spec: dict, directory: Path, **params) -> kc.CacheTeacher:
 
 
 def train_rows(spec: dict) -> np.ndarray:
-    dataset = kc.build_dataset(kdcore.load_spec(spec))
+    dataset = build_dataset(kdcore.load_spec(spec))
     return next(dataset.batches(10_000, "train"))["input_ids"]
 
 
 def teacher_logits64(teacher_dir: Path, input_ids: np.ndarray) -> np.ndarray:
-    from kdcore.models import load_model
+    from kdcore.models.io import load_model
 
     model = load_model(teacher_dir)[0]
     return np.array(model(mx.array(input_ids)).logits.astype(mx.float32)).astype(np.float64)
@@ -120,7 +124,9 @@ def world(tmp_path_factory):
     spec = spec_dict([{"path": str(teacher)}])
     logits = teacher_logits64(teacher, train_rows(spec))
     cache = root / "cache"
-    kc.write_cache(kdcore.load_spec(spec), cache, top_k=8, shard_tokens=40 * SEQ, progress=False)
+    kc_write.write_cache(
+        kdcore.load_spec(spec), cache, top_k=8, shard_tokens=40 * SEQ, progress=False
+    )
     return {"root": root, "teacher": teacher, "spec": spec, "logits": logits, "cache": cache}
 
 
@@ -137,7 +143,7 @@ def cache_copy(world, tmp_path) -> Path:
 @pytest.mark.parametrize("dtype,eps", [("float16", 2.0**-11), ("bfloat16", 2.0**-8)])
 def test_round_trip_gives_the_teachers_top_k(world, tmp_path, dtype, eps):
     out = tmp_path / "c"
-    kc.write_cache(
+    kc_write.write_cache(
         kdcore.load_spec(world["spec"]),
         out,
         top_k=8,
@@ -148,7 +154,7 @@ def test_round_trip_gives_the_teachers_top_k(world, tmp_path, dtype, eps):
     )
     teacher = open_cache(world["spec"], out)
     assert teacher.model is None and teacher.reader.k == 8
-    dataset = kc.build_dataset(kdcore.load_spec(world["spec"]))
+    dataset = build_dataset(kdcore.load_spec(world["spec"]))
     batch = dataset.batch(5, 12)  # a permuted draw spanning several shards
     assert (
         len(
@@ -158,7 +164,7 @@ def test_round_trip_gives_the_teachers_top_k(world, tmp_path, dtype, eps):
     )
     signal = teacher.signal(to_mx(batch))
     assert signal.is_sparse and signal.topk_ids.dtype == mx.int32
-    assert signal.topk_logprobs.dtype == kc.DTYPES[dtype]
+    assert signal.topk_logprobs.dtype == kc_format.DTYPES[dtype]
     ids = np.array(signal.topk_ids)
     stored = np.array(signal.topk_logprobs.astype(mx.float32)).astype(np.float64)
     ref = log_softmax64(world["logits"][batch["example_index"]])
@@ -191,20 +197,20 @@ def test_tail_mass_matches_float64(world):
 
 def test_tail_is_stable_when_the_top_k_holds_almost_everything():
     logits = mx.array(np.array([[[60.0] + [0.0] * 31]], np.float32))
-    ids, logp, tail = kc.topk_logprobs(logits, 1)
+    ids, logp, tail = kc_write.topk_logprobs(logits, 1)
     # float64: log((31 e^0) / (e^60 + 31)) ; a float32 log(1 - p_top) would give -inf
     exact = np.log(31.0) - np.logaddexp(60.0, np.log(31.0))
     assert abs(tail.item() - exact) < 1e-4 and np.isfinite(tail.item())
     assert np.float32(1.0) - np.exp(np.float32(logp.item())) == 0.0
-    _ids, _lp, empty = kc.topk_logprobs(logits, 32)
-    assert empty.item() == kc.FLOOR  # k = V: nothing left, stored finite
+    _ids, _lp, empty = kc_write.topk_logprobs(logits, 32)
+    assert empty.item() == kc_format.FLOOR  # k = V: nothing left, stored finite
 
 
 @pytest.mark.parametrize("target", [1.0, 2.0, 4.0])
 def test_retempering_matches_float64(world, tmp_path, target):
     capture = 2.0
     out = tmp_path / "c"
-    kc.write_cache(
+    kc_write.write_cache(
         kdcore.load_spec(world["spec"]),
         out,
         top_k=16,
@@ -213,7 +219,7 @@ def test_retempering_matches_float64(world, tmp_path, target):
         shard_tokens=64 * SEQ,
         progress=False,
     )
-    reader = kc.CacheReader(out / "teacher-0")
+    reader = kc_read.CacheReader(out / "teacher-0")
     index = np.arange(0, reader.num_rows, 5)
     signal = reader.signal(index)
     ids = np.array(signal.topk_ids)
@@ -251,7 +257,7 @@ def _hinton_inputs(signal: TeacherSignal, batch: dict, seed: int = 0) -> kdcore.
 def test_hinton_from_a_full_cache_equals_online_hinton(world, tmp_path, dtype, rtol):
     out = tmp_path / "c"
     spec = kdcore.load_spec(world["spec"])
-    kc.write_cache(spec, out, top_k=256, dtype=dtype, shard_tokens=64 * SEQ, progress=False)
+    kc_write.write_cache(spec, out, top_k=256, dtype=dtype, shard_tokens=64 * SEQ, progress=False)
     cached = open_cache(world["spec"], out)
     online = (
         get_registry()
@@ -261,7 +267,7 @@ def test_hinton_from_a_full_cache_equals_online_hinton(world, tmp_path, dtype, r
             Setup(teacher=TeacherRef(path=str(world["teacher"]))),
         )
     )
-    dataset = kc.build_dataset(spec)
+    dataset = build_dataset(spec)
     for tail in ("renormalize", "tail-bucket"):
         params = kdcore.make_config("loss", "hinton", temperature=2.0, tail=tail)
         loss = kdcore.build("loss", "hinton", temperature=2.0, tail=tail)
@@ -277,7 +283,7 @@ def test_hinton_from_a_full_cache_equals_online_hinton(world, tmp_path, dtype, r
 
 def test_a_run_from_a_full_cache_follows_the_online_run(world, tmp_path):
     """Through the engine: rows are found by example_index under the shuffled order."""
-    kc.write_cache(
+    kc_write.write_cache(
         kdcore.load_spec(world["spec"]),
         tmp_path / "c",
         top_k=256,
@@ -312,7 +318,7 @@ def test_an_interrupted_write_resumes_where_it_stopped(world, tmp_path):
         raise RuntimeError("killed after shard 0")
 
     with pytest.raises(RuntimeError, match="killed"):
-        kc.write_cache(
+        kc_write.write_cache(
             spec, out, top_k=8, shard_tokens=40 * SEQ, on_shard=interrupt, progress=False
         )
     sub = out / "teacher-0"
@@ -320,13 +326,13 @@ def test_an_interrupted_write_resumes_where_it_stopped(world, tmp_path):
     assert [s["file"] for s in manifest["shards"]] == ["shard-00000.safetensors"]
     assert manifest["complete"] is False
     with pytest.raises(CheckpointError, match="incomplete"):
-        kc.CacheReader(sub)
+        kc_read.CacheReader(sub)
     with pytest.raises(CheckpointError, match="incomplete"):
-        kc.verify_cache(out)
+        kc_format.verify_cache(out)
     first = (sub / "shard-00000.safetensors").stat().st_mtime_ns
 
     written = []
-    kc.write_cache(
+    kc_write.write_cache(
         spec,
         out,
         top_k=8,
@@ -341,10 +347,10 @@ def test_an_interrupted_write_resumes_where_it_stopped(world, tmp_path):
     reference = read_json(world["cache"] / "teacher-0" / "manifest.json")
     assert [s["sha256"] for s in manifest["shards"]] == [s["sha256"] for s in reference["shards"]]
     assert manifest["token_count"] == reference["token_count"] == 202 * SEQ
-    kc.verify_cache(out)
+    kc_format.verify_cache(out)
     # a rerun with other settings refuses to mix them into this cache
     with pytest.raises(CheckpointError, match="different settings.*k"):
-        kc.write_cache(spec, out, top_k=4, shard_tokens=40 * SEQ, progress=False)
+        kc_write.write_cache(spec, out, top_k=4, shard_tokens=40 * SEQ, progress=False)
 
 
 # ---------------------------------------------------------------- corruption
@@ -354,14 +360,14 @@ def test_verify_passes_on_a_good_cache(world, capsys):
     assert kd_main(["cache", "--verify", str(world["cache"])]) == 0
     text = capsys.readouterr().out
     assert "teacher-0: ok, 6 shards, 3232 tokens" in text
-    report = kc.verify_cache(world["cache"])
+    report = kc_format.verify_cache(world["cache"])
     bytes_per_token = report["teacher-0"]["bytes"] / report["teacher-0"]["tokens"]
     assert 8 * (2 + 4) + 4 <= bytes_per_token < 8 * (2 + 4) + 4 + 2  # + headers
 
 
 def _bad(cache: Path, capsys, match: str, spec: dict) -> None:
     with pytest.raises(CheckpointError, match=match):
-        kc.verify_cache(cache)
+        kc_format.verify_cache(cache)
     assert kd_main(["cache", "--verify", str(cache)]) == 1
     assert re.search(match, capsys.readouterr().err)
     with pytest.raises(CheckpointError, match=match):
@@ -438,7 +444,7 @@ def test_data_fingerprint_mismatch_names_both(world, tmp_path):
     other.write_text(CORPUS.read_text(encoding="utf-8")[CHARS : 2 * CHARS], encoding="utf-8")
     spec = spec_dict([{"cache": str(world["cache"])}], data_path=other)
     expected = read_json(world["cache"] / "teacher-0" / "manifest.json")["data"]["fingerprint"]
-    run_fp = kc.build_dataset(kdcore.load_spec(spec)).fingerprint()
+    run_fp = build_dataset(kdcore.load_spec(spec)).fingerprint()
     assert run_fp != expected
     with pytest.raises(CheckpointError, match=f"data fingerprint {run_fp}.*{expected}") as info:
         open_cache(spec, world["cache"])
@@ -455,10 +461,10 @@ def test_tokenizer_mismatch_names_both(tmp_path):
         save_tokenizer(CharTokenizer(chars + [extra]), folders[extra])
     teacher = make_teacher(tmp_path / "teacher", CharTokenizer(chars + ["@"]))
     made = spec_dict([{"path": str(teacher)}], tokenizer=str(folders["@"]))
-    kc.write_cache(kdcore.load_spec(made), tmp_path / "c", top_k=4, progress=False)
+    kc_write.write_cache(kdcore.load_spec(made), tmp_path / "c", top_k=4, progress=False)
     used = spec_dict([{"cache": str(tmp_path / "c")}], tokenizer=str(folders["#"]))
     manifest = read_json(tmp_path / "c" / "teacher-0" / "manifest.json")
-    run_tok = kdcore.tokenizer.fingerprint(CharTokenizer(chars + ["#"]))
+    run_tok = kdcore.fingerprint(CharTokenizer(chars + ["#"]))
     with pytest.raises(
         CheckpointError, match=f"tokenizer hash {run_tok}.*{manifest['data']['tokenizer_hash']}"
     ) as info:
@@ -554,11 +560,11 @@ def test_kd_cache_command_writes_and_verifies(world, tmp_path, capsys):
         "tail_logmass": "float32",
     }
     assert manifest["vocab_size"] == 256 and manifest["seq_len"] == SEQ
-    assert manifest["teacher"]["identity"] == kc.teacher_identity(world["teacher"])
-    assert manifest["tokenizer_hash"] == kdcore.tokenizer.fingerprint(ByteTokenizer())
+    assert manifest["teacher"]["identity"] == kc_write.teacher_identity(world["teacher"])
+    assert manifest["tokenizer_hash"] == kdcore.fingerprint(ByteTokenizer())
     assert (
         manifest["data"]["fingerprint"]
-        == kc.build_dataset(kdcore.load_spec(world["spec"])).fingerprint()
+        == build_dataset(kdcore.load_spec(world["spec"])).fingerprint()
     )
     assert manifest["token_count"] == 202 * SEQ and manifest["complete"]
     assert kd_main(["cache", "--verify", str(out)]) == 0
@@ -581,7 +587,7 @@ def test_training_from_the_cache_never_loads_the_teacher(world, tmp_path):
     moved = tmp_path / "teacher-gone"
     shutil.copytree(world["teacher"], moved)
     spec = spec_dict([{"path": str(moved)}])
-    kc.write_cache(kdcore.load_spec(spec), tmp_path / "c", top_k=8, progress=False)
+    kc_write.write_cache(kdcore.load_spec(spec), tmp_path / "c", top_k=8, progress=False)
     shutil.rmtree(moved)  # the run below cannot load it even if it tried
     hinton = {"name": "hinton", "params": {"temperature": 2.0, "tail": "tail-bucket"}}
     run_spec = spec_dict([{"cache": str(tmp_path / "c")}], losses=[hinton, {"name": "ce"}])
@@ -593,7 +599,7 @@ def test_training_from_the_cache_never_loads_the_teacher(world, tmp_path):
 
 def test_a_teacher_that_needs_hidden_states_cannot_come_from_the_cache(world):
     teacher = open_cache(world["spec"], world["cache"])
-    batch = to_mx(kc.build_dataset(kdcore.load_spec(world["spec"])).batch(0, 2))
+    batch = to_mx(build_dataset(kdcore.load_spec(world["spec"])).batch(0, 2))
     with pytest.raises(kdcore.SpecError, match="no hidden_states"):
         teacher.signal(batch, frozenset({"hidden_states"}))
 
@@ -602,13 +608,13 @@ def test_multi_teacher_cache_has_one_sub_cache_each(world, tmp_path):
     second = make_teacher(tmp_path / "t1", ByteTokenizer(), seed=1)
     spec = spec_dict([{"path": str(world["teacher"])}, {"path": str(second)}])
     out = tmp_path / "c"
-    kc.write_cache(kdcore.load_spec(spec), out, top_k=4, progress=False)
-    assert [p.name for p in kc.teacher_dirs(out)] == ["teacher-0", "teacher-1"]
-    report = kc.verify_cache(out)
+    kc_write.write_cache(kdcore.load_spec(spec), out, top_k=4, progress=False)
+    assert [p.name for p in kc_format.teacher_dirs(out)] == ["teacher-0", "teacher-1"]
+    report = kc_format.verify_cache(out)
     assert set(report) == {"teacher-0", "teacher-1"}
     with pytest.raises(kdcore.SpecError, match="holds 2 teacher caches"):
         open_cache(spec, out)
-    batch = to_mx(kc.build_dataset(kdcore.load_spec(spec)).batch(1, 3))
+    batch = to_mx(build_dataset(kdcore.load_spec(spec)).batch(1, 3))
     a = open_cache(spec, out, teacher=0).signal(batch)
     b = open_cache(spec, out / "teacher-1").signal(batch)
     ids = np.array(b.topk_ids)
@@ -631,7 +637,7 @@ def test_a_run_from_two_full_caches_follows_the_online_multi_teacher_run(
     """Several cached teachers under mean / weighted: the sparse mixture, exact at k = V."""
     second = make_teacher(tmp_path / "t1", ByteTokenizer(), seed=1)
     live = [{"path": str(world["teacher"])}, {"path": str(second)}]
-    kc.write_cache(
+    kc_write.write_cache(
         kdcore.load_spec(spec_dict(live)),
         tmp_path / "c",
         top_k=256,
@@ -657,7 +663,7 @@ def test_a_run_from_two_full_caches_follows_the_online_multi_teacher_run(
 def test_a_run_from_two_top_k_caches_trains(world, tmp_path):
     second = make_teacher(tmp_path / "t1", ByteTokenizer(), seed=1)
     live = [{"path": str(world["teacher"])}, {"path": str(second)}]
-    kc.write_cache(kdcore.load_spec(spec_dict(live)), tmp_path / "c", top_k=8, progress=False)
+    kc_write.write_cache(kdcore.load_spec(spec_dict(live)), tmp_path / "c", top_k=8, progress=False)
     spec = spec_dict(
         [{"cache": str(tmp_path / "c"), "params": {"teacher": i}} for i in range(2)],
         losses=[{"name": "hinton", "params": {"temperature": 1.0}}],

@@ -8,10 +8,10 @@ import json
 import numpy as np
 import pytest
 
-from kdcore.data import JsonlConfig, JsonlDataset, TextConfig, TextDataset
-from kdcore.losses import IGNORE_INDEX
-from kdcore.setup import Setup
-from kdcore.tokenizer import ByteTokenizer, CharTokenizer, fingerprint
+from kdcore.data.datasets import JsonlConfig, JsonlDataset, TextConfig, TextDataset
+from kdcore.losses.tokens import IGNORE_INDEX
+from kdcore.registry.setup import Setup
+from kdcore.tokenizers.simple import ByteTokenizer, CharTokenizer, fingerprint
 
 
 def test_text_batches_are_a_function_of_seed_and_index(corpus):

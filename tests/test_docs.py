@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from kdcore import docgen
+from kdcore.cli import docgen
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -13,7 +13,7 @@ def test_spec_reference_component_tables_are_current():
 
 
 def test_every_hookspec_has_a_documented_example():
-    from kdcore import hookspecs
+    from kdcore.registry import hookspecs
 
     for name in dir(hookspecs):
         if name.startswith("kd_"):

@@ -15,8 +15,11 @@ import pytest
 from mlx.utils import tree_flatten
 
 import kdcore
-from kdcore.checkpoint import latest_checkpoint, load_checkpoint
-from kdcore.models import load_model
+from kdcore.engine import loop
+from kdcore.engine.build import build_parts
+from kdcore.engine.checkpoint import latest_checkpoint, load_checkpoint
+from kdcore.engine.distill import train_parts
+from kdcore.models.io import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -79,7 +82,7 @@ def test_outputs_of_a_run(tmp_path, make_spec, teacher_dir):
 KILLER = textwrap.dedent("""
     import os, sys
     import kdcore
-    from kdcore.plugins import reset_registry
+    from kdcore.registry.manager import reset_registry
 
     class Killer:
         def __init__(self, config, setup):
@@ -150,7 +153,7 @@ def test_resume_after_kill_gives_the_same_losses(tmp_path, make_spec, teacher_di
 WRITE_KILLER = textwrap.dedent("""
     import os, sys
     import kdcore
-    import kdcore.checkpoint as ckpt
+    import kdcore.engine.checkpoint as ckpt
 
     real = ckpt.save_arrays
     calls = {"n": 0}
@@ -244,7 +247,7 @@ class _NanAt:
 
 
 def test_nan_loss_stops_with_step_and_term_after_saving(tmp_path, make_spec):
-    from kdcore.plugins import reset_registry
+    from kdcore.registry.manager import reset_registry
 
     reset_registry([(_NanAt(3), "test-nan")])
     try:
@@ -275,16 +278,16 @@ def test_zero_lr_group_freezes_and_others_train(tmp_path, make_spec):
             }
         )
     )
-    run = kdcore.train.Run(spec, tmp_path / "run")
+    run = build_parts(spec)
     before = {k: np.array(v) for k, v in tree_flatten(run.student.parameters())}
-    run.train(progress=False)
+    train_parts(run, tmp_path / "run", progress=False)
     after = {k: np.array(v) for k, v in tree_flatten(run.student.parameters())}
     assert np.array_equal(before["embed.weight"], after["embed.weight"])
     changed = [k for k in before if not np.array_equal(before[k], after[k])]
     assert "blocks.0.attention.q_proj.weight" in changed
 
 
-def test_stages_rebuild_the_optimizer_with_their_groups(tmp_path, make_spec):
+def test_stages_rebuild_the_optimizer_with_their_groups(tmp_path, make_spec, monkeypatch):
     spec = kdcore.load_spec(
         make_spec(
             train={
@@ -301,18 +304,18 @@ def test_stages_rebuild_the_optimizer_with_their_groups(tmp_path, make_spec):
             }
         )
     )
-    run = kdcore.train.Run(spec, tmp_path / "run")
+    run = build_parts(spec)
     start = {k: np.array(v) for k, v in tree_flatten(run.student.parameters())}
     seen = {}
-    original = run._stage_optimizer
+    original = loop.stage_optimizer
 
-    def spy(stage):
-        result = original(stage)
+    def spy(parts, stage):
+        result = original(parts, stage)
         seen[stage.name] = {k: np.array(v) for k, v in tree_flatten(run.student.parameters())}
         return result
 
-    run._stage_optimizer = spy
-    summary = run.train(progress=False)
+    monkeypatch.setattr(loop, "stage_optimizer", spy)
+    summary = train_parts(run, tmp_path / "run", progress=False)
     assert summary["steps"] == 4
     # after stage 1, blocks are untouched; embeddings moved
     assert np.array_equal(
@@ -343,8 +346,8 @@ def test_gradient_accumulation_equals_the_larger_batch(tmp_path, make_spec):
                 }
             )
         )
-        run = kdcore.train.Run(spec, tmp_path / name)
-        run.train(progress=False)
+        run = build_parts(spec)
+        train_parts(run, tmp_path / name, progress=False)
         return {k: np.array(v) for k, v in tree_flatten(run.student.parameters())}
 
     big = params_after(4, 1, "big")
@@ -366,7 +369,7 @@ def test_from_teacher_initializer_copies_through_a_layer_map(tmp_path, make_spec
             },
         )
     )
-    run = kdcore.train.Run(spec, tmp_path / "run")
+    run = build_parts(spec)
     teacher, _, _ = load_model(teacher_dir)
     t = dict(tree_flatten(teacher.parameters()))
     s = dict(tree_flatten(run.student.parameters()))
@@ -391,7 +394,7 @@ def test_from_teacher_truncates_and_interpolates_other_widths(tmp_path, make_spe
                 },
             )
         )
-        run = kdcore.train.Run(spec, tmp_path / mode)
+        run = build_parts(spec)
         teacher, _, _ = load_model(teacher_dir)
         t = np.array(dict(tree_flatten(teacher.parameters()))["embed.weight"])
         s = np.array(dict(tree_flatten(run.student.parameters()))["embed.weight"])
@@ -415,7 +418,7 @@ def test_identity_aligner_checks_token_strings_not_sizes(tmp_path, make_spec, te
         )
     )
     with pytest.raises(kdcore.SpecError, match="vocabularies differ"):
-        kdcore.train.Run(spec, tmp_path / "run")
+        build_parts(spec)
 
 
 def test_a_loss_that_needs_a_teacher_without_one_is_rejected(make_spec):
@@ -424,8 +427,8 @@ def test_a_loss_that_needs_a_teacher_without_one_is_rejected(make_spec):
         def kd_losses(self):
             return [kdcore.Component("needy", lambda c, s: None, requires={"teacher"})]
 
-    from kdcore.plugins import reset_registry
-    from kdcore.train import check_composition
+    from kdcore.registry.manager import reset_registry
+    from kdcore.spec.compose import check_composition
 
     reset_registry([(NeedsTeacher(), "test-needy")])
     try:
@@ -474,8 +477,8 @@ def test_a_cache_teacher_cannot_feed_losses_that_need_features(make_spec, tmp_pa
                 )
             ]
 
-    from kdcore.plugins import reset_registry
-    from kdcore.train import check_composition
+    from kdcore.registry.manager import reset_registry
+    from kdcore.spec.compose import check_composition
 
     reset_registry([(WantsFeatures(), "test-features")])
     try:
@@ -509,7 +512,7 @@ class _Learnable:
 
 
 def test_learnable_loss_trains_resumes_and_stays_out_of_the_student(tmp_path, make_spec):
-    from kdcore.plugins import reset_registry
+    from kdcore.registry.manager import reset_registry
 
     reset_registry([(_Learnable(), "test-learnable")])
     try:

@@ -14,12 +14,13 @@ import pytest
 from mlx.utils import tree_flatten
 
 import kdcore
-from kdcore import lora
 from kdcore.errors import SpecError
 from kdcore.io import load_arrays
-from kdcore.mlxlm import MlxLmModelConfig, create_mlxlm_dir, mlxlm_model
-from kdcore.models import Transformer
-from kdcore.setup import Setup, build
+from kdcore.models import lora
+from kdcore.models.mlxlm import MlxLmModelConfig, create_mlxlm_dir, mlxlm_model
+from kdcore.models.transformer import Transformer
+from kdcore.registry.setup import Setup
+from kdcore.spec.build import build
 
 LLAMA = dict(
     model_type="llama",
@@ -118,7 +119,8 @@ def test_lora_run_saves_adapters_mlx_lm_loads(base_dir, corpus, tmp_path):
     """Needs the engine patch: lora.refreeze at each stage, adapters saved by save_student."""
     from mlx_lm import load
 
-    from kdcore.train import Run
+    from kdcore.engine.build import build_parts
+    from kdcore.engine.distill import train_parts
 
     spec = _spec(
         corpus,
@@ -127,8 +129,8 @@ def test_lora_run_saves_adapters_mlx_lm_loads(base_dir, corpus, tmp_path):
         rank=4,
         keys=["self_attn.q_proj", "self_attn.v_proj"],
     )
-    run = Run(kdcore.load_spec(spec), tmp_path / "run")
-    summary = run.train(progress=False)
+    run = build_parts(kdcore.load_spec(spec))
+    summary = train_parts(run, tmp_path / "run", progress=False)
     adapters = lora.adapter_weights(run.student)
     assert summary["trainable_parameters"] == sum(v.size for v in adapters.values()) == 3 * 448
     assert summary["init"]["from"] == "lora"
@@ -156,8 +158,9 @@ def test_lora_run_saves_adapters_mlx_lm_loads(base_dir, corpus, tmp_path):
 
 def test_lora_run_on_the_builtin_transformer(corpus, tmp_path, base_dir):
     """Needs the engine patch. kdcore's transformer names its layers ``blocks``."""
-    from kdcore.models import load_model
-    from kdcore.train import Run
+    from kdcore.engine.build import build_parts
+    from kdcore.engine.distill import train_parts
+    from kdcore.models.io import load_model
 
     spec = _spec(
         corpus,
@@ -169,8 +172,8 @@ def test_lora_run_on_the_builtin_transformer(corpus, tmp_path, base_dir):
     )
     spec["teachers"] = []
     spec["losses"] = [{"name": "ce"}]
-    run = Run(kdcore.load_spec(spec), tmp_path / "run")
-    summary = run.train(progress=False)
+    run = build_parts(kdcore.load_spec(spec))
+    summary = train_parts(run, tmp_path / "run", progress=False)
     assert summary["trainable_parameters"] == 2 * (2 * (32 + 32) + 32)  # A, B and DoRA's m
     out = tmp_path / "run" / "student"
     assert (out / "adapters.safetensors").exists()

@@ -16,7 +16,7 @@ from mlx.utils import tree_flatten
 
 import kdcore
 from kdcore.errors import SpecError
-from kdcore.mlxlm import (
+from kdcore.models.mlxlm import (
     MlxLmModel,
     MlxLmModelConfig,
     create_mlxlm_dir,
@@ -24,9 +24,9 @@ from kdcore.mlxlm import (
     load_mlxlm,
     mlxlm_model,
 )
-from kdcore.setup import Setup
-from kdcore.tokenizer import ByteTokenizer, fingerprint
-from kdcore.vocab import HFTokenizer, train_bpe_tokenizer_json
+from kdcore.registry.setup import Setup
+from kdcore.tokenizers.hf import HFTokenizer, train_bpe_tokenizer_json
+from kdcore.tokenizers.simple import ByteTokenizer, fingerprint
 
 LLAMA = dict(
     model_type="llama",
@@ -162,8 +162,8 @@ def test_model_component_builds_fresh_or_loads(family_dirs):
 
 
 def test_teacher_source_with_the_run_tokenizer(family_dirs, tmp_path):
-    from kdcore.mlxlm import MlxLmTeacher, MlxLmTeacherConfig
-    from kdcore.spec import TeacherRef
+    from kdcore.spec.schema import TeacherRef
+    from kdcore.teachers.mlxlm import MlxLmTeacher, MlxLmTeacherConfig
 
     setup = Setup(
         base_dir=tmp_path, teacher=TeacherRef(source="mlx-lm", path=str(family_dirs["gpt2"]))
@@ -181,8 +181,8 @@ def test_teacher_source_with_the_run_tokenizer(family_dirs, tmp_path):
 
 
 def test_teacher_source_retokenizes_for_another_tokenizer(corpus, tmp_path):
-    from kdcore.mlxlm import MlxLmTeacher, MlxLmTeacherConfig
-    from kdcore.spec import TeacherRef
+    from kdcore.spec.schema import TeacherRef
+    from kdcore.teachers.mlxlm import MlxLmTeacher, MlxLmTeacherConfig
 
     text = corpus.read_text()
     bpe = train_bpe_tokenizer_json(text[:20000], vocab_size=320)
@@ -230,7 +230,8 @@ def test_full_student_is_an_mlx_lm_directory(family_dirs, corpus, tmp_path):
     """Needs the engine patch (Run.save_student -> kdcore.mlxlm.save_student)."""
     from mlx_lm import generate, load
 
-    from kdcore.train import Run
+    from kdcore.engine.build import build_parts
+    from kdcore.engine.distill import train_parts
 
     small = {
         **LLAMA,
@@ -249,8 +250,8 @@ def test_full_student_is_an_mlx_lm_directory(family_dirs, corpus, tmp_path):
             },
         )
     )
-    run = Run(spec, tmp_path / "run")
-    summary = run.train(progress=False)
+    run = build_parts(spec)
+    summary = train_parts(run, tmp_path / "run", progress=False)
     assert summary["trainable_parameters"] == summary["student_parameters"]
     out = tmp_path / "run" / "student"
     assert json.loads((out / "config.json").read_text())["model_type"] == "llama"
@@ -259,7 +260,7 @@ def test_full_student_is_an_mlx_lm_directory(family_dirs, corpus, tmp_path):
     text = generate(model, tokenizer, "First", max_tokens=6)
     assert isinstance(text, str) and len(text.encode("utf-8", "replace")) >= 1
     # kd's own loader opens it too (kd eval), through the mlx-lm model component
-    from kdcore.models import load_model
+    from kdcore.models.io import load_model
 
     again, arch, _ = load_model(out)
     assert arch == "mlx-lm"

@@ -14,7 +14,7 @@ import pluggy
 import pytest
 
 import kdcore
-from kdcore.plugins import build_registry
+from kdcore.registry.manager import build_registry
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -105,7 +105,7 @@ def test_misspelt_hook_is_an_error():
             return []
 
     with pytest.raises(pluggy.PluginValidationError):
-        build_registry([(Typo(), "typo")])
+        build_registry(extra_plugins=[(Typo(), "typo")])
 
 
 def test_non_component_record_is_an_error():
@@ -115,7 +115,7 @@ def test_non_component_record_is_an_error():
             return ["not a component"]
 
     with pytest.raises(kdcore.RegistryError, match="bad-dist"):
-        build_registry([(Bad(), "bad-dist")])
+        build_registry(extra_plugins=[(Bad(), "bad-dist")])
 
 
 def test_component_validates_its_fields():

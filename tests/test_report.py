@@ -8,10 +8,10 @@ import json
 import pytest
 
 import kdcore
-from kdcore.cli import main
+from kdcore.analysis.report import write_report
+from kdcore.cli.main import main
 from kdcore.errors import RegistryError
-from kdcore.plugins import reset_registry
-from kdcore.report import write_report
+from kdcore.registry.manager import reset_registry
 
 
 @pytest.fixture

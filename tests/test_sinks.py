@@ -8,8 +8,8 @@ import sys
 import pytest
 
 import kdcore
+from kdcore.engine.sinks import MissingExtraError, read_event_scalars, scalars
 from kdcore.errors import KdError
-from kdcore.sinks import MissingExtraError, read_event_scalars, scalars
 
 
 def _metrics(run):

@@ -8,9 +8,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kdcore import divergence
-from kdcore.divergence import _distinct_support, mixture_support
-from kdcore.signal import TeacherSignal
+from kdcore.kernels import divergence
+from kdcore.kernels.divergence import _distinct_support, mixture_support
+from kdcore.signal.teacher import TeacherSignal
 
 
 def log_softmax64(z: np.ndarray) -> np.ndarray:

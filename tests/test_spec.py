@@ -9,9 +9,9 @@ import sys
 import pytest
 
 import kdcore
-from kdcore.schedules import Schedule
-from kdcore.spec import apply_overrides, parse_override, spec_to_dict
-from kdcore.tomlwrite import dumps
+from kdcore.spec.load import apply_overrides, parse_override, spec_to_dict
+from kdcore.spec.schedules import Schedule
+from kdcore.spec.tomlwrite import dumps
 
 THREE_MISTAKES = """
 [data]

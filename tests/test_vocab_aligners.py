@@ -19,23 +19,22 @@ from hypothesis import strategies as st
 
 import kdcore
 from kdcore import testing
+from kdcore.align.retokenize import Retokenizer
 from kdcore.errors import SpecError
-from kdcore.losses import LossInputs
-from kdcore.mlxlm import create_mlxlm_dir
+from kdcore.losses.inputs import LossInputs
+from kdcore.models.mlxlm import create_mlxlm_dir
 from kdcore.models.output import ModelOutput
-from kdcore.plugins import reset_registry
-from kdcore.setup import build
-from kdcore.signal import TeacherSignal
-from kdcore.tokenizer import ByteTokenizer, fingerprint
-from kdcore.vocab import (
-    AlignedSignal,
+from kdcore.registry.manager import reset_registry
+from kdcore.signal.aligned import AlignedSignal, position_mask
+from kdcore.signal.teacher import TeacherSignal
+from kdcore.spec.build import build
+from kdcore.tokenizers.hf import (
     HFTokenizer,
-    Retokenizer,
     byte_level_tokenizer_json,
-    position_mask,
     token_byte_strings,
     train_bpe_tokenizer_json,
 )
+from kdcore.tokenizers.simple import ByteTokenizer, fingerprint
 
 
 class ListTokenizer:

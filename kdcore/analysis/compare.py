@@ -63,7 +63,7 @@ def _read_run(run_dir: Path) -> dict[str, Any]:
 
 
 def _data_of(run_dir: Path) -> str | None:
-    from kdcore.evaluate import load_run_spec
+    from kdcore.engine.rundir import load_run_spec
 
     try:
         spec = load_run_spec(run_dir)

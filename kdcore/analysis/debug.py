@@ -34,8 +34,9 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 
+from kdcore.engine.step import gradients
 from kdcore.errors import SpecError
-from kdcore.losses import token_cross_entropy
+from kdcore.losses.tokens import token_cross_entropy
 
 _INDEX = re.compile(r"^\d+$")
 MEASURES = ("kl", "js", "top10")
@@ -51,16 +52,17 @@ def group_of(path: str) -> str:
 
 
 def build_run(run_dir: str | Path):
-    """The engine's ``Run`` for a finished run, holding its saved trainable state."""
-    from kdcore import checkpoint as ckpt
-    from kdcore.evaluate import load_run_spec
+    """The built parts of a finished run, holding its saved trainable state."""
+    from kdcore.engine import checkpoint as ckpt
+    from kdcore.engine.build import build_parts
+    from kdcore.engine.loop import stage_optimizer, stages
+    from kdcore.engine.rundir import load_run_spec
     from kdcore.io import load_arrays
-    from kdcore.train import Run, _stages
 
     run_dir = Path(run_dir)
     spec = load_run_spec(run_dir)
     spec.callbacks = []  # sinks have nothing to do here, and may need missing extras
-    run = Run(spec, output=run_dir)
+    run = build_parts(spec)
     weights = load_arrays(run_dir / "student" / "model.safetensors", "student weights")
     run.student.load_weights(list(weights.items()), strict=True)
     latest = ckpt.latest_checkpoint(run_dir / "checkpoints")
@@ -70,7 +72,7 @@ def build_run(run_dir: str | Path):
         if others:
             run.trainable.load_weights(others, strict=False)
     # Freeze what the last stage froze (lr_mult = 0), as the engine does before its steps.
-    run._stage_optimizer(_stages(spec)[-1])
+    stage_optimizer(run, stages(spec)[-1])
     mx.eval(run.trainable.parameters())
     return run
 
@@ -91,7 +93,7 @@ def gradient_report(run_dir: str | Path, batches: int = 2) -> dict[str, Any]:
     per_batch = []
     for step in steps:
         mx.random.seed(run.spec.run.seed * 1_000_003 + step)  # as the engine seeds the step
-        total, terms, _metrics, grads, ntok = run._gradients(step)
+        total, terms, _metrics, grads, ntok = gradients(run, step)
         mx.eval(total, terms, grads)
         sums: dict[str, list[float]] = {}
         for path, grad in tree_flatten(grads):

@@ -38,7 +38,7 @@ import mlx.nn as nn
 
 from kdcore.errors import CheckpointError, KdError, SpecError
 from kdcore.io import read_json
-from kdcore.models import count_parameters
+from kdcore.models.io import count_parameters
 
 KEEP = ("depth", "width", "balanced")
 TOLERANCE = 0.10  # |ln(P / target)| accepted as "on target"
@@ -77,8 +77,8 @@ class Family:
 
 def _builtin_family(raw: dict) -> Family:
     from kdcore.models.transformer import Transformer, TransformerConfig
-    from kdcore.plugins import get_registry
-    from kdcore.spec import structure_config
+    from kdcore.registry.manager import get_registry
+    from kdcore.spec.convert import structure_config
 
     component = get_registry().get("model", "transformer")
     config, problems = structure_config(component, raw, "$")
@@ -140,7 +140,7 @@ MLXLM_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
 
 def _mlxlm_family(raw: dict, directory: Path) -> Family:
-    from kdcore.mlxlm import build_mlxlm, require_mlx_lm
+    from kdcore.models.mlxlm import build_mlxlm, require_mlx_lm
 
     require_mlx_lm()
     model_type = raw.get("model_type")
@@ -345,6 +345,6 @@ def design_student(
 
 def student_toml(architecture: str, params: dict[str, Any]) -> str:
     """The ``[student]`` table of a spec, as TOML."""
-    from kdcore.tomlwrite import dumps
+    from kdcore.spec.tomlwrite import dumps
 
     return dumps({"student": {"model": {"name": architecture, "params": params}}}).strip() + "\n"

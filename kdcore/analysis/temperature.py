@@ -32,8 +32,9 @@ def _is_run_dir(path: Path) -> bool:
 
 def dataset_for_file(data: str | Path, tokenizer, seq_len: int, seed: int = 0):
     """A dataset over a text or JSONL file, every example in its ``train`` split."""
-    from kdcore.plugins import get_registry
-    from kdcore.setup import Setup, make_config
+    from kdcore.registry.manager import get_registry
+    from kdcore.registry.setup import Setup
+    from kdcore.spec.build import make_config
 
     path = Path(data).resolve()
     fmt = "jsonl" if path.suffix in (".jsonl", ".gz") else "text"
@@ -45,8 +46,8 @@ def dataset_for_file(data: str | Path, tokenizer, seq_len: int, seed: int = 0):
 def run_teacher(spec) -> tuple[Any, Any, Path | None]:
     """The first teacher of a run with a model in the run's token ids: (model, tokenizer,
     directory). A top-k cache or a retokenizing teacher has no such model."""
-    from kdcore.plugins import get_registry
-    from kdcore.setup import Setup
+    from kdcore.registry.manager import get_registry
+    from kdcore.registry.setup import Setup
 
     registry = get_registry()
     for ref in spec.teachers:
@@ -63,13 +64,14 @@ def run_teacher(spec) -> tuple[Any, Any, Path | None]:
 
 def load_model_dir(directory: str | Path) -> tuple[Any, Any]:
     """(model, tokenizer) of a kdcore model folder or a local mlx-lm folder."""
-    from kdcore.models import load_model
-    from kdcore.tokenizer import load_tokenizer
+    from kdcore.models.io import load_model
+    from kdcore.tokenizers.simple import load_tokenizer
 
     directory = Path(directory)
     raw = read_json(directory / "config.json", "model config")
     if "kd_model" not in raw and "model_type" in raw:
-        from kdcore.mlxlm import MlxLmModel, load_hf_tokenizer, load_mlxlm
+        from kdcore.models.mlxlm import MlxLmModel, load_mlxlm
+        from kdcore.tokenizers.hf import load_hf_tokenizer
 
         lm, config = load_mlxlm(directory)
         tokenizer = load_hf_tokenizer(directory)
@@ -87,9 +89,9 @@ def load_teacher_and_data(
     A run folder gives its first teacher with a model and its val split; a model folder
     that is ``RUN/student`` of a run gives that run's val split; ``data`` overrides the split.
     """
-    from kdcore.evaluate import load_run_spec
-    from kdcore.plugins import get_registry
-    from kdcore.setup import Setup
+    from kdcore.engine.rundir import load_run_spec
+    from kdcore.registry.manager import get_registry
+    from kdcore.registry.setup import Setup
 
     source = Path(source)
     spec = None

@@ -1,15 +1,15 @@
-"""The core's own components, registered through the same hooks as any plugin."""
+"""The core's own components, registered through the same hooks as any plugin: one module
+per kind, each only registration (the implementations live in the pipeline's packages)."""
 
 from kdcore.builtins import (
     aggregators,
     aligners,
-    analysis,
-    cache,
+    commands,
     datasets,
     initializers,
     losses,
     models,
-    realscale,
+    run_callbacks,
     schedulers,
     teacher_sources,
 )
@@ -23,7 +23,6 @@ MODULES = [
     models,
     datasets,
     teacher_sources,
-    cache,
-    analysis,
-    realscale,
+    run_callbacks,
+    commands,
 ]

@@ -1,8 +1,8 @@
 """Built-in dataset formats."""
 
-from kdcore.components import Component
-from kdcore.data import JsonlConfig, JsonlDataset, TextConfig, TextDataset
-from kdcore.plugins import hookimpl
+from kdcore.data.datasets import JsonlConfig, JsonlDataset, TextConfig, TextDataset
+from kdcore.registry.components import Component
+from kdcore.registry.manager import hookimpl
 
 
 @hookimpl

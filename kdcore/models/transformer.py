@@ -125,10 +125,13 @@ class Transformer(nn.Module):
                 hidden.append(x)
             if want_attn:
                 attentions.append(weights)
-        x = self.norm(x)
-        logits = self.embed.as_linear(x) if self.config.tie_embeddings else self.lm_head(x)
         return ModelOutput(
-            logits=logits,
+            final_hidden=self.norm(x),
+            head=self.output_head,
             hidden_states=tuple(hidden) if want_hidden else None,
             attentions=tuple(attentions) if want_attn else None,
         )
+
+    def output_head(self, hidden: mx.array) -> mx.array:
+        """Final hidden states [..., D] -> logits [..., V] (tied or untied)."""
+        return self.embed.as_linear(hidden) if self.config.tie_embeddings else self.lm_head(hidden)

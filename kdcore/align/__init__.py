@@ -1,0 +1,1 @@
+"""Distillation across vocabularies: retokenizing, token maps, ULD."""

@@ -1,0 +1,11 @@
+"""Built-in ``kd`` commands, registered through ``kd_add_commands`` like any plugin's."""
+
+from kdcore.cli import analysis, cache, commands
+from kdcore.registry.manager import hookimpl
+
+
+@hookimpl
+def kd_add_commands(subparsers):
+    commands.add_commands(subparsers)
+    cache.add_parser(subparsers)
+    analysis.add_commands(subparsers)

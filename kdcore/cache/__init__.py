@@ -1,0 +1,1 @@
+"""The offline top-k teacher cache: format, writing, reading."""

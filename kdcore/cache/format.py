@@ -1,0 +1,230 @@
+"""The on-disk format of a top-k teacher cache: constants, manifests, shard headers and the
+checks that a cache is whole (docs/cache.md)."""
+
+from __future__ import annotations
+
+import json
+import mmap
+import struct
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+
+from kdcore.errors import CheckpointError
+from kdcore.io import read_json, sha256_file
+
+FORMAT = "kd-teacher-cache"
+
+
+SET_FORMAT = "kd-teacher-cache-set"
+
+
+VERSION = 1
+
+
+FLOOR = -1.0e4  # exp(-1e4) == 0 in float32 and float64
+
+
+DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
+
+
+# safetensors dtype tag -> (numpy dtype used to map the bytes, our name)
+_ST_DTYPES = {
+    "F16": (np.float16, "float16"),
+    "BF16": (np.uint16, "bfloat16"),  # NumPy has no bfloat16: map the bits, view in MLX
+    "F32": (np.float32, "float32"),
+    "I32": (np.int32, "int32"),
+}
+
+
+def map_safetensors(path: Path, what: str = "shard") -> dict[str, tuple[np.ndarray, str]]:
+    """Memory-map every tensor of a safetensors file: name -> (read-only array, dtype name).
+
+    The header (8-byte little-endian length, then JSON) is parsed here so that a file cut
+    short is reported as truncated rather than read past its end. ``safetensors.numpy``
+    would read the whole file into memory, and has no bfloat16.
+    """
+    if not path.exists():
+        raise CheckpointError(f"{what} {path} is missing")
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        head = handle.read(8)
+        if len(head) < 8:
+            raise CheckpointError(f"{what} {path} is truncated ({size} bytes)")
+        (length,) = struct.unpack("<Q", head)
+        if 8 + length > size:
+            raise CheckpointError(f"{what} {path} is truncated (header runs past the end)")
+        try:
+            header = json.loads(handle.read(length))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise CheckpointError(f"{what} {path} has a corrupt header: {exc}") from exc
+        if not isinstance(header, dict):
+            raise CheckpointError(f"{what} {path} has a corrupt header")
+        mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+    if hasattr(mapped, "madvise") and hasattr(mmap, "MADV_RANDOM"):
+        # Training reads rows in shuffled order: read-ahead would only pull in neighbours.
+        mapped.madvise(mmap.MADV_RANDOM)
+    base = 8 + length
+    tensors = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            np_dtype, dtype_name = _ST_DTYPES[info["dtype"]]
+            shape = tuple(int(d) for d in info["shape"])
+            begin, end = (int(o) for o in info["data_offsets"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CheckpointError(f"{what} {path}: bad header entry for {name!r}") from exc
+        if base + end > size:
+            raise CheckpointError(
+                f"{what} {path} is truncated: {name!r} ends at byte {base + end}, "
+                f"the file has {size}"
+            )
+        if end - begin != int(np.prod(shape)) * np.dtype(np_dtype).itemsize:
+            raise CheckpointError(f"{what} {path}: {name!r} has {end - begin} bytes for {shape}")
+        count = int(np.prod(shape))
+        array = np.frombuffer(mapped, dtype=np_dtype, count=count, offset=base + begin)
+        tensors[name] = (array.reshape(shape), dtype_name)
+    return tensors
+
+
+def _check_shard(
+    directory: Path, manifest: dict, shard: dict, checksum: bool
+) -> tuple[dict, list[str]]:
+    """Map one shard and compare it with the manifest: (tensors, problems naming the shard)."""
+    path = directory / shard["file"]
+    try:
+        tensors = map_safetensors(path)
+    except CheckpointError as exc:
+        return {}, [str(exc)]
+    rows = shard["rows"][1] - shard["rows"][0]
+    L, K = manifest["seq_len"], manifest["k"]
+    expected = {
+        "topk_ids": ((rows, L, K), manifest["dtypes"]["topk_ids"]),
+        "topk_logprobs": ((rows, L, K), manifest["dtypes"]["topk_logprobs"]),
+        "tail_logmass": ((rows, L), manifest["dtypes"]["tail_logmass"]),
+    }
+    problems = []
+    for name, (shape, dtype) in expected.items():
+        if name not in tensors:
+            problems.append(f"shard {path} has no tensor {name!r}")
+            continue
+        array, got = tensors[name]
+        if tuple(array.shape) != shape or got != dtype:
+            problems.append(
+                f"shard {path}: {name} is {got} {tuple(array.shape)}, the manifest says "
+                f"{dtype} {shape}"
+            )
+    if checksum and not problems and sha256_file(path) != shard["sha256"]:
+        problems.append(f"shard {path} does not match its sha256 checksum in the manifest")
+    return tensors, problems
+
+
+def _read_manifest(directory: Path) -> dict:
+    manifest = read_json(directory / "manifest.json", "cache manifest")
+    if not isinstance(manifest, dict) or manifest.get("format") not in (FORMAT, SET_FORMAT):
+        raise CheckpointError(f"{directory}/manifest.json is not a kd teacher cache manifest")
+    missing = _missing_fields(manifest)
+    if missing:
+        raise CheckpointError(
+            f"{directory}/manifest.json is damaged: missing or malformed {', '.join(missing)}"
+        )
+    return manifest
+
+
+_TEACHER_FIELDS = {
+    "k": int,
+    "seq_len": int,
+    "vocab_size": int,
+    "capture_temperature": (int, float),
+    "tokenizer_hash": str,
+    "complete": bool,
+    "shards": list,
+    "dtypes": dict,
+    "data": dict,
+    "teacher": dict,
+}
+
+
+def _missing_fields(manifest: dict) -> list[str]:
+    """Field names a manifest lacks or has with the wrong type (empty when it is sound)."""
+    if manifest["format"] == SET_FORMAT:
+        teachers = manifest.get("teachers")
+        ok = isinstance(teachers, list) and all(
+            isinstance(t, dict) and isinstance(t.get("dir"), str) for t in teachers
+        )
+        return [] if ok else ["teachers"]
+    bad = [k for k, t in _TEACHER_FIELDS.items() if not isinstance(manifest.get(k), t)]
+    if bad:
+        return bad
+    if set(manifest["dtypes"]) != {"topk_ids", "topk_logprobs", "tail_logmass"}:
+        bad.append("dtypes")
+    if not {"fingerprint", "tokenizer_hash", "examples"} <= set(manifest["data"]):
+        bad.append("data")
+    if not {"identity", "num_parameters"} <= set(manifest["teacher"]):
+        bad.append("teacher")
+    for i, shard in enumerate(manifest["shards"]):
+        if not (
+            isinstance(shard, dict)
+            and isinstance(shard.get("file"), str)
+            and isinstance(shard.get("sha256"), str)
+            and isinstance(shard.get("rows"), list)
+            and len(shard["rows"]) == 2
+            and all(isinstance(r, int) for r in shard["rows"])
+        ):
+            bad.append(f"shards[{i}]")
+    return bad
+
+
+def _layout_problems(directory: Path, manifest: dict) -> list[str]:
+    """Shards must cover rows 0..examples in order, without gaps or overlaps."""
+    problems, end = [], 0
+    for shard in manifest["shards"]:
+        start, stop = shard["rows"]
+        if start != end or stop <= start:
+            problems.append(
+                f"{directory}/{shard['file']}: rows [{start}, {stop}) do not follow row {end}"
+            )
+        end = stop
+    if manifest["complete"] and end != manifest["data"]["examples"]:
+        problems.append(f"{directory}: shards cover {end} rows of {manifest['data']['examples']}")
+    return problems
+
+
+def teacher_dirs(directory: str | Path) -> list[Path]:
+    """The teacher caches inside ``directory`` (itself, if it is one teacher's cache)."""
+    directory = Path(directory)
+    manifest = _read_manifest(directory)
+    if manifest["format"] == FORMAT:
+        return [directory]
+    return [directory / entry["dir"] for entry in manifest.get("teachers", [])]
+
+
+def verify_cache(directory: str | Path, checksum: bool = True) -> dict:
+    """Check every shard of every teacher cache: present, complete, shapes and dtypes as the
+    manifest says, sha256 equal. Raises ``CheckpointError`` naming each bad shard."""
+    report, problems = {}, []
+    for sub in teacher_dirs(directory):
+        try:
+            manifest = _read_manifest(sub)
+        except CheckpointError as exc:
+            problems.append(str(exc))
+            continue
+        if manifest["format"] != FORMAT:
+            problems.append(f"{sub}/manifest.json is not one teacher's cache")
+            continue
+        if not manifest["complete"]:
+            problems.append(f"{sub} is incomplete: rerun kd cache with the same --output")
+        problems.extend(_layout_problems(sub, manifest))
+        for shard in manifest["shards"]:
+            problems.extend(_check_shard(sub, manifest, shard, checksum)[1])
+        report[sub.name] = {
+            "shards": len(manifest.get("shards", [])),
+            "tokens": manifest.get("token_count", 0),
+            "bytes": sum(s.get("bytes", 0) for s in manifest["shards"]),
+            "k": manifest["k"],
+        }
+    if problems:
+        raise CheckpointError("\n".join(problems))
+    return report

@@ -1,0 +1,305 @@
+"""Writing a top-k teacher cache: each teacher over the train split, shard by shard,
+atomically, resumable after an interruption."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+
+from kdcore.cache.format import DTYPES, FLOOR, FORMAT, SET_FORMAT, VERSION, _read_manifest
+from kdcore.data.build import build_dataset
+from kdcore.engine.distributed import DataParallel
+from kdcore.engine.progress import Progress
+from kdcore.errors import CheckpointError, SpecError
+from kdcore.io import read_json, save_arrays, sha256_file, write_json
+from kdcore.spec.convert import converter
+from kdcore.spec.load import load_spec
+from kdcore.spec.schema import RunSpec
+from kdcore.tokenizers.simple import fingerprint, load_tokenizer, save_tokenizer
+
+
+def topk_logprobs(
+    logits: mx.array, k: int, temperature: float = 1.0
+) -> tuple[mx.array, mx.array, mx.array]:
+    """(ids [.., K] int32, log-probs [.., K] float32, tail log-mass [..] float32).
+
+    ``log p = z / T - logsumexp(z / T)``; the top-k are sorted most probable first; the tail
+    is ``logsumexp`` of ``log p`` over the ids outside the top-k, floored at ``FLOOR``.
+    """
+    z = logits.astype(mx.float32) / temperature
+    logp = z - mx.logsumexp(z, axis=-1, keepdims=True)
+    V = logp.shape[-1]
+    if k > V:
+        raise ValueError(f"top-k {k} is larger than the vocabulary {V}")
+    if k < V:
+        part = mx.argpartition(-logp, k - 1, axis=-1)[..., :k].astype(mx.int32)
+    else:
+        part = mx.broadcast_to(mx.arange(V, dtype=mx.int32), logp.shape)
+    values = mx.take_along_axis(logp, part, axis=-1)
+    order = mx.argsort(-values, axis=-1)
+    ids = mx.take_along_axis(part, order, axis=-1)
+    values = mx.take_along_axis(values, order, axis=-1)
+    outside = mx.put_along_axis(logp, ids, mx.array(-math.inf, mx.float32), axis=-1)
+    tail = mx.maximum(mx.logsumexp(outside, axis=-1), FLOOR)
+    return ids, mx.maximum(values, FLOOR), tail
+
+
+def teacher_identity(directory: Path) -> str:
+    """sha256 over the teacher's ``config.json`` (canonical JSON) and its weight files."""
+    digest = hashlib.sha256()
+    config = read_json(directory / "config.json", "teacher config")
+    digest.update(json.dumps(config, sort_keys=True).encode())
+    for weights in sorted(directory.glob("*.safetensors")):
+        digest.update(weights.name.encode())
+        digest.update(sha256_file(weights).encode())
+    return digest.hexdigest()[:16]
+
+
+def _data_record(dataset, spec: RunSpec) -> dict:
+    first = dataset.batch(0, 1, "train")
+    return {
+        "fingerprint": dataset.fingerprint(),
+        "tokenizer_hash": fingerprint(dataset.tokenizer),
+        "component": spec.data.name,
+        "params": converter.unstructure(spec.data.config),
+        "split": "train",
+        "examples": dataset.num_examples("train"),
+        "seq_len": int(first["input_ids"].shape[1]),
+    }
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:05d}.safetensors"
+
+
+def write_cache(
+    spec: RunSpec | str | Path,
+    output: str | Path,
+    *,
+    top_k: int = 64,
+    dtype: str = "float16",
+    temperature: float = 1.0,
+    shard_tokens: int = 1 << 20,
+    batch_size: int = 16,
+    overrides: list[str] | None = None,
+    progress: bool | None = None,
+    on_shard: Callable[[int, int], None] | None = None,
+) -> dict:
+    """Cache every ``[[teachers]]`` entry with a ``path`` into ``output/teacher-<i>``.
+
+    ``on_shard(teacher, shard)`` is called after each shard is committed (tests use it to
+    interrupt a run). A rerun with the same settings skips the shards already written.
+    Returns the set manifest.
+    """
+    if not isinstance(spec, RunSpec):
+        spec = load_spec(spec, overrides or [])
+    if dtype not in DTYPES:
+        raise SpecError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
+    if top_k < 1:
+        raise SpecError(f"--top-k must be >= 1, got {top_k}")
+    if not temperature > 0:
+        raise SpecError(f"--temperature must be > 0, got {temperature}")
+    teachers = [(i, ref) for i, ref in enumerate(spec.teachers) if ref.path]
+    if not teachers:
+        raise SpecError('the spec has no [[teachers]] entry with path = "MODEL_DIR" to cache')
+    out = Path(output)
+    dataset = build_dataset(spec)
+    data = _data_record(dataset, spec)
+    if data["examples"] == 0:
+        raise SpecError("the train split is empty: more data or a smaller seq_len @ $.data")
+    rows_per_shard = max(1, shard_tokens // data["seq_len"])
+    entries = [
+        {"dir": f"teacher-{n}", "spec_index": i, "path": str(spec.path(ref.path))}
+        for n, (i, ref) in enumerate(teachers)
+    ]
+    write_json(
+        out / "manifest.json", {"format": SET_FORMAT, "version": VERSION, "teachers": entries}
+    )
+    for n, (_i, ref) in enumerate(teachers):
+        _write_teacher(
+            Path(spec.path(ref.path)),
+            out / f"teacher-{n}",
+            dataset,
+            data,
+            top_k=top_k,
+            dtype=dtype,
+            temperature=temperature,
+            rows_per_shard=rows_per_shard,
+            batch_size=batch_size,
+            progress=progress,
+            on_shard=(lambda s, n=n: on_shard(n, s)) if on_shard else None,
+            label=f"cache teacher-{n}",
+        )
+    return read_json(out / "manifest.json", "cache manifest")
+
+
+def _write_teacher(
+    teacher_dir: Path,
+    out: Path,
+    dataset,
+    data: dict,
+    *,
+    top_k: int,
+    dtype: str,
+    temperature: float,
+    rows_per_shard: int,
+    batch_size: int,
+    progress: bool | None,
+    on_shard: Callable[[int], None] | None,
+    label: str,
+) -> dict:
+    from kdcore.models.io import count_parameters, load_model
+
+    model, architecture, config = load_model(teacher_dir)
+    model.eval()
+    tokenizer = load_tokenizer(teacher_dir)
+    vocab = int(model(mx.array(dataset.batch(0, 1, "train")["input_ids"][:, :1])).logits.shape[-1])
+    if top_k > vocab:
+        raise SpecError(f"--top-k {top_k} is larger than the teacher's vocabulary {vocab}")
+    settings = {
+        "format": FORMAT,
+        "version": VERSION,
+        "teacher": {
+            "identity": teacher_identity(teacher_dir),
+            "path": str(teacher_dir),
+            "architecture": architecture,
+            "num_parameters": count_parameters(model),
+            "config": converter.unstructure(config),
+        },
+        "tokenizer_hash": fingerprint(tokenizer),
+        "data": data,
+        "k": top_k,
+        "capture_temperature": float(temperature),
+        "vocab_size": vocab,
+        "seq_len": data["seq_len"],
+        "dtypes": {"topk_ids": "int32", "topk_logprobs": dtype, "tail_logmass": "float32"},
+        "rows_per_shard": rows_per_shard,
+        "floor": FLOOR,
+    }
+    manifest_path = out / "manifest.json"
+    done: dict[int, dict] = {}
+    if manifest_path.exists():
+        old = _read_manifest(out)
+        changed = [key for key in settings if key != "teacher" and old.get(key) != settings[key]]
+        if old.get("teacher", {}).get("identity") != settings["teacher"]["identity"]:
+            changed.insert(0, "teacher identity")
+        if changed:
+            raise CheckpointError(
+                f"{out} holds a cache made with different settings ({', '.join(changed)}); "
+                "choose another --output or delete it"
+            )
+        for shard in old.get("shards", []):
+            path = out / shard["file"]
+            if path.exists() and sha256_file(path) == shard["sha256"]:
+                done[shard["index"]] = shard
+    save_tokenizer(tokenizer, out)
+
+    total_rows = data["examples"]
+    count = math.ceil(total_rows / rows_per_shard)
+    bar = Progress(total_rows * data["seq_len"], label, enabled=progress)
+    rows_of = lambda shards: sum(s["rows"][1] - s["rows"][0] for s in shards)  # noqa: E731
+    meter = {
+        "start": time.perf_counter(),
+        "line": time.perf_counter(),
+        "computed": 0,
+        "position": rows_of(done.values()) * data["seq_len"],
+    }
+
+    def tick(tokens: int, force: bool = False) -> None:
+        # A log line every 10 s when stderr is not a terminal; the bar otherwise.
+        now = time.perf_counter()
+        meter["computed"] += tokens
+        meter["position"] += tokens
+        rate = meter["computed"] / max(now - meter["start"], 1e-9)
+        line = force or now - meter["line"] >= 10.0
+        if line:
+            meter["line"] = now
+        bar.update(meter["position"], f"{rate:,.0f} tok/s", force_line=line)
+
+    dp = DataParallel()  # under mlx.launch each process writes every size-th shard
+
+    def commit(shards: dict[int, dict], complete: bool) -> None:
+        if not dp.is_main:
+            return  # the manifest is rank 0's
+        listed = [shards[i] for i in sorted(shards)]
+        write_json(
+            manifest_path,
+            {
+                **settings,
+                "shards": listed,
+                "token_count": rows_of(listed) * data["seq_len"],
+                "complete": complete,
+            },
+        )
+
+    commit(done, len(done) == count)
+    try:
+        for index, chunk in enumerate(dataset.batches(rows_per_shard, "train")):
+            if index in done or index % dp.size != dp.rank:
+                continue
+            arrays = _shard_arrays(
+                model, chunk["input_ids"], top_k, temperature, dtype, batch_size, tick
+            )
+            path = out / shard_name(index)
+            save_arrays(path, arrays, metadata={"format": FORMAT})
+            first = int(chunk["example_index"][0])
+            done[index] = {
+                "index": index,
+                "file": path.name,
+                "rows": [first, first + len(chunk["input_ids"])],
+                "sha256": sha256_file(path),
+                "bytes": path.stat().st_size,
+            }
+            commit(done, len(done) == count)
+            tick(0, force=True)
+            if on_shard is not None:
+                on_shard(index)
+    finally:
+        bar.close()
+    if dp.size > 1:
+        dp.barrier()  # every shard is on disk
+        for index in range(count):
+            path, first = out / shard_name(index), index * rows_per_shard
+            done[index] = {
+                "index": index,
+                "file": path.name,
+                "rows": [first, min(first + rows_per_shard, total_rows)],
+                "sha256": sha256_file(path),
+                "bytes": path.stat().st_size,
+            }
+        commit(done, True)
+        dp.barrier()  # the manifest is complete before anyone reads it
+    return read_json(manifest_path, "cache manifest")
+
+
+def _shard_arrays(
+    model,
+    input_ids: np.ndarray,
+    k: int,
+    temperature: float,
+    dtype: str,
+    batch_size: int,
+    tick: Callable[[int], None],
+) -> dict[str, mx.array]:
+    ids_parts, lp_parts, tail_parts = [], [], []
+    for lo in range(0, len(input_ids), batch_size):
+        logits = model(mx.array(input_ids[lo : lo + batch_size])).logits
+        ids, logp, tail = topk_logprobs(logits, k, temperature)
+        logp = logp.astype(DTYPES[dtype])
+        mx.eval(ids, logp, tail)
+        ids_parts.append(ids)
+        lp_parts.append(logp)
+        tail_parts.append(tail)
+        tick(int(ids.shape[0] * ids.shape[1]))
+    return {
+        "topk_ids": mx.concatenate(ids_parts, axis=0),
+        "topk_logprobs": mx.concatenate(lp_parts, axis=0),
+        "tail_logmass": mx.concatenate(tail_parts, axis=0),
+    }

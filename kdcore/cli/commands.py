@@ -1,0 +1,347 @@
+"""The built-in ``kd`` commands; ``kdcore.builtins.commands`` registers them through
+``kd_add_commands`` like any plugin's."""
+
+from __future__ import annotations
+
+import sys
+
+import attrs
+
+from kdcore.cli.output import _print_json, _table
+from kdcore.errors import SpecError
+from kdcore.registry.components import KINDS
+from kdcore.registry.manager import get_registry
+
+
+def cmd_plugins(args) -> int:
+    registry = get_registry()
+    dists = registry.distributions()
+    failures = [attrs.asdict(f) for f in registry.failures]
+    if args.json:
+        _print_json({"distributions": dists, "failures": failures})
+        return 0
+    for name, info in dists.items():
+        print(f"{name} {info['version']}")
+        for kind, names in info["components"].items():
+            print(f"  {kind}: {', '.join(names)}")
+    for f in failures:
+        print(f"FAILED {f['distribution']} (entry point {f['entry_point']}): {f['error']}")
+        print("  " + f["traceback"].strip().replace("\n", "\n  "))
+    return 0
+
+
+def cmd_components(args) -> int:
+    registry = get_registry()
+    kinds = [args.kind] if args.kind else list(KINDS)
+    rows = []
+    for kind in kinds:
+        if kind not in KINDS:
+            print(f"error: unknown kind {kind!r}; kinds: {', '.join(KINDS)}", file=sys.stderr)
+            return 2
+        for reg in registry.entries(kind):
+            rows.append([kind, reg.component.name, reg.distribution, reg.component.doc])
+    if args.json:
+        _print_json([dict(zip(["kind", "name", "distribution", "doc"], r)) for r in rows])
+    else:
+        print(_table(rows, ["kind", "name", "distribution", "doc"]))
+    return 0
+
+
+def describe(reg) -> dict:
+    from kdcore.spec.convert import converter
+
+    component = reg.component
+    params = []
+    for f in attrs.fields(component.config):
+        default = f.default
+        if isinstance(default, attrs.Factory):
+            default = default.factory() if not default.takes_self else None
+        if default is attrs.NOTHING:
+            default = "(required)"
+        params.append(
+            {
+                "name": f.name,
+                "type": getattr(f.type, "__name__", None) or str(f.type),
+                "default": converter.unstructure(default) if default != "(required)" else default,
+            }
+        )
+    return {
+        "name": component.name,
+        "kind": reg.kind,
+        "distribution": reg.distribution,
+        "doc": component.doc,
+        "requires": sorted(component.requires),
+        "properties": sorted(component.properties),
+        "parameters": params,
+        "details": (getattr(component.factory, "__doc__", None) or "").strip(),
+    }
+
+
+def cmd_explain(args) -> int:
+    registry = get_registry()
+    found = registry.find(args.name)
+    if args.kind:
+        found = [r for r in found if r.kind == args.kind]
+    if not found:
+        every = {n for k in KINDS for n in registry.names(k)}
+        from kdcore.registry.manager import unknown_name_message
+
+        print(f"error: {unknown_name_message('component', args.name, every)}", file=sys.stderr)
+        return 2
+    described = [describe(r) for r in found]
+    if args.json:
+        _print_json(described if len(described) > 1 else described[0])
+        return 0
+    for d in described:
+        print(f"{d['name']} ({d['kind']}, from {d['distribution']})")
+        print(f"  {d['doc']}")
+        if d["details"]:
+            print("  " + d["details"].replace("\n", "\n  "))
+        if d["requires"]:
+            print(f"  requires: {', '.join(d['requires'])}")
+        if d["properties"]:
+            print(f"  properties: {', '.join(d['properties'])}")
+        if d["parameters"]:
+            print("  parameters:")
+            for p in d["parameters"]:
+                print(f"    {p['name']}: {p['type']} = {p['default']!r}")
+        else:
+            print("  parameters: none")
+    return 0
+
+
+def cmd_validate(args) -> int:
+    from kdcore.spec.compose import check_composition
+    from kdcore.spec.load import load_spec
+
+    spec = load_spec(args.spec, args.set)
+    problems = check_composition(spec)
+    if problems:
+        raise SpecError(problems, source=args.spec)
+    if args.json:
+        from kdcore.spec.load import spec_to_dict
+
+        _print_json(spec_to_dict(spec))
+    else:
+        print(f"{args.spec}: ok")
+    return 0
+
+
+def cmd_distill(args) -> int:
+    from kdcore.engine.distill import distill
+
+    summary = distill(args.spec, overrides=args.set, output=args.output, resume=args.resume)
+    if args.json:
+        _print_json(summary)
+    else:
+        ev = summary["eval"]
+        line = f"done: {summary['steps']} steps, val loss {ev['val_loss']:.4f}"
+        line += f" over {ev['tokens']} tokens"
+        if "teacher_val_loss" in ev:
+            line += f" (teacher {ev['teacher_val_loss']:.4f})"
+        print(line + f"; student in {summary['output']}/student")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from kdcore.analysis.evaluate_run import evaluate_run
+
+    if args.positions_out and not args.worst:
+        raise SpecError("--positions-out needs --worst N")
+    report = evaluate_run(args.run_dir, data=args.data, batches=args.batches, options=vars(args))
+    if args.json:
+        _print_json(report)
+        return 0
+    grads = report.pop("grads", None)
+    positions = report.pop("positions", None)
+    print(f"{report['split']}: {report['tokens']} loss tokens; each figure is a mean over them")
+    for key, value in report.items():
+        print(f"{key}: {value:.4f}" if isinstance(value, float) else f"{key}: {value}")
+    if positions is not None:
+        mean, worst = positions["mean"], positions["worst_mean"]
+        print(
+            f"positions: {positions['written']} worst by {positions['by']} of "
+            f"{positions['tokens']} -> {positions['file']}"
+        )
+        for key in ("kl", "js", "top10"):
+            print(f"  {key}: mean {mean[key]:.4f}, worst {worst[key]:.4f}")
+    if grads is not None:
+        for b in grads["batches"]:
+            terms = ", ".join(f"{k} {v:.4f}" for k, v in b["terms"].items())
+            print(
+                f"grads step {b['step']}: loss {b['loss']:.4f} ({terms}), "
+                f"grad norm {b['grad_norm']:.4g}"
+            )
+        rows = [
+            [
+                g["group"],
+                f"{g['parameters']:,}",
+                f"{g['param_norm']:.4g}",
+                f"{g['grad_norm']:.4g}" if g["has_grad"] else "frozen",
+                f"{g['relative']:.3g}",
+                str(g["nan"]),
+                str(g["inf"]),
+            ]
+            for g in grads["groups"]
+        ]
+        print(_table(rows, ["group", "params", "|w|", "|g| mean", "|g|/|w|", "nan", "inf"]))
+        if grads["nonfinite"]:
+            print(f"warning: {grads['nonfinite']} non-finite gradient entries")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from kdcore.analysis.report import write_report
+
+    path = write_report(args.run_dir)
+    print(path)
+    return 0
+
+
+def cmd_data_inspect(args) -> int:
+    from kdcore.data.inspect import inspect_data
+
+    report = inspect_data(args.source, args.format, args.limit, args.set)
+    if args.json:
+        _print_json(report)
+    else:
+        for key, value in report.items():
+            if key == "samples":
+                for sample in value:
+                    tokens, carried = sample["tokens"], sample["loss_tokens"]
+                    print(f"--- sample ({tokens} tokens, {carried} carry loss)")
+                    print(f"text:      {sample['text'][:200]!r}")
+                    print(f"loss text: {sample['loss_text'][:200]!r}")
+            elif key == "rejected":
+                print(f"rejected: {len(value)}")
+                for r in value[:20]:
+                    print(f"  line {r['line']}: {r['reason']}")
+            else:
+                print(f"{key}: {value}")
+    return 0
+
+
+def cmd_doctor(args) -> int:
+    import platform
+
+    import mlx.core as mx
+
+    from kdcore.cli import fastpath
+
+    info = {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "mlx": getattr(mx, "__version__", "unknown"),
+        "device": str(mx.default_device()),
+        "metal": bool(getattr(mx, "metal", None) and mx.metal.is_available()),
+        "cuda": bool(getattr(mx, "cuda", None) and mx.cuda.is_available()),
+        "blas_loaded": fastpath.loaded_blas(),
+        "fast_path_available": fastpath.openblas_path(),
+        "fast_path_active": fastpath.fast_path_active(),
+        "plugins": {k: v["version"] for k, v in get_registry().distributions().items()},
+        "plugin_failures": [f.distribution for f in get_registry().failures],
+    }
+    if args.json:
+        _print_json(info)
+        return 0
+    for key, value in info.items():
+        print(f"{key}: {value}")
+    if sys.platform.startswith("linux") and not info["fast_path_active"]:
+        if info["fast_path_available"]:
+            print("hint: run through `kd` (not python -m) or set LD_PRELOAD to use OpenBLAS")
+        else:
+            print("hint: apt-get install libopenblas0-pthread makes MLX matmuls ~30x faster")
+    return 0
+
+
+def add_commands(sub) -> None:
+    """Add the built-in commands to ``kd``'s sub-parsers."""
+    p = sub.add_parser("plugins", help="installed plugin distributions and load failures")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_plugins)
+
+    p = sub.add_parser("components", help="list components")
+    p.add_argument("--kind", help=f"one of: {', '.join(KINDS)}")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_components)
+
+    p = sub.add_parser("explain", help="a component's doc, parameters and requirements")
+    p.add_argument("name")
+    p.add_argument("--kind")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_explain)
+
+    def spec_args(p):
+        p.add_argument("spec", help="TOML or JSON spec file")
+        p.add_argument(
+            "--set",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help="override a field, e.g. --set train.steps=10 (TOML literal)",
+        )
+
+    p = sub.add_parser("validate", help="check a spec; exit 2 listing every problem")
+    spec_args(p)
+    p.add_argument("--json", action="store_true", help="print the resolved spec")
+    p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("distill", help="run a distillation")
+    spec_args(p)
+    p.add_argument("--output", "-o")
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_distill)
+
+    p = sub.add_parser("eval", help="student vs teacher on held-out data")
+    p.add_argument("run_dir")
+    p.add_argument("--data", help="a text file to evaluate on instead of the run's val split")
+    p.add_argument(
+        "--batches", type=int, help="batches to evaluate (default: the run's eval.batches)"
+    )
+    p.add_argument("--pairs", help="preference pairs (JSONL) for preference metrics")
+    p.add_argument(
+        "--grads",
+        action="store_true",
+        help="gradient norms and NaN/inf counts per parameter group (spec losses)",
+    )
+    p.add_argument(
+        "--grad-batches",
+        type=int,
+        default=2,
+        metavar="N",
+        help="training batches for --grads (the run's last N steps)",
+    )
+    p.add_argument(
+        "--worst",
+        type=int,
+        metavar="N",
+        help="write the N positions where student and teacher differ most",
+    )
+    p.add_argument("--worst-by", choices=["kl", "js", "top10"], default="kl")
+    p.add_argument(
+        "--positions-out",
+        metavar="FILE",
+        help="JSONL for --worst (default RUN_DIR/worst_positions.jsonl)",
+    )
+    p.add_argument("--context", type=int, default=48, help="context tokens shown per position")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("report", help="Markdown report with loss and schedule plots")
+    p.add_argument("run_dir")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("data", help="data tools")
+    data_sub = p.add_subparsers(dest="data_command", required=True, metavar="SUBCOMMAND")
+    q = data_sub.add_parser("inspect", help="how records tokenize and which tokens carry loss")
+    q.add_argument("source", help="a spec (uses its [data]) or a data file")
+    q.add_argument("--format", help="dataset component for a file (default: by extension)")
+    q.add_argument("--limit", type=int, default=3)
+    q.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    q.add_argument("--json", action="store_true")
+    q.set_defaults(func=cmd_data_inspect)
+
+    p = sub.add_parser("doctor", help="MLX version, device, BLAS and plugins")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_doctor)

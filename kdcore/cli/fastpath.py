@@ -1,0 +1,87 @@
+"""Linux: run MLX with OpenBLAS instead of the reference BLAS its CPU wheel carries.
+
+MLX's Linux wheel links ``libblas.so.3``; preloading Debian's OpenBLAS build of that
+library makes matrix products ~30x faster here. ``kd`` re-executes itself once with
+``LD_PRELOAD`` set when the library exists (set ``KD_NO_FASTPATH=1`` to opt out). This
+module is the one place that names the library; for what does not start through ``kd``:
+
+    python -m kdcore.cli.fastpath --path          # print the library (exit 1: none here)
+    python -m kdcore.cli.fastpath -- CMD [ARG...]  # run CMD with it preloaded, if there is one
+
+e.g. ``python -m kdcore.cli.fastpath -- python script.py`` for a script that runs models
+itself, or ``-- python -m pytest``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+
+CANDIDATES = (
+    "/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3",
+    "/usr/lib/aarch64-linux-gnu/openblas-pthread/libblas.so.3",
+    "/usr/lib64/libopenblas.so.0",
+)
+
+
+def openblas_path() -> str | None:
+    return next((p for p in CANDIDATES if Path(p).exists()), None)
+
+
+def loaded_blas() -> list[str]:
+    """BLAS libraries mapped into this process (Linux only)."""
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return []
+    libs = {line.split()[-1] for line in maps.splitlines() if "blas" in line.lower()}
+    return sorted(lib for lib in libs if lib.startswith("/"))
+
+
+def fast_path_active() -> bool:
+    # NumPy's wheel maps its own libscipy_openblas; only the preloaded libblas counts.
+    return any(lib in CANDIDATES or "openblas-pthread" in lib for lib in loaded_blas())
+
+
+def preload_env(env: Mapping[str, str] | None = None) -> dict[str, str]:
+    """A copy of ``env`` (default ``os.environ``) with OpenBLAS first in ``LD_PRELOAD``;
+    unchanged off Linux, without the library, with ``KD_NO_FASTPATH=1`` or when it is
+    already there."""
+    env = dict(os.environ if env is None else env)
+    lib = openblas_path()
+    if not sys.platform.startswith("linux") or env.get("KD_NO_FASTPATH") == "1" or lib is None:
+        return env
+    preload = env.get("LD_PRELOAD", "")
+    if lib not in preload.split(":"):
+        env["LD_PRELOAD"] = ":".join(p for p in (lib, preload) if p)
+    return env
+
+
+def reexec_with_fast_path() -> None:
+    """Replace this ``kd`` process with one that preloads OpenBLAS, when that helps."""
+    env = preload_env()
+    if os.environ.get("_KD_REEXEC") or env.get("LD_PRELOAD") == os.environ.get("LD_PRELOAD"):
+        return
+    env["_KD_REEXEC"] = "1"
+    os.execve(sys.executable, [sys.executable, "-m", "kdcore.cli", *sys.argv[1:]], env)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if args == ["--path"]:
+        lib = openblas_path()
+        if lib is not None:
+            print(lib)
+        return 0 if lib is not None else 1
+    if args[:1] == ["--"]:
+        args = args[1:]
+    if not args or args[0].startswith("-"):
+        print(__doc__.split("\n\n")[2], file=sys.stderr)
+        return 2
+    os.execvpe(args[0], args, preload_env())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Datasets: text and prompt/response JSONL, building from a spec, inspecting."""

@@ -1,0 +1,255 @@
+"""Datasets: a plain text corpus and prompt/response JSONL, batched deterministically.
+
+Batch ``i`` of a run is a pure function of (seed, i): resuming at a data position gives the
+same batches as the uninterrupted run, and two runs with one seed see the same data.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import attrs
+import numpy as np
+
+from kdcore.errors import SpecError
+from kdcore.losses.tokens import IGNORE_INDEX
+from kdcore.tokenizers.simple import ByteTokenizer, CharTokenizer, load_tokenizer
+
+
+def _fraction(_instance, attribute, value):
+    if not 0.0 <= value < 1.0:
+        raise ValueError(f"{attribute.name} must be in [0, 1), got {value}")
+
+
+def _positive(_instance, attribute, value):
+    if value <= 0:
+        raise ValueError(f"{attribute.name} must be > 0, got {value}")
+
+
+def resolve_tokenizer(spec: str, base_dir: Path, text_for_char: str | None = None):
+    """``"byte"``, ``"char"`` (built from the text) or a folder holding ``tokenizer.json``."""
+    if spec == "byte":
+        return ByteTokenizer()
+    if spec == "char":
+        if text_for_char is None:
+            raise SpecError("the char tokenizer is built from a text dataset")
+        return CharTokenizer.from_text(text_for_char)
+    folder = Path(spec) if Path(spec).is_absolute() else base_dir / spec
+    return load_tokenizer(folder)
+
+
+def open_text(path: Path) -> str:
+    if not path.exists():
+        raise SpecError(f"data file not found: {path}")
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding="utf-8") as handle:
+        return handle.read()
+
+
+class Dataset:
+    """Fixed-length examples split into train and val; subclasses fill ``_examples``.
+
+    ``_examples[split]`` is a dict of equal-length NumPy arrays, first axis = examples.
+    """
+
+    tokenizer: Any
+    _examples: dict[str, dict[str, np.ndarray]]
+    seed: int = 0
+
+    def num_examples(self, split: str = "train") -> int:
+        return len(self._examples[split]["input_ids"])
+
+    def num_tokens(self, split: str = "train") -> int:
+        return int(self._examples[split]["mask"].sum())
+
+    def batch(self, index: int, batch_size: int, split: str = "train") -> dict[str, np.ndarray]:
+        """Batch number ``index``: examples drawn without replacement, epoch by epoch.
+
+        ``example_index`` [B] says which examples of the split the rows are (an offline
+        teacher cache is looked up by it).
+        """
+        n = self.num_examples(split)
+        if n == 0:
+            raise SpecError(f"the {split} split is empty: more data or a smaller seq_len")
+        picks = []
+        for sample in range(index * batch_size, (index + 1) * batch_size):
+            epoch, k = divmod(sample, n)
+            if split == "train":
+                order = np.random.default_rng([self.seed, epoch]).permutation(n)
+                picks.append(order[k])
+            else:
+                picks.append(k)
+        picks = np.asarray(picks)
+        batch = {key: value[picks] for key, value in self._examples[split].items()}
+        batch["example_index"] = picks.astype(np.int32)
+        return batch
+
+    def batches(
+        self, batch_size: int, split: str = "val", limit: int | None = None
+    ) -> Iterator[dict[str, np.ndarray]]:
+        """Consecutive batches covering the split once (the last one may be short)."""
+        n = self.num_examples(split)
+        count = 0
+        for start in range(0, n, batch_size):
+            if limit is not None and count >= limit:
+                return
+            batch = {k: v[start : start + batch_size] for k, v in self._examples[split].items()}
+            rows = len(batch["input_ids"])
+            batch["example_index"] = np.arange(start, start + rows, dtype=np.int32)
+            yield batch
+            count += 1
+
+    def fingerprint(self) -> str:
+        digest = hashlib.sha256()
+        for split in ("train", "val"):
+            for key in sorted(self._examples[split]):
+                digest.update(key.encode())
+                digest.update(np.ascontiguousarray(self._examples[split][key]).tobytes())
+        return digest.hexdigest()[:16]
+
+    def inspect(self, limit: int = 3) -> dict:
+        report = {
+            "examples": {s: self.num_examples(s) for s in ("train", "val")},
+            "loss_tokens": {s: self.num_tokens(s) for s in ("train", "val")},
+            "records_read": getattr(self, "records_read", None),
+            "rejected": getattr(self, "rejected", []),
+            "samples": [],
+        }
+        for i in range(min(limit, self.num_examples("train"))):
+            ids = self._examples["train"]["input_ids"][i]
+            labels = self._examples["train"]["labels"][i]
+            carried = [int(t) for t in labels if t != IGNORE_INDEX]
+            report["samples"].append(
+                {
+                    "text": self.tokenizer.decode(ids),
+                    "loss_text": self.tokenizer.decode(carried),
+                    "tokens": int(len(ids)),
+                    "loss_tokens": len(carried),
+                }
+            )
+        return report
+
+
+def _windows(tokens: np.ndarray, seq_len: int) -> dict[str, np.ndarray]:
+    count = max(0, (len(tokens) - 1) // seq_len)
+    idx = np.arange(count)[:, None] * seq_len + np.arange(seq_len + 1)[None, :]
+    chunk = tokens[idx] if count else np.zeros((0, seq_len + 1), np.int32)
+    return {
+        "input_ids": chunk[:, :-1].astype(np.int32),
+        "labels": chunk[:, 1:].astype(np.int32),
+        "mask": np.ones((count, seq_len), np.float32),
+    }
+
+
+@attrs.define
+class TextConfig:
+    path: str
+    tokenizer: str = "byte"
+    seq_len: int = attrs.field(default=128, validator=_positive)
+    val_fraction: float = attrs.field(default=0.1, validator=_fraction)
+    max_chars: int | None = None
+
+
+class TextDataset(Dataset):
+    """A UTF-8 text file cut into windows of ``seq_len`` tokens; the tail is the val split."""
+
+    def __init__(self, config: TextConfig, setup):
+        path = setup.resolve(config.path)
+        text = open_text(path)
+        if config.max_chars:
+            text = text[: config.max_chars]
+        self.seed = setup.seed
+        self.tokenizer = setup.tokenizer or resolve_tokenizer(
+            config.tokenizer, setup.base_dir, text
+        )
+        tokens = np.asarray(self.tokenizer.encode(text), dtype=np.int32)
+        cut = int(len(tokens) * (1 - config.val_fraction))
+        self._examples = {
+            "train": _windows(tokens[:cut], config.seq_len),
+            "val": _windows(tokens[cut:], config.seq_len),
+        }
+        self.records_read = 1
+
+
+@attrs.define
+class JsonlConfig:
+    path: str
+    prompt_key: str = "prompt"
+    response_key: str = "response"
+    tokenizer: str = "byte"
+    seq_len: int = attrs.field(default=256, validator=_positive)
+    val_fraction: float = attrs.field(default=0.1, validator=_fraction)
+    separator: str = ""
+    max_records: int | None = None
+
+
+def read_jsonl(path: Path, limit: int | None = None) -> tuple[list[tuple[int, dict]], list[dict]]:
+    """(line number, record) for each parsable line, and the rejected lines with reasons."""
+    if not path.exists():
+        raise SpecError(f"data file not found: {path}")
+    records, rejected = [], []
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if limit is not None and len(records) >= limit:
+                break
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                rejected.append({"line": number, "reason": f"not JSON: {exc.msg}"})
+                continue
+            if not isinstance(record, dict):
+                rejected.append({"line": number, "reason": "not a JSON object"})
+                continue
+            records.append((number, record))
+    return records, rejected
+
+
+def encode_prompt_response(tokenizer, pairs: list[tuple[str, str]], seq_len: int):
+    """Token windows where only response tokens carry loss; padded with id 0."""
+    n = len(pairs)
+    ids = np.zeros((n, seq_len + 1), np.int32)
+    carries = np.zeros((n, seq_len + 1), bool)
+    for row, (prompt, response) in enumerate(pairs):
+        p, r = tokenizer.encode(prompt), tokenizer.encode(response)
+        seq = (p + r)[: seq_len + 1]
+        ids[row, : len(seq)] = seq
+        carries[row, len(p) : len(seq)] = True
+    labels = np.where(carries[:, 1:], ids[:, 1:], IGNORE_INDEX).astype(np.int32)
+    return {"input_ids": ids[:, :-1], "labels": labels, "mask": carries[:, 1:].astype(np.float32)}
+
+
+class JsonlDataset(Dataset):
+    """Prompt/response records; loss on the response tokens only."""
+
+    def __init__(self, config: JsonlConfig, setup):
+        path = setup.resolve(config.path)
+        records, self.rejected = read_jsonl(path, config.max_records)
+        self.records_read = len(records) + len(self.rejected)
+        self.seed = setup.seed
+        self.tokenizer = setup.tokenizer or resolve_tokenizer(config.tokenizer, setup.base_dir)
+        pairs = []
+        for number, record in records:
+            prompt, response = record.get(config.prompt_key), record.get(config.response_key)
+            if not isinstance(prompt, str) or not isinstance(response, str):
+                self.rejected.append(
+                    {
+                        "line": number,
+                        "reason": f"needs string fields {config.prompt_key!r} "
+                        f"and {config.response_key!r}",
+                    }
+                )
+                continue
+            pairs.append((prompt + config.separator, response))
+        cut = int(len(pairs) * (1 - config.val_fraction))
+        self._examples = {
+            "train": encode_prompt_response(self.tokenizer, pairs[:cut], config.seq_len),
+            "val": encode_prompt_response(self.tokenizer, pairs[cut:], config.seq_len),
+        }

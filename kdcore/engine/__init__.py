@@ -1,0 +1,1 @@
+"""The training engine: build (spec -> parts), step, loop, run folder, the one evaluation."""

@@ -1,0 +1,208 @@
+"""The training loop, mlx-lm style: every part is passed in, files are a callback's job.
+
+Stages run in order, each with its own parameter groups and a fresh optimizer. Randomness
+(sampling, dropout) is a function of (seed, step), so a resumed run draws exactly what the
+uninterrupted one drew.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import attrs
+import mlx.core as mx
+import mlx.optimizers as optim
+from mlx.utils import tree_flatten
+
+from kdcore.engine.build import Parts
+from kdcore.engine.evaluate import eval_teacher, evaluate
+from kdcore.engine.optim import build_optimizer, freeze_paths, plan_groups, set_learning_rate
+from kdcore.engine.progress import Progress
+from kdcore.engine.step import first_non_finite, gradients
+from kdcore.errors import NonFiniteLossError
+from kdcore.models import lora
+from kdcore.models.io import count_parameters
+from kdcore.protocols import AfterStep, Learnable
+from kdcore.spec.schedules import scheduled_fields, value_at
+from kdcore.spec.schema import Stage
+
+
+@attrs.frozen
+class RunInfo:
+    """What a run callback's ``on_start`` is told: the run folder, the spec, the steps."""
+
+    output: Any
+    spec: Any
+    total_steps: int
+
+
+@attrs.frozen
+class Resume:
+    """Where a resumed run starts: its step, and the stage and optimizer state saved then."""
+
+    step: int = 0
+    stage: int = 0
+    optimizer: Any = None
+
+
+SaveCheckpoint = Callable[..., Any]
+
+
+def stages(spec) -> list[Stage]:
+    if spec.train.stages:
+        return [
+            attrs.evolve(s, param_groups=s.param_groups or spec.train.param_groups)
+            for s in spec.train.stages
+        ]
+    return [Stage(steps=spec.train.steps, name="main", param_groups=spec.train.param_groups)]
+
+
+def stage_optimizer(parts: Parts, stage: Stage):
+    """A fresh optimizer over what trains in ``stage`` (groups planned, the rest frozen)."""
+    trainable, spec = parts.trainable, parts.spec
+    trainable.unfreeze()
+    lora.refreeze(parts.student)  # a LoRA student trains its adapters only
+    aggregator = getattr(trainable, "aggregator", None)
+    if isinstance(aggregator, Learnable) and not aggregator.learnable:
+        aggregator.freeze()
+    section = spec.train.optimizer
+    decay = section.weight_decay if isinstance(section.weight_decay, (int, float)) else 0.0
+    plan = plan_groups(trainable, stage.param_groups, spec.train.no_decay, decay)
+    freeze_paths(trainable, plan.frozen)
+    # Re-plan over what is trainable now (frozen modules such as fixed weights drop out).
+    plan = plan_groups(_TrainableView(trainable), stage.param_groups, spec.train.no_decay, decay)
+    optimizer = build_optimizer(section, plan, value_at(section.lr, 0, parts.total))
+    optimizer.init(trainable.trainable_parameters())
+    return optimizer, plan
+
+
+class _TrainableView:
+    """Adapter so plan_groups sees only trainable parameters."""
+
+    def __init__(self, module):
+        self.module = module
+
+    def parameters(self):
+        return self.module.trainable_parameters()
+
+
+def schedule_values(parts: Parts, step: int) -> dict[str, float]:
+    values = {}
+    for ref, label in zip(parts.spec.losses, parts.labels):
+        if not isinstance(ref.weight, (int, float)):
+            values[f"weight/{label}"] = value_at(ref.weight, step, parts.total)
+        for name, sched in scheduled_fields(ref.config).items():
+            values[f"{label}/{name}"] = value_at(sched, step, parts.total)
+    return values
+
+
+def run_eval(parts: Parts) -> dict:
+    """The one evaluation on the val split, ``eval.batches`` batches of ``batch_size``."""
+    spec = parts.spec
+    batches = parts.dataset.batches(spec.train.batch_size, "val", spec.eval.batches)
+    return evaluate(parts.student, eval_teacher(parts.teachers), batches)
+
+
+def train(
+    parts: Parts,
+    *,
+    info: RunInfo,
+    callbacks: list[Any],
+    save_checkpoint: SaveCheckpoint,
+    resume: Resume | None = None,
+    progress: bool | None = None,
+) -> dict:
+    """Train ``parts`` to the end; returns the summary (callbacks' ``on_end`` get it)."""
+    spec, total = parts.spec, parts.total
+
+    def emit(event: str, *args) -> None:
+        for cb in callbacks:
+            method = getattr(cb, event, None)  # every RunCallback method is optional
+            if method is not None:
+                method(*args)
+
+    start_step = resume.step if resume else 0
+    restored = resume
+    emit("on_start", info)
+    bar = Progress(total, spec.run.name, parts.dp.log_stream(), enabled=progress)
+    last_terms: dict[str, float] = {}
+    tokens_seen, train_seconds = 0, 0.0
+    step = start_step
+    stage_end = 0
+    try:
+        for stage_index, stage in enumerate(stages(spec)):
+            stage_end += stage.steps
+            if step >= stage_end:
+                continue
+            optimizer, plan = stage_optimizer(parts, stage)
+            if restored is not None and restored.stage == stage_index:
+                optimizer.state = restored.optimizer
+                restored = None
+            while step < stage_end:
+                t0 = time.perf_counter()
+                mx.random.seed(parts.dp.seed(spec.run.seed * 1_000_003 + step))
+                lr_value = stage.lr if stage.lr is not None else spec.train.optimizer.lr
+                lr = value_at(lr_value, step, total)
+                set_learning_rate(optimizer, plan, lr)
+                total_loss, terms, metrics, grads, ntok = parts.dp.reduce_step(
+                    *gradients(parts, step)
+                )
+                bad = first_non_finite(total_loss, terms)
+                if bad is not None:
+                    path = save_checkpoint(step, stage_index, optimizer, reason="non-finite loss")
+                    raise NonFiniteLossError(step + 1, bad[0], bad[1], str(path))
+                if spec.train.grad_clip:
+                    grads, grad_norm = optim.clip_grad_norm(grads, spec.train.grad_clip)
+                    metrics["grad_norm"] = grad_norm
+                optimizer.update(parts.trainable, grads)
+                mx.eval(parts.trainable.parameters(), optimizer.state, metrics)
+                for teacher in parts.teachers:
+                    if isinstance(teacher, AfterStep):
+                        teacher.after_step(parts.student, step, total)
+                step += 1
+                dt = time.perf_counter() - t0
+                tokens_seen += ntok
+                train_seconds += dt
+                last_terms = {k: v.item() for k, v in terms.items()}
+                if step % spec.train.log_every == 0 or step == total or step == start_step + 1:
+                    record = {
+                        "step": step,
+                        "stage": stage.name or stage_index,
+                        "loss": total_loss.item(),
+                        **{f"loss/{k}": v for k, v in last_terms.items()},
+                        **{k: v.item() for k, v in metrics.items()},
+                        "lr": lr,
+                        **schedule_values(parts, step - 1),  # the values this step used
+                        "tokens_per_s": ntok / dt,
+                    }
+                    emit("on_log", step, record)
+                    bar.update(step, f"loss {record['loss']:.4f} {ntok / dt:,.0f} tok/s", True)
+                else:
+                    bar.update(step, f"loss {total_loss.item():.4f}")
+                if spec.eval.every and step % spec.eval.every == 0 and step < total:
+                    emit("on_eval", step, run_eval(parts))
+                every = spec.train.checkpoint_every
+                if (every and step % every == 0) or step == stage_end:
+                    save_checkpoint(step, stage_index, optimizer)
+    finally:
+        bar.close()
+    eval_record = run_eval(parts)
+    emit("on_eval", step, eval_record)
+    summary = {
+        "run": spec.run.name,
+        "steps": step,
+        "final_losses": last_terms,
+        "eval": eval_record,
+        "wall_seconds": train_seconds,
+        "tokens_per_s": tokens_seen / train_seconds if train_seconds else None,
+        "student_parameters": count_parameters(parts.student),
+        "teacher_parameters": [t.num_parameters for t in parts.teachers],
+        "trainable_parameters": sum(
+            v.size for _, v in tree_flatten(parts.trainable.trainable_parameters())
+        ),
+        "init": parts.init_report,
+    }
+    emit("on_end", summary)
+    return summary

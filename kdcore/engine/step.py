@@ -1,0 +1,153 @@
+"""One training step: batch -> teachers (frozen) -> aggregator -> aligner -> weighted loss
+terms -> gradients of everything that learns. Plain functions over the built parts."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import attrs
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx.utils import tree_map
+
+from kdcore.engine.build import Parts, Trainable
+from kdcore.losses.inputs import LossInputs, StepContext
+from kdcore.models.output import ModelOutput
+from kdcore.protocols import PreparesBatch
+from kdcore.signal.aligned import position_mask
+from kdcore.signal.teacher import TeacherSignal
+from kdcore.spec.schedules import scheduled_fields, value_at
+
+
+def resolved_params(config: Any, step: int, total: int) -> Any:
+    """The config at ``step``: every scheduled float replaced by its value (a 0-d array)."""
+    fields = scheduled_fields(config)
+    if not fields:
+        return config
+    return attrs.evolve(
+        config,
+        **{k: mx.array(value_at(v, step, total), dtype=mx.float32) for k, v in fields.items()},
+    )
+
+
+def combined_signal(
+    parts: Parts, signals: list[TeacherSignal], inputs: LossInputs, trainable: Trainable | None
+) -> TeacherSignal | None:
+    """The teachers' signals aggregated and aligned into the student's vocabulary."""
+    if not signals:
+        return None
+    aggregator = getattr(trainable, "aggregator", parts.aggregator)
+    return parts.aligner(aggregator(signals, inputs))
+
+
+def step_context(parts: Parts, step: int) -> StepContext:
+    def teacher_signal(batch: dict, student_output: ModelOutput | None = None):
+        if not parts.teachers:
+            return None
+        signals = [t.signal(batch, frozenset(), parts.student) for t in parts.teachers]
+        if student_output is None:
+            student_output = parts.student(batch["input_ids"])
+        inputs = LossInputs(student=student_output, teacher=None, batch=batch)
+        return combined_signal(parts, signals, inputs, None)
+
+    return StepContext(
+        step=step,
+        total_steps=parts.total,
+        seed=parts.spec.run.seed,
+        student=parts.student,
+        num_teachers=len(parts.teachers),
+        teacher_signal=teacher_signal,
+    )
+
+
+def prepare_batch(parts: Parts, rows: dict[str, np.ndarray], step: int) -> dict[str, mx.array]:
+    """The batch as MLX arrays, after every loss's ``prepare_batch`` (outside autodiff)."""
+    batch = {k: mx.array(v) for k, v in rows.items()}
+    preparers = [loss for loss in parts.losses if isinstance(loss, PreparesBatch)]
+    if preparers:
+        context = step_context(parts, step)
+        for loss in preparers:
+            batch = loss.prepare_batch(batch, context)
+    return batch
+
+
+def loss_terms(parts: Parts, trainable: Trainable, batch, signals, step: int):
+    """(total, {label: term}, {metric: value}) for one micro-batch."""
+    out = trainable.student(batch["input_ids"], capture=parts.capture)
+    inputs = LossInputs(student=out, teacher=None, batch=batch, step=step, total_steps=parts.total)
+    teacher = combined_signal(parts, signals, inputs, trainable)
+    teacher_batch = batch
+    if teacher is not None:
+        # A teacher with another tokenizer covers only the positions it could align.
+        aligned = position_mask(teacher)
+        if aligned is not None:
+            teacher_batch = {**batch, "mask": batch["mask"] * aligned}
+    total = mx.array(0.0)
+    terms, metrics = {}, {}
+    for i, (ref, loss, label) in enumerate(zip(parts.spec.losses, parts.losses, parts.labels)):
+        loss = trainable.losses.get(f"loss{i}", loss) if isinstance(loss, nn.Module) else loss
+        params = resolved_params(ref.config, step, parts.total)
+        value, extra = loss(
+            attrs.evolve(
+                inputs,
+                teacher=teacher,
+                params=params,
+                batch=teacher_batch if parts.uses_teacher(i) else batch,
+            )
+        )
+        weight = value_at(ref.weight, step, parts.total)
+        terms[label] = value
+        for key, metric in (extra or {}).items():
+            metrics[f"{label}/{key}"] = metric
+        if weight != 0.0:
+            total = total + weight * value
+    if teacher is not None and teacher.weights is not None:
+        mean_w = teacher.weights.reshape(-1, teacher.weights.shape[-1]).mean(0)
+        for k in range(mean_w.shape[0]):
+            metrics[f"teacher_weight/{k}"] = mean_w[k]
+    return total, terms, metrics
+
+
+def gradients(parts: Parts, step: int):
+    """(total, terms, metrics, grads, loss tokens) of step ``step``, over its micro-batches."""
+    accum = parts.spec.train.grad_accum
+
+    def objective(trainable, batch, signals, step):
+        total, terms, metrics = loss_terms(parts, trainable, batch, signals, step)
+        return total, (terms, metrics)
+
+    loss_and_grad = nn.value_and_grad(parts.trainable, objective)
+    grads_sum, total_sum, terms_sum, metrics_sum, ntok = None, 0.0, {}, {}, 0
+    for micro in range(accum):
+        index = step * accum + micro
+        rows = parts.dp.shard(parts.dataset.batch(index, parts.spec.train.batch_size))
+        batch = prepare_batch(parts, rows, step)
+        signals = parts.teacher_signals(batch)
+        (total, (terms, metrics)), grads = loss_and_grad(parts.trainable, batch, signals, step)
+        ntok += int(batch["mask"].sum().item())
+        if accum == 1:
+            return total, terms, metrics, grads, ntok
+        mx.eval(total, terms, grads)
+        grads_sum = grads if grads_sum is None else tree_map(mx.add, grads_sum, grads)
+        total_sum = total_sum + total
+        terms_sum = {k: terms_sum.get(k, 0.0) + v for k, v in terms.items()}
+        metrics_sum = {k: metrics_sum.get(k, 0.0) + v for k, v in metrics.items()}
+    scale = 1.0 / accum
+    return (
+        total_sum * scale,
+        {k: v * scale for k, v in terms_sum.items()},
+        {k: v * scale for k, v in metrics_sum.items()},
+        tree_map(lambda g: g * scale, grads_sum),
+        ntok,
+    )
+
+
+def first_non_finite(total: mx.array, terms: dict[str, mx.array]) -> tuple[str, float] | None:
+    """(term, value) of the first non-finite loss term, or None when the loss is finite."""
+    mx.eval(total, terms)
+    if math.isfinite(total.item()):
+        return None
+    bad = next((k for k, v in terms.items() if not math.isfinite(v.item())), "total")
+    return bad, (terms[bad].item() if bad in terms else total.item())

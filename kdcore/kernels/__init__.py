@@ -1,0 +1,1 @@
+"""Divergence kernels: per-row maths and the chunked custom-VJP machinery."""

@@ -1,0 +1,408 @@
+"""mlx-lm models behind kdcore's model interface: loading local folders, building fresh
+configs, capturing hidden states and attention maps, saving mlx-lm folders."""
+
+from __future__ import annotations
+
+import importlib
+import shutil
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Literal
+
+import attrs
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_map
+
+from kdcore.errors import CheckpointError, SpecError
+from kdcore.io import save_arrays, write_json
+from kdcore.models.output import ModelOutput
+from kdcore.tokenizers.hf import (
+    HFTokenizer,
+    byte_level_tokenizer_json,
+    require_mlx_lm,
+    write_hf_tokenizer,
+)
+
+DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
+
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "generation_config.json",
+    "chat_template.jinja",
+)
+
+
+def model_classes(config: dict) -> tuple[type, type]:
+    """(Model, ModelArgs) of an mlx-lm ``model_type``."""
+    require_mlx_lm()
+    from mlx_lm import utils
+
+    model_type = config.get("model_type")
+    if not isinstance(model_type, str):
+        raise SpecError("an mlx-lm config needs model_type (e.g. 'llama') @ $.student.model")
+    model_type = getattr(utils, "MODEL_REMAPPING", {}).get(model_type, model_type)
+    try:
+        module = importlib.import_module(f"mlx_lm.models.{model_type}")
+    except ImportError:
+        raise SpecError(f"mlx-lm has no model_type {model_type!r}") from None
+    return module.Model, module.ModelArgs
+
+
+def build_mlxlm(config: dict) -> nn.Module:
+    """A fresh mlx-lm model of ``config`` (random weights from the current seed)."""
+    model_cls, args_cls = model_classes(config)
+    try:
+        return model_cls(args_cls.from_dict(config))
+    except TypeError as exc:
+        raise SpecError(f"mlx-lm config: {exc} @ $.student.model.params.config") from None
+
+
+def load_mlxlm(path: str | Path) -> tuple[nn.Module, dict]:
+    """(mlx-lm model, config dict) from a local directory; never the hub."""
+    require_mlx_lm()
+    from mlx_lm.utils import load_model
+
+    path = Path(path)
+    if not (path / "config.json").exists():
+        raise CheckpointError(f"not an mlx-lm model directory (no config.json): {path}")
+    try:
+        model, config = load_model(path)
+    except (FileNotFoundError, ValueError) as exc:
+        raise CheckpointError(f"{path}: {exc}") from exc
+    return model, config
+
+
+def cast_floats(model: nn.Module, dtype: str | None) -> None:
+    if dtype is None:
+        return
+    target = DTYPES[dtype]
+    model.update(
+        tree_map(
+            lambda a: a.astype(target) if mx.issubdtype(a.dtype, mx.floating) else a,
+            model.parameters(),
+        )
+    )
+
+
+@attrs.frozen
+class MlxLmShape:
+    """The sizes other components read from a model config (``dim``, ``layers``...)."""
+
+    model_type: str
+    dim: int
+    layers: int
+    heads: int
+    vocab_size: int
+
+
+def shape_of(config: dict) -> MlxLmShape:
+    def first(*keys, default=0):
+        return next((int(config[k]) for k in keys if config.get(k) is not None), default)
+
+    return MlxLmShape(
+        model_type=str(config.get("model_type")),
+        dim=first("hidden_size", "n_embd", "d_model"),
+        layers=first("num_hidden_layers", "n_layer", "num_layers"),
+        heads=first("num_attention_heads", "n_head"),
+        vocab_size=first("vocab_size"),
+    )
+
+
+def create_mlxlm_dir(
+    directory: str | Path,
+    config: dict,
+    tokenizer_json: dict | None = None,
+    seed: int = 0,
+    eos_token: str | None = None,
+) -> Path:
+    """Write a fresh (random) mlx-lm model directory offline: ``config.json``,
+    ``model.safetensors`` and Hugging Face tokenizer files (byte-level by default).
+    ``mlx_lm.load`` opens it; the tests and the example make their models this way."""
+    directory = Path(directory)
+    mx.random.seed(seed)
+    lm = build_mlxlm(config)
+    mx.eval(lm.parameters())
+    directory.mkdir(parents=True, exist_ok=True)
+    save_arrays(
+        directory / "model.safetensors", dict(tree_flatten(lm.parameters())), {"format": "mlx"}
+    )
+    write_json(directory / "config.json", config)
+    write_hf_tokenizer(directory, tokenizer_json or byte_level_tokenizer_json(), eos_token)
+    return directory
+
+
+def _layer_list(lm: nn.Module) -> tuple[nn.Module, str]:
+    """The module and attribute holding the decoder layers (``model.layers``, ``model.h``)."""
+    inner = lm["model"] if isinstance(lm.get("model"), nn.Module) else lm
+    for name in ("layers", "h", "blocks"):
+        if isinstance(inner.get(name), list):
+            return inner, name
+    raise SpecError(f"cannot find the decoder layers of mlx-lm model {type(lm).__module__}")
+
+
+class _Catcher:
+    """Stands in for a decoder layer during one forward and records what flows through it."""
+
+    def __init__(self, layer: nn.Module, first: bool, sink: list | None):
+        self.layer, self.first, self.sink = layer, first, sink
+
+    def __call__(self, x, *args, **kwargs):
+        if self.first and self.sink is not None:
+            self.sink.append(x)
+        out = self.layer(x, *args, **kwargs)
+        if self.sink is not None:
+            self.sink.append(out[0] if isinstance(out, tuple) else out)
+        return out
+
+    def __getattr__(self, name: str):
+        # Model loops read layer attributes (llama: layer.use_sliding).
+        return getattr(self.layer, name)
+
+
+def explicit_attention(sink: list):
+    """A drop-in for mlx-lm's ``scaled_dot_product_attention`` that computes the weights
+    ``softmax(q k^T * scale + mask)`` in float32 and appends them to ``sink``."""
+
+    def attend(queries, keys, values, cache=None, scale=1.0, mask=None, sinks=None):
+        if sinks is not None or hasattr(cache, "bits"):
+            raise SpecError(
+                "attention capture does not support attention sinks or quantized caches"
+            )
+        B, H, L, _ = queries.shape
+        repeat = H // keys.shape[1]
+        if repeat > 1:
+            keys = mx.repeat(keys, repeat, axis=1)
+            values = mx.repeat(values, repeat, axis=1)
+        scores = (queries.astype(mx.float32) * scale) @ keys.astype(mx.float32).swapaxes(-1, -2)
+        S = scores.shape[-1]
+        low = mx.finfo(mx.float32).min
+        if isinstance(mask, str):
+            allowed = mx.arange(S - L, S)[:, None] >= mx.arange(S)[None, :]
+            scores = mx.where(allowed, scores, low)
+        elif mask is not None and mask.dtype == mx.bool_:
+            scores = mx.where(mask, scores, low)
+        elif mask is not None:
+            scores = scores + mask.astype(mx.float32)
+        weights = mx.softmax(scores, axis=-1)
+        sink.append(weights)
+        return (weights @ values.astype(mx.float32)).astype(queries.dtype)
+
+    return attend
+
+
+@contextmanager
+def _patched_attention(layers: list, sink: list | None):
+    if sink is None:
+        yield
+        return
+    names = {type(m).__module__ for layer in layers for _, m in layer.named_modules()}
+    modules = [
+        sys.modules[n]
+        for n in sorted(names)
+        if n in sys.modules and hasattr(sys.modules[n], "scaled_dot_product_attention")
+    ]
+    if not modules:
+        raise SpecError(
+            f"attention capture is not supported for {type(layers[0]).__module__} "
+            "(its layers do not call mlx-lm's scaled_dot_product_attention)"
+        )
+    saved = [m.scaled_dot_product_attention for m in modules]
+    attend = explicit_attention(sink)
+    try:
+        for m in modules:
+            m.scaled_dot_product_attention = attend
+        yield
+    finally:
+        for m, fn in zip(modules, saved):
+            m.scaled_dot_product_attention = fn
+
+
+class _Ref:
+    """Holds objects outside the parameter tree (nn.Module adopts dicts, lists, modules)."""
+
+    def __init__(self, **items: Any):
+        self.__dict__.update(items)
+
+
+class MlxLmModel(nn.Module):
+    """kdcore's model interface over an mlx-lm model: ``__call__(ids, capture) -> ModelOutput``.
+
+    The children are the mlx-lm model's own modules, so ``parameters()``, ``update()``,
+    checkpoints and adapters use mlx-lm's names. ``lm`` is the wrapped mlx-lm model (what
+    ``mlx_lm.generate`` takes), ``mlx_config`` its config.json content.
+    """
+
+    def __init__(
+        self,
+        lm: nn.Module,
+        config: dict,
+        source: Path | None = None,
+        tokenizer_dir: Path | None = None,
+    ):
+        super().__init__()
+        self._ref = _Ref(
+            lm=lm, config=dict(config), source=source, tokenizer_dir=tokenizer_dir or source
+        )
+        self.sync()
+
+    def sync(self) -> None:
+        """Adopt the wrapped model's current children (after a module was swapped, e.g. LoRA
+        on a top-level layer)."""
+        for key in [k for k in self.keys() if k not in self._ref.lm]:
+            del self[key]
+        for key, value in self._ref.lm.items():
+            self[key] = value
+
+    @property
+    def lm(self) -> nn.Module:
+        return self._ref.lm
+
+    @property
+    def mlx_config(self) -> dict:
+        return self._ref.config
+
+    @property
+    def source(self) -> Path | None:
+        return self._ref.source
+
+    @property
+    def tokenizer_dir(self) -> Path | None:
+        """Where the tokenizer files shipped with a saved copy come from."""
+        return self._ref.tokenizer_dir
+
+    @property
+    def layers(self) -> list:
+        owner, name = _layer_list(self._ref.lm)
+        return owner[name]
+
+    def __call__(self, input_ids: mx.array, capture: frozenset[str] = frozenset()) -> ModelOutput:
+        lm = self._ref.lm
+        want_hidden = "hidden_states" in capture
+        want_attn = "attentions" in capture
+        if not (want_hidden or want_attn):
+            return ModelOutput(logits=lm(input_ids))
+        owner, name = _layer_list(lm)
+        layers = owner[name]
+        hidden: list = []
+        attentions: list = []
+        catchers = [
+            _Catcher(layer, i == 0, hidden if want_hidden else None)
+            for i, layer in enumerate(layers)
+        ]
+        with _patched_attention(layers, attentions if want_attn else None):
+            owner[name] = catchers
+            try:
+                logits = lm(input_ids)
+            finally:
+                owner[name] = layers
+        if want_attn and len(attentions) != len(layers):
+            raise SpecError(
+                f"attention capture saw {len(attentions)} attention calls for {len(layers)} layers"
+            )
+        return ModelOutput(
+            logits=logits,
+            hidden_states=tuple(hidden) if want_hidden else None,
+            attentions=tuple(attentions) if want_attn else None,
+        )
+
+
+@attrs.define
+class MlxLmModelConfig:
+    path: str | None = None  # a local mlx-lm directory
+    config: dict[str, Any] = attrs.field(factory=dict)  # a fresh model of this mlx-lm config
+    vocab_size: int | None = None  # for a fresh model without one: the run's tokenizer size
+    dtype: Literal["float32", "float16", "bfloat16"] | None = "float32"
+    tokenizer: str | None = None  # tokenizer files to ship with the saved student (default: path)
+
+
+def mlxlm_model(config: MlxLmModelConfig, setup) -> MlxLmModel:
+    """The ``mlx-lm`` model component: load ``path`` or build ``config`` fresh."""
+    if (config.path is None) == (not config.config):
+        raise SpecError(
+            "model 'mlx-lm' needs exactly one of path = \"DIR\" or config = {...} "
+            "@ $.student.model.params"
+        )
+    if config.path is not None:
+        source = Path(setup.resolve(config.path)) if setup is not None else Path(config.path)
+        lm, raw = load_mlxlm(source)
+    else:
+        raw = dict(config.config)
+        if "vocab_size" not in raw:
+            if config.vocab_size is None:
+                raise SpecError("a fresh mlx-lm model needs vocab_size @ $.student.model.params")
+            raw["vocab_size"] = config.vocab_size
+        source = None
+        lm = build_mlxlm(raw)
+    have = int(raw.get("vocab_size") or 0)
+    if config.vocab_size is not None and have and have < config.vocab_size:
+        raise SpecError(
+            f"the mlx-lm model has {have} token embeddings, fewer than the run tokenizer's "
+            f"{config.vocab_size} @ $.student.model.params"
+        )
+    cast_floats(lm, config.dtype)
+    mx.eval(lm.parameters())
+    tokenizer_dir = None
+    if config.tokenizer is not None:
+        tokenizer_dir = Path(setup.resolve(config.tokenizer)) if setup else Path(config.tokenizer)
+    model = MlxLmModel(lm, raw, source, tokenizer_dir)
+    model.train()  # mlx-lm loads in eval mode; a student trains (LoRA dropout)
+    return model
+
+
+def load_kd_model(directory: str | Path) -> tuple[MlxLmModel, str, MlxLmModelConfig]:
+    """(model, "mlx-lm", config) for an mlx-lm directory, as ``kdcore.models.load_model``
+    returns them (``kd eval`` on a run whose student is an mlx-lm model)."""
+    config = MlxLmModelConfig(path=str(directory))
+    model = mlxlm_model(config, None)
+    model.eval()
+    return model, "mlx-lm", config
+
+
+def write_tokenizer_files(directory: Path, tokenizer_dir: Path | None, run_tok: Any) -> None:
+    """Ship tokenizer files mlx-lm can load: copied from ``tokenizer_dir``, else written
+    from the run's tokenizer (a Hugging Face one as it is; bytes as a byte-level BPE)."""
+    copied = False
+    if tokenizer_dir is not None and (Path(tokenizer_dir) / "tokenizer.json").exists():
+        for name in TOKENIZER_FILES:
+            src = Path(tokenizer_dir) / name
+            if src.exists():
+                shutil.copy(src, directory / name)
+                copied = True
+    if copied:
+        return
+    if isinstance(run_tok, HFTokenizer):
+        write_hf_tokenizer(directory, run_tok.to_json())
+    elif getattr(run_tok, "kind", None) == "byte":
+        write_hf_tokenizer(directory, byte_level_tokenizer_json())
+    else:
+        raise CheckpointError(
+            "cannot write tokenizer files for mlx-lm: give the model a tokenizer directory "
+            "@ $.student.model.params.tokenizer"
+        )
+
+
+def save_mlxlm_student(
+    model: MlxLmModel,
+    directory: str | Path,
+    tokenizer_dir: str | Path | None = None,
+    run_tok: Any = None,
+    weights: dict[str, mx.array] | None = None,
+) -> None:
+    """Write an mlx-lm directory: ``config.json``, ``model.safetensors``, tokenizer files.
+
+    ``mlx_lm.load(directory)`` and ``mlx_lm.generate`` work on it. ``weights`` overrides
+    the model's parameters (LoRA students save their fused weights this way).
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    weights = weights if weights is not None else dict(tree_flatten(model.parameters()))
+    save_arrays(directory / "model.safetensors", weights, metadata={"format": "mlx"})
+    write_json(directory / "config.json", model.mlx_config)
+    tokenizer_dir = Path(tokenizer_dir) if tokenizer_dir else model.tokenizer_dir
+    write_tokenizer_files(directory, tokenizer_dir, run_tok)

@@ -1,0 +1,1 @@
+"""The plugin layer: hook specifications, component records, the plugin manager."""

@@ -1,0 +1,1 @@
+"""TeacherSignal and its forms: dense, sparse (top-k), mixture, aligned."""

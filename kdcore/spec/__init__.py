@@ -1,0 +1,1 @@
+"""The spec: schema, conversion, loading, overrides, composition checks, schedules."""

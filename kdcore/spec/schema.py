@@ -1,0 +1,179 @@
+"""The spec's attrs classes (what a TOML/JSON spec structures into) and the one table of
+component slots that both parsing phases, the run builder and the checks read."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+
+@attrs.define
+class ComponentRef:
+    """``{name = "...", params = {...}}``; ``config`` is filled in by :func:`resolve`."""
+
+    name: str
+    params: dict[str, Any] = attrs.field(factory=dict)
+    config: Any = attrs.field(default=None, init=False, eq=False, repr=False)
+
+
+@attrs.define
+class LossRef:
+    name: str
+    weight: float = 1.0
+    params: dict[str, Any] = attrs.field(factory=dict)
+    label: str | None = None  # metric key; defaults to the name (name#2 for repeats)
+    config: Any = attrs.field(default=None, init=False, eq=False, repr=False)
+
+
+@attrs.define
+class RunSection:
+    name: str = "run"
+    seed: int = 0
+    output: str | None = None
+
+
+@attrs.define
+class TeacherRef:
+    """A teacher: ``path`` (a saved model), ``cache`` (a top-k cache) or a named ``source``."""
+
+    source: str | None = None
+    path: str | None = None
+    cache: str | None = None
+    params: dict[str, Any] = attrs.field(factory=dict)
+    label: str | None = None
+    config: Any = attrs.field(default=None, init=False, eq=False, repr=False)
+
+    @property
+    def source_name(self) -> str:
+        if self.source:
+            return self.source
+        return "cache" if self.cache else "model"
+
+
+@attrs.define
+class StudentSection:
+    model: ComponentRef = attrs.field(factory=lambda: ComponentRef("transformer"))
+    init: ComponentRef = attrs.field(factory=lambda: ComponentRef("random"))
+
+
+@attrs.define
+class OptimizerSection:
+    name: str = "adamw"
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    params: dict[str, Any] = attrs.field(factory=dict)  # extra keyword arguments
+
+
+@attrs.define
+class ParamGroup:
+    """Parameters whose dotted name matches ``pattern`` (a regex; first match wins)."""
+
+    pattern: str
+    lr_mult: float = 1.0  # 0 freezes the group
+    weight_decay: float | None = None
+
+
+@attrs.define
+class Stage:
+    steps: int
+    name: str | None = None
+    param_groups: list[ParamGroup] = attrs.field(factory=list)
+    lr: float | None = None
+
+
+@attrs.define
+class TrainSection:
+    steps: int = 100
+    batch_size: int = 8
+    optimizer: OptimizerSection = attrs.field(factory=OptimizerSection)
+    grad_clip: float | None = 1.0
+    grad_accum: int = 1
+    param_groups: list[ParamGroup] = attrs.field(factory=list)
+    stages: list[Stage] = attrs.field(factory=list)
+    no_decay: list[str] = attrs.field(factory=lambda: ["norm", "bias"])
+    log_every: int = 10
+    checkpoint_every: int = 0  # 0: only at the end
+    keep_checkpoints: int = 2
+
+
+@attrs.define
+class EvalSection:
+    every: int = 0  # 0: only at the end
+    batches: int = 8
+
+
+@attrs.define
+class RunSpec:
+    data: ComponentRef
+    student: StudentSection = attrs.field(factory=StudentSection)
+    run: RunSection = attrs.field(factory=RunSection)
+    teachers: list[TeacherRef] = attrs.field(factory=list)
+    aggregator: ComponentRef = attrs.field(factory=lambda: ComponentRef("mean"))
+    aligner: ComponentRef = attrs.field(factory=lambda: ComponentRef("identity"))
+    losses: list[LossRef] = attrs.field(factory=lambda: [LossRef("ce")])
+    train: TrainSection = attrs.field(factory=TrainSection)
+    eval: EvalSection = attrs.field(factory=EvalSection)
+    callbacks: list[ComponentRef] = attrs.field(factory=list)
+    base_dir: str = attrs.field(default=".", init=False, eq=False, repr=False)
+
+    def path(self, relative: str | None) -> Path | None:
+        """A path from the spec, relative to the spec file's folder."""
+        if relative is None:
+            return None
+        p = Path(os.path.expanduser(relative))
+        return p if p.is_absolute() else Path(self.base_dir) / p
+
+
+@attrs.frozen
+class Slot:
+    """Where components of one kind sit in a spec: ``keys`` from the top table, ``many``
+    for a list of entries, ``default`` the entry used when the spec has none."""
+
+    kind: str
+    keys: tuple[str, ...]
+    many: bool = False
+    default: dict | None = None
+
+    @property
+    def path(self) -> str:
+        return "$." + ".".join(self.keys)
+
+    def raw_entries(self, data: dict) -> list[tuple[str, dict]]:
+        """(path, entry) of this slot's entries in a raw spec table."""
+        node: Any = data
+        for key in self.keys:
+            node = node.get(key) if isinstance(node, dict) else None
+        if node is None and self.default is not None:
+            node = [self.default] if self.many else self.default
+        if self.many:
+            items = node if isinstance(node, list) else []
+            return [(f"{self.path}[{i}]", e) for i, e in enumerate(items) if isinstance(e, dict)]
+        if isinstance(node, dict):
+            return [(self.path, node)]
+        return [(self.path, self.default)] if self.default is not None else []
+
+    def refs(self, spec: RunSpec) -> list[tuple[str, Any]]:
+        """(path, ref) of this slot's entries in a structured spec."""
+        node: Any = spec
+        for key in self.keys:
+            node = getattr(node, key)
+        if self.many:
+            return [(f"{self.path}[{i}]", ref) for i, ref in enumerate(node)]
+        return [(self.path, node)]
+
+
+# Every component slot of a spec, in one table: both parsing phases, the resolved-spec
+# writer and the checks read it.
+SLOTS = (
+    Slot("dataset", ("data",)),
+    Slot("model", ("student", "model"), default={"name": "transformer"}),
+    Slot("student_initializer", ("student", "init"), default={"name": "random"}),
+    Slot("teacher_aggregator", ("aggregator",), default={"name": "mean"}),
+    Slot("vocab_aligner", ("aligner",), default={"name": "identity"}),
+    Slot("loss", ("losses",), many=True, default={"name": "ce"}),
+    Slot("teacher_source", ("teachers",), many=True),
+    Slot("run_callback", ("callbacks",), many=True),
+)

@@ -1,0 +1,1 @@
+"""Teacher sources: a saved model folder, an mlx-lm folder (the cache lives in cache/)."""

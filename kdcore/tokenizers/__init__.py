@@ -1,0 +1,1 @@
+"""Tokenizers: bytes, characters and Hugging Face tokenizer.json."""
