@@ -101,7 +101,8 @@ class Model(Protocol):
 class Dataset(Protocol):
     """Batches of NumPy arrays: ``input_ids``, ``labels`` (``IGNORE_INDEX`` where no loss),
     ``mask``, and any extra arrays its losses need. Subclass :class:`kdcore.Dataset` to get
-    ``batch``/``batches``/``num_examples``/``fingerprint``/``inspect`` from ``examples``."""
+    ``batch``/``batches``/``num_examples``/``fingerprint``/``inspect`` from the rows it
+    stores in ``self._examples``."""
 
     tokenizer: Any
 
@@ -124,8 +125,9 @@ class Metric(Protocol):
 
 class RunCallback(Protocol):
     """Any subset of ``on_start(info)``, ``on_log(step, record)``, ``on_eval(step, record)``
-    and ``on_end(summary)``; ``info`` is a dict with ``output`` (the run folder), ``spec``
-    and ``total_steps``. Every method is optional (the engine calls those present)."""
+    and ``on_end(summary)``; ``info`` is a :class:`kdcore.RunInfo` (``output``: the run
+    folder, ``spec``, ``total_steps``). Every method is optional (the engine calls those
+    present)."""
 
 
 # ---------------------------------------------------------------- optional capabilities
