@@ -14,9 +14,9 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 
 from benchmarks.common import median_time, run_isolated
-from kdcore import fastpath
-from kdcore.losses import masked_mean, token_cross_entropy
-from kdcore.models import Transformer, TransformerConfig
+from kdcore.cli import fastpath
+from kdcore.losses.tokens import masked_mean, token_cross_entropy
+from kdcore.models.transformer import Transformer, TransformerConfig
 
 
 def child() -> dict:

@@ -96,13 +96,14 @@ def run_arm(spec_file: Path, output: Path, result: Path) -> None:
     """Child process: train one arm, write its summary and peak memory."""
     import mlx.core as mx
 
-    from kdcore.spec import load_spec
-    from kdcore.train import Run
+    from kdcore.engine.build import build_parts
+    from kdcore.engine.distill import train_parts
+    from kdcore.spec.load import load_spec
 
-    run = Run(load_spec(spec_file), output)
+    parts = build_parts(load_spec(spec_file))
     mx.reset_peak_memory()
     start = time.perf_counter()
-    summary = run.train(progress=False)
+    summary = train_parts(parts, output, progress=False)
     summary["elapsed_seconds"] = time.perf_counter() - start
     summary["mlx_peak_bytes"] = mx.get_peak_memory()
     summary["peak_rss_bytes"] = peak_rss_bytes()
@@ -116,21 +117,23 @@ def interleaved_step_times(
     """Per-step seconds of each arm, the arms' steps alternating in one process."""
     import mlx.core as mx
 
-    from kdcore.spec import load_spec
-    from kdcore.train import Run, _stages
+    from kdcore.engine.build import build_parts
+    from kdcore.engine.loop import stage_optimizer, stages
+    from kdcore.engine.step import gradients
+    from kdcore.spec.load import load_spec
 
     arms = {}
     for name, spec in specs.items():
-        run = Run(load_spec(spec), work / f"timing-{name}")
-        optimizer, _plan = run._stage_optimizer(_stages(run.spec)[0])
-        arms[name] = (run, optimizer)
+        parts = build_parts(load_spec(spec))
+        optimizer, _plan = stage_optimizer(parts, stages(parts.spec)[0])
+        arms[name] = (parts, optimizer)
     times: dict[str, list[float]] = {name: [] for name in arms}
     for step in range(warmup + rounds):
-        for name, (run, optimizer) in arms.items():
+        for name, (parts, optimizer) in arms.items():
             t0 = time.perf_counter()
-            total, _terms, _metrics, grads, _ntok = run._gradients(step)
-            optimizer.update(run.trainable, grads)
-            mx.eval(run.trainable.parameters(), optimizer.state, total)
+            total, _terms, _metrics, grads, _ntok = gradients(parts, step)
+            optimizer.update(parts.trainable, grads)
+            mx.eval(parts.trainable.parameters(), optimizer.state, total)
             if step >= warmup:
                 times[name].append(time.perf_counter() - t0)
     return times
@@ -188,9 +191,11 @@ def main() -> int:
 
     import mlx.core as mx
 
-    from kdcore import cache as kc
+    from kdcore.cache.format import DTYPES, verify_cache
+    from kdcore.cache.write import write_cache
     from kdcore.io import read_json
-    from kdcore.models import Transformer, TransformerConfig, count_parameters, load_model
+    from kdcore.models.io import count_parameters, load_model
+    from kdcore.models.transformer import Transformer, TransformerConfig
 
     work = Path(args.work or tempfile.mkdtemp(prefix="kd-cache-bench-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -215,9 +220,9 @@ def main() -> int:
     t0 = time.perf_counter()
     import kdcore
 
-    kc.write_cache(kdcore.load_spec(online), cache_dir, top_k=args.top_k, dtype=args.dtype)
+    write_cache(kdcore.load_spec(online), cache_dir, top_k=args.top_k, dtype=args.dtype)
     cache_seconds = time.perf_counter() - t0
-    report = kc.verify_cache(cache_dir)["teacher-0"]
+    report = verify_cache(cache_dir)["teacher-0"]
     manifest = read_json(cache_dir / "teacher-0" / "manifest.json")
     cached = student_spec({"cache": str(cache_dir)}, args)
     specs = {"online": online, "cached": cached}
@@ -250,7 +255,7 @@ def main() -> int:
     vocab = manifest["vocab_size"]
     bytes_per_token = report["bytes"] / report["tokens"]
     dense = 4 * vocab
-    per_token_formula = args.top_k * (4 + mx.array(0, kc.DTYPES[args.dtype]).itemsize) + 4
+    per_token_formula = args.top_k * (4 + mx.array(0, DTYPES[args.dtype]).itemsize) + 4
     val = {name: run["eval"]["val_loss"] for name, run in runs.items()}
     results = {
         "command": "nice -n 10 python benchmarks/cache.py " + " ".join(sys.argv[1:]),

@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-OPENBLAS = "/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3"
+from kdcore.cli.fastpath import openblas_path
 
 
 def median_time(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> float:
@@ -30,9 +30,9 @@ def run_isolated(
 ) -> dict:
     """Run ``python -m benchmarks.MODULE ARGS`` in a fresh process (clean peak memory)
     and return the JSON it prints on its last line."""
-    env = dict(os.environ)
-    if fast_path is True and Path(OPENBLAS).exists():
-        env["LD_PRELOAD"] = OPENBLAS
+    env, lib = dict(os.environ), openblas_path()
+    if fast_path is True and lib is not None:
+        env["LD_PRELOAD"] = lib
     elif fast_path is False:
         env.pop("LD_PRELOAD", None)
     root = Path(__file__).resolve().parents[1]
@@ -55,7 +55,7 @@ def machine() -> dict:
 
     import mlx.core as mx
 
-    from kdcore import fastpath
+    from kdcore.cli import fastpath
 
     return {
         "platform": platform.platform(),

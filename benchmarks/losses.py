@@ -3,7 +3,7 @@
 For each loss (hinton = T^2 forward KL, reverse_kl, gjsd, bild) at N tokens x V vocabulary,
 float32, every token counted, three variants are measured side by side:
 
-- ``ours``: the chunked kernels (``kdcore.divergence``, ``kd_bild.bild_divergence``);
+- ``ours``: the chunked kernels (``kdcore.kernels.divergence``, ``kd_bild.bild_divergence``);
 - ``mlx_plain``: the straightforward MLX formulation (whole [N, V] log-softmaxes, autodiff);
 - ``torch``: a PyTorch CPU reference built on ``F.kl_div`` (TRL's GKD formula for gjsd, the
   official BiLD code for bild), when torch is importable.
@@ -83,7 +83,7 @@ def _inputs(tokens: int, vocab: int):
 def _mlx_fn(loss: str, variant: str, t, mask):
     from kd_bild import bild_divergence, plain_bild
 
-    from kdcore import divergence as D
+    from kdcore.kernels import divergence as D
 
     T2 = T_KL * T_KL
     if loss == "bild":

@@ -18,9 +18,10 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 
 import kdcore
-from kdcore.losses import masked_mean, token_cross_entropy
-from kdcore.models import load_model
-from kdcore.train import Run
+from kdcore.engine.build import build_parts
+from kdcore.engine.distill import train_parts
+from kdcore.losses.tokens import masked_mean, token_cross_entropy
+from kdcore.models.io import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "shakespeare"
@@ -61,18 +62,17 @@ def spec_dict(steps: int) -> dict:
 
 def engine_seconds(steps: int) -> float:
     with tempfile.TemporaryDirectory() as tmp:
-        run = Run(kdcore.load_spec(spec_dict(steps)), Path(tmp) / "run")
+        parts = build_parts(kdcore.load_spec(spec_dict(steps)))
         start = time.perf_counter()
-        run.train(progress=False)
+        train_parts(parts, Path(tmp) / "run", progress=False)
         return time.perf_counter() - start
 
 
 def minimal_seconds(steps: int) -> float:
     """The loop a user would write by hand with MLX alone."""
-    run = Run(kdcore.load_spec(spec_dict(steps)), Path(tempfile.mkdtemp()) / "unused")
-    dataset = run.dataset
+    dataset = build_parts(kdcore.load_spec(spec_dict(steps))).dataset
     mx.random.seed(0)
-    from kdcore.models import Transformer, TransformerConfig
+    from kdcore.models.transformer import Transformer, TransformerConfig
 
     student = Transformer(
         TransformerConfig(vocab_size=256, dim=80, layers=2, heads=4, max_seq_len=128)

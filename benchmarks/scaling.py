@@ -17,8 +17,8 @@ import mlx.optimizers as optim
 
 import kdcore
 from benchmarks.common import median_time
-from kdcore.losses import LossInputs
-from kdcore.models import Transformer, TransformerConfig
+from kdcore.losses.inputs import LossInputs
+from kdcore.models.transformer import Transformer, TransformerConfig
 
 
 def step_seconds(batch: int, length: int, vocab: int) -> float:

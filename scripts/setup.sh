@@ -16,13 +16,15 @@ for dir in plugins/*/; do plugins+=(-e "$dir"); done
 .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[test,mlx-lm,tensorboard]" "${plugins[@]}"
 
 # MLX's Linux wheel carries the reference BLAS; Debian's OpenBLAS makes matmuls ~30x faster.
-OPENBLAS=/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3
-if [ "$(uname -s)" = Linux ] && [ ! -e "$OPENBLAS" ] && command -v apt-get >/dev/null 2>&1 \
+# kdcore.cli.fastpath names the library (`kd` preloads it itself); the preload below is for
+# the plain `python` processes of scripts/test and scripts/demo.
+FASTPATH=(.venv/bin/python -m kdcore.cli.fastpath)
+if [ "$(uname -s)" = Linux ] && ! "${FASTPATH[@]}" --path >/dev/null && command -v apt-get >/dev/null 2>&1 \
    && [ "$(id -u)" = 0 ]; then
   { apt-get install -y -q libopenblas0-pthread || { apt-get update -q && apt-get install -y -q libopenblas0-pthread; }; } \
     >/dev/null 2>&1 || echo "note: could not install libopenblas0-pthread; MLX will use its slow bundled BLAS"
 fi
-if [ -e "$OPENBLAS" ]; then
+if OPENBLAS=$("${FASTPATH[@]}" --path); then
   export LD_PRELOAD="$OPENBLAS${LD_PRELOAD:+:$LD_PRELOAD}"
 fi
 export PATH="$PWD/.venv/bin:$PATH"

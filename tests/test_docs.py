@@ -9,7 +9,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_spec_reference_component_tables_are_current():
     page = (ROOT / "docs" / "spec.md").read_text()
-    assert docgen.render(page) == page, "run: python -m kdcore.docgen docs/spec.md"
+    assert docgen.render(page) == page, "run: python -m kdcore.cli.docgen docs/spec.md"
 
 
 def test_every_hookspec_has_a_documented_example():

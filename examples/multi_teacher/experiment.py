@@ -19,8 +19,7 @@ import numpy as np
 from kd_amtml.heatmap import instance_weights, plot_heatmap, summary_json
 
 import kdcore
-from kdcore.losses import token_cross_entropy
-from kdcore.models import count_parameters, load_model
+from kdcore import count_parameters, load_model, token_cross_entropy
 
 HERE = Path(__file__).resolve().parent
 RUNS = HERE / "runs"

@@ -3,7 +3,7 @@
     python examples/preference/report.py OUT_DIR RESULTS_STEM
 
 reads ``OUT_DIR/eval/RUN.json`` (written by run.sh) and ``OUT_DIR/RUN/summary.json`` and
-writes ``RESULTS_STEM.json`` and ``RESULTS_STEM.md``.
+writes ``RESULTS_STEM.json`` and ``RESULTS_STEM.md`` (run.sh: ``out`` and ``results/results``).
 """
 
 from __future__ import annotations

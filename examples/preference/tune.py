@@ -1,11 +1,11 @@
 """Choose the DPO stage's settings on the tune split, never on the held-out one.
 
-    python examples/preference/tune.py [OUT_DIR] [RESULTS_STEM]
+    examples/preference/run.sh tune [OUT_DIR] [RESULTS_STEM]
 
 Needs ``OUT_DIR/data`` (split.py) and ``OUT_DIR/teacher-sft`` (the SFT stage). Each variant
 below is ``kd distill teacher_dpo.toml`` with its overrides, trained on the training pairs,
 then ``kd eval --pairs OUT_DIR/data/tune.jsonl.gz``. Writes ``RESULTS_STEM.json`` and
-``RESULTS_STEM.md`` (default ``tune`` beside this script) and prints the chosen variant.
+``RESULTS_STEM.md`` (default ``results/tune`` beside this script) and prints the chosen variant.
 
 The rule: among the variants whose val loss stays within
 ``MAX_VAL_LOSS_RISE`` nats/byte of the SFT teacher's (DPO that lowers the likelihood of
@@ -30,7 +30,7 @@ LR = "train.optimizer.lr"
 DPO = "losses.0.params"
 
 # (beta, learning rate, chosen_nll weight, steps); chosen_nll 0 is plain DPO, > 0 is RPO.
-# A first round (tune_window80.md: 11 variants with the 80-byte response window of the
+# A first round (results/tune_window80.md: 11 variants with the 80-byte response window of the
 # previous specs) found plain DPO at chance or wrecked and RPO at beta 5 best; this round
 # repeats its informative rows with the 176-byte window of the current specs.
 GRID = [
@@ -102,6 +102,7 @@ def choose(rows: dict[str, dict]) -> str:
 def main(out: Path, stem: Path) -> None:
     kd = os.environ.get("KD", "kd")
     rows = {name: run_variant(kd, out, name, overrides) for name, overrides in VARIANTS.items()}
+    stem.parent.mkdir(parents=True, exist_ok=True)
     chosen = choose(rows)
     result = {"chosen": chosen, "max_val_loss_rise": MAX_VAL_LOSS_RISE, "runs": rows}
     stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
@@ -126,4 +127,4 @@ def main(out: Path, stem: Path) -> None:
 
 if __name__ == "__main__":
     out_dir = Path(sys.argv[1]) if len(sys.argv) > 1 else HERE / "out"
-    main(out_dir, Path(sys.argv[2]) if len(sys.argv) > 2 else HERE / "tune")
+    main(out_dir, Path(sys.argv[2]) if len(sys.argv) > 2 else HERE / "results" / "tune")

@@ -1,13 +1,13 @@
 """Choose each margin loss's weight on the tune split, never on the held-out one.
 
-    python examples/preference/weights.py [--out OUT_DIR] [--stem RESULTS_STEM]
+    examples/preference/run.sh weights [--out OUT_DIR] [--stem RESULTS_STEM]
         [--seeds 0 1 ...] [--runs student_kd student_rank:0.1 ...] [--split tune|heldout]
 
 Needs ``OUT_DIR/data`` (split.py) and ``OUT_DIR/teacher-dpo`` (run.sh's teacher stages).
 Each run is ``kd distill SPEC.toml --set losses.1.weight=W --set run.seed=S`` (the student
 specs beside this script; ``student_kd`` has no margin loss and is the reference), then
 ``kd eval --pairs OUT_DIR/data/SPLIT.jsonl.gz``. Writes ``RESULTS_STEM.json`` and
-``RESULTS_STEM.md`` (default ``weights`` beside this script) and prints the table.
+``RESULTS_STEM.md`` (default ``results/weights`` beside this script) and prints the table.
 
 The rule, with the default ``--split tune``: for each margin loss, the weight with the
 highest agreement with the teacher (mean over the seeds), ties to the higher Kendall tau,
@@ -123,7 +123,7 @@ def table(rows: list[dict], chosen: dict[str, float], split: str) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=HERE / "out")
-    parser.add_argument("--stem", type=Path, default=HERE / "weights")
+    parser.add_argument("--stem", type=Path, default=HERE / "results" / "weights")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--runs", nargs="+", help="SPEC or SPEC:WEIGHT (default: the grid)")
     parser.add_argument("--split", choices=["tune", "heldout"], default="tune")
@@ -146,6 +146,7 @@ def main() -> None:
         for seed in args.seeds
     ]
     chosen = choose(rows) if args.split == "tune" else {}
+    args.stem.parent.mkdir(parents=True, exist_ok=True)
     args.stem.with_suffix(".json").write_text(
         json.dumps({"split": args.split, "chosen": chosen, "runs": rows}, indent=2) + "\n"
     )

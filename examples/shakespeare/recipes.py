@@ -2,7 +2,7 @@
 (distill.toml: same data, model, steps and optimiser) at several seeds and reports the val
 loss (nats/byte, cross-entropy on the held-out text) as mean and spread.
 
-    python examples/shakespeare/recipes.py [--seeds 0 1 2] [--out runs/recipes]
+    examples/shakespeare/run.sh recipes [--seeds 0 1 2] [--out runs/recipes]
 
 Writes results/recipes.json and results/recipes.md beside this script.
 """

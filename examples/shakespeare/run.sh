@@ -1,14 +1,23 @@
 #!/usr/bin/env bash
-# Distil the bundled teacher (distill.toml: hinton at T = 1), train the same student with ce
-# alone for the same steps, print both students' val loss beside the teacher's, and the
-# compression, forward speed-up and perplexity ratio (written to retention.json).
+# What ./scripts/demo runs: distil the bundled teacher (distill.toml: hinton at T = 1), train
+# the same student with ce alone for the same steps, print both students' val loss beside
+# the teacher's, and the compression, forward speed-up and perplexity ratio (also written to
+# results/retention.json). Runs in runs/shakespeare (KD_OUT to change).
+#   examples/shakespeare/run.sh [KD_DISTILL_ARG...]   e.g. --set train.steps=20 (a smoke run)
+#   examples/shakespeare/run.sh recipes [ARG...]      recipes.py: which loss recipe is best,
+#                                                     at three seeds (results/recipes.{json,md})
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
+if [ "${1:-}" = recipes ]; then
+  shift
+  exec python "$here/recipes.py" "$@"
+fi
 out=${KD_OUT:-runs/shakespeare}
 rm -rf "$out/hinton" "$out/ce"
 kd distill "$here/distill.toml" --output "$out/hinton" "$@"
 kd distill "$here/ce.toml" --output "$out/ce" "$@"
-python - "$out" "$here/teacher" <<'PY'
+# python runs the speed measurement itself, so through kd's OpenBLAS fast path
+python -m kdcore.cli.fastpath -- python - "$out" "$here/teacher" "$here/results" <<'PY'
 import json, math, sys
 from pathlib import Path
 
@@ -42,7 +51,9 @@ retention = {
     "perplexity_ratio": math.exp(rows[0][2] - rows[1][2]),
     "top1_agreement": hinton["eval"]["top1_agreement"],
 }
-(out / "retention.json").write_text(json.dumps(retention, indent=2) + "\n")
+results = Path(sys.argv[3])
+results.mkdir(exist_ok=True)
+(results / "retention.json").write_text(json.dumps(retention, indent=2) + "\n")
 print(f"compression {retention['compression']:.1f}x, forward speed-up "
       f"{retention['forward_speedup']:.1f}x ({student_tps:,.0f} vs {teacher_tps:,.0f} tokens/s), "
       f"teacher/student perplexity {retention['perplexity_ratio']:.3f}")

@@ -248,7 +248,7 @@ def cmd_doctor(args) -> int:
         print(f"{key}: {value}")
     if sys.platform.startswith("linux") and not info["fast_path_active"]:
         if info["fast_path_available"]:
-            print("hint: run through `kd` (not python -m) or set LD_PRELOAD to use OpenBLAS")
+            print("hint: use OpenBLAS through `kd` or `python -m kdcore.cli.fastpath -- CMD`")
         else:
             print("hint: apt-get install libopenblas0-pthread makes MLX matmuls ~30x faster")
     return 0

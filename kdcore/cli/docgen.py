@@ -1,7 +1,7 @@
 """Regenerate the component tables of docs/spec.md from the registry.
 
-    python -m kdcore.docgen docs/spec.md          # rewrite the tables in place
-    python -m kdcore.docgen docs/spec.md --check  # exit 1 if they are stale
+    python -m kdcore.cli.docgen docs/spec.md          # rewrite the tables in place
+    python -m kdcore.cli.docgen docs/spec.md --check  # exit 1 if they are stale
 
 The tables sit between ``<!-- components:start -->`` and ``<!-- components:end -->``;
 the rest of the page is written by hand.
@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     new = render(page)
     if "--check" in argv:
         if new != page:
-            print(f"{path}: component tables are stale; run python -m kdcore.docgen {path}")
+            print(f"{path}: component tables are stale; run python -m kdcore.cli.docgen {path}")
             return 1
         return 0
     path.write_text(new)

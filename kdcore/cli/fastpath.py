@@ -41,8 +41,10 @@ def loaded_blas() -> list[str]:
 
 
 def fast_path_active() -> bool:
-    # NumPy's wheel maps its own libscipy_openblas; only the preloaded libblas counts.
-    return any(lib in CANDIDATES or "openblas-pthread" in lib for lib in loaded_blas())
+    # NumPy's wheel maps its own libscipy_openblas; only the preloaded library counts, or the
+    # libopenblas it pulls in from Debian's own folder for it.
+    debian = {str(Path(p).parent) for p in CANDIDATES if p.endswith("/libblas.so.3")}
+    return any(lib in CANDIDATES or str(Path(lib).parent) in debian for lib in loaded_blas())
 
 
 def preload_env(env: Mapping[str, str] | None = None) -> dict[str, str]:
