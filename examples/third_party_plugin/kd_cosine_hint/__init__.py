@@ -16,9 +16,18 @@ class CosineHintConfig:
     layer: int = -1  # which hidden state (embeddings are 0)
 
 
+EPS = 1e-12
+
+
+def _norm(x: mx.array, keepdims: bool = False) -> mx.array:
+    """Euclidean norm over the last axis with ``EPS`` inside the square root: the gradient
+    of a plain norm is 0/0 at an all-zero row (a row whose tokens are all masked)."""
+    return mx.sqrt((x * x).sum(-1, keepdims=keepdims) + EPS)
+
+
 def _similarity_rows(hidden: mx.array, mask: mx.array) -> mx.array:
     h = hidden.astype(mx.float32)
-    h = h / mx.maximum(mx.linalg.norm(h, axis=-1, keepdims=True), 1e-6)
+    h = h / _norm(h, keepdims=True)
     rows = h @ h.transpose(0, 2, 1)  # [B, L, L]
     return rows * mask[:, None, :]  # masked tokens take no part
 
@@ -28,9 +37,8 @@ def cosine_hint(config: CosineHintConfig, setup):
         mask = inputs.batch["mask"]
         s = _similarity_rows(inputs.student.hidden_states[config.layer], mask)
         t = _similarity_rows(inputs.teacher.hidden_states[config.layer], mask)
-        num = (s * t).sum(-1)
-        den = mx.maximum(mx.linalg.norm(s, axis=-1) * mx.linalg.norm(t, axis=-1), 1e-6)
-        return kdcore.masked_mean(1.0 - num / den, mask), {}
+        cosine = (s * t).sum(-1) / (_norm(s) * _norm(t))
+        return kdcore.masked_mean(1.0 - cosine, mask), {}
 
     return loss
 

@@ -8,7 +8,7 @@ into ``beta`` and scores ``alpha_k = (beta * theta_k) . W``; the weights are
 
     p_T(v | x) = sum_k mu_k(x) softmax(z_k / T)_v
 
-which is exactly the mixture signal of :func:`kdcore.builtins.aggregators.mixture`.
+which is exactly the mixture signal of :func:`kdcore.mixture`.
 
 Here the instance representation is a pooled summary of one of (``source``):
 
@@ -39,8 +39,7 @@ import attrs
 import mlx.core as mx
 import mlx.nn as nn
 
-from kdcore.builtins.aggregators import mixture
-from kdcore.signal import TeacherSignal
+from kdcore import TeacherSignal, mixture
 
 REGULARIZER_KEY = "amtml_regularizer"
 
@@ -150,7 +149,7 @@ class Amtml(nn.Module):
             self.feature_mean = mx.zeros((input_dim,))
             self.feature_sq = mx.zeros((input_dim,))
             self.feature_steps = mx.zeros(())
-        # What the engine must capture for us (read by kdcore.train.Run).
+        # What the engine must capture for us (kdcore.HasRequirements).
         wants_hidden = config.source != "student_logits" or config.keys == "teacher_features"
         self.requires = frozenset({"hidden_states"}) if wants_hidden else frozenset()
 

@@ -9,7 +9,7 @@ from typing import Any
 import attrs
 import numpy as np
 
-from kdcore.data import Dataset, open_text, resolve_tokenizer
+from kdcore import Dataset, open_text, resolve_tokenizer
 
 
 def _fraction(_instance, attribute, value):

@@ -1,11 +1,12 @@
 """``kd amtml-heatmap RUN_DIR``: the aggregator's instance weights against data domains.
 
-The run is rebuilt from its resolved spec, its last checkpoint (student and aggregator
-parameters) is loaded, and every val example is scored by the aggregator. The result is
-the mean weight of each teacher over the examples of each domain (a heatmap PNG and a JSON
-file under ``RUN_DIR/report/``) and the routing accuracy: how often the largest weight goes
-to the teacher of the example's domain. Teacher k belongs to the domain with the same name
-as its label when every label names a domain, else to domain k.
+The run is rebuilt from its resolved spec with its last checkpoint (student and aggregator
+parameters) loaded (``kdcore.open_run``), and every val example is scored by the
+aggregator. The result is the mean weight of each teacher over the examples of each domain
+(a heatmap PNG and a JSON file under ``RUN_DIR/report/``) and the routing accuracy: how
+often the largest weight goes to the teacher of the example's domain. Teacher k belongs to
+the domain with the same name as its label when every label names a domain, else to
+domain k.
 
 ``kd report RUN_DIR`` draws the same heatmap into its report for a run whose aggregator
 is ``amtml`` (:func:`report_section`, the plugin's ``kd_report_sections``), scoring the
@@ -21,12 +22,8 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
-from kdcore.checkpoint import latest_checkpoint, load_checkpoint
-from kdcore.errors import CheckpointError, SpecError
-from kdcore.evaluate import load_run_spec
-from kdcore.io import write_json
-from kdcore.losses import LossInputs
-from kdcore.spec import read_spec_file
+import kdcore
+from kdcore import CheckpointError, LossInputs, SpecError, write_json
 
 
 def teacher_labels(spec) -> list[str]:
@@ -50,36 +47,12 @@ def domain_of_teacher(labels: list[str], domains: list[str]) -> list[int]:
     return list(range(len(labels)))
 
 
-def load_trained_run(run_dir: str | Path):
-    """The run rebuilt from ``run_dir/spec.toml`` with its last checkpoint loaded."""
-    from kdcore.train import Run
-
-    run_dir = Path(run_dir)
-    spec = load_run_spec(run_dir)
-    run = Run(spec, output=run_dir)
-    latest = latest_checkpoint(run_dir / "checkpoints")
-    if latest is None:
-        raise CheckpointError(f"{run_dir}/checkpoints has no checkpoint to read weights from")
-    _state, trainable, _opt, _extra = load_checkpoint(latest)
-    # Student and aggregator only: the weights do not depend on loss modules, and
-    # Trainable.losses (a dict keyed "0", "1"...) does not round-trip through
-    # load_weights (its paths unflatten into lists).
-    for name in ("student", "aggregator"):
-        module = getattr(run.trainable, name, None)
-        prefix = name + "."
-        items = [(k[len(prefix) :], v) for k, v in trainable.items() if k.startswith(prefix)]
-        if module is not None:
-            module.load_weights(items, strict=True)
-    mx.eval(run.trainable.parameters())
-    return run
-
-
 def instance_weights(
     run_dir: str | Path, batches: int | None = None, split: str = "val"
 ) -> dict[str, Any]:
     """Per-example teacher weights [N, K] and domains [N] of a finished multi-teacher run,
     with the per-domain mean matrix and the routing accuracy."""
-    run = load_trained_run(run_dir)
+    run = kdcore.open_run(run_dir)  # rebuilt, with the last checkpoint's weights
     if not run.teachers:
         raise SpecError("the run has no teachers: nothing was aggregated")
     aggregator = getattr(run.trainable, "aggregator", run.aggregator)
@@ -193,7 +166,7 @@ def report_section(run_dir: str | Path, figures_dir: str | Path) -> list[str] | 
     spec_file = run_dir / "spec.toml"
     if not spec_file.exists() or not (run_dir / "run.json").exists():
         return None
-    spec = read_spec_file(spec_file)
+    spec = kdcore.read_config(spec_file, dict)  # the plain tables: no components built
     if spec.get("aggregator", {}).get("name") != "amtml":
         return None
     lines = ["## AMTML instance weights", ""]

@@ -1,6 +1,6 @@
 """Multi-level losses of AMTML-KD: the integrated soft target, hints, attention, CKA.
 
-Layer indices follow :class:`kdcore.models.ModelOutput`: ``hidden_states[0]`` is the
+Layer indices follow :class:`kdcore.ModelOutput`: ``hidden_states[0]`` is the
 embedding output and ``hidden_states[i]`` the output of block ``i``; ``attentions[i]`` is
 block ``i + 1``'s attention map. Negative indices count from the end. With no explicit
 layer map, student block ``s`` (1..S) is paired with teacher block ``round(s * T / S)``
@@ -20,8 +20,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from kd_amtml.aggregator import REGULARIZER_KEY
-from kdcore.losses import IGNORE_INDEX, LossInputs, masked_mean
-from kdcore.signal import TeacherSignal
+from kdcore import IGNORE_INDEX, LossInputs, TeacherSignal, masked_mean
 
 # ---------------------------------------------------------------- helpers
 

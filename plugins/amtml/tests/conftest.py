@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 
-os.environ.setdefault("KD_HYPOTHESIS_PROFILE", "fast")
+from kdcore import testing
 
 ROOT = Path(__file__).resolve().parents[3]
 DATA = ROOT / "examples" / "multi_teacher" / "data"
@@ -25,35 +24,12 @@ def domains(tmp_path_factory) -> dict[str, Path]:
     return out
 
 
-def teacher_spec(path: Path, dim: int, steps: int = 6) -> dict:
-    return {
-        "run": {"name": f"teacher-{path.stem}", "seed": 0},
-        "data": {"name": "text", "params": {"path": str(path), "seq_len": 32}},
-        "student": {
-            "model": {
-                "name": "transformer",
-                "params": {"dim": dim, "layers": 2, "heads": 2, "max_seq_len": 32},
-            }
-        },
-        "losses": [{"name": "ce"}],
-        "train": {
-            "steps": steps,
-            "batch_size": 4,
-            "log_every": 3,
-            "optimizer": {"name": "adamw", "lr": 3e-3},
-        },
-        "eval": {"batches": 1},
-    }
-
-
 @pytest.fixture(scope="session")
 def teachers(tmp_path_factory, domains) -> dict[str, Path]:
     """Two tiny teachers of different widths, one per domain."""
-    import kdcore
-
-    out = {}
-    for (name, path), dim in zip(domains.items(), (32, 24)):
-        run = tmp_path_factory.mktemp(f"teacher-{name}")
-        kdcore.distill(kdcore.load_spec(teacher_spec(path, dim)), output=run, progress=False)
-        out[name] = run / "student"
-    return out
+    return {
+        name: testing.train_tiny_teacher(
+            path, tmp_path_factory.mktemp(f"teacher-{name}"), steps=6, dim=dim, log_every=3
+        )
+        for (name, path), dim in zip(domains.items(), (32, 24))
+    }

@@ -72,8 +72,7 @@ def test_amtml_aggregator_logit_source():
     import numpy as np
 
     import kdcore
-    from kdcore.models import ModelOutput
-    from kdcore.setup import Setup
+    from kdcore import ModelOutput, Setup
 
     V = 12
     aggregate = kdcore.build(

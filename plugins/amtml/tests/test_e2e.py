@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
@@ -10,9 +11,13 @@ import pytest
 from mlx.utils import tree_flatten
 
 import kdcore
-from kdcore.checkpoint import load_checkpoint
-from kdcore.io import load_arrays
-from kdcore.models import Transformer, TransformerConfig
+from kdcore import Transformer, TransformerConfig, load_arrays, testing
+
+
+def _trainable(run: Path, step: int) -> dict:
+    """The trainable arrays (student, aggregator, loss modules) of checkpoint ``step``."""
+    path = run / "checkpoints" / f"step-{step:07d}" / "trainable.safetensors"
+    return load_arrays(path, "checkpoint")
 
 
 @pytest.fixture(scope="module")
@@ -97,8 +102,8 @@ def test_saved_student_holds_no_projection_or_aggregator_weights(amtml_run):
 
 def test_frozen_stage_keeps_the_aggregator_fixed(amtml_run, teachers):
     out, _ = amtml_run
-    _, first, _, _ = load_checkpoint(out / "checkpoints" / "step-0000003")
-    _, second, _, _ = load_checkpoint(out / "checkpoints" / "step-0000006")
+    first = _trainable(out, 3)
+    second = _trainable(out, 6)
     agg_keys = [k for k in first if k.startswith("aggregator.")]
     assert {"aggregator.theta", "aggregator.w", "aggregator.encoder.weight"} <= set(agg_keys)
     for key in agg_keys:
@@ -110,10 +115,8 @@ def test_frozen_stage_keeps_the_aggregator_fixed(amtml_run, teachers):
     ]
     assert moved, "the student should keep training in the frozen stage"
     # The joint stage did train the aggregator (theta differs from its seeded start).
-    from kdcore.setup import Setup
-
     start = kdcore.build(
-        "teacher_aggregator", "amtml", Setup(num_teachers=2), latent_dim=8, input_dim=16
+        "teacher_aggregator", "amtml", kdcore.Setup(num_teachers=2), latent_dim=8, input_dim=16
     )
     assert not np.allclose(np.array(start.theta), np.array(first["aggregator.theta"]))
     # Hint projections are checkpointed with the run (they live in the loss module).
@@ -121,10 +124,8 @@ def test_frozen_stage_keeps_the_aggregator_fixed(amtml_run, teachers):
 
 
 def test_heatmap_command(amtml_run):
-    from kdcore.cli import main
-
     out, _ = amtml_run
-    assert main(["amtml-heatmap", str(out), "--json"]) == 0
+    assert testing.run_kd("amtml-heatmap", out, "--json") == 0
     data = json.loads((out / "report" / "amtml_weights.json").read_text())
     assert (out / "report" / "amtml_weights.png").stat().st_size > 1000
     assert data["teachers"] == ["shakespeare", "gsm8k"]
@@ -138,14 +139,11 @@ def test_heatmap_command(amtml_run):
 
 
 def test_report_includes_the_heatmap(amtml_run):
-    from kdcore.plugins import reset_registry
-    from kdcore.report import write_report
-
     out, _ = amtml_run
-    reset_registry()  # the installed plugins only
     png = out / "report" / "amtml_weights.png"
     png.unlink(missing_ok=True)  # made by the report, not left over from the command's test
-    text = write_report(out).read_text()
+    with testing.plugins():  # the installed plugins only
+        text = kdcore.write_report(out).read_text()
     assert "## AMTML instance weights" in text
     assert "![amtml instance weights](report/amtml_weights.png)" in text
     assert png.stat().st_size > 1000

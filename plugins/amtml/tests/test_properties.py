@@ -10,8 +10,7 @@ from kd_amtml.aggregator import REGULARIZER_KEY
 from kd_amtml.losses import align_heads, linear_cka, uniform_pairs
 
 import kdcore
-from kdcore.models import ModelOutput, TransformerConfig
-from kdcore.setup import Setup
+from kdcore import ModelOutput, Setup, TransformerConfig, mixture
 
 RNG = np.random.default_rng(7)
 
@@ -96,8 +95,6 @@ def test_one_teacher_amtml_is_hinton(T):
 def test_amtml_loss_matches_reference_for_a_weighted_mixture():
     student, teachers, mask = random_case()
     weights = RNG.dirichlet(np.ones(3), size=3).astype(np.float32)
-    from kdcore.builtins.aggregators import mixture
-
     merged = mixture([signal(z) for z in teachers], mx.array(weights))
     params = kdcore.make_config("loss", "amtml", temperature=2.0)
     value, metrics = kdcore.build("loss", "amtml", temperature=2.0)(
@@ -211,6 +208,7 @@ def test_aggregator_reads_its_width_from_the_run_and_declares_requirements():
     )
     assert agg.encoder.weight.shape == (32, 16)
     assert agg.requires == frozenset({"hidden_states"})
+    assert isinstance(agg, kdcore.HasRequirements)  # how the engine reads it
     with pytest.raises(ValueError, match="input_dim"):
         kdcore.build("teacher_aggregator", "amtml", Setup(num_teachers=2))
 
@@ -314,8 +312,6 @@ def test_multi_group_hint_teacher_j_supervises_group_j():
     loss, student_h, members, mask = _three_teacher_hint_case(
         strategy="groups", student_layers=[1, 2, 3]
     )
-    from kdcore.builtins.aggregators import mixture
-
     merged = mixture(members, mx.full((2, 3), 1 / 3))
     value, metrics = loss(
         inputs_for(np.zeros((2, 4, 5), np.float32), merged, mask, hidden=student_h)
@@ -331,8 +327,6 @@ def test_instance_weighted_hint_follows_the_weights():
     loss, student_h, members, mask = _three_teacher_hint_case(
         strategy="groups", student_layers=[1, 2, 3], instance_weighted=True
     )
-    from kdcore.builtins.aggregators import mixture
-
     # Instance 0 belongs to teacher 1, instance 1 to teacher 2.
     weights = mx.array([[0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
     value, _ = loss(
@@ -361,8 +355,6 @@ def test_hint_projections_are_trainable_parameters():
     loss, student_h, members, mask = _three_teacher_hint_case(
         strategy="all", student_layers=[1, 2, 3], teacher_layers=[1, 1, 2]
     )
-    from kdcore.builtins.aggregators import mixture
-
     merged = mixture(members, mx.full((2, 3), 1 / 3))
 
     def objective(module):

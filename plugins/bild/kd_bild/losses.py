@@ -22,8 +22,7 @@ import mlx.core as mx
 import numpy as np
 
 import kdcore
-from kdcore import divergence
-from kdcore.schedules import Schedule
+from kdcore import Schedule
 
 
 def _positive_int(_instance, attribute, value) -> None:
@@ -65,7 +64,7 @@ def _ld_kl(teacher: mx.array, student: mx.array, d: mx.array, inv_t: float):
 
 
 def bild_rows(k: int, temperature: float, sparse: bool):
-    """Row function for ``kdcore.divergence.chunked_token_mean``.
+    """Row function for ``kdcore.chunked_token_mean``.
 
     Dense teacher arrays: ``(t [C, V],)``. Sparse: ``(ids [C, K'], z [C, K'], z_rest [C])``
     with ``z`` teacher logits up to a per-row constant and ``z_rest`` the value assumed for
@@ -84,10 +83,10 @@ def bild_rows(k: int, temperature: float, sparse: bool):
             t_lead = mx.take_along_axis(cache_z, order, axis=-1)
         else:
             zt = teacher[0].astype(mx.float32)
-            ids_t = divergence.topk_sorted(zt, k)
+            ids_t = kdcore.topk_sorted(zt, k)
             t_lead = mx.take_along_axis(zt, ids_t, axis=-1)
         s_follow = mx.take_along_axis(zs, ids_t, axis=-1)
-        ids_s = divergence.topk_sorted(zs, k)
+        ids_s = kdcore.topk_sorted(zs, k)
         s_lead = mx.take_along_axis(zs, ids_s, axis=-1)
         if sparse:
             match = ids_s[:, :, None] == cache_ids[:, None, :]
@@ -199,7 +198,7 @@ def bild_divergence(
         ones = mx.ones((flat.shape[0], 1))
         return bild_rows(k, temperature, True)(ones, flat, *rest)[0].reshape(mask.shape)
 
-    return divergence.chunked_token_mean(
+    return kdcore.chunked_token_mean(
         bild_rows(k, temperature, sparse), plain_rows, student_logits, arrays, mask, chunk_rows
     )
 
@@ -250,7 +249,7 @@ def bidirectional_kl(config: BidirectionalConfig, setup=None):
         temperature = float(params.temperature)
         terms = {}
         for kind in ("forward_kl", "reverse_kl"):
-            terms[kind] = divergence.token_divergence(
+            terms[kind] = kdcore.token_divergence(
                 inputs.student.logits,
                 inputs.teacher,
                 inputs.batch["mask"],

@@ -12,8 +12,7 @@ from hypothesis import strategies as st
 from kd_bild import bild_divergence, plain_bild
 
 import kdcore
-from kdcore import testing
-from kdcore.models.output import ModelOutput
+from kdcore import ModelOutput, testing
 
 PROFILE = settings.get_profile(testing.PROFILE)
 

@@ -77,11 +77,9 @@ def _cmd_eval(args) -> int:
     from kd_cot.generate import answer_accuracy
     from kd_cot.records import read_records
     from kd_cot.templates import get_template
-    from kdcore.models import load_model
-    from kdcore.tokenizer import load_tokenizer
 
-    model, _, _ = load_model(args.model)
-    tokenizer = load_tokenizer(args.model)
+    model, _, _ = kdcore.load_model(args.model)
+    tokenizer = kdcore.load_tokenizer(args.model)
     records, rejected, _ = read_records(args.data, args.format, limit=args.max_records)
     template = get_template(args.template, args.step_format)
     result = answer_accuracy(

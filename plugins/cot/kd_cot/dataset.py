@@ -29,9 +29,7 @@ import numpy as np
 from kd_cot.evaluator import check_annotations
 from kd_cot.records import RationaleRecord, read_records
 from kd_cot.templates import Template, TemplateError, get_template
-from kdcore.data import Dataset, resolve_tokenizer
-from kdcore.errors import SpecError
-from kdcore.losses import IGNORE_INDEX
+from kdcore import IGNORE_INDEX, Dataset, SpecError, resolve_tokenizer
 
 
 def _fraction(_instance, attribute, value):

@@ -1,8 +1,8 @@
-"""Fast decoding for ``kdcore.sampling.generate`` with the built-in transformer.
+"""Fast decoding for ``kdcore.generate`` with the built-in transformer.
 
 ``generate`` calls ``model(context)`` with the whole context once per new token and reads
 the last position's logits. :class:`IncrementalDecoder` wraps a
-``kdcore.models.Transformer`` and keeps each layer's keys and values: when the context is the
+``kdcore.Transformer`` and keeps each layer's keys and values: when the context is the
 previous one plus one token it runs only that token (mlx-lm's KV cache, in a wrapper), so
 sampling N tokens costs N single-token forwards instead of N full ones. It returns logits
 for the positions it has not returned before (``[B, 1, V]`` per step), which is all
@@ -14,11 +14,11 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
-from kdcore.models import ModelOutput, Transformer
+from kdcore import ModelOutput, Transformer
 
 
 class IncrementalDecoder:
-    """A KV-cached view of a :class:`kdcore.models.Transformer` for left-to-right decoding."""
+    """A KV-cached view of a :class:`kdcore.Transformer` for left-to-right decoding."""
 
     def __init__(self, model: Transformer):
         self.model = model

@@ -1,6 +1,6 @@
 """``kd generate SPEC``: data distillation, sampling rationales from an MLX teacher.
 
-The spec is its own TOML (or JSON) file, structured with ``kdcore.spec.converter`` into
+The spec is its own TOML (or JSON) file, structured with ``kdcore.read_config`` into
 :class:`GenerateSpec` (unknown keys are errors, every problem reported at once)::
 
     teacher = "runs/teacher/student"   # a saved model directory (config.json, weights, tokenizer)
@@ -59,13 +59,17 @@ from kd_cot.evaluator import (
 )
 from kd_cot.records import RecordError, Step, parse_gsm8k
 from kd_cot.templates import Template, TemplateError, get_template
-from kdcore.data import read_jsonl
-from kdcore.errors import SpecError
-from kdcore.io import atomic_path, write_json
-from kdcore.models import load_model
-from kdcore.sampling import generate
-from kdcore.spec import converter, read_spec_file, structure_errors
-from kdcore.tokenizer import load_tokenizer
+from kdcore import (
+    SpecError,
+    atomic_path,
+    generate,
+    load_model,
+    load_tokenizer,
+    read_config,
+    read_jsonl,
+    to_plain,
+    write_json,
+)
 
 
 def _positive(_instance, attribute, value):
@@ -125,17 +129,11 @@ class GenerateSpec:
 
 def load_generate_spec(source: str | Path | dict, overrides: list[str] | None = None):
     """Read and structure a ``kd generate`` spec; SpecError lists every problem."""
-    from kdcore.spec import apply_overrides
-
     if isinstance(source, dict):
-        data, base, where = source, ".", "<spec>"
+        base, where = ".", "<spec>"
     else:
-        data, base, where = read_spec_file(source), str(Path(source).parent), str(source)
-    data = apply_overrides(data, overrides or [])
-    try:
-        spec = converter.structure(data, GenerateSpec)
-    except Exception as exc:
-        raise SpecError(structure_errors(exc, "$"), source=where) from None
+        base, where = str(Path(source).parent), str(source)
+    spec = read_config(source, GenerateSpec, overrides)
     try:
         get_template(spec.template, spec.step_format)
     except TemplateError as exc:
@@ -206,7 +204,7 @@ def sample_completions(
     """``n`` completions of each prompt (temperature 0: greedy), as text after the prompt.
 
     Prompts are grouped by token length so that no row needs padding (the built-in models
-    take no attention mask); each group is sampled with ``kdcore.sampling.generate`` in
+    take no attention mask); each group is sampled with ``kdcore.generate`` in
     chunks of ``chunk`` tokens and stops early once every row holds a complete answer.
     """
     mx.random.seed(seed)
@@ -408,7 +406,7 @@ def run_generate(spec: GenerateSpec, progress: bool = True) -> dict:
         "dropped": dict(sorted(dropped.items())),
         "questions_with_kept_samples": len({x.question.line for x in kept}),
         "seconds": round(time.perf_counter() - started, 2),
-        "spec": converter.unstructure(spec),
+        "spec": to_plain(spec),
     }
     with_reference = [x for x in kept if x.question.reference is not None]
     if with_reference:

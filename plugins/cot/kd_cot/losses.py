@@ -29,8 +29,7 @@ from __future__ import annotations
 import attrs
 import mlx.core as mx
 
-from kdcore import divergence
-from kdcore.losses import LossInputs, log_softmax, masked_mean, token_cross_entropy
+from kdcore import LossInputs, log_softmax, masked_mean, teacher_support, token_cross_entropy
 
 # ---------------------------------------------------------------- cot
 
@@ -66,7 +65,7 @@ def token_kl(student_logits: mx.array, teacher, temperature, tail: str) -> mx.ar
     """KL(p_T || q_T) per position [B, L], summed over the vocabulary, float32."""
     log_q = log_softmax(student_logits, temperature)
     if teacher.is_sparse:
-        ids, log_p = divergence.teacher_support(teacher, temperature, tail)
+        ids, log_p = teacher_support(teacher, temperature, tail)
         if tail == "tail-bucket":
             picked = mx.take_along_axis(log_q, ids, axis=-1)
             # The student's mass outside the teacher's top-k, as the (k+1)-th class.

@@ -23,7 +23,7 @@ from typing import Literal
 import attrs
 
 from kd_cot.evaluator import EvaluationError, evaluate, numbers_equal, parse_number
-from kdcore.data import read_jsonl
+from kdcore import read_jsonl
 
 Annotations = Literal["keep", "strip"]
 _ANNOTATION = re.compile(r"<<[^<>]*>>")

@@ -11,11 +11,7 @@ from kd_cot.dataset import RationaleDataset
 from kd_cot.records import parse_gsm8k, read_records, strip_annotations
 from kd_cot.templates import NAMED, TemplateError, get_template
 
-from kdcore import Setup
-from kdcore.data import Dataset
-from kdcore.losses import IGNORE_INDEX
-from kdcore.setup import make_config
-from kdcore.tokenizer import ByteTokenizer
+from kdcore import IGNORE_INDEX, ByteTokenizer, Dataset, Setup, make_config
 
 GSM8K_SLICE = Path(__file__).parent / "data" / "gsm8k_slice.jsonl"  # 300 GSM8K train records
 GSM8K_FULL = Path("/work/shared/data/gsm8k_train.jsonl")  # 7,473 records, where present
@@ -47,17 +43,22 @@ def _gsm8k_full_file_check(path: Path) -> None:
     assert [r.answer for r in ds.records] == answers
 
 
-if GSM8K_FULL.exists():
-
-    def test_gsm8k_every_record_of_the_full_train_file_parses_and_masks_its_answer():
-        """Runs on /work/shared/data/gsm8k_train.jsonl (7,473 records), present here."""
-        _gsm8k_full_file_check(GSM8K_FULL)
-
-else:
-
-    def test_gsm8k_every_record_of_the_bundled_slice_parses_and_masks_its_answer():
-        """The full GSM8K file is not on this machine: runs on the bundled 300-record slice."""
-        _gsm8k_full_file_check(GSM8K_SLICE)
+@pytest.mark.parametrize(
+    "path",
+    [
+        pytest.param(GSM8K_SLICE, id="bundled-slice"),
+        pytest.param(
+            GSM8K_FULL,
+            id="full-train-file",
+            marks=pytest.mark.skipif(
+                not GSM8K_FULL.exists(), reason="the full GSM8K train file is not on this machine"
+            ),
+        ),
+    ],
+)
+def test_gsm8k_every_record_parses_and_masks_its_answer(path):
+    """The bundled 300-record slice, and the full train file (7,473 records) where present."""
+    _gsm8k_full_file_check(path)
 
 
 def test_gsm8k_slice_with_every_named_template():

@@ -9,7 +9,7 @@ from pathlib import Path
 from kd_cot.synthetic import write_jsonl
 
 import kdcore
-from kdcore.cli import main
+from kdcore import testing
 
 SLICE = Path(__file__).parent / "data" / "gsm8k_slice.jsonl"
 COT = "Q:{question}\n{rationale}\nA:{answer}\n"
@@ -26,7 +26,7 @@ RECORDS = [
 
 
 def test_kd_data_inspect_gsm8k_json(capsys):
-    assert main(["data", "inspect", str(SLICE), "--format", "gsm8k", "--json"]) == 0
+    assert testing.run_kd("data", "inspect", SLICE, "--format", "gsm8k", "--json") == 0
     report = json.loads(capsys.readouterr().out)
     assert report["records_read"] == 300
     assert report["records_parsed"] == 300 and report["rejected"] == []
@@ -40,7 +40,7 @@ def test_kd_data_inspect_text_reports_rejected_lines(tmp_path, capsys):
     path = tmp_path / "g.jsonl"
     good = SLICE.read_text().splitlines()[:2]
     path.write_text("\n".join([good[0], '{"question": "q", "answer": "no hash"}', good[1]]) + "\n")
-    assert main(["data", "inspect", str(path), "--format", "gsm8k"]) == 0
+    assert testing.run_kd("data", "inspect", path, "--format", "gsm8k") == 0
     out = capsys.readouterr().out
     assert "records_parsed: 2" in out
     assert "line 2: no '#### answer' line" in out
@@ -99,7 +99,7 @@ def test_teacher_generate_and_students(tmp_path, capsys):
         "[sampling]\nn = 3\ntemperature = 0.0\nmax_new_tokens = 32\nchunk = 8\n"
         '[filters]\nagreement = "reference"\nmax_steps = 4\n'
     )
-    assert main(["generate", str(tmp_path / "gen.toml"), "--json"]) == 0
+    assert testing.run_kd("generate", tmp_path / "gen.toml", "--json") == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["samples"] == 12
     assert summary["kept"] + sum(summary["dropped"].values()) == 12
@@ -112,7 +112,7 @@ def test_teacher_generate_and_students(tmp_path, capsys):
     on_disk = json.loads((tmp_path / "gen.summary.json").read_text())
     assert on_disk["kept"] == 4 and on_disk["dropped"] == {"duplicate": 8}
 
-    assert main(["cot-eval", str(teacher_dir), str(questions), "--template", COT, "--json"]) == 0
+    assert testing.run_kd("cot-eval", teacher_dir, questions, "--template", COT, "--json") == 0
     assert json.loads(capsys.readouterr().out)["accuracy"] == 1.0
 
     generated = tmp_path / "gen.jsonl"

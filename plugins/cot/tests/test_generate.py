@@ -19,10 +19,7 @@ from kd_cot.generate import (
 )
 from kd_cot.templates import get_template
 
-from kdcore.errors import SpecError
-from kdcore.models import Transformer, TransformerConfig
-from kdcore.sampling import generate
-from kdcore.tokenizer import ByteTokenizer
+from kdcore import ByteTokenizer, SpecError, Transformer, TransformerConfig, generate
 
 TEMPLATE = get_template("Q:{question}\n{rationale}\nA:{answer}\n")
 TOK = ByteTokenizer()

@@ -6,9 +6,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from kdcore import LossInputs, TeacherSignal, build, testing
-from kdcore.losses import IGNORE_INDEX
-from kdcore.models import ModelOutput
+from kdcore import IGNORE_INDEX, LossInputs, ModelOutput, TeacherSignal, build, testing
 
 
 def reasoning_batch(B, L, V, mask, rng):

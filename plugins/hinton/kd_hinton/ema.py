@@ -16,9 +16,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map
 
-from kdcore.models import count_parameters
-from kdcore.schedules import Schedule, value_at
-from kdcore.signal import TeacherSignal
+from kdcore import Schedule, TeacherSignal, count_parameters, value_at
 
 
 def _decay(_instance, attribute, value) -> None:
@@ -71,9 +69,9 @@ class EmaTeacher:
             attentions=tuple(sg(a) for a in out.attentions) if out.attentions else None,
         )
 
-    def after_step(self, student: nn.Module, step: int, total: int) -> None:
+    def after_step(self, student: nn.Module, step: int, total_steps: int) -> None:
         model = self._ensure(student)
-        d = value_at(self.config.decay, step, total)
+        d = value_at(self.config.decay, step, total_steps)
         averaged = tree_map(
             lambda e, s: d * e + (1.0 - d) * mx.stop_gradient(s),
             model.parameters(),

@@ -16,8 +16,7 @@ import mlx.core as mx
 import numpy as np
 
 import kdcore
-from kdcore import divergence
-from kdcore.schedules import Schedule
+from kdcore import Schedule
 
 Tail = Literal["renormalize", "tail-bucket"]
 
@@ -50,7 +49,7 @@ def hinton(config: HintonConfig, setup=None):
     def loss(inputs: kdcore.LossInputs):
         params = inputs.params if inputs.params is not None else config
         temperature = float(params.temperature)
-        value = divergence.token_divergence(
+        value = kdcore.token_divergence(
             inputs.student.logits,
             inputs.teacher,
             inputs.batch["mask"],
@@ -91,11 +90,11 @@ def teacher_entropy(teacher: kdcore.TeacherSignal) -> mx.array:
     entropy (merging classes never raises entropy); a mixture of them likewise on its support.
     """
     if teacher.is_sparse:
-        _ids, lp = divergence.teacher_support(teacher, 1.0, "tail-bucket")
+        _ids, lp = kdcore.teacher_support(teacher, 1.0, "tail-bucket")
         return mx.stop_gradient(_entropy_rows(lp))
     logits = teacher.logits if teacher.logits is not None else teacher.log_probs(1.0)
     lead = tuple(logits.shape[:-1])
-    (rows,) = divergence.map_rows(lambda x: _entropy_rows(x.astype(mx.float32)), [logits], lead)
+    (rows,) = kdcore.map_rows(lambda x: _entropy_rows(x.astype(mx.float32)), [logits], lead)
     return mx.array(rows.astype(np.float32))
 
 
@@ -108,7 +107,7 @@ def selective(config: SelectiveConfig, setup=None):
         mask = inputs.batch["mask"].astype(mx.float32)
         keep = (teacher_entropy(inputs.teacher) > float(params.min_entropy)).astype(mx.float32)
         kept_mask = mask * keep
-        value = divergence.token_divergence(
+        value = kdcore.token_divergence(
             inputs.student.logits,
             inputs.teacher,
             kept_mask,

@@ -11,7 +11,7 @@ from kd_hinton.ema import EmaConfig, EmaTeacher
 from mlx.utils import tree_flatten
 
 import kdcore
-from kdcore.models import Transformer, TransformerConfig
+from kdcore import Transformer, TransformerConfig
 
 
 def _model(seed: int) -> Transformer:
@@ -28,6 +28,8 @@ def _flat(model) -> dict[str, np.ndarray]:
 def test_the_average_follows_the_decay_formula():
     student = _model(0)
     teacher = EmaTeacher(EmaConfig(decay=0.75))
+    # the engine finds its optional methods through kdcore's protocols
+    assert isinstance(teacher, kdcore.AfterStep) and isinstance(teacher, kdcore.HasState)
     batch = {"input_ids": mx.array([[1, 2, 3, 4]])}
     first = teacher.signal(batch, frozenset(), student)  # starts as a copy of the student
     np.testing.assert_allclose(np.array(first.logits), np.array(student(batch["input_ids"]).logits))

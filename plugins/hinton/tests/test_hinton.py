@@ -13,9 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import kdcore
-from kdcore import divergence as D
-from kdcore import testing
-from kdcore.models.output import ModelOutput
+from kdcore import ModelOutput, testing
 
 PROFILE = settings.get_profile(testing.PROFILE)
 
@@ -146,7 +144,9 @@ def test_hinton_matches_the_float64_reference(arrays, T, t_squared):
 
 
 @settings(PROFILE)
-@given(testing.logit_pairs(bound=10.0, min_vocab=3), st.sampled_from(D.TAILS), st.data())
+@given(
+    testing.logit_pairs(bound=10.0, min_vocab=3), st.sampled_from(kdcore.TAIL_POLICIES), st.data()
+)
 def test_top_k_tail_policies_match_the_reference(arrays, tail, data):
     s, t, mask = arrays
     t = distinct(t)
@@ -156,7 +156,7 @@ def test_top_k_tail_policies_match_the_reference(arrays, tail, data):
     assert value.item() == pytest.approx(want, rel=1e-4, abs=1e-4)
 
 
-@pytest.mark.parametrize("tail", D.TAILS)
+@pytest.mark.parametrize("tail", kdcore.TAIL_POLICIES)
 def test_top_k_equal_to_v_is_hinton(tail):
     rng = np.random.default_rng(0)
     s = rng.standard_normal((2, 4, 16)).astype(np.float32) * 3
@@ -167,8 +167,10 @@ def test_top_k_equal_to_v_is_hinton(tail):
     assert at_v.item() == pytest.approx(full.item(), rel=1e-6)
     # the sparse kernel itself at k = V (every id, in teacher order) is hinton too
     sig = kdcore.TeacherSignal(vocab_size=16, logits=mx.array(t))
-    ids, lp = D.teacher_support(sig, 2.0, tail, top_k=16)
-    sparse = D.sparse_divergence(mx.array(s), ids, lp, mx.array(mask), tail=tail, temperature=2.0)
+    ids, lp = kdcore.teacher_support(sig, 2.0, tail, top_k=16)
+    sparse = kdcore.sparse_divergence(
+        mx.array(s), ids, lp, mx.array(mask), tail=tail, temperature=2.0
+    )
     assert 4.0 * sparse.item() == pytest.approx(full.item(), rel=1e-5)
     # and so is a top-k teacher signal holding all V tokens (a full cache)
     lpv = np.array(kdcore.log_softmax(mx.array(t)))
@@ -197,7 +199,7 @@ def test_a_cache_with_more_tokens_than_top_k_keeps_the_largest():
         topk_logprobs=mx.array(np.take_along_axis(lpv, order, -1)),
         tail_logmass=mx.array(tail.astype(np.float32)),
     )
-    for policy in D.TAILS:
+    for policy in kdcore.TAIL_POLICIES:
         got, _ = run("hinton", s, cache, mask, temperature=1.0, top_k=4, tail=policy)
         want = hinton64(s, t, mask, 1.0, top_k=4, tail=policy)
         assert got.item() == pytest.approx(want, rel=1e-4)
@@ -229,10 +231,10 @@ def test_mixture_teacher_value_and_gradient_to_its_weights():
         ww = mx.softmax(w_logits, -1)
         stacked = mx.stack([kdcore.log_softmax(mx.array(m), 2.0) for m in members], -1)
         lp = mx.logsumexp(stacked + mx.log(ww)[:, None, None, :], -1)
-        return 4 * D._masked_mean(
-            D.row_terms("forward_kl", 0.0, kdcore.log_softmax(mx.array(s), 2.0), lp, grad=False)[0],
-            mx.array(mask),
-        )
+        rows = testing.row_terms(
+            "forward_kl", 0.0, kdcore.log_softmax(mx.array(s), 2.0), lp, grad=False
+        )[0]
+        return 4 * kdcore.masked_mean(rows, mx.array(mask))
 
     np.testing.assert_allclose(grad, np.array(mx.grad(plain)(w0)), atol=1e-6)
     assert np.abs(grad).max() > 1e-4  # the learnable weights do get a gradient
@@ -289,9 +291,13 @@ def test_chunked_hinton_equals_plain_values_and_gradients():
     mask = mx.array((rng.random((4, 9)) < 0.6).astype(np.float32))
     for rows in (1, 5, 1000):
         v1, g1 = mx.value_and_grad(
-            lambda x, rows=rows: D.dense_divergence(x, t, mask, temperature=2.0, chunk_rows=rows)
+            lambda x, rows=rows: kdcore.dense_divergence(
+                x, t, mask, temperature=2.0, chunk_rows=rows
+            )
         )(s)
-        v2, g2 = mx.value_and_grad(lambda x: D.plain_divergence(x, t, mask, temperature=2.0))(s)
+        v2, g2 = mx.value_and_grad(lambda x: testing.plain_divergence(x, t, mask, temperature=2.0))(
+            s
+        )
         assert v1.item() == pytest.approx(v2.item(), rel=1e-6)
         np.testing.assert_allclose(np.array(g1), np.array(g2), atol=1e-8)
 
@@ -299,16 +305,17 @@ def test_chunked_hinton_equals_plain_values_and_gradients():
 MEMORY_PROBE = """
 import json, sys
 import mlx.core as mx
-from kdcore import divergence as D
+import kdcore
+from kdcore import testing
 N, V = 512, 8192
 s = mx.random.normal((N, V), key=mx.random.key(0)) * 3
 t = mx.random.normal((N, V), key=mx.random.key(1)) * 3
 mask = mx.ones((N,))
 mx.eval(s, t, mask)
 if sys.argv[1] == "plain":
-    f = lambda x: D.plain_divergence(x, t, mask, "forward_kl")
+    f = lambda x: testing.plain_divergence(x, t, mask, "forward_kl")
 else:
-    f = lambda x: D.dense_divergence(x, t, mask, "forward_kl", chunk_rows=32)
+    f = lambda x: kdcore.dense_divergence(x, t, mask, "forward_kl", chunk_rows=32)
 base = mx.get_active_memory()
 mx.reset_peak_memory()
 v, g = mx.value_and_grad(f)(s)

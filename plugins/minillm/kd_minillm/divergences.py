@@ -10,9 +10,9 @@ over the vocabulary, masked mean over tokens (times ``T^2`` when ``t_squared``):
   (GKD, Agarwal et al. 2024, TRL's convention): ``beta = 0`` is forward KL, ``beta = 1``
   reverse KL.
 
-From a top-k teacher cache they use ``kdcore.divergence``'s tail policies; the default
-``tail-bucket`` compares the two distributions on the top-k tokens plus one class for the
-rest, a lower bound of the full divergence (see ``kdcore/divergence.py``).
+From a top-k teacher cache they use ``kdcore.TAIL_POLICIES``; the default ``tail-bucket``
+compares the two distributions on the top-k tokens plus one class for the rest, a lower
+bound of the full divergence (see ``kdcore.token_divergence``).
 """
 
 from __future__ import annotations
@@ -22,8 +22,7 @@ from typing import Literal
 import attrs
 
 import kdcore
-from kdcore import divergence
-from kdcore.schedules import Schedule
+from kdcore import Schedule
 
 Tail = Literal["renormalize", "tail-bucket"]
 _PROPERTIES = {"zero_at_identity", "shift_invariant", "sparse_ok"}
@@ -68,13 +67,13 @@ class GJSDConfig:
 
 
 def divergence_loss(kind: str):
-    """A loss factory for one ``kdcore.divergence`` kind."""
+    """A loss factory for one of ``kdcore.DIVERGENCES``."""
 
     def factory(config, setup=None):
         def loss(inputs: kdcore.LossInputs):
             params = inputs.params if inputs.params is not None else config
             temperature = float(params.temperature)
-            value = divergence.token_divergence(
+            value = kdcore.token_divergence(
                 inputs.student.logits,
                 inputs.teacher,
                 inputs.batch["mask"],
@@ -91,7 +90,7 @@ def divergence_loss(kind: str):
         return loss
 
     factory.__name__ = kind
-    factory.__doc__ = f"Loss: masked mean of the {kind} divergence (kdcore.divergence)."
+    factory.__doc__ = f"Loss: masked mean of the {kind} divergence (kdcore.token_divergence)."
     return factory
 
 

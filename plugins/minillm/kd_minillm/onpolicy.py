@@ -48,11 +48,18 @@ from typing import Any, Literal
 import attrs
 import mlx.core as mx
 
-from kdcore import IGNORE_INDEX, Component, LossInputs, log_softmax, masked_mean
-from kdcore.losses import token_cross_entropy
-from kdcore.models.output import ModelOutput
-from kdcore.sampling import top_p_filter
-from kdcore.schedules import value_at
+from kdcore import (
+    IGNORE_INDEX,
+    Component,
+    LossInputs,
+    ModelOutput,
+    StepContext,
+    log_softmax,
+    masked_mean,
+    token_cross_entropy,
+    top_p_filter,
+    value_at,
+)
 
 SAMPLE_TARGETS = "sample_targets"
 SAMPLE_MASK = "sample_mask"
@@ -310,10 +317,12 @@ class MiniLLM:
         self.config = config
 
     # Called by the engine outside autodiff, before the teachers and the student run.
-    def prepare_batch(self, batch: dict[str, mx.array], run: Any, step: int) -> dict[str, mx.array]:
+    def prepare_batch(
+        self, batch: dict[str, mx.array], context: StepContext
+    ) -> dict[str, mx.array]:
         if SAMPLE_MASK in batch:  # another loss already sampled this batch
             return batch
-        config, total = self.config, getattr(run, "total", 1)
+        config, step, total = self.config, context.step, context.total_steps
         lmbda = value_at(config.lmbda, step, total)
         draw = mx.random.uniform().item()  # always drawn, so the random stream is lmbda-free
         if draw >= lmbda:
@@ -322,9 +331,9 @@ class MiniLLM:
         top_p = value_at(config.top_p, step, total)
         alpha = value_at(config.teacher_mix_alpha, step, total)
         prompts = batch["input_ids"][:, : config.prompt_length]
-        teacher = _teacher_log_probs(run, temperature) if alpha > 0.0 else None
+        teacher = _teacher_log_probs(context, temperature) if alpha > 0.0 else None
         tokens, gen_mask, weights = sample_continuations(
-            run.student,
+            context.student,
             prompts,
             config.max_new_tokens,
             temperature,
@@ -373,9 +382,9 @@ class MiniLLM:
         return p.pg_weight * pg + p.reg_weight * reg + p.lm_weight * lm, metrics
 
 
-def _teacher_log_probs(run: Any, temperature: float):
+def _teacher_log_probs(context: StepContext, temperature: float):
     """``(ids [B, L], student output) -> [B, V]``: the run's teachers, aggregated and aligned
-    as in a step, at the last position and ``temperature``."""
+    as in a step (``context.teacher_signal``), at the last position and ``temperature``."""
 
     def last(ids: mx.array, student: ModelOutput) -> mx.array:
         batch = {
@@ -383,9 +392,9 @@ def _teacher_log_probs(run: Any, temperature: float):
             "labels": mx.full(ids.shape, IGNORE_INDEX, dtype=mx.int32),
             "mask": mx.ones(ids.shape, dtype=mx.float32),
         }
-        signals = [t.signal(batch, frozenset(), run.student) for t in run.teachers]
-        inputs = LossInputs(student=student, teacher=None, batch=batch)
-        signal = run.aligner(run.aggregator(signals, inputs))
+        signal = context.teacher_signal(batch, student)
+        if signal is None:
+            raise ValueError("teacher-mixed sampling (teacher_mix_alpha > 0) needs a teacher")
         return signal.log_probs(temperature)[:, -1, :]
 
     return last

@@ -1,4 +1,4 @@
-"""reverse_kl, skew_kl, skew_reverse_kl, gjsd and the chunked kernels of kdcore.divergence.
+"""reverse_kl, skew_kl, skew_reverse_kl, gjsd and the chunked divergence kernels of kdcore.
 
 Every value is checked against an independent float64 NumPy reference written from the
 papers' formulas (probabilities mixed directly, not through log-sum-exp).
@@ -6,7 +6,7 @@ papers' formulas (probabilities mixed directly, not through log-sum-exp).
 
 from __future__ import annotations
 
-from pathlib import Path
+import json
 
 import mlx.core as mx
 import numpy as np
@@ -15,12 +15,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import kdcore
-from kdcore import divergence as D
-from kdcore import testing
-from kdcore.models.output import ModelOutput
+from kdcore import ModelOutput, testing
 
-ROOT = Path(__file__).resolve().parents[3]
-CORPUS = ROOT / "examples" / "shakespeare" / "data" / "tinyshakespeare.txt"
 PROFILE = settings.get_profile(testing.PROFILE)
 
 # ---------------------------------------------------------------- float64 reference
@@ -110,13 +106,13 @@ def test_losses_conform(name, params):
 @settings(PROFILE)
 @given(
     testing.logit_pairs(bound=20.0),
-    st.sampled_from(D.KINDS),
+    st.sampled_from(kdcore.DIVERGENCES),
     st.sampled_from([0.5, 1.0, 3.0]),
     st.floats(0.0, 1.0),
 )
 def test_dense_kernel_matches_the_float64_reference(arrays, kind, T, coef):
     s, t, mask = arrays
-    got = D.dense_divergence(
+    got = kdcore.dense_divergence(
         mx.array(s),
         mx.array(t),
         mx.array(mask),
@@ -164,7 +160,7 @@ def test_endpoints(arrays, T):
     s, t, mask = (mx.array(a) for a in arrays)
 
     def div(kind, **kw):
-        return D.dense_divergence(s, t, mask, kind, temperature=T, **kw).item()
+        return kdcore.dense_divergence(s, t, mask, kind, temperature=T, **kw).item()
 
     forward, reverse = div("forward_kl"), div("reverse_kl")
     assert div("gjsd", beta=0.0) == pytest.approx(forward, rel=1e-6, abs=1e-7)
@@ -182,8 +178,8 @@ def test_gjsd_is_symmetric_in_beta_and_direction():
     s = mx.array(rng.standard_normal((2, 4, 7)).astype(np.float32) * 2)
     t = mx.array(rng.standard_normal((2, 4, 7)).astype(np.float32) * 2)
     mask = mx.ones((2, 4))
-    a = D.dense_divergence(s, t, mask, "gjsd", beta=0.3).item()
-    b = D.dense_divergence(t, s, mask, "gjsd", beta=0.7).item()
+    a = kdcore.dense_divergence(s, t, mask, "gjsd", beta=0.3).item()
+    b = kdcore.dense_divergence(t, s, mask, "gjsd", beta=0.7).item()
     assert a == pytest.approx(b, rel=1e-5)
 
 
@@ -200,7 +196,7 @@ def _finite_difference(f, x: np.ndarray, eps: float = 1e-5) -> np.ndarray:
     return g
 
 
-@pytest.mark.parametrize("kind", D.KINDS)
+@pytest.mark.parametrize("kind", kdcore.DIVERGENCES)
 @pytest.mark.parametrize("T", [1.0, 2.5])
 def test_gradient_matches_finite_differences(kind, T):
     rng = np.random.default_rng(3)
@@ -208,25 +204,27 @@ def test_gradient_matches_finite_differences(kind, T):
     t = rng.standard_normal((1, 3, 6)).astype(np.float32) * 2
     mask = np.array([[1.0, 0.0, 1.0]], np.float32)
     grad = mx.grad(
-        lambda x: D.dense_divergence(x, mx.array(t), mx.array(mask), kind, temperature=T, **PARAMS)
+        lambda x: kdcore.dense_divergence(
+            x, mx.array(t), mx.array(mask), kind, temperature=T, **PARAMS
+        )
     )(mx.array(s))
     fd = _finite_difference(lambda x: reference(kind, x, t, mask, T, 0.3, 0.2), s)
     np.testing.assert_allclose(np.array(grad), fd, atol=2e-5)
     assert np.all(np.array(grad)[0, 1] == 0)  # the masked position gets no gradient
 
 
-@pytest.mark.parametrize("kind", D.KINDS)
-@pytest.mark.parametrize("tail", D.TAILS)
+@pytest.mark.parametrize("kind", kdcore.DIVERGENCES)
+@pytest.mark.parametrize("tail", kdcore.TAIL_POLICIES)
 def test_sparse_gradient_matches_finite_differences(kind, tail):
     rng = np.random.default_rng(4)
     s = rng.standard_normal((1, 2, 7)).astype(np.float32) * 2
     t = rng.standard_normal((1, 2, 7)).astype(np.float32) * 2
     mask = np.ones((1, 2), np.float32)
-    ids, lp = D.teacher_support(
+    ids, lp = kdcore.teacher_support(
         kdcore.TeacherSignal(vocab_size=7, logits=mx.array(t)), 1.5, tail, top_k=3
     )
     grad = mx.grad(
-        lambda x: D.sparse_divergence(
+        lambda x: kdcore.sparse_divergence(
             x, ids, lp, mx.array(mask), kind, tail=tail, temperature=1.5, **PARAMS
         )
     )(mx.array(s))
@@ -240,7 +238,7 @@ def test_sparse_gradient_matches_finite_differences(kind, tail):
 # ---------------------------------------------------------------- chunked == plain
 
 
-@pytest.mark.parametrize("kind", D.KINDS)
+@pytest.mark.parametrize("kind", kdcore.DIVERGENCES)
 @pytest.mark.parametrize("chunk_rows", [1, 3, 64])
 def test_chunked_equals_plain_dense(kind, chunk_rows):
     rng = np.random.default_rng(5)
@@ -249,30 +247,34 @@ def test_chunked_equals_plain_dense(kind, chunk_rows):
     mask = mx.array(_mask(rng, (3, 7), 0.6))  # gaps: non-contiguous rows
     kw = {"temperature": 1.7, **PARAMS}
     v1, g1 = mx.value_and_grad(
-        lambda x: D.dense_divergence(x, t, mask, kind, chunk_rows=chunk_rows, **kw)
+        lambda x: kdcore.dense_divergence(x, t, mask, kind, chunk_rows=chunk_rows, **kw)
     )(s)
-    v2, g2 = mx.value_and_grad(lambda x: D.plain_divergence(x, t, mask, kind, **kw))(s)
+    v2, g2 = mx.value_and_grad(lambda x: testing.plain_divergence(x, t, mask, kind, **kw))(s)
     assert v1.item() == pytest.approx(v2.item(), rel=1e-5)
     np.testing.assert_allclose(np.array(g1), np.array(g2), atol=1e-7)
     # the teacher's cotangent (for learnable aggregators) is the plain one
-    h1 = mx.grad(lambda y: D.dense_divergence(s, y, mask, kind, chunk_rows=chunk_rows, **kw))(t)
-    h2 = mx.grad(lambda y: D.plain_divergence(s, y, mask, kind, **kw))(t)
+    h1 = mx.grad(lambda y: kdcore.dense_divergence(s, y, mask, kind, chunk_rows=chunk_rows, **kw))(
+        t
+    )
+    h2 = mx.grad(lambda y: testing.plain_divergence(s, y, mask, kind, **kw))(t)
     np.testing.assert_allclose(np.array(h1), np.array(h2), atol=1e-7)
 
 
-@pytest.mark.parametrize("kind", D.KINDS)
-@pytest.mark.parametrize("tail", D.TAILS)
+@pytest.mark.parametrize("kind", kdcore.DIVERGENCES)
+@pytest.mark.parametrize("tail", kdcore.TAIL_POLICIES)
 def test_chunked_equals_plain_sparse(kind, tail):
     rng = np.random.default_rng(6)
     s = mx.array(rng.standard_normal((2, 9, 40)).astype(np.float32) * 3)
     t = mx.array(rng.standard_normal((2, 9, 40)).astype(np.float32) * 3)
     mask = mx.array(_mask(rng, (2, 9), 0.6))
-    ids, lp = D.teacher_support(kdcore.TeacherSignal(vocab_size=40, logits=t), 2.0, tail, 5)
+    ids, lp = kdcore.teacher_support(kdcore.TeacherSignal(vocab_size=40, logits=t), 2.0, tail, 5)
     kw = {"tail": tail, "temperature": 2.0, **PARAMS}
     v1, g1 = mx.value_and_grad(
-        lambda x: D.sparse_divergence(x, ids, lp, mask, kind, chunk_rows=4, **kw)
+        lambda x: kdcore.sparse_divergence(x, ids, lp, mask, kind, chunk_rows=4, **kw)
     )(s)
-    v2, g2 = mx.value_and_grad(lambda x: D.plain_sparse_divergence(x, ids, lp, mask, kind, **kw))(s)
+    v2, g2 = mx.value_and_grad(
+        lambda x: testing.plain_sparse_divergence(x, ids, lp, mask, kind, **kw)
+    )(s)
     assert v1.item() == pytest.approx(v2.item(), rel=1e-5)
     np.testing.assert_allclose(np.array(g1), np.array(g2), atol=1e-7)
     want = reference_sparse(
@@ -286,11 +288,11 @@ def test_bfloat16_logits_and_empty_mask():
     s = mx.array(rng.standard_normal((2, 3, 11)).astype(np.float32)).astype(mx.bfloat16)
     t = mx.array(rng.standard_normal((2, 3, 11)).astype(np.float32))
     mask = mx.ones((2, 3))
-    v1, g1 = mx.value_and_grad(lambda x: D.dense_divergence(x, t, mask, "reverse_kl"))(s)
-    v2 = D.plain_divergence(s, t, mask, "reverse_kl")
+    v1, g1 = mx.value_and_grad(lambda x: kdcore.dense_divergence(x, t, mask, "reverse_kl"))(s)
+    v2 = testing.plain_divergence(s, t, mask, "reverse_kl")
     assert g1.dtype == mx.bfloat16
     assert v1.item() == pytest.approx(v2.item(), rel=1e-5)
-    v0, g0 = mx.value_and_grad(lambda x: D.dense_divergence(x, t, mx.zeros((2, 3)), "gjsd"))(s)
+    v0, g0 = mx.value_and_grad(lambda x: kdcore.dense_divergence(x, t, mx.zeros((2, 3)), "gjsd"))(s)
     assert v0.item() == 0.0 and not np.any(np.array(g0.astype(mx.float32)))
 
 
@@ -298,19 +300,19 @@ def test_bfloat16_logits_and_empty_mask():
 
 
 @settings(PROFILE)
-@given(testing.logit_pairs(bound=10.0, min_vocab=3), st.sampled_from(D.KINDS), st.data())
+@given(testing.logit_pairs(bound=10.0, min_vocab=3), st.sampled_from(kdcore.DIVERGENCES), st.data())
 def test_tail_bucket_is_a_lower_bound_and_exact_at_k_equal_v(arrays, kind, data):
     s, t, mask = arrays
     V = s.shape[-1]
     k = data.draw(st.integers(1, V - 1))
     sig = kdcore.TeacherSignal(vocab_size=V, logits=mx.array(t))
-    full = D.dense_divergence(mx.array(s), mx.array(t), mx.array(mask), kind, **PARAMS).item()
-    ids, lp = D.teacher_support(sig, 1.0, "tail-bucket", k)
-    bucket = D.sparse_divergence(
+    full = kdcore.dense_divergence(mx.array(s), mx.array(t), mx.array(mask), kind, **PARAMS).item()
+    ids, lp = kdcore.teacher_support(sig, 1.0, "tail-bucket", k)
+    bucket = kdcore.sparse_divergence(
         mx.array(s), ids, lp, mx.array(mask), kind, tail="tail-bucket", **PARAMS
     ).item()
     assert bucket <= full + 1e-5 * max(1.0, full)  # data-processing inequality
-    for tail in D.TAILS:  # k = V through a top-k signal: both policies are exact
+    for tail in kdcore.TAIL_POLICIES:  # k = V through a top-k signal: both policies are exact
         lpv = np.array(kdcore.log_softmax(mx.array(t)))
         order = np.argsort(-lpv, -1).astype(np.int32)
         cache = kdcore.TeacherSignal(
@@ -319,7 +321,7 @@ def test_tail_bucket_is_a_lower_bound_and_exact_at_k_equal_v(arrays, kind, data)
             topk_logprobs=mx.array(np.take_along_axis(lpv, order, -1)),
             tail_logmass=mx.full(mask.shape, -np.inf),
         )
-        exact = D.token_divergence(
+        exact = kdcore.token_divergence(
             mx.array(s), cache, mx.array(mask), kind, tail=tail, **PARAMS
         ).item()
         assert exact == pytest.approx(full, rel=1e-4, abs=2e-5)
@@ -340,7 +342,7 @@ def test_retempering_a_cache_matches_the_dense_teacher():
     )
     mask = mx.ones((2, 5))
     for kind in ("reverse_kl", "gjsd"):
-        got = D.token_divergence(s, cache, mask, kind, temperature=3.0, **PARAMS).item()
+        got = kdcore.token_divergence(s, cache, mask, kind, temperature=3.0, **PARAMS).item()
         want = reference(kind, np.array(s), t, np.ones((2, 5)), 3.0, 0.3, 0.2)
         assert got == pytest.approx(want, rel=1e-4)
 
@@ -348,49 +350,9 @@ def test_retempering_a_cache_matches_the_dense_teacher():
 # ---------------------------------------------------------------- end to end
 
 
-@pytest.fixture(scope="module")
-def tiny_world(tmp_path_factory) -> tuple[Path, Path]:
-    """(corpus, teacher model dir): a teacher trained for a few steps with the project."""
-    corpus = tmp_path_factory.mktemp("data") / "tiny.txt"
-    corpus.write_text(CORPUS.read_text(encoding="utf-8")[:20_000], encoding="utf-8")
-    out = tmp_path_factory.mktemp("teacher")
-    kdcore.distill(_spec(corpus, [{"name": "ce"}], steps=40, dim=48), output=out, progress=False)
-    return corpus, out / "student"
-
-
-def _spec(corpus: Path, losses, steps=20, dim=32, teacher=None) -> dict:
-    spec = {
-        "run": {"name": "tiny", "seed": 0},
-        "data": {
-            "name": "text",
-            "params": {"path": str(corpus), "seq_len": 32, "val_fraction": 0.1},
-        },
-        "student": {
-            "model": {
-                "name": "transformer",
-                "params": {"dim": dim, "layers": 2, "heads": 2, "max_seq_len": 32},
-            }
-        },
-        "losses": losses,
-        "train": {
-            "steps": steps,
-            "batch_size": 4,
-            "log_every": 1,
-            "optimizer": {"name": "adamw", "lr": 3e-3},
-        },
-        "eval": {"batches": 2},
-    }
-    if teacher is not None:
-        spec["teachers"] = [{"path": str(teacher)}]
-    return spec
-
-
 @pytest.mark.parametrize("name", ["reverse_kl", "gjsd"])
-def test_distilling_with_the_loss_lowers_it(tiny_world, tmp_path, name):
-    import json
-
-    corpus, teacher = tiny_world
-    spec = _spec(corpus, [{"name": name}], steps=25, teacher=teacher)
+def test_distilling_with_the_loss_lowers_it(teacher_dir, spec_for, tmp_path, name):
+    spec = spec_for([{"name": name}], steps=25, teachers=[{"path": str(teacher_dir)}])
     kdcore.distill(spec, output=tmp_path / "run", progress=False)
     lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     values = [r[f"loss/{name}"] for r in lines if f"loss/{name}" in r]

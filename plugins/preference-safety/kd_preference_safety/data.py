@@ -28,9 +28,7 @@ from typing import Any
 import attrs
 import numpy as np
 
-from kdcore.data import Dataset, read_jsonl, resolve_tokenizer
-from kdcore.errors import SpecError
-from kdcore.losses import IGNORE_INDEX
+from kdcore import IGNORE_INDEX, Dataset, SpecError, read_jsonl, resolve_tokenizer
 
 HH_MARKER = "\n\nAssistant:"
 

@@ -23,9 +23,16 @@ from kd_preference_safety.margins import (
     signal_response_ll,
     teacher_margins,
 )
-from kdcore.errors import SpecError
-from kdcore.losses import LossInputs, log_softmax
-from kdcore.signal import TeacherSignal
+from kdcore import (
+    LossInputs,
+    SpecError,
+    StepContext,
+    TeacherSignal,
+    fingerprint,
+    load_model,
+    load_tokenizer,
+    log_softmax,
+)
 
 
 def _margins(inputs: LossInputs, normalize: bool, name: str):
@@ -184,9 +191,6 @@ class DPO:
         self.config = config
         self.reference = None
         if config.reference:
-            from kdcore.models import load_model
-            from kdcore.tokenizer import fingerprint, load_tokenizer
-
             path = Path(setup.resolve(config.reference)) if setup else Path(config.reference)
             self.reference, _, _ = load_model(path)
             self.reference.freeze()
@@ -215,7 +219,9 @@ class DPO:
             raise ValueError("dpo has no reference: set params.reference or add a teacher")
         return mx.stop_gradient(signal_response_ll(teacher, labels, mask, self.config.normalize))
 
-    def prepare_batch(self, batch: dict, run: Any, step: int) -> dict:
+    def prepare_batch(self, batch: dict, context: StepContext) -> dict:
+        """Outside autodiff: the reference model's response log-likelihoods (a model
+        ``reference``); with the teacher as the reference, the loss reads its signal."""
         if self.reference is None:
             return batch
         ll = self.reference_ll(batch, None)

@@ -15,8 +15,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from kdcore.losses import IGNORE_INDEX, token_cross_entropy
-from kdcore.signal import TeacherSignal
+from kdcore import IGNORE_INDEX, TeacherSignal, token_cross_entropy
 
 PAIR_KEYS = ("pair_chosen", "pair_id")
 

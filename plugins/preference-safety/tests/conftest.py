@@ -1,15 +1,16 @@
-"""Fixtures: small pair files in every accepted format and a tiny saved model."""
+"""Fixtures: small pair files in every accepted format; the untrained saved model
+(``random_model_dir``) comes from ``kdcore.testing`` (imported: pytest accepts
+``pytest_plugins`` only in a top-level conftest)."""
 
 from __future__ import annotations
 
 import gzip
 import json
-import os
 from pathlib import Path
 
 import pytest
 
-os.environ.setdefault("KD_HYPOTHESIS_PROFILE", "fast")
+from kdcore.testing import random_model_dir  # noqa: F401
 
 
 def hh(prompt_turns: list[tuple[str, str]], last_human: str, response: str) -> str:
@@ -99,24 +100,6 @@ def explicit_file(tmp_path) -> Path:
 @pytest.fixture
 def mixed_file(tmp_path) -> Path:
     return write_jsonl(tmp_path / "mixed.jsonl", mixed_lines())
-
-
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory) -> Path:
-    """A random byte-level transformer saved as a model directory."""
-    import mlx.core as mx
-
-    from kdcore.models import Transformer, TransformerConfig, save_model
-    from kdcore.tokenizer import ByteTokenizer, save_tokenizer
-
-    out = tmp_path_factory.mktemp("ref") / "model"
-    mx.random.seed(3)
-    config = TransformerConfig(vocab_size=256, dim=16, layers=1, heads=2, max_seq_len=64)
-    model = Transformer(config)
-    mx.eval(model.parameters())
-    save_model(model, out, "transformer", config)
-    save_tokenizer(ByteTokenizer(), out)
-    return out
 
 
 @pytest.fixture

@@ -9,8 +9,7 @@ import pytest
 from kd_preference_safety.data import encode_pair, parse_pair, read_pairs, split_dialogue
 
 import kdcore
-from kdcore.cli import main
-from kdcore.tokenizer import ByteTokenizer
+from kdcore import ByteTokenizer, testing
 
 
 def build(path, **params):
@@ -124,7 +123,7 @@ def test_val_batches_cover_the_split_once(hh_file):
 
 
 def test_kd_data_inspect_shows_the_split_and_counts(mixed_file, capsys):
-    assert main(["data", "inspect", str(mixed_file), "--format", "pairs", "--json"]) == 0
+    assert testing.run_kd("data", "inspect", mixed_file, "--format", "pairs", "--json") == 0
     report = json.loads(capsys.readouterr().out)
     assert report["records_read"] == 10
     assert report["pairs"] == {"train": 2, "val": 1}  # val_fraction 0.1 of 3 pairs
@@ -135,6 +134,6 @@ def test_kd_data_inspect_shows_the_split_and_counts(mixed_file, capsys):
     assert first["side"] == "chosen" and first["response"] == " I can't help with that."
     assert first["prompt"].endswith("pick a lock?\n\nAssistant:")
     assert report["samples"][1]["response"] == " Use a tension wrench."
-    assert main(["data", "inspect", str(mixed_file), "--format", "pairs"]) == 0
+    assert testing.run_kd("data", "inspect", mixed_file, "--format", "pairs") == 0
     text = capsys.readouterr().out
     assert "line 3: not JSON" in text and "safety_pairs: 1" in text

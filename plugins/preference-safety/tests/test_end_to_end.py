@@ -8,7 +8,7 @@ import math
 import pytest
 
 import kdcore
-from kdcore.cli import main
+from kdcore import testing
 
 PAIRS = [
     {
@@ -53,7 +53,7 @@ def pairs_file(tmp_path, cases):
 
 
 def test_distill_with_every_preference_loss_then_kd_eval(
-    tmp_path, pairs_file, tiny_model_dir, capsys
+    tmp_path, pairs_file, random_model_dir, capsys
 ):
     losses = [
         {"name": "preference_kd", "params": {"temperature": 2.0}},
@@ -63,14 +63,14 @@ def test_distill_with_every_preference_loss_then_kd_eval(
     ]
     out = tmp_path / "run"
     summary = kdcore.distill(
-        kdcore.load_spec(spec(pairs_file, tiny_model_dir, losses)), output=out, progress=False
+        kdcore.load_spec(spec(pairs_file, random_model_dir, losses)), output=out, progress=False
     )
     assert summary["steps"] == 4
     for key in ("preference_kd", "ranking_preservation", "dpkd", "safety_alignment"):
         assert math.isfinite(summary["final_losses"][key])
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert "ranking_preservation/agreement" in records[0]
-    assert main(["eval", str(out), "--pairs", str(pairs_file), "--json", "--batches", "1"]) == 0
+    assert testing.run_kd("eval", out, "--pairs", pairs_file, "--json", "--batches", 1) == 0
     report = json.loads(capsys.readouterr().out)["preference"]
     assert report["pairs"] == 10 and report["rejected_lines"] == 1
     assert report["rejected"][0]["line"] == 11
@@ -79,12 +79,19 @@ def test_distill_with_every_preference_loss_then_kd_eval(
         report["agreement"] * 10
     )
     assert -1 <= report["kendall_tau"] <= 1 and -1 <= report["spearman_rho"] <= 1
-    assert report["teacher_correct"] + report["student_correct"] >= 0
+    # both models were scored, and the counts fit together: a pair where exactly one model
+    # prefers the chosen response is a pair where their margins disagree in sign
+    n, disagree = report["pairs"], report["pairs"] - report["agreeing_pairs"]
+    for model in ("teacher", "student"):
+        assert 0 <= report[f"{model}_correct"] <= n
+        assert report[f"{model}_accuracy"] == pytest.approx(report[f"{model}_correct"] / n)
+    gap = report["teacher_correct"] - report["student_correct"]
+    assert abs(gap) <= disagree and (gap - disagree) % 2 == 0
 
 
-def test_dpo_training_makes_the_policy_prefer_chosen(tmp_path, pairs_file, tiny_model_dir):
+def test_dpo_training_makes_the_policy_prefer_chosen(tmp_path, pairs_file, random_model_dir):
     out = tmp_path / "dpo"
-    run = spec(pairs_file, tiny_model_dir, [{"name": "dpo", "params": {"beta": 0.5}}], steps=30)
+    run = spec(pairs_file, random_model_dir, [{"name": "dpo", "params": {"beta": 0.5}}], steps=30)
     run["student"]["init"] = {"name": "from-teacher"}
     run["student"]["model"]["params"].update(max_seq_len=64)
     run["train"]["optimizer"]["lr"] = 3e-3

@@ -8,12 +8,16 @@ import numpy as np
 import pytest
 
 import kdcore
-from kdcore import testing
-from kdcore.builtins.aggregators import mixture
-from kdcore.losses import IGNORE_INDEX, LossInputs
-from kdcore.models import load_model
-from kdcore.models.output import ModelOutput
-from kdcore.signal import TeacherSignal
+from kdcore import (
+    IGNORE_INDEX,
+    LossInputs,
+    ModelOutput,
+    StepContext,
+    TeacherSignal,
+    load_model,
+    mixture,
+    testing,
+)
 
 # ---------------------------------------------------------------- NumPy reference
 
@@ -179,18 +183,20 @@ def test_dpo_chosen_nll_adds_the_chosen_per_token_nll():
     assert value == pytest.approx(plain + 0.5 * nll, rel=1e-4)
 
 
-def test_dpo_reference_from_a_path_equals_that_model_as_teacher(tiny_model_dir):
-    model, _, _ = load_model(tiny_model_dir)
+def test_dpo_reference_from_a_path_equals_that_model_as_teacher(random_model_dir):
+    model, _, _ = load_model(random_model_dir)
     _, _, batch = make_case(7, V=256)
     ref_logits = np.array(model(mx.array(batch["input_ids"])).logits)
     s = np.random.default_rng(0).standard_normal(ref_logits.shape).astype(np.float32)
-    setup = kdcore.Setup(base_dir=tiny_model_dir.parent)
+    setup = kdcore.Setup(base_dir=random_model_dir.parent)
     by_path, _ = call("dpo", s, ref_logits * 0 + 1.0, batch, setup, reference="model")
     as_teacher, _ = call("dpo", s, ref_logits, batch)
     assert by_path == pytest.approx(as_teacher, rel=1e-5)
     # prepare_batch computes the reference outside autodiff; the value is unchanged
     dpo = kdcore.build("loss", "dpo", setup, reference="model")
-    prepared = dpo.prepare_batch({k: mx.array(v) for k, v in batch.items()}, None, 0)
+    assert isinstance(dpo, kdcore.PreparesBatch)
+    context = StepContext(step=0, total_steps=1, seed=0, student=model)
+    prepared = dpo.prepare_batch({k: mx.array(v) for k, v in batch.items()}, context)
     assert prepared["reference_ll"].shape == (batch["input_ids"].shape[0],)
     value, _ = dpo(
         LossInputs(
@@ -266,11 +272,11 @@ def test_conformance(name, params):
     testing.check_loss(name, extra_batch=pair_batch, **params)
 
 
-def test_conformance_dpo_with_a_reference_model(tiny_model_dir):
+def test_conformance_dpo_with_a_reference_model(random_model_dir):
     testing.check_loss(
         "dpo",
         extra_batch=pair_batch,
         max_examples=5,
-        setup=kdcore.Setup(base_dir=tiny_model_dir.parent),
+        setup=kdcore.Setup(base_dir=random_model_dir.parent),
         reference="model",
     )

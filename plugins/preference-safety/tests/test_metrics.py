@@ -17,8 +17,7 @@ from kd_preference_safety.metrics import (
 )
 from kd_preference_safety.stats import average_ranks
 
-from kdcore.models import load_model
-from kdcore.tokenizer import ByteTokenizer
+from kdcore import ByteTokenizer, load_model
 
 
 def test_kendall_tau_by_hand():
@@ -81,8 +80,8 @@ def test_report_without_teacher_or_safety_pairs():
     assert r["safety_pairs"] == 0 and r["student_safety_accuracy"] is None
 
 
-def test_model_margins_are_length_normalised_ll_differences(tiny_model_dir, explicit_file):
-    model, _, _ = load_model(tiny_model_dir)
+def test_model_margins_are_length_normalised_ll_differences(random_model_dir, explicit_file):
+    model, _, _ = load_model(random_model_dir)
     tok = ByteTokenizer()
     pairs, _, _ = read_pairs(explicit_file)
     arrays, _ = encode_pairs(tok, pairs, seq_len=32)
@@ -99,8 +98,8 @@ def test_model_margins_are_length_normalised_ll_differences(tiny_model_dir, expl
         assert margins[i] == pytest.approx(lls[0] - lls[1], abs=1e-4)
 
 
-def test_metric_is_empty_without_pairs_and_counts_rejected_lines(tiny_model_dir, mixed_file):
-    model, _, _ = load_model(tiny_model_dir)
+def test_metric_is_empty_without_pairs_and_counts_rejected_lines(random_model_dir, mixed_file):
+    model, _, _ = load_model(random_model_dir)
     metric = PreferenceMetric(PreferenceMetricConfig(), None)
     context = {"pairs": None, "tokenizer": ByteTokenizer(), "spec": None}
     assert metric(model, model, context) == {}
