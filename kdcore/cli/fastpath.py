@@ -67,7 +67,16 @@ def reexec_with_fast_path() -> None:
     if os.environ.get("_KD_REEXEC") or env.get("LD_PRELOAD") == os.environ.get("LD_PRELOAD"):
         return
     env["_KD_REEXEC"] = "1"
-    os.execve(sys.executable, [sys.executable, "-m", "kdcore.cli", *sys.argv[1:]], env)
+    # Not ``python -m``: that puts the working directory first on sys.path, and an attrs.py
+    # (or a kdcore/ working copy) where the user typed ``kd`` would be imported instead.
+    os.execve(sys.executable, [sys.executable, "-c", _ENTRY, *sys.argv[1:]], env)
+
+
+# ``-c`` puts "" (the working directory) first on sys.path; drop it before importing.
+_ENTRY = (
+    "import sys; sys.path[:] = [p for p in sys.path if p not in ('', '.')]; "
+    "sys.argv[0] = 'kd'; from kdcore.cli.main import main; sys.exit(main())"
+)
 
 
 def main(argv: list[str] | None = None) -> int:
