@@ -26,7 +26,8 @@ def cmd_plugins(args) -> int:
             print(f"  {kind}: {', '.join(names)}")
     for f in failures:
         print(f"FAILED {f['distribution']} (entry point {f['entry_point']}): {f['error']}")
-        print("  " + f["traceback"].strip().replace("\n", "\n  "))
+        if f["traceback"].strip():  # empty when the plugin broke a rule rather than raised
+            print("  " + f["traceback"].strip().replace("\n", "\n  "))
     return 0
 
 
@@ -239,12 +240,21 @@ def cmd_doctor(args) -> int:
         "fast_path_available": fastpath.openblas_path(),
         "fast_path_active": fastpath.fast_path_active(),
         "plugins": {k: v["version"] for k, v in get_registry().distributions().items()},
-        "plugin_failures": [f.distribution for f in get_registry().failures],
+        "plugin_failures": [
+            {"distribution": f.distribution, "entry_point": f.entry_point, "error": f.error}
+            for f in get_registry().failures
+        ],
     }
     if args.json:
         _print_json(info)
         return 0
     for key, value in info.items():
+        if key == "plugin_failures":
+            print(f"{key}: {len(value)}" + (" (details: kd plugins)" if value else ""))
+            for f in value:
+                where = f"{f['distribution']} (entry point {f['entry_point']})"
+                print(f"  FAILED {where}: {f['error']}")
+            continue
         print(f"{key}: {value}")
     if sys.platform.startswith("linux") and not info["fast_path_active"]:
         if info["fast_path_available"]:

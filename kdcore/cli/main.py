@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
-from kdcore.errors import KdError, SpecError
+from kdcore.errors import KdError, RegistryError, SpecError
 from kdcore.registry.manager import get_registry
 
 
@@ -14,7 +15,18 @@ def build_parser() -> argparse.ArgumentParser:
     ``kd_add_commands``."""
     parser = argparse.ArgumentParser(prog="kd", description="knowledge distillation on MLX")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    get_registry().pm.hook.kd_add_commands(subparsers=sub)
+    registry = get_registry()
+    strict = os.environ.get("KD_STRICT_PLUGINS") == "1"
+    # One implementation at a time: a plugin whose hook raises loses its own commands only.
+    for impl in reversed(registry.pm.hook.kd_add_commands.get_hookimpls()):
+        try:
+            impl.function(subparsers=sub)
+        except Exception as exc:
+            dist = registry.distribution_of(impl.plugin)
+            message = f"plugin {impl.plugin_name!r} from {dist}: kd_add_commands raised {exc!r}"
+            if strict:
+                raise RegistryError(message) from exc
+            print(f"warning: {message}; its commands are missing", file=sys.stderr)
     return parser
 
 

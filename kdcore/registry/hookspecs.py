@@ -26,8 +26,11 @@ Two hooks are not collecting: ``kd_add_commands`` (sub-commands of ``kd``) and
 ``kd_report_sections`` (sections of ``kd report``).
 
 The built-in components are registered through these same hooks (``kdcore.builtins``).
-A name registered twice within one kind is an error that names both distributions; a
-misspelt ``kd_`` hook name is an error when the plugin is loaded.
+A plugin that breaks the rules is a load failure of that plugin alone, listed by ``kd
+plugins`` and ``kd doctor`` with the reason, the others still working: a hook that raises
+or returns something other than Components, a misspelt ``kd_`` hook name, an import that
+fails (``SystemExit`` included), a name another distribution registered first (built-ins
+register first). With ``KD_STRICT_PLUGINS=1`` any such failure is fatal.
 docs/authoring-plugins.md walks through a complete plugin.
 """
 

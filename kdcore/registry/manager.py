@@ -1,12 +1,17 @@
 """The plugin manager and the component registry.
 
-Built-ins are registered through the same hooks as third-party plugins. Entry points of
-the group ``kdcore`` are loaded one by one so that a broken plugin is reported (``kd
-plugins`` lists it with its traceback summary) without taking the others down.
+Built-ins are registered through the same hooks as third-party plugins. Each plugin (an
+entry point of the group ``kdcore``, a built-in module or an in-process extra) is loaded,
+checked and asked for its components on its own, so that a broken one -- an import that
+raises or exits, a misspelt hook, a hook that raises or returns something other than
+``Component`` records, a component name another plugin already registered -- is a
+``LoadFailure`` of that plugin alone: it is unregistered, none of its components are kept,
+and ``kd plugins`` and ``kd doctor`` list it with its error.
 
 Environment:
     KD_DISABLE_PLUGINS: comma-separated entry-point or distribution names not to load.
-    KD_STRICT_PLUGINS: when "1", a plugin that fails to load is a fatal error (for CI), and
+    KD_STRICT_PLUGINS: when "1", a plugin that fails to load is a fatal error (for CI; the
+        RegistryError lists every failure), and
         so is a ``kd_report_sections`` implementation that raises (after the report, with
         the error in it, is written).
     KD_TRACE_PLUGINS: when "1", print each hook call and the components it returned.
@@ -19,7 +24,7 @@ import importlib.metadata
 import os
 import sys
 import traceback
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -52,10 +57,39 @@ BUILTIN_DIST = "kdcore"
 
 @attrs.frozen
 class LoadFailure:
+    """A plugin that did not load: it is unregistered and none of its components are kept.
+
+    Attributes:
+        entry_point: the entry point's name (a module's or class's name for a plugin
+            registered in-process).
+        distribution: the distribution that provides it.
+        error: one line saying what went wrong.
+        traceback: the last frames of the plugin's exception ("" when the plugin broke a
+            rule of the registry rather than raising).
+        components: kind -> names it offered before it failed, so that a spec naming one
+            is told this plugin failed rather than that the name is unknown.
+        unknown_kinds: kinds whose names are unknown because it failed before or while
+            returning them (every kind when it did not even import).
+    """
+
     entry_point: str
     distribution: str
     error: str
     traceback: str
+    components: dict[str, list[str]] = attrs.field(factory=dict)
+    unknown_kinds: tuple[str, ...] = KINDS
+
+    def line(self) -> str:
+        return f"plugin {self.entry_point!r} from {self.distribution} failed to load: {self.error}"
+
+
+class _Broken(Exception):
+    """A plugin broke a rule of the registry (as opposed to raising from its own code);
+    ``plugin_traceback`` is that of the plugin's own exception behind it, if any."""
+
+    def __init__(self, message: str, plugin_traceback: str = ""):
+        super().__init__(message)
+        self.plugin_traceback = plugin_traceback
 
 
 @attrs.frozen
@@ -100,40 +134,19 @@ class Registry:
         pm: pluggy.PluginManager,
         failures: list[LoadFailure],
         origins: dict[int, tuple[str, str]],
+        by_kind: dict[str, dict[str, Registered]],
     ):
         self.pm = pm
         self.failures = failures
         self._origins = origins  # id(plugin object) -> (distribution, version)
-        self._by_kind: dict[str, dict[str, Registered]] = {}
-        for kind in KINDS:
-            self._by_kind[kind] = self._collect(kind)
+        self._by_kind = by_kind
 
     def _distribution_of(self, plugin: object) -> tuple[str, str]:
         return self._origins.get(id(plugin), (BUILTIN_DIST, _kdcore_version()))
 
-    def _collect(self, kind: str) -> dict[str, Registered]:
-        hook_name = HOOK_OF_KIND[kind]
-        trace = os.environ.get("KD_TRACE_PLUGINS") == "1"
-        found: dict[str, Registered] = {}
-        # Call implementations one by one so each record is tied to its distribution.
-        for impl in reversed(getattr(self.pm.hook, hook_name).get_hookimpls()):
-            dist, version = self._distribution_of(impl.plugin)
-            records = impl.function() or []
-            for component in records:
-                if not isinstance(component, Component):
-                    raise RegistryError(
-                        f"{dist}: {hook_name} returned {type(component).__name__}, "
-                        "expected kdcore.Component"
-                    )
-                if trace:
-                    print(f"[kd trace] {dist} {hook_name} -> {component.name}", file=sys.stderr)
-                if component.name in found:
-                    other = found[component.name].distribution
-                    raise RegistryError(
-                        f"{kind} {component.name!r} is registered twice: by {other} and by {dist}"
-                    )
-                found[component.name] = Registered(component, kind, dist, version)
-        return found
+    def distribution_of(self, plugin: object) -> str:
+        """The distribution that registered ``plugin`` (``kdcore`` for the built-ins)."""
+        return self._distribution_of(plugin)[0]
 
     def report_sections(
         self, run_dir: Path, figures_dir: Path
@@ -191,7 +204,23 @@ class Registry:
         try:
             return self._by_kind[kind][name]
         except KeyError:
-            raise KeyError(unknown_name_message(kind, name, self.names(kind))) from None
+            raise KeyError(self.unknown_message(kind, name)) from None
+
+    def unknown_message(self, kind: str, name: str) -> str:
+        """Why ``name`` is not a ``kind``: a plugin that offered it failed to load (and
+        why), or a did-you-mean, plus the failed plugins that might have provided it."""
+        words = kind.replace("_", " ")
+        for failure in self.failures:
+            if name in failure.components.get(kind, ()):
+                return f"{words} {name!r} is from {failure.line()}"
+        message = unknown_name_message(kind, name, self.names(kind))
+        for f in self.failures:
+            if kind in f.unknown_kinds:
+                message += (
+                    f"; plugin {f.entry_point!r} from {f.distribution}, which may provide it, "
+                    f"failed to load: {f.error}"
+                )
+        return message
 
     def find(self, name: str) -> list[Registered]:
         """All components called ``name``, of any kind."""
@@ -227,60 +256,210 @@ def _kdcore_version() -> str:
         return "0+unknown"
 
 
-def _load_entry_points(
-    pm: pluggy.PluginManager, origins: dict[int, tuple[str, str]]
-) -> list[LoadFailure]:
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def _short_traceback(exc: BaseException) -> str:
+    """The last two frames and the exception, without the registry's own frames (the
+    plugin's are the ones worth reading)."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_frame.f_code.co_filename == __file__:
+        tb = tb.tb_next
+    return "".join(traceback.format_exception(type(exc), exc, tb)[-3:])
+
+
+class _Loader:
+    """Registers plugins one at a time; a plugin that fails any step becomes a
+    ``LoadFailure`` and leaves nothing behind (not even the components it returned before
+    failing), so the registry is always what the working plugins make."""
+
+    def __init__(self, pm: pluggy.PluginManager):
+        self.pm = pm
+        self.origins: dict[int, tuple[str, str]] = {}
+        self.failures: list[LoadFailure] = []
+        self.by_kind: dict[str, dict[str, Registered]] = {kind: {} for kind in KINDS}
+        self.hook_names = sorted(n for n, c in vars(pm.hook).items() if c.has_spec())
+        self.labels: dict[int, str] = {}  # id(plugin) -> entry point, for messages
+
+    def add(
+        self,
+        load: Callable[[], object],
+        name: str | None,
+        label: str | None,
+        dist: str,
+        version: str,
+    ) -> None:
+        """Load (``load()``), register under ``name`` and collect one plugin."""
+        plugin: object = None
+        registered = False
+        offered: dict[str, list[str]] = {}
+        unknown: tuple[str, ...] = KINDS
+        try:
+            plugin = load()
+            label = label or getattr(plugin, "__name__", None) or type(plugin).__name__
+            if self.pm.is_registered(plugin):
+                # Two entry points naming one object (say, one module under two
+                # distributions): registering it twice would double every component.
+                first = self.labels.get(id(plugin), self.pm.get_name(plugin))
+                first_dist = self.origins.get(id(plugin), (BUILTIN_DIST, ""))[0]
+                raise _Broken(
+                    f"{dist}'s entry point {label!r} loads the object already loaded as "
+                    f"plugin {first!r} from {first_dist}"
+                )
+            if name is not None and self.pm.get_plugin(name) is not None:
+                # Another distribution has an entry point of the same name: both load
+                # (a clash of their components is reported below), neither is skipped.
+                name = f"{dist}:{name}"
+            self.pm.register(plugin, name=name)
+            registered = True
+            self.origins[id(plugin)] = (dist, version)
+            self.labels[id(plugin)] = label
+            self._check_hooks(plugin)
+            found, offered, unknown, problems, tb = self._collect(plugin, dist, version)
+            if problems:
+                raise _Broken("; ".join(problems), tb)
+            unknown = ()  # every name it offered is known from here on
+            self._check_duplicates(found, dist)
+        except KeyboardInterrupt:
+            raise
+        except BaseException as exc:  # SystemExit too: one plugin must not end every kd
+            if registered:
+                self.pm.unregister(plugin)
+                self.origins.pop(id(plugin), None)
+                self.labels.pop(id(plugin), None)
+            if isinstance(exc, _Broken):
+                error, tb = str(exc.args[0]), exc.plugin_traceback
+            else:
+                error, tb = f"{type(exc).__name__}: {exc}", _short_traceback(exc)
+            self.failures.append(
+                LoadFailure(label or str(name), dist, _one_line(error), tb, offered, unknown)
+            )
+            return
+        for reg in found:
+            self.by_kind[reg.kind][reg.component.name] = reg
+
+    def _check_hooks(self, plugin: object) -> None:
+        """pluggy's ``check_pending`` for one plugin: a ``kd_`` hook implementation with no
+        hook specification is a misspelling that would otherwise do nothing."""
+        problems = []
+        for caller in self.pm.get_hookcallers(plugin) or []:
+            if caller.has_spec():
+                continue
+            if any(i.plugin is plugin and not i.optionalhook for i in caller.get_hookimpls()):
+                close = difflib.get_close_matches(caller.name, self.hook_names, n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                problems.append(f"{caller.name} is not a kdcore hook{hint}")
+        if problems:
+            raise _Broken("; ".join(problems))
+
+    def _collect(
+        self, plugin: object, dist: str, version: str
+    ) -> tuple[list[Registered], dict[str, list[str]], tuple[str, ...], list[str], str]:
+        """Every component ``plugin`` returns, the names it offered, the kinds whose hook
+        failed, what went wrong and the first traceback of its own code. Each hook is
+        called even after one fails, so that a spec naming any component it offered is
+        told why it is missing."""
+        trace = os.environ.get("KD_TRACE_PLUGINS") == "1"
+        found: list[Registered] = []
+        offered: dict[str, list[str]] = {}
+        unknown: list[str] = []
+        problems: list[str] = []
+        first_tb = ""
+        for kind in KINDS:
+            hook_name = HOOK_OF_KIND[kind]
+            for impl in getattr(self.pm.hook, hook_name).get_hookimpls():
+                if impl.plugin is not plugin:
+                    continue
+                try:
+                    records = impl.function()
+                    if records is None:
+                        continue
+                    if isinstance(records, (str, bytes, Component)) or not isinstance(
+                        records, Iterable
+                    ):
+                        raise _Broken(
+                            f"{hook_name} returned {type(records).__name__}, "
+                            "expected a list of kdcore.Component"
+                        )
+                    for component in records:
+                        if not isinstance(component, Component):
+                            raise _Broken(
+                                f"{hook_name} returned {type(component).__name__}, "
+                                "expected kdcore.Component"
+                            )
+                        if trace:
+                            print(
+                                f"[kd trace] {dist} {hook_name} -> {component.name}",
+                                file=sys.stderr,
+                            )
+                        offered.setdefault(kind, []).append(component.name)
+                        found.append(Registered(component, kind, dist, version))
+                except KeyboardInterrupt:
+                    raise
+                except _Broken as exc:
+                    unknown.append(kind)
+                    problems.append(str(exc))
+                except BaseException as exc:
+                    unknown.append(kind)
+                    problems.append(f"{hook_name} raised {type(exc).__name__}: {exc}")
+                    first_tb = first_tb or _short_traceback(exc)
+        return found, offered, tuple(unknown), problems, first_tb
+
+    def _check_duplicates(self, found: list[Registered], dist: str) -> None:
+        """The first registration of a name is kept (built-ins register first); a later
+        one makes its plugin a failure naming both distributions."""
+        seen: dict[tuple[str, str], str] = {}
+        problems = []
+        for reg in found:
+            key = (reg.kind, reg.component.name)
+            kept = self.by_kind[reg.kind].get(reg.component.name)
+            other = kept.distribution if kept is not None else seen.get(key)
+            if other is not None:
+                words = reg.kind.replace("_", " ")
+                problems.append(
+                    f"{words} {reg.component.name!r} is registered twice: by {other} "
+                    f"and by {dist} (the one from {other} is kept)"
+                )
+            seen[key] = dist
+        if problems:
+            raise _Broken("; ".join(problems))
+
+
+def _load_entry_points(loader: _Loader) -> None:
     blocked = _split_env("KD_DISABLE_PLUGINS")
-    strict = os.environ.get("KD_STRICT_PLUGINS") == "1"
-    failures: list[LoadFailure] = []
     seen: set[tuple[str, str]] = set()
     for dist in importlib.metadata.distributions():
         for ep in dist.entry_points:
             if ep.group != GROUP:
                 continue
-            dist_name = dist.metadata["name"]
+            dist_name = str(dist.metadata["name"] or "<unnamed distribution>")
             key = (dist_name, ep.name)
             if key in seen:  # the same distribution on sys.path twice
                 continue
             seen.add(key)
             if ep.name in blocked or dist_name in blocked:
                 continue
-            if pm.get_plugin(ep.name) is not None:
-                continue
-            try:
-                plugin = ep.load()
-                pm.register(plugin, name=ep.name)
-                origins[id(plugin)] = (dist_name, dist.version)
-            except Exception as exc:  # a broken plugin must not take the others down
-                if strict:
-                    raise RegistryError(
-                        f"plugin {ep.name!r} from {dist_name} failed to load: {exc!r}"
-                    ) from exc
-                tb = traceback.format_exception(type(exc), exc, exc.__traceback__)
-                failures.append(
-                    LoadFailure(
-                        ep.name, dist_name, f"{type(exc).__name__}: {exc}", "".join(tb[-3:])
-                    )
-                )
-    return failures
+            loader.add(ep.load, ep.name, ep.name, dist_name, dist.version)
 
 
 def build_registry(
     builtins: Iterable[object] = (), extra_plugins: Iterable[tuple[object, str]] = ()
 ) -> Registry:
     """A fresh registry: the ``builtins`` plugin modules, installed entry points, then
-    ``(plugin, distribution)`` extras."""
+    ``(plugin, distribution)`` extras; a plugin that fails to load is in ``failures``
+    (under ``KD_STRICT_PLUGINS=1``, a RegistryError listing every failure)."""
     pm = pluggy.PluginManager(GROUP)
     pm.add_hookspecs(hookspecs)
+    loader = _Loader(pm)
     for module in builtins:
-        pm.register(module, name=module.__name__)
-    origins: dict[int, tuple[str, str]] = {}
-    failures = _load_entry_points(pm, origins)
+        loader.add(lambda m=module: m, module.__name__, None, BUILTIN_DIST, _kdcore_version())
+    _load_entry_points(loader)
     for plugin, dist in extra_plugins:
-        pm.register(plugin)
-        origins[id(plugin)] = (dist, "0+local")
-    pm.check_pending()  # a misspelt kd_ hook is an error, not a silent no-op
-    return Registry(pm, failures, origins)
+        loader.add(lambda p=plugin: p, None, None, dist, "0+local")
+    if loader.failures and os.environ.get("KD_STRICT_PLUGINS") == "1":
+        raise RegistryError("\n".join(f.line() for f in loader.failures))
+    return Registry(pm, loader.failures, loader.origins, loader.by_kind)
 
 
 _builtins: list[object] = []
