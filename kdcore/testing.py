@@ -202,6 +202,37 @@ def _resolved(config):
     return attrs.evolve(config, **{k: mx.array(value_at(v, 0, 10)) for k, v in fields.items()})
 
 
+_READ_PARAMS = (
+    "in a run, a scheduled float is a kdcore.Schedule in the config the factory receives; "
+    "read its value at each step from inputs.params, where it is a 0-d array"
+)
+
+
+def _every_float_scheduled(kind: str, name: str, config: Any, params: dict[str, Any]):
+    """``config`` with each float field that accepts a schedule given as a constant schedule
+    of its value (what a spec with ``{schedule = "constant", value = ...}`` gives), and the
+    names of those fields; (None, []) when there are none."""
+    from kdcore.errors import SpecError
+    from kdcore.spec.schedules import Schedule
+
+    fields = []
+    for field in attrs.fields(type(config)) if attrs.has(type(config)) else ():
+        value = getattr(config, field.name)
+        if not isinstance(value, float):
+            continue  # a float field is structured to a float; None, ints, schedules stay
+        trial = {**params, field.name: {"schedule": "constant", "value": float(value)}}
+        try:
+            scheduled = make_config(kind, name, **trial)
+        except SpecError:
+            continue  # the field does not take a schedule
+        if isinstance(getattr(scheduled, field.name), Schedule):
+            fields.append(field.name)
+    if not fields:
+        return None, []
+    schedules = {f: {"schedule": "constant", "value": float(getattr(config, f))} for f in fields}
+    return make_config(kind, name, **{**params, **schedules}), fields
+
+
 # ---------------------------------------------------------------- loss contracts
 
 
@@ -219,12 +250,35 @@ def check_loss(
 
     ``extra_batch(B, L, V, mask, rng)`` returns extra batch arrays a loss needs (pairs,
     reasoning masks...); it replaces the default batch when given.
+
+    A second instance is built as a run builds it when the spec schedules every float
+    field (a constant schedule of the same value): it must build, run and give the same
+    value, so a loss that reads a scheduled float from its factory's config (a
+    ``Schedule`` there) instead of ``inputs.params`` fails here with the field named.
     """
     component = get_registry().get("loss", name)
     config = _resolved(make_config("loss", name, **params))
     setup = setup or Setup(num_teachers=1)
+    mx.random.seed(0)  # the same initial parameters for the scheduled twin below
     loss = component.factory(make_config("loss", name, **params), setup)
     make_batch = extra_batch or default_batch
+    # The same loss built as a run builds it when the spec schedules every float it can:
+    # a loss that reads such a float from its factory's config (a Schedule there) fails
+    # here, not in the middle of someone's run.
+    sched_config, sched_fields = _every_float_scheduled(
+        "loss", name, make_config("loss", name, **params), params
+    )
+    scheduled_loss = None
+    if sched_config is not None:
+        what = f"with {', '.join(sched_fields)} scheduled"
+        mx.random.seed(0)
+        try:
+            scheduled_loss = component.factory(sched_config, setup)
+        except Exception as exc:
+            raise AssertionError(
+                f"{name}: building it {what} raised {type(exc).__name__}: {exc}; {_READ_PARAMS}"
+            ) from exc
+        sched_params = _resolved(sched_config)
 
     def run(case: LossCase, student: np.ndarray | None = None, teacher: np.ndarray | None = None):
         if teacher is not None:
@@ -240,6 +294,21 @@ def check_loss(
 
         return mx.grad(f)(mx.array(case.student))
 
+    def check_scheduled(case: LossCase, plain: float) -> None:
+        logits = mx.array(case.student)
+        try:
+            value, _metrics = scheduled_loss(_inputs(component, sched_params, case, logits))
+            got = value.item()
+        except Exception as exc:
+            raise AssertionError(
+                f"{name}: {what} (constant schedules of the same values) it raised "
+                f"{type(exc).__name__}: {exc}; {_READ_PARAMS}"
+            ) from exc
+        assert abs(got - plain) <= atol * max(1.0, abs(plain)) * 10, (
+            f"{name}: {what} (constant schedules of the same values) the loss is {got}, "
+            f"with plain numbers {plain}; {_READ_PARAMS}"
+        )
+
     profile = settings.get_profile(PROFILE)
     limit = max_examples or profile.max_examples
 
@@ -254,6 +323,8 @@ def check_loss(
         assert value.size == 1, f"{name}: loss must be a scalar, got shape {value.shape}"
         v = value.item()
         assert np.isfinite(v), f"{name}: loss is {v} on ordinary logits"
+        if scheduled_loss is not None:
+            check_scheduled(case, v)
         # constant shift of every logit at each position
         shift_s = rng.uniform(-50, 50, size=(B, L, 1)).astype(np.float32)
         shift_t = rng.uniform(-50, 50, size=(B, L, 1)).astype(np.float32)

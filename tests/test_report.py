@@ -4,10 +4,12 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
 import kdcore
+from kdcore import testing
 from kdcore.analysis.report import write_report
 from kdcore.cli.main import main
 from kdcore.errors import RegistryError
@@ -90,3 +92,89 @@ def test_strict_plugins_fail_the_report_after_writing_it(run_dir, plugins, monke
     assert main(["report", str(run_dir)]) == 1
     assert "report section failed" in capsys.readouterr().err
     assert (run_dir / "report.md").exists()
+
+
+# ---------------------------------------------------------------- what each plot shows
+
+
+@pytest.fixture
+def figures(monkeypatch):
+    """Each figure the report saves, by file name: its title, y label and drawn series
+    (label, points, marker), read from the matplotlib objects just before saving (a PNG
+    cannot show whether a label is there)."""
+    from matplotlib.figure import Figure
+
+    seen: dict[str, dict] = {}
+    save = Figure.savefig
+
+    def record(fig, path, *args, **kwargs):
+        ax = fig.axes[0]
+        seen[Path(path).name] = {
+            "title": ax.get_title(),
+            "ylabel": ax.get_ylabel(),
+            "lines": [(ln.get_label(), len(ln.get_xdata()), ln.get_marker()) for ln in ax.lines],
+        }
+        return save(fig, path, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", record)
+    return seen
+
+
+@pytest.fixture
+def random_model_dir(tmp_path):
+    return testing.save_random_model(tmp_path / "teacher", dim=16, max_seq_len=32)
+
+
+def test_every_plot_is_labelled_with_its_metric_and_schedules_are_apart(
+    corpus, random_model_dir, tmp_path, figures
+):
+    """A real run with a scheduled temperature and weight, evaluated only at the end (the
+    default): the temperature is plotted as a schedule under its own name, never as
+    ``reverse_kl``; each plot has a title and a y label; eval points are visible."""
+    losses = [
+        {"name": "ce"},
+        {
+            "name": "reverse_kl",
+            "weight": {"schedule": "linear", "start": 0.0, "end": 1.0},
+            "params": {"temperature": {"schedule": "cosine", "start": 4.0, "end": 1.0}},
+        },
+    ]
+    spec = testing.tiny_spec(
+        corpus, losses, steps=4, teachers=[{"path": str(random_model_dir)}], eval={"batches": 1}
+    )
+    run = tmp_path / "run"
+    kdcore.distill(spec, output=run, progress=False)
+    text = write_report(run).read_text()
+
+    for name, fig in figures.items():
+        assert fig["title"], f"{name} has no title"
+        assert fig["ylabel"], f"{name} has no y label"
+        for label, points, marker in fig["lines"]:
+            # one point with no marker draws nothing: the frame is empty
+            assert points > 1 or marker not in ("", "None", None), f"{name}: {label} is invisible"
+    by_series = {label: (name, fig) for name, fig in figures.items() for label, *_ in fig["lines"]}
+    temperature_file, temperature = by_series["reverse_kl/temperature"]
+    assert "reverse_kl/temperature" in temperature["title"]
+    assert temperature["ylabel"] == "temperature"
+    assert temperature_file != "reverse_kl.png"
+    # schedules (lr, weights, scheduled params) are a section of their own after the curves
+    schedules = text[text.index("## Schedules") :]
+    curves = text[text.index("## Curves") : text.index("## Schedules")]
+    for key in ("lr", "weight/reverse_kl", "reverse_kl/temperature"):
+        file = by_series[key][0]
+        assert f"report/{file}" in schedules and f"report/{file}" not in curves, key
+    assert "report/losses.png" in curves
+    # the eval series: drawn with markers, titled with their full names
+    val_file, val = by_series["val_loss"]
+    assert "val_loss" in val["title"] and val["lines"][0][2] not in ("", "None")
+    assert f"report/{val_file}" in text[text.index("## Evaluation") :]
+    assert {"kl_teacher_student", "top1_agreement"} <= set(by_series)
+
+
+def test_a_report_without_a_spec_still_labels_its_plots(run_dir, figures):
+    """The small hand-written run folder (no spec.toml): lr is still a schedule, titles and
+    y labels still there, the single eval point still drawn."""
+    write_report(run_dir)
+    assert figures["losses.png"]["ylabel"] and figures["losses.png"]["title"]
+    val = figures["eval_val_loss.png"]
+    assert val["title"] and val["ylabel"] and val["lines"] == [("val_loss", 1, "o")]
