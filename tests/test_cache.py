@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import struct
 from pathlib import Path
 
 import attrs
@@ -587,7 +588,10 @@ def test_training_from_the_cache_never_loads_the_teacher(world, tmp_path):
     moved = tmp_path / "teacher-gone"
     shutil.copytree(world["teacher"], moved)
     spec = spec_dict([{"path": str(moved)}])
-    kc_write.write_cache(kdcore.load_spec(spec), tmp_path / "c", top_k=8, progress=False)
+    # captured at the temperature hinton reads it at: a tail-bucket is exact only there
+    kc_write.write_cache(
+        kdcore.load_spec(spec), tmp_path / "c", top_k=8, temperature=2.0, progress=False
+    )
     shutil.rmtree(moved)  # the run below cannot load it even if it tried
     hinton = {"name": "hinton", "params": {"temperature": 2.0, "tail": "tail-bucket"}}
     run_spec = spec_dict([{"cache": str(tmp_path / "c")}], losses=[hinton, {"name": "ce"}])
@@ -673,3 +677,89 @@ def test_a_run_from_two_top_k_caches_trains(world, tmp_path):
     lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     values = [x["loss/hinton"] for x in lines if "loss/hinton" in x]
     assert all(np.isfinite(values)) and values[-1] < values[0]
+
+
+# ---------------------------------------------------------------- untrusted caches (issue 20)
+
+
+@pytest.mark.parametrize("escape", ["../../outside.safetensors", "ABSOLUTE"])
+def test_a_shard_path_that_leaves_the_cache_is_refused(world, cache_copy, capsys, escape):
+    """A manifest is data: a shard named outside its folder is never opened, even when the
+    file there is a perfectly good shard (here: the real one, moved out)."""
+    sub = cache_copy / "teacher-0"
+    outside = cache_copy.parent / "outside.safetensors"
+    (sub / "shard-00000.safetensors").rename(outside)
+    manifest = json.loads((sub / "manifest.json").read_text())
+    manifest["shards"][0]["file"] = str(outside) if escape == "ABSOLUTE" else escape
+    (sub / "manifest.json").write_text(json.dumps(manifest))
+    _bad(cache_copy, capsys, r"shards\[0\].*outside the cache folder", world["spec"])
+
+
+def test_a_teacher_folder_that_leaves_the_cache_set_is_refused(world, cache_copy, capsys):
+    elsewhere = cache_copy.parent / "elsewhere"
+    (cache_copy / "teacher-0").rename(elsewhere)
+    path = cache_copy / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest["teachers"][0]["dir"] = "../elsewhere"
+    path.write_text(json.dumps(manifest))
+    _bad(cache_copy, capsys, r"teachers\[0\].*outside the cache folder", world["spec"])
+
+
+def _rewrite_header(shard: Path, edit) -> None:
+    data = shard.read_bytes()
+    (length,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + length])
+    edit(header)
+    raw = json.dumps(header).encode()
+    shard.write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + length :])
+
+
+def test_a_negative_shape_in_a_shard_header_is_refused(world, cache_copy, capsys):
+    shard = cache_copy / "teacher-0" / "shard-00001.safetensors"
+
+    def negate(header):  # two negative dimensions: the byte count still adds up
+        rows, length, k = header["topk_ids"]["shape"]
+        header["topk_ids"]["shape"] = [-rows, length, -k]
+
+    _rewrite_header(shard, negate)
+    _bad(cache_copy, capsys, r"shard-00001\.safetensors.*'topk_ids'.*shape", world["spec"])
+
+
+def test_data_offsets_that_run_backwards_are_refused(world, cache_copy, capsys):
+    shard = cache_copy / "teacher-0" / "shard-00001.safetensors"
+
+    def backwards(header):
+        begin, end = header["tail_logmass"]["data_offsets"]
+        header["tail_logmass"]["data_offsets"] = [end, begin]
+
+    _rewrite_header(shard, backwards)
+    _bad(cache_copy, capsys, r"shard-00001\.safetensors.*'tail_logmass'", world["spec"])
+
+
+def test_a_cache_set_with_no_teachers_is_refused(world, tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "manifest.json").write_text(
+        json.dumps({"format": kc_format.SET_FORMAT, "version": 1, "teachers": []})
+    )
+    _bad(empty, capsys, r"holds no teacher caches", world["spec"])
+
+
+@pytest.mark.parametrize(
+    "option, value",
+    [
+        ("--batch-size", "0"),
+        ("--batch-size", "-3"),
+        ("--shard-tokens", "0"),
+        ("--temperature", "inf"),
+        ("--temperature", "nan"),
+    ],
+)
+def test_kd_cache_refuses_options_out_of_range(world, tmp_path, capsys, option, value):
+    spec_path = tmp_path / "spec.toml"
+    spec_path.write_text(toml_dumps(world["spec"]))
+    out = tmp_path / "c"
+    code = kd_main(["cache", str(spec_path), "--output", str(out), option, value])
+    assert code == 2
+    assert option in capsys.readouterr().err
+    assert not out.exists()  # refused before anything is written

@@ -147,3 +147,45 @@ def test_build_by_name_validates_params():
     assert callable(loss)
     with pytest.raises(kdcore.SpecError):
         kdcore.build("loss", "ce", smoothing=0.1)
+
+
+# ---------------------------------------------------------------- unreadable specs (issue 20)
+
+
+def _validate_file(path, capsys) -> tuple[int, str]:
+    from kdcore.cli.main import main as kd_main
+
+    capsys.readouterr()
+    code = kd_main(["validate", str(path)])
+    return code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "name, content, words",
+    [
+        ("latin1.toml", b'[data]\nname = "text"\nparams = { path = "caf\xe9.txt" }\n', "line 3"),
+        ("deep.toml", b"a = " + b"[" * 50_000 + b"]" * 50_000, "nested"),
+        ("deep.json", b"[" * 50_000 + b"]" * 50_000, "nested"),
+        ("tables.json", b'{"a": ' * 900 + b"1" + b"}" * 900, "nested"),
+        ("digits.toml", b"[train]\nsteps = " + b"7" * 5000 + b"\n", "5000 digits"),
+        ("digits.json", b'{"train": {"steps": ' + b"7" * 5000 + b"}}", "5000 digits"),
+        ("wide.toml", b"[run]\nseed = " + b"7" * 40 + b"\n", "64 bits"),
+    ],
+)
+def test_an_unreadable_spec_is_an_error_not_a_traceback(tmp_path, capsys, name, content, words):
+    path = tmp_path / name
+    path.write_bytes(content)
+    code, err = _validate_file(path, capsys)
+    assert code == 2, err
+    assert words in err and "Traceback" not in err, err
+    assert str(path) in err or "$." in err, err
+
+
+def test_a_directory_is_not_a_spec(tmp_path, capsys):
+    code, err = _validate_file(tmp_path, capsys)
+    assert code == 2 and "directory" in err, err
+
+
+def test_a_deep_override_is_an_error(make_spec):
+    with pytest.raises(kdcore.SpecError, match="--set"):
+        kdcore.load_spec(make_spec(), ["run.name=" + "[" * 50_000 + "]" * 50_000])

@@ -76,6 +76,13 @@ def map_safetensors(path: Path, what: str = "shard") -> dict[str, tuple[np.ndarr
             begin, end = (int(o) for o in info["data_offsets"])
         except (KeyError, TypeError, ValueError) as exc:
             raise CheckpointError(f"{what} {path}: bad header entry for {name!r}") from exc
+        # The header is data: an even number of negative dimensions keeps the byte count
+        # right and would reach NumPy's reshape; offsets that run backwards or before the
+        # data would map the header itself.
+        if any(d < 0 for d in shape):
+            raise CheckpointError(f"{what} {path}: {name!r} has a negative shape {list(shape)}")
+        if not 0 <= begin <= end:
+            raise CheckpointError(f"{what} {path}: {name!r} has bad data offsets [{begin}, {end}]")
         if base + end > size:
             raise CheckpointError(
                 f"{what} {path} is truncated: {name!r} ends at byte {base + end}, "
@@ -130,7 +137,28 @@ def _read_manifest(directory: Path) -> dict:
         raise CheckpointError(
             f"{directory}/manifest.json is damaged: missing or malformed {', '.join(missing)}"
         )
+    escaping = _escaping_names(manifest)
+    if escaping:
+        raise CheckpointError(
+            f"{directory}/manifest.json: "
+            + "; ".join(f"{entry}, outside the cache folder" for entry in escaping)
+        )
     return manifest
+
+
+def is_plain_name(name: str) -> bool:
+    """A file or folder name that stays inside its folder: no separator, not ``.``/``..``,
+    not absolute (what the writer writes: ``shard-00000.safetensors``, ``teacher-0``)."""
+    return name not in ("", ".", "..") and "\0" not in name and Path(name).name == name
+
+
+def _escaping_names(manifest: dict) -> list[str]:
+    """``field: name`` for each name in a manifest that would leave its folder."""
+    if manifest["format"] == SET_FORMAT:
+        entries = [(f"teachers[{i}]", t["dir"]) for i, t in enumerate(manifest["teachers"])]
+    else:
+        entries = [(f"shards[{i}]", s["file"]) for i, s in enumerate(manifest["shards"])]
+    return [f"{field} is {name!r}" for field, name in entries if not is_plain_name(name)]
 
 
 _TEACHER_FIELDS = {
@@ -198,7 +226,12 @@ def teacher_dirs(directory: str | Path) -> list[Path]:
     manifest = _read_manifest(directory)
     if manifest["format"] == FORMAT:
         return [directory]
-    return [directory / entry["dir"] for entry in manifest.get("teachers", [])]
+    if not manifest["teachers"]:
+        raise CheckpointError(
+            f"{directory} holds no teacher caches: its manifest lists none (an interrupted "
+            "kd cache? rerun it with the same --output)"
+        )
+    return [directory / entry["dir"] for entry in manifest["teachers"]]
 
 
 def verify_cache(directory: str | Path, checksum: bool = True) -> dict:

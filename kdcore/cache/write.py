@@ -104,8 +104,12 @@ def write_cache(
         raise SpecError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
     if top_k < 1:
         raise SpecError(f"--top-k must be >= 1, got {top_k}")
-    if not temperature > 0:
-        raise SpecError(f"--temperature must be > 0, got {temperature}")
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise SpecError(f"--temperature must be a finite number > 0, got {temperature}")
+    if batch_size < 1:
+        raise SpecError(f"--batch-size must be >= 1, got {batch_size}")
+    if shard_tokens < 1:
+        raise SpecError(f"--shard-tokens must be >= 1, got {shard_tokens}")
     teachers = [(i, ref) for i, ref in enumerate(spec.teachers) if ref.path]
     if not teachers:
         raise SpecError('the spec has no [[teachers]] entry with path = "MODEL_DIR" to cache')

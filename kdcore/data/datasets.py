@@ -6,9 +6,12 @@ same batches as the uninterrupted run, and two runs with one seed see the same d
 
 from __future__ import annotations
 
+import codecs
 import gzip
 import hashlib
+import io
 import json
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -43,12 +46,78 @@ def resolve_tokenizer(spec: str, base_dir: Path, text_for_char: str | None = Non
     return load_tokenizer(folder)
 
 
-def open_text(path: Path) -> str:
+# Bytes read at a time; a text file is decoded chunk by chunk so that ``max_chars`` bounds
+# what is read (a data path of /dev/zero must not fill memory).
+CHUNK_BYTES = 1 << 20
+# Longest JSONL line read (a record is kilobytes; a file with no newline is not JSONL).
+MAX_LINE_BYTES = 64 << 20
+
+
+def _check_readable(path: Path, bounded: bool) -> None:
     if not path.exists():
         raise SpecError(f"data file not found: {path}")
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as handle:
-        return handle.read()
+    if path.is_dir():
+        raise SpecError(f"data path {path} is a directory, not a file")
+    if not path.is_file() and not bounded:
+        # a device or a pipe may never end: read one only up to a limit
+        raise SpecError(
+            f"data path {path} is not a regular file; set max_chars to read from a device or a pipe"
+        )
+
+
+def _open_binary(path: Path):
+    return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
+
+
+class _Reading:
+    """Turn the ways reading a data file fails into SpecErrors naming the file."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, exc, _tb) -> bool:
+        if exc is None or isinstance(exc, SpecError):
+            return False
+        if isinstance(exc, (gzip.BadGzipFile, EOFError, zlib.error)):
+            raise SpecError(
+                f"data file {self.path} is not a whole gzip file ({exc or 'cut short'})"
+            ) from None
+        if isinstance(exc, OSError):
+            raise SpecError(f"cannot read data file {self.path}: {exc.strerror or exc}") from None
+        return False
+
+
+def open_text(path: Path, max_chars: int | None = None) -> str:
+    """A UTF-8 text file (``.gz``: gzip-compressed), at most ``max_chars`` characters of it,
+    read no further than that. Raises ``SpecError`` naming the file (and, for bytes that are
+    not UTF-8, the line)."""
+    path = Path(path)
+    _check_readable(path, bounded=max_chars is not None)
+    # universal newlines, as text mode reads: \r\n and \r become \n
+    decoder = io.IncrementalNewlineDecoder(codecs.getincrementaldecoder("utf-8")(), translate=True)
+    pieces: list[str] = []
+    chars = lines = 0
+    with _Reading(path), _open_binary(path) as handle:
+        while max_chars is None or chars < max_chars:
+            block = handle.read(CHUNK_BYTES)
+            pending = decoder.getstate()[0]  # bytes of a character split across blocks
+            try:
+                text = decoder.decode(block, final=not block)
+            except UnicodeDecodeError as exc:
+                where = lines + (pending + block)[: exc.start].count(b"\n") + 1
+                raise SpecError(
+                    f"data file {path}: line {where} is not valid UTF-8 ({exc.reason})"
+                ) from None
+            lines += block.count(b"\n")
+            pieces.append(text)
+            chars += len(text)
+            if not block:
+                break
+    text = "".join(pieces)
+    return text[:max_chars] if max_chars is not None else text
 
 
 class Dataset:
@@ -160,9 +229,7 @@ class TextDataset(Dataset):
 
     def __init__(self, config: TextConfig, setup):
         path = setup.resolve(config.path)
-        text = open_text(path)
-        if config.max_chars:
-            text = text[: config.max_chars]
+        text = open_text(path, config.max_chars or None)
         self.seed = setup.seed
         self.tokenizer = setup.tokenizer or resolve_tokenizer(
             config.tokenizer, setup.base_dir, text
@@ -189,27 +256,53 @@ class JsonlConfig:
 
 
 def read_jsonl(path: Path, limit: int | None = None) -> tuple[list[tuple[int, dict]], list[dict]]:
-    """(line number, record) for each parsable line, and the rejected lines with reasons."""
-    if not path.exists():
-        raise SpecError(f"data file not found: {path}")
+    """(line number, record) for each parsable line, and the rejected lines with reasons (a
+    line that is not UTF-8 is one). A missing, unreadable or cut-short file raises
+    ``SpecError``; so does a line longer than ``MAX_LINE_BYTES``."""
+    path = Path(path)
+    _check_readable(path, bounded=True)  # lines are bounded by MAX_LINE_BYTES
     records, rejected = [], []
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if limit is not None and len(records) >= limit:
+    with _Reading(path), _open_binary(path) as handle:
+        number = 0
+        while limit is None or len(records) < limit:
+            raw = handle.readline(MAX_LINE_BYTES + 1)
+            if not raw:
                 break
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                rejected.append({"line": number, "reason": f"not JSON: {exc.msg}"})
-                continue
-            if not isinstance(record, dict):
-                rejected.append({"line": number, "reason": "not a JSON object"})
-                continue
-            records.append((number, record))
+            if len(raw) > MAX_LINE_BYTES:
+                raise SpecError(
+                    f"data file {path}: line {number + 1} is longer than "
+                    f"{MAX_LINE_BYTES >> 20} MiB (not JSONL?)"
+                )
+            # universal newlines, as text mode reads: a lone \r ends a line too
+            for part in raw.splitlines():
+                number += 1
+                if limit is not None and len(records) >= limit:
+                    break
+                _parse_line(part, number, records, rejected)
     return records, rejected
+
+
+def _parse_line(raw: bytes, number: int, records: list, rejected: list) -> None:
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        rejected.append({"line": number, "reason": f"not valid UTF-8 ({exc.reason})"})
+        return
+    if not line.strip():
+        return
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as exc:
+        rejected.append({"line": number, "reason": f"not JSON: {exc.msg}"})
+        return
+    except (ValueError, RecursionError) as exc:  # a 5,000-digit number, deep nesting
+        reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)[:80]
+        rejected.append({"line": number, "reason": f"not JSON: {reason}"})
+        return
+    if not isinstance(record, dict):
+        rejected.append({"line": number, "reason": "not a JSON object"})
+        return
+    records.append((number, record))
 
 
 def encode_prompt_response(tokenizer, pairs: list[tuple[str, str]], seq_len: int):

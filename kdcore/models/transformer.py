@@ -12,19 +12,30 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from kdcore.models.output import ModelOutput
+from kdcore.spec.schedules import Schedule
+from kdcore.spec.schema import positive
+
+
+def _size(instance, attribute, value) -> None:
+    """A size: > 0, and a plain number (a model's shape cannot follow a schedule)."""
+    if isinstance(value, Schedule):
+        raise ValueError(f"{attribute.name} must be a number, not a schedule")
+    positive(instance, attribute, value)
 
 
 @attrs.define
 class TransformerConfig:
-    vocab_size: int = 256
-    dim: int = 128
-    layers: int = 4
-    heads: int = 4
-    kv_heads: int | None = None
-    hidden_dim: int | None = None  # default: 4 * dim * 2/3 rounded to a multiple of 16
-    max_seq_len: int = 512
-    rope_theta: float = 10000.0
-    norm_eps: float = 1e-5
+    # Validators run before __attrs_post_init__, whose divisibility checks need heads > 0.
+    vocab_size: int = attrs.field(default=256, validator=_size)
+    dim: int = attrs.field(default=128, validator=_size)
+    layers: int = attrs.field(default=4, validator=_size)
+    heads: int = attrs.field(default=4, validator=_size)
+    kv_heads: int | None = attrs.field(default=None, validator=_size)
+    # default: 4 * dim * 2/3 rounded to a multiple of 16
+    hidden_dim: int | None = attrs.field(default=None, validator=_size)
+    max_seq_len: int = attrs.field(default=512, validator=_size)
+    rope_theta: float = attrs.field(default=10000.0, validator=_size)
+    norm_eps: float = attrs.field(default=1e-5, validator=_size)
     tie_embeddings: bool = True
 
     def __attrs_post_init__(self) -> None:

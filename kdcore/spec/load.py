@@ -24,21 +24,74 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 
+# A spec is a few kilobytes; reading stops past this (a spec path of /dev/zero must not fill
+# memory).
+MAX_SPEC_BYTES = 16 << 20
+# A spec nests a handful of tables deep; past this it is not a spec (and deeper data would
+# overflow the stack of the parser, the --set overrides or the converter).
+MAX_DEPTH = 64
+
+
 def read_spec_file(path: str | os.PathLike) -> dict:
+    """A TOML or JSON file as a table; every way it can be unreadable is a SpecError."""
     path = Path(path)
     if not path.exists():
         raise SpecError(f"spec file not found: {path}")
-    text = path.read_text(encoding="utf-8")
+    if path.is_dir():
+        raise SpecError(f"{path} is a directory, not a spec file")
+    try:
+        with open(path, "rb") as handle:
+            raw = handle.read(MAX_SPEC_BYTES + 1)
+    except OSError as exc:
+        raise SpecError(f"cannot read the spec: {exc.strerror or exc}", source=str(path)) from None
+    if len(raw) > MAX_SPEC_BYTES:
+        raise SpecError(f"larger than {MAX_SPEC_BYTES >> 20} MiB: not a spec", source=str(path))
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise SpecError(
+            f"line {line} is not valid UTF-8 (byte {exc.start}); a spec is UTF-8 text",
+            source=str(path),
+        ) from None
     try:
         if path.suffix.lower() == ".json":
             data = json.loads(text)
         else:
             data = tomllib.loads(text)
-    except (tomllib.TOMLDecodeError, json.JSONDecodeError) as exc:
-        raise SpecError(f"cannot parse: {exc}", source=str(path)) from exc
+    except RecursionError:
+        raise SpecError(
+            f"cannot parse: nested too deeply (a spec nests at most {MAX_DEPTH} levels)",
+            source=str(path),
+        ) from None
+    except ValueError as exc:  # TOMLDecodeError and JSONDecodeError are ValueErrors, and so is
+        # an integer past Python's digit limit
+        raise SpecError(f"cannot parse: {_parse_message(exc)}", source=str(path)) from None
     if not isinstance(data, dict):
         raise SpecError("the top level must be a table", source=str(path))
+    check_depth(data, str(path))
     return data
+
+
+def _parse_message(exc: ValueError) -> str:
+    text = str(exc)
+    if "integer string conversion" in text:  # Python's own words name a setting of Python
+        digits = re.search(r"value has (\d+) digits", text)
+        return f"an integer of {digits.group(1) if digits else 'too many'} digits"
+    return text
+
+
+def check_depth(data: Any, source: str | None = None) -> None:
+    """Refuse data nested deeper than ``MAX_DEPTH`` (walked without recursion)."""
+    stack = [(data, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise SpecError(f"nested more than {MAX_DEPTH} levels deep: not a spec", source=source)
+        if isinstance(node, dict):
+            stack.extend((v, depth + 1) for v in node.values())
+        elif isinstance(node, list):
+            stack.extend((v, depth + 1) for v in node)
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
@@ -52,8 +105,11 @@ def parse_override(item: str) -> tuple[list[str], Any]:
         raise SpecError(f"--set {item!r}: empty key")
     try:
         value = tomllib.loads(f"v = {raw.strip()}")["v"]
-    except tomllib.TOMLDecodeError:
+    except RecursionError:
+        raise SpecError(f"--set {item!r}: the value is nested too deeply") from None
+    except ValueError:  # not a TOML literal (or an integer past the digit limit): a string
         value = raw.strip()
+    check_depth(value, f"--set {item!r}")
     return keys, value
 
 
@@ -93,11 +149,37 @@ def load_spec(source: str | os.PathLike | dict, overrides: list[str] | None = No
     else:
         data, where, base = read_spec_file(source), str(source), str(Path(source).parent)
     data = apply_overrides(data, overrides or [])
+    check_depth(data, where)
     spec, problems = structure_spec(data)
     if problems:
-        raise SpecError(problems, source=where)
+        raise SpecError(blame_overrides(problems, overrides or []), source=where)
     spec.base_dir = base
+    spec.overrides = list(overrides or [])
     return spec
+
+
+def override_path(item: str) -> str | None:
+    """The path ``--set item`` writes: ``losses.0.weight=1`` -> ``$.losses[0].weight``."""
+    try:
+        keys, _value = parse_override(item)
+    except SpecError:
+        return None
+    return "$" + "".join(f"[{k}]" if k.isdigit() else f".{k}" for k in keys)
+
+
+def blame_overrides(problems: list[str], overrides: list[str]) -> list[str]:
+    """Say ``(from --set KEY=VALUE)`` on each problem at or under a path an override wrote
+    (the last override of a path wins, as it does when they are applied)."""
+    paths = [(override_path(item), item) for item in overrides]
+    out = []
+    for line in problems:
+        message, sep, where = line.rpartition(" @ ")
+        culprit = None
+        for path, item in paths:
+            if path and sep and (where == path or where.startswith((path + ".", path + "["))):
+                culprit = item
+        out.append(f"{message} (from --set {culprit}) @ {where}" if culprit else line)
+    return out
 
 
 def structure_spec(data: dict) -> tuple[RunSpec | None, list[str]]:
@@ -205,10 +287,12 @@ def read_config(source: str | os.PathLike | dict, cls: type, overrides: list[str
     else:
         data, where = read_spec_file(source), str(source)
     data = apply_overrides(data, overrides or [])
+    check_depth(data, where)
     try:
         return converter.structure(data, cls)
     except Exception as exc:
-        raise SpecError(structure_errors(exc, "$"), source=where) from None
+        problems = blame_overrides(structure_errors(exc, "$"), overrides or [])
+        raise SpecError(problems, source=where) from None
 
 
 def to_plain(value: Any) -> Any:

@@ -9,6 +9,35 @@ from typing import Any
 
 import attrs
 
+from kdcore.spec.schedules import Schedule
+
+# Range validators. Their errors begin with the field's name ("steps must be > 0"), which
+# kdcore.spec.convert.structure_errors turns into the field's path ($.train.steps). Non-finite
+# floats never get here: the converter refuses them. A schedule is checked where it is used.
+
+
+def positive(_instance, attribute, value) -> None:
+    """``value > 0`` (None and schedules pass)."""
+    if value is not None and not isinstance(value, Schedule) and not value > 0:
+        raise ValueError(f"{attribute.name} must be > 0, got {value}")
+
+
+def non_negative(_instance, attribute, value) -> None:
+    """``value >= 0`` (None and schedules pass)."""
+    if value is not None and not isinstance(value, Schedule) and not value >= 0:
+        raise ValueError(f"{attribute.name} must be >= 0, got {value}")
+
+
+def _seed(_instance, attribute, value) -> None:
+    # NumPy's and MLX's generators take an unsigned 64-bit seed
+    if not 0 <= value < 1 << 64:
+        raise ValueError(f"{attribute.name} must be an integer in [0, 2**64), got {value}")
+
+
+def _some_losses(_instance, attribute, value) -> None:
+    if not value:
+        raise ValueError(f'{attribute.name} must hold at least one loss (e.g. name = "ce")')
+
 
 @attrs.define
 class ComponentRef:
@@ -31,7 +60,7 @@ class LossRef:
 @attrs.define
 class RunSection:
     name: str = "run"
-    seed: int = 0
+    seed: int = attrs.field(default=0, validator=_seed)
     output: str | None = None
 
 
@@ -62,8 +91,8 @@ class StudentSection:
 @attrs.define
 class OptimizerSection:
     name: str = "adamw"
-    lr: float = 1e-3
-    weight_decay: float = 0.0
+    lr: float = attrs.field(default=1e-3, validator=non_negative)
+    weight_decay: float = attrs.field(default=0.0, validator=non_negative)
     params: dict[str, Any] = attrs.field(factory=dict)  # extra keyword arguments
 
 
@@ -72,37 +101,38 @@ class ParamGroup:
     """Parameters whose dotted name matches ``pattern`` (a regex; first match wins)."""
 
     pattern: str
-    lr_mult: float = 1.0  # 0 freezes the group
-    weight_decay: float | None = None
+    lr_mult: float = attrs.field(default=1.0, validator=non_negative)  # 0 freezes the group
+    weight_decay: float | None = attrs.field(default=None, validator=non_negative)
 
 
 @attrs.define
 class Stage:
-    steps: int
+    steps: int = attrs.field(validator=positive)
     name: str | None = None
     param_groups: list[ParamGroup] = attrs.field(factory=list)
-    lr: float | None = None
+    lr: float | None = attrs.field(default=None, validator=non_negative)
 
 
 @attrs.define
 class TrainSection:
-    steps: int = 100
-    batch_size: int = 8
+    steps: int = attrs.field(default=100, validator=positive)
+    batch_size: int = attrs.field(default=8, validator=positive)
     optimizer: OptimizerSection = attrs.field(factory=OptimizerSection)
-    grad_clip: float | None = 1.0
-    grad_accum: int = 1
+    # 0 or None (JSON null): no clipping
+    grad_clip: float | None = attrs.field(default=1.0, validator=non_negative)
+    grad_accum: int = attrs.field(default=1, validator=positive)
     param_groups: list[ParamGroup] = attrs.field(factory=list)
     stages: list[Stage] = attrs.field(factory=list)
     no_decay: list[str] = attrs.field(factory=lambda: ["norm", "bias"])
-    log_every: int = 10
-    checkpoint_every: int = 0  # 0: only at the end
-    keep_checkpoints: int = 2
+    log_every: int = attrs.field(default=10, validator=positive)
+    checkpoint_every: int = attrs.field(default=0, validator=non_negative)  # 0: only at the end
+    keep_checkpoints: int = attrs.field(default=2, validator=positive)
 
 
 @attrs.define
 class EvalSection:
-    every: int = 0  # 0: only at the end
-    batches: int = 8
+    every: int = attrs.field(default=0, validator=non_negative)  # 0: only at the end
+    batches: int = attrs.field(default=8, validator=positive)
 
 
 @attrs.define
@@ -113,11 +143,13 @@ class RunSpec:
     teachers: list[TeacherRef] = attrs.field(factory=list)
     aggregator: ComponentRef = attrs.field(factory=lambda: ComponentRef("mean"))
     aligner: ComponentRef = attrs.field(factory=lambda: ComponentRef("identity"))
-    losses: list[LossRef] = attrs.field(factory=lambda: [LossRef("ce")])
+    losses: list[LossRef] = attrs.field(factory=lambda: [LossRef("ce")], validator=_some_losses)
     train: TrainSection = attrs.field(factory=TrainSection)
     eval: EvalSection = attrs.field(factory=EvalSection)
     callbacks: list[ComponentRef] = attrs.field(factory=list)
     base_dir: str = attrs.field(default=".", init=False, eq=False, repr=False)
+    # the --set overrides the spec was read with, so that a problem they cause says so
+    overrides: list[str] = attrs.field(factory=list, init=False, eq=False, repr=False)
 
     def path(self, relative: str | None) -> Path | None:
         """A path from the spec, relative to the spec file's folder."""
