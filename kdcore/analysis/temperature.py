@@ -22,6 +22,7 @@ import numpy as np
 
 from kdcore.errors import CheckpointError, SpecError
 from kdcore.io import read_json
+from kdcore.signal.teacher import stable_log_softmax
 
 TOPK = (1, 5, 10)
 
@@ -135,8 +136,7 @@ def load_teacher_and_data(
 def distribution_shape(logits: mx.array, mask: mx.array, temperature: float) -> dict[str, float]:
     """Sums over masked positions of entropy, support and top-k masses (see module doc)."""
     V = logits.shape[-1]
-    z = logits.astype(mx.float32) / temperature
-    logp = z - mx.logsumexp(z, axis=-1, keepdims=True)
+    logp = stable_log_softmax(logits.astype(mx.float32) / temperature)
     p = mx.exp(logp)
     entropy = -(p * logp).sum(-1)
     support = (p > 1.0 / V).sum(-1).astype(mx.float32)

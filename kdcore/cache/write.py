@@ -19,6 +19,7 @@ from kdcore.engine.distributed import DataParallel
 from kdcore.engine.progress import Progress
 from kdcore.errors import CheckpointError, SpecError
 from kdcore.io import read_json, save_arrays, sha256_file, write_json
+from kdcore.signal.teacher import stable_log_softmax
 from kdcore.spec.convert import converter
 from kdcore.spec.load import load_spec
 from kdcore.spec.schema import RunSpec
@@ -33,8 +34,7 @@ def topk_logprobs(
     ``log p = z / T - logsumexp(z / T)``; the top-k are sorted most probable first; the tail
     is ``logsumexp`` of ``log p`` over the ids outside the top-k, floored at ``FLOOR``.
     """
-    z = logits.astype(mx.float32) / temperature
-    logp = z - mx.logsumexp(z, axis=-1, keepdims=True)
+    logp = stable_log_softmax(logits.astype(mx.float32) / temperature)
     V = logp.shape[-1]
     if k > V:
         raise ValueError(f"top-k {k} is larger than the vocabulary {V}")

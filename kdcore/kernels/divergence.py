@@ -68,7 +68,7 @@ from collections.abc import Callable, Iterator, Sequence
 import mlx.core as mx
 import numpy as np
 
-from kdcore.signal.teacher import TeacherSignal
+from kdcore.signal.teacher import TeacherSignal, stable_log_softmax
 
 KINDS = ("forward_kl", "reverse_kl", "gjsd", "skew_kl", "skew_reverse_kl")
 TAILS = ("renormalize", "tail-bucket")
@@ -173,7 +173,8 @@ def row_terms(
 
 
 def _log_softmax(z: mx.array) -> mx.array:
-    return z - mx.logsumexp(z, axis=-1, keepdims=True)
+    # One implementation for every log-softmax here: the row maximum subtracted first.
+    return stable_log_softmax(z)
 
 
 def dense_rows(kind: str, coef: float, temperature: float, teacher_temperature: float) -> RowFn:
@@ -240,6 +241,10 @@ def sparse_rows(kind: str, coef: float, temperature: float, tail: str) -> RowFn:
             grad = mx.put_along_axis(mx.zeros(z.shape, mx.float32), ids, g_top * factor, -1)
             return value, grad
         k = ids.shape[-1]
+        # Relative to the row maximum, so z - lse is not a difference of two numbers near 1e4
+        # (no autodiff here: the gradient is the closed form below, unchanged by a shift).
+        z = z - z.max(-1, keepdims=True)
+        z_top = mx.take_along_axis(z, ids, axis=-1)
         lse = mx.logsumexp(z, axis=-1, keepdims=True)
         q = mx.exp(z - lse)
         mass, rest = _student_tail(q, _complement(ids, z.shape))

@@ -10,6 +10,17 @@ import attrs
 import mlx.core as mx
 
 
+def stable_log_softmax(z: mx.array, axis: int = -1) -> mx.array:
+    """``log softmax(z)`` along ``axis``, the row maximum subtracted first.
+
+    ``z - logsumexp(z)`` loses the difference of two numbers near ``max(z)``: at logits near
+    1e4 float32 keeps ~1e-3 of it, and probabilities summed to 1.000465. Shifted, the large
+    entries are near 0 and the log-sum is at most ``log V``. The shift carries no gradient,
+    which is exact (log-softmax ignores a constant shift)."""
+    z = z - mx.stop_gradient(mx.max(z, axis=axis, keepdims=True))
+    return z - mx.logsumexp(z, axis=axis, keepdims=True)
+
+
 @attrs.frozen(eq=False)
 class TeacherSignal:
     """What a teacher tells the student about one batch.
@@ -63,8 +74,7 @@ class TeacherSignal:
     def log_probs(self, temperature: float | mx.array = 1.0) -> mx.array:
         """Dense log-probabilities [B, L, V] at ``temperature`` (float32)."""
         if self.logits is not None:
-            z = self.logits.astype(mx.float32) / temperature
-            return z - mx.logsumexp(z, axis=-1, keepdims=True)
+            return stable_log_softmax(self.logits.astype(mx.float32) / temperature)
         if self.members is not None:
             weights = self.weights
             if weights.ndim == 2:  # per instance -> per token
@@ -95,8 +105,7 @@ class TeacherSignal:
             logp = mx.concatenate([logp, self.tail_logmass.astype(mx.float32)[..., None]], -1)
         elif tail != "renormalize":
             raise ValueError(f"unknown tail policy {tail!r}: 'renormalize' or 'tail-bucket'")
-        z = logp * scale
-        return self.topk_ids, z - mx.logsumexp(z, axis=-1, keepdims=True)
+        return self.topk_ids, stable_log_softmax(logp * scale)
 
 
 def dense_signal(logits: mx.array, **extra) -> TeacherSignal:

@@ -39,7 +39,7 @@ import attrs
 import mlx.core as mx
 import mlx.nn as nn
 
-from kdcore import TeacherSignal, mixture
+from kdcore import TeacherSignal, log_softmax, mixture
 
 REGULARIZER_KEY = "amtml_regularizer"
 
@@ -181,8 +181,7 @@ class Amtml(nn.Module):
             if student is None:
                 raise ValueError("aggregator 'amtml' needs the student's outputs (inputs.student)")
             if config.source == "student_logits":
-                z = student.logits.astype(mx.float32)
-                x = pool(z - mx.logsumexp(z, axis=-1, keepdims=True), mask, config.pooling)
+                x = pool(log_softmax(student.logits), mask, config.pooling)
             else:
                 if student.hidden_states is None:
                     raise ValueError(

@@ -20,21 +20,16 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from kd_amtml.aggregator import REGULARIZER_KEY
-from kdcore import IGNORE_INDEX, LossInputs, TeacherSignal, masked_mean
+from kdcore import IGNORE_INDEX, LossInputs, TeacherSignal, log_softmax, masked_mean
 
 # ---------------------------------------------------------------- helpers
-
-
-def _log_softmax(logits: mx.array, temperature) -> mx.array:
-    z = logits.astype(mx.float32) / temperature
-    return z - mx.logsumexp(z, axis=-1, keepdims=True)
 
 
 def soft_target_kl(student_logits: mx.array, teacher: TeacherSignal, temperature) -> mx.array:
     """Per-token ``KL(p_T || q_T)`` [B, L] summed over the vocabulary, where ``p_T`` is the
     teacher's (or the mixture's) distribution at ``T`` and ``q_T = softmax(s / T)``."""
     t_logp = teacher.log_probs(temperature)
-    s_logp = _log_softmax(student_logits, temperature)
+    s_logp = log_softmax(student_logits, temperature)  # the row maximum subtracted first
     p = mx.exp(t_logp)
     return mx.where(p > 0, p * (t_logp - s_logp), 0.0).sum(-1)
 
@@ -316,10 +311,16 @@ def _attention_pairs(config, s_count: int, t_count: int) -> list[tuple[int, int]
 
 
 def attention_transfer_loss(config: AttentionTransferConfig, setup: Any = None):
-    """Attention-map transfer: per query row, KL(a_t || a_s) over the keys (``kl``) or the
-    summed squared difference (``mse``); mean over heads, masked mean over query tokens,
-    mean over layer pairs. Rows are restricted to keys whose mask is 1 and renormalised,
-    so positions outside the loss mask do not count."""
+    """Attention-map transfer: a divergence between the models' self-attention maps, the
+    attention probabilities softmax(QK^T / sqrt(d)) of each head [B, H, L, L]. Per query
+    row, KL(a_t || a_s) over the keys (``kl``, as in MiniLM's self-attention distillation,
+    Wang et al. 2020) or the summed squared difference (``mse``); mean over heads, masked
+    mean over query tokens, mean over layer pairs. Rows are restricted to keys whose mask is
+    1 and renormalised, so positions outside the loss mask do not count.
+
+    This is not Zagoruyko and Komodakis' "attention transfer" (2017), whose attention maps
+    are built from activations (sum over channels of |A|^p of a layer's features,
+    L2-normalised, then an L2 distance); to match hidden states use ``hint`` or ``cka``."""
 
     def loss(inputs: LossInputs):
         s_maps = _need(inputs.student.attentions, "attentions", "the student")
@@ -357,29 +358,45 @@ class CkaConfig:
 
 
 def linear_cka(x: mx.array, y: mx.array, weights: mx.array) -> mx.array:
-    """Linear CKA of representations x [N, Dx] and y [N, Dy] over the N rows with weight 1:
+    """Linear CKA (Kornblith et al., 2019) of representations x [N, Dx] and y [N, Dy] over the
+    N rows with weight 1:
 
         CKA = ||Yc^T Xc||_F^2 / (||Xc^T Xc||_F ||Yc^T Yc||_F)
 
-    with ``Xc`` centred by the weighted mean and zero on rows of weight 0. CKA ignores scale,
-    so each side is first divided by ``sqrt(||Xc||_F^2 + 0.01 * rows * D)`` (float32
-    headroom), and the ratio is taken as ``(num + 1e-6) / sqrt(den^2 + 1e-12)``: features
-    whose per-element variance is below ~1e-8 count as constant (their rounding noise is not
-    blown up into a random similarity), and two constant sides give CKA 1."""
+    with ``Xc`` centred by the weighted mean and zero on rows of weight 0. The value is the
+    same at every feature scale: no epsilon enters the ratio (an additive one biased small
+    features towards 1). Each side is brought to unit size before the fourth powers (float32
+    would underflow at 1e-3 and overflow at 1e4); the factors carry no gradient, which is
+    exact because CKA ignores scale. A side whose centred features are below 2e-4 of their
+    own (uncentred) size is constant up to rounding, of the features or of what they were
+    computed from (equal rows from logits shifted by +/-50 differ by ~3e-5 of their size):
+    its "similarity" would be that rounding noise, so CKA is 0 against a varying side and 1
+    between two constant sides (the loss stays zero at identity, with a finite, zero
+    gradient). The threshold is relative, so it holds alike at every scale."""
     w = weights.astype(mx.float32)[:, None]
     count = mx.maximum(w.sum(), 1.0)
+    tiny = 1e-30
 
-    def centre(a):
-        a = a.astype(mx.float32)
-        a = (a - (a * w).sum(0, keepdims=True) / count) * w
-        return a * mx.rsqrt(mx.square(a).sum() + 0.01 * count * a.shape[-1])
+    def centre(a: mx.array) -> tuple[mx.array, mx.array]:
+        a = a.astype(mx.float32) * w
+        a = a / mx.maximum(mx.stop_gradient(mx.abs(a).max()), tiny)
+        # Two passes: the second removes what float32 rounding left of the mean.
+        c = (a - a.sum(0, keepdims=True) / count) * w
+        c = (c - c.sum(0, keepdims=True) / count) * w
+        size = mx.stop_gradient(mx.sqrt(mx.square(a).sum()))
+        norm = mx.stop_gradient(mx.sqrt(mx.square(c).sum()))
+        constant = norm <= 2e-4 * size
+        return c / mx.maximum(norm, tiny), constant
 
-    xc, yc = centre(x), centre(y)
-    eps = 1e-6
+    (xc, x_constant), (yc, y_constant) = centre(x), centre(y)
     cross = mx.square(yc.T @ xc).sum()
     xx = mx.square(xc.T @ xc).sum()
     yy = mx.square(yc.T @ yc).sum()
-    return mx.minimum((cross + eps) / mx.sqrt(xx * yy + eps * eps), 1.0)
+    degenerate = x_constant | y_constant
+    # The denominator is replaced, not only the result, so no 0/0 reaches the gradient.
+    ratio = cross / mx.sqrt(mx.where(degenerate, 1.0, xx * yy))
+    ratio = mx.where(degenerate, mx.where(x_constant & y_constant, 1.0, 0.0), ratio)
+    return mx.minimum(ratio, 1.0)
 
 
 def cka_loss(config: CkaConfig, setup: Any = None):

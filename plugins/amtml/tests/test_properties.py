@@ -435,6 +435,45 @@ def test_linear_cka_matches_reference_and_its_invariances():
     assert masked == pytest.approx(np_cka(x[10:], y[10:]), rel=1e-4)
 
 
+@pytest.mark.parametrize("scale", [1e-6, 1e-4, 1e-3, 1e-2, 1.0, 1e2, 1e4])
+def test_linear_cka_matches_kornblith_at_every_scale(scale):
+    """Once biased towards 1 at small scales (+1e-6 in the numerator, 0.01 * rows * D in the
+    normaliser): 0.77 for 0.58 at std 0.01, and exactly 1.0 without a gradient at 1e-3."""
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal((64, 8))
+    y = x @ rng.standard_normal((8, 12)) + 2.0 * rng.standard_normal((64, 12))
+    reference = np_cka(x, y)
+    assert 0.2 < reference < 0.9
+    xs, ys = mx.array((scale * x).astype(np.float32)), mx.array((scale * y).astype(np.float32))
+    ones = mx.ones((64,))
+    assert linear_cka(xs, ys, ones).item() == pytest.approx(reference, rel=1e-4)
+    # A scale-free function has a gradient that scales as 1/scale: the same direction and a
+    # finite, non-zero size at every scale.
+    grad = np.array(mx.grad(lambda a: linear_cka(a, ys, ones))(xs))
+    unit = np.array(mx.grad(lambda a: linear_cka(a, ys, ones))(mx.array(x.astype(np.float32))))
+    assert np.all(np.isfinite(grad)) and np.abs(grad).max() > 0
+    np.testing.assert_allclose(grad * scale, unit, rtol=1e-3, atol=1e-4 * np.abs(unit).max())
+
+
+def test_linear_cka_of_constant_features():
+    """Constant features (up to rounding) have no similarity to copy: two constant sides are
+    identical (1, so the loss stays zero at identity), one constant side gives 0."""
+    rng = np.random.default_rng(12)
+    ones = mx.ones((32,))
+    varied = mx.array(rng.standard_normal((32, 6)).astype(np.float32))
+    offset = rng.standard_normal((1, 6)).astype(np.float32) * 100
+    flat = mx.array(np.repeat(offset, 32, axis=0))
+    assert linear_cka(flat, flat * 3.0 + 1.0, ones).item() == 1.0
+    assert linear_cka(varied, flat, ones).item() == 0.0
+    assert linear_cka(mx.zeros((32, 6)), varied, ones).item() == 0.0
+    grad = np.array(mx.grad(lambda a: linear_cka(a, flat, ones))(varied))
+    assert np.all(np.isfinite(grad))
+    # a single weighted row is constant too
+    w = np.zeros(32, np.float32)
+    w[3] = 1.0
+    assert linear_cka(varied, varied, mx.array(w)).item() == 1.0
+
+
 def test_cka_loss_between_different_widths():
     B, L = 3, 8
     s_h = hidden_states(B, L, 5, layers=2, seed=4)
@@ -569,3 +608,14 @@ def test_running_standardisation_of_the_instance_input():
     agg.unfreeze()
     agg.instance(signals, inputs_for(student, None, mask, hidden=h1))
     assert float(agg.feature_steps) == 3.0
+
+
+def test_kd_explain_attention_transfer_says_what_it_is(capsys):
+    """It matches attention probability maps, not Zagoruyko and Komodakis' activation-based
+    attention maps: the name alone suggests the latter."""
+    from kdcore import testing
+
+    assert testing.run_kd("explain", "attention_transfer") == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "Zagoruyko" in text and "not" in text, text
+    assert "attention probabilities" in text and "activation" in text, text

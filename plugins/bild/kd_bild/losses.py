@@ -8,6 +8,12 @@ differences))``. The teacher leads in t-LD and the student in s-LD; the loss is
 ``t-LD + s-LD``, each a masked mean over tokens, with no ``T^2`` factor. Defaults ``k = 8``,
 ``T = 3``.
 
+The official trainer (``CustomTrainerForDistillation.compute_loss``) also adds, to every loss
+it trains with, BiLD included, an "instruction loss": ``KL(p || q)`` at ``T = 1`` over the
+full vocabulary on the prompt tokens (label < 0 inside the attention mask), a masked mean
+over them, weight 1. The paper does not mention it. ``prompt_kl`` is its weight here: 0 (the
+paper's loss) by default, 1 for the official code's total.
+
 ``bidirectional_kl`` is a different loss: ``T^2 (w_f KL(p || q) + w_r KL(q || p))`` over the
 full vocabulary, the sense in which tutorials say "bidirectional KD".
 """
@@ -208,25 +214,46 @@ def bild_divergence(
 
 @attrs.define
 class BildConfig:
-    """``top_k`` logits per leader (k(k-1)/2 pairs) at ``temperature`` (schedulable)."""
+    """``top_k`` logits per leader (k(k-1)/2 pairs) at ``temperature`` (schedulable);
+    ``prompt_kl``: weight of the official code's prompt-token KL (schedulable, 0 = off)."""
 
     top_k: int = attrs.field(default=8, validator=_positive_int)
     temperature: float = attrs.field(default=3.0, validator=_positive_number)
+    prompt_kl: float = attrs.field(default=0.0, validator=_non_negative)
+
+
+def prompt_positions(mask: mx.array) -> mx.array:
+    """1.0 on the positions before each row's first loss position: the prompt tokens of a
+    prompt/response row (the batch has no attention mask; padding follows the response)."""
+    return (mx.cumsum(mask.astype(mx.float32), axis=-1) == 0).astype(mx.float32)
 
 
 def bild(config: BildConfig, setup=None):
-    """BiLD loss: t-LD + s-LD over top-k logit differences."""
+    """BiLD loss: t-LD + s-LD over top-k logit differences.
+
+    With ``prompt_kl = w > 0``, plus ``w * KL(p || q)`` at T = 1 on the prompt tokens (the
+    positions before a row's first loss position), masked mean over them: the instruction
+    loss that the official trainer (fpcsong/BiLD, ``CustomTrainerForDistillation``) adds to
+    every distillation loss with w = 1, not in the paper. It reads positions outside the
+    loss mask by design; the metrics then log ``ld`` and ``prompt_kl``."""
 
     def loss(inputs: kdcore.LossInputs):
         params = inputs.params if inputs.params is not None else config
+        mask = inputs.batch["mask"]
         value = bild_divergence(
             inputs.student.logits,
             inputs.teacher,
-            inputs.batch["mask"],
+            mask,
             k=params.top_k,
             temperature=float(params.temperature),
         )
-        return value, {}
+        weight = params.prompt_kl
+        if not isinstance(weight, mx.array) and not weight:
+            return value, {}
+        prompt = kdcore.token_divergence(
+            inputs.student.logits, inputs.teacher, prompt_positions(mask), "forward_kl"
+        )
+        return value + weight * prompt, {"ld": value, "prompt_kl": prompt}
 
     return loss
 

@@ -161,6 +161,33 @@ def _finite_difference(f, x, eps=1e-5):
     return g
 
 
+def test_bild_offers_the_official_prompt_token_kl(capsys):
+    """The official trainer adds KL(p || q) at T = 1 on the prompt tokens (label < 0 inside
+    the attention mask) to every loss, BiLD included; ``prompt_kl`` is its weight (off by
+    default, the paper's loss), and ``kd explain bild`` says so."""
+    assert testing.run_kd("explain", "bild") == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "prompt" in text and "official" in text and "prompt_kl" in text, text
+    rng = np.random.default_rng(5)
+    B, L, V = 2, 7, 12
+    s = distinct(rng.standard_normal((B, L, V)).astype(np.float32) * 2)
+    t = distinct(rng.standard_normal((B, L, V)).astype(np.float32) * 2)
+    # row 0: 3 prompt positions, 3 response, 1 padding; row 1: 1 prompt, 6 response
+    mask = np.array([[0, 0, 0, 1, 1, 1, 0], [0, 1, 1, 1, 1, 1, 1]], np.float32)
+    plain, metrics = run("bild", s, t, mask)
+    assert plain.item() == pytest.approx(bild64(s, t, mask), rel=1e-4)
+    assert metrics == {}
+    value, metrics = run("bild", s, t, mask, prompt_kl=0.5)
+    prompt = np.array([[1, 1, 1, 0, 0, 0, 0], [1, 0, 0, 0, 0, 0, 0]], np.float64)
+    lp, lq = log_softmax64(t), log_softmax64(s)
+    kl = (np.exp(lp) * (lp - lq)).sum(-1)
+    prompt_kl = float((kl * prompt).sum() / prompt.sum())
+    assert metrics["prompt_kl"].item() == pytest.approx(prompt_kl, rel=1e-4)
+    assert value.item() == pytest.approx(bild64(s, t, mask) + 0.5 * prompt_kl, rel=1e-4)
+    with pytest.raises(kdcore.SpecError, match="prompt_kl"):
+        kdcore.make_config("loss", "bild", prompt_kl=-1.0)
+
+
 @pytest.mark.parametrize("k,T", [(3, 1.0), (4, 3.0)])
 def test_bild_gradient_matches_finite_differences(k, T):
     rng = np.random.default_rng(0)

@@ -26,13 +26,16 @@ The spec is its own TOML (or JSON) file, structured with ``kdcore.read_config`` 
     min_agreement = 0.5                # the majority answer's share of the n samples
 
 Each sample is checked in this order and dropped with the first reason that applies:
-``unparsed`` (does not follow the template), ``too_few_steps`` / ``too_many_steps``,
+``unparsed`` (does not follow the template), ``answer_too_long`` (a number of more than
+``kd_cot.evaluator.MAX_DIGITS`` digits in the answer), ``too_few_steps`` / ``too_many_steps``,
 ``too_short`` / ``too_long``, ``repetitive``, ``program_rejected`` / ``program_mismatch``
 (program-of-thought: the restricted evaluator refuses the program or its value is not the
 answer), ``bad_annotation`` (``check_annotations``: a ``<<a*b=c>>`` that is wrong), then
 ``no_majority`` (no answer has a strict plurality of at least ``min_agreement`` of the n
 votes), ``disagrees_with_majority``, or ``wrong_answer`` (agreement = "reference"), and
-``duplicate``. Votes are the answers of the samples that parsed.
+``duplicate``. Votes are the answers of the samples that parsed. A check that fails
+unexpectedly drops that sample alone as ``check_failed``; its error is listed under
+``check_errors`` in the summary, and the other samples are filtered and written as usual.
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ from kd_cot.decoding import decoder_for
 from kd_cot.evaluator import (
     EvaluationError,
     check_annotations,
+    check_digits,
     evaluate,
     normalize_answer,
     numbers_equal,
@@ -245,6 +249,7 @@ class Sample:
     completion: str
     parsed: dict | None = None
     reason: str | None = None  # why it was dropped; None: kept
+    error: str | None = None  # reason "check_failed": the exception the check raised
 
     @property
     def answer(self) -> str | None:
@@ -269,6 +274,10 @@ def _check_sample(sample: Sample, template: Template, tokenizer, spec: GenerateS
     sample.parsed = parsed
     if parsed is None or parsed["answer"] is None:
         return "unparsed"
+    try:
+        check_digits(parsed["answer"])
+    except EvaluationError:
+        return "answer_too_long"
     rationale = parsed["rationale"] or ""
     steps = parsed["steps"] or ()
     if not spec.program:
@@ -303,7 +312,11 @@ def filter_samples(samples: list[Sample], template: Template, tokenizer, spec: G
     n = spec.sampling.n
     by_question: dict[int, list[Sample]] = defaultdict(list)
     for sample in samples:
-        sample.reason = _check_sample(sample, template, tokenizer, spec)
+        try:
+            sample.reason = _check_sample(sample, template, tokenizer, spec)
+        except Exception as exc:  # one sample's failure must never lose the others
+            sample.reason = "check_failed"
+            sample.error = f"{type(exc).__name__}: {exc}"
         by_question[sample.question.line].append(sample)
     for group in by_question.values():
         votes = Counter(normalize_answer(s.answer) for s in group if s.answer is not None)
@@ -335,6 +348,12 @@ def filter_samples(samples: list[Sample], template: Template, tokenizer, spec: G
                     s.reason = "duplicate"
                 seen.add(key)
     return samples
+
+
+def check_errors(samples: list[Sample], limit: int = 20) -> list[dict]:
+    """The first ``limit`` samples dropped as ``check_failed``, with their errors."""
+    failed = [s for s in samples if s.reason == "check_failed"]
+    return [{"line": s.question.line, "sample": s.index, "error": s.error} for s in failed[:limit]]
 
 
 def kept_record(sample: Sample, program: bool) -> dict:
@@ -404,6 +423,7 @@ def run_generate(spec: GenerateSpec, progress: bool = True) -> dict:
         "samples": len(samples),
         "kept": len(kept),
         "dropped": dict(sorted(dropped.items())),
+        "check_errors": check_errors(samples),
         "questions_with_kept_samples": len({x.question.line for x in kept}),
         "seconds": round(time.perf_counter() - started, 2),
         "spec": to_plain(spec),

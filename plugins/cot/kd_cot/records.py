@@ -22,7 +22,13 @@ from typing import Literal
 
 import attrs
 
-from kd_cot.evaluator import EvaluationError, evaluate, numbers_equal, parse_number
+from kd_cot.evaluator import (
+    EvaluationError,
+    check_digits,
+    evaluate,
+    numbers_equal,
+    parse_number,
+)
 from kdcore import read_jsonl
 
 Annotations = Literal["keep", "strip"]
@@ -84,11 +90,22 @@ def _steps_from_lines(lines: list[str], annotations: Annotations) -> tuple[Step,
             continue
         if line.count("<<") != line.count(">>"):
             raise RecordError(f"unbalanced calculator annotation in step {line[:60]!r}")
+        for annotation in _ANNOTATION.findall(line):
+            _bounded(annotation, f"calculator annotation {annotation[:40]!r}")
         if annotations == "strip":
             line = strip_annotations(line)
         sub, sep, rest = line.partition(" ** ")
         steps.append(Step(rest.strip(), sub.strip()) if sep else Step(line))
     return tuple(steps)
+
+
+def _bounded(text: str, what: str) -> None:
+    """Refuse a number of thousands of digits: no answer needs one, and checking it (Python
+    refuses to read more than 4,300 digits as an int) must not abort the whole load."""
+    try:
+        check_digits(text)
+    except EvaluationError as exc:
+        raise RecordError(f"{what} holds {exc}") from None
 
 
 def _string(record: dict, key: str) -> str:
@@ -113,6 +130,7 @@ def parse_gsm8k(record: dict, line: int = 0, annotations: Annotations = "keep") 
     answer = answer.strip()
     if not answer:
         raise RecordError("empty answer after '####'")
+    _bounded(answer, "the answer after '####'")
     steps = _steps_from_lines(head.split("\n"), annotations)
     return RationaleRecord(question, steps, answer, line)
 
@@ -133,6 +151,7 @@ def parse_generic(
     answer = _string(record, a_key)
     if "\n" in answer:
         raise RecordError(f"field {a_key!r} spans several lines")
+    _bounded(answer, f"field {a_key!r}")
     if record.get(p_key) is not None:
         program = _string(record, p_key)
         stated = parse_number(answer)

@@ -217,3 +217,29 @@ def test_parse_completion_inverts_render():
 
 def test_is_a_core_dataset():
     assert issubclass(RationaleDataset, Dataset)
+
+
+def test_numbers_with_thousands_of_digits_are_refused_records(tmp_path):
+    """Once a bare ValueError (Python's 4,300-digit limit) that aborted the whole load, in
+    read_records (program answers) and in kd data inspect (annotations)."""
+    huge = "9" * 5000
+    path = tmp_path / "huge.jsonl"
+    rows = [
+        {"question": "fine", "answer": "a <<2*3=6>>6\n#### 6"},
+        {"question": "annotation", "answer": f"a <<1+1={huge}>>2\n#### 2"},
+        {"question": "gsm8k answer", "answer": f"a\n#### {huge}"},
+        {"question": "program answer", "program": "1 + 1", "answer": huge},
+        {"question": "hostile program", "program": "(((1e-300)**64)**64)**64", "answer": "0"},
+        {"question": "hostile annotation", "answer": "a <<(((1e-300)**64)**64)**64=0>>0\n#### 0"},
+    ]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    records, rejected, read = read_records(path)
+    assert read == 6 and [r.line for r in records] == [1, 6]
+    reasons = {r["line"]: r["reason"] for r in rejected}
+    assert sorted(reasons) == [2, 3, 4, 5]
+    assert all("5000 digits" in reasons[line] for line in (2, 3, 4)), reasons
+    assert "bits" in reasons[5]
+    ds = build(path, val_fraction=0.0)
+    report = ds.inspect()  # the hostile annotation is counted unsafe, quickly
+    assert report["records_parsed"] == 2 and report["records_rejected"] == 4
+    assert report["calculator_annotations"] == {"checked": 2, "correct": 1, "wrong": 0, "unsafe": 1}

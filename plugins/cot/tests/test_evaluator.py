@@ -101,3 +101,95 @@ def test_numbers_and_annotations():
     assert normalize_answer("1,000") == normalize_answer("1000.0") == "1000"
     counts = check_annotations("a <<48/2=24>>24, b <<2*3=7>>7, c <<len(x)=3>>3, d <<1/3=0.33>>")
     assert counts == {"checked": 4, "correct": 2, "wrong": 1, "unsafe": 1}
+
+
+# ---------------------------------------------------------------- bounded work (issue 20.2)
+
+# Each is 24-30 characters; unbounded, the first ran past 120 s and the second took 12 s
+# building a 26-million-bit denominator.
+HOSTILE = ["(((1e-300)**64)**64)**64", "((((1/3)**64)**64)**64)**64"]
+
+
+def test_hostile_exact_fractions_are_refused_quickly():
+    """Run in a child process so that an unbounded evaluator fails the test, not the suite."""
+    import subprocess
+    import sys
+
+    code = (
+        "import time\n"
+        "from kd_cot.evaluator import evaluate, EvaluationError\n"
+        f"for source in {HOSTILE!r}:\n"
+        "    start = time.perf_counter()\n"
+        "    try:\n"
+        "        evaluate(source)\n"
+        "        print('accepted', source)\n"
+        "    except EvaluationError as exc:\n"
+        "        print('refused', round(time.perf_counter() - start, 3), exc)\n"
+    )
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, timeout=30
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail("the evaluator ran past 30 s on a 24-character expression")
+    lines = done.stdout.splitlines()
+    assert len(lines) == 2 and all(line.startswith("refused") for line in lines), done
+    assert all(float(line.split()[1]) < 1.0 for line in lines), lines
+    assert all("bits" in line for line in lines), lines
+
+
+@pytest.mark.parametrize(
+    "source",
+    ["((1/3)**64)**64", "(1e-300)**64", "(0.5**64)**64", "(1e-300)**4 * (1e-300)**4"],
+)
+def test_exact_fractions_are_bounded_in_bits(source):
+    with pytest.raises(EvaluationError, match="bits"):
+        evaluate(source, max_bits=4096)
+
+
+def test_small_fractions_within_the_bound_stay_exact():
+    assert evaluate("(1/3) ** 64") == Fraction(1, 3**64)
+    assert evaluate("(1e-300 * 3) / 1e-300") == 3
+
+
+def test_time_budget_is_a_backstop():
+    with pytest.raises(EvaluationError, match="time budget"):
+        evaluate("1 + 2 * 3", max_seconds=0.0)
+
+
+_LEAF = st.sampled_from(["1e-300", "1/3", "0.7", "3", "64", "2", "1e-9", "7/9"])
+
+
+def _expr(children):
+    return st.tuples(children, st.sampled_from("+-*/"), children).map(
+        lambda t: f"({t[0]}){t[1]}({t[2]})"
+    ) | st.tuples(children, st.sampled_from(["64", "63", "32", "-64", "8"])).map(
+        lambda t: f"({t[0]})**{t[1]}"
+    )
+
+
+@settings(max_examples=150, deadline=None, derandomize=True)
+@given(st.recursive(_LEAF, _expr, max_leaves=12))
+def test_every_expression_is_cheap_and_bounded(source):
+    """Whatever the expression: refused or evaluated within the budget, never a huge fraction."""
+    import time
+
+    start = time.perf_counter()
+    try:
+        value = evaluate(source, max_bits=4096)
+    except EvaluationError:
+        value = None
+    assert time.perf_counter() - start < 1.0, source
+    if isinstance(value, Fraction):
+        assert max(value.numerator.bit_length(), value.denominator.bit_length()) <= 4096
+
+
+def test_numbers_with_thousands_of_digits_are_refused_not_a_crash():
+    huge = "7" * 5000  # beyond Python's int-from-text limit: once a bare ValueError
+    with pytest.raises(EvaluationError, match="digits"):
+        parse_number(huge)
+    with pytest.raises(EvaluationError, match="digits"):
+        evaluate(f"{'9' * 1500} - 1")
+    assert normalize_answer(huge) == huge  # a vote key all the same, compared as text
+    counts = check_annotations(f"a <<1+1={huge}>> b <<{HOSTILE[0]}=0>> c <<2*3=6>>6")
+    assert counts == {"checked": 3, "correct": 1, "wrong": 0, "unsafe": 2}

@@ -223,3 +223,47 @@ def test_sample_completions_groups_prompts_and_is_reproducible():
         ids = mx.array([TOK.encode(prompt)])
         tokens, _ = generate(model, ids, 9, temperature=0.0)
         assert TOK.decode(np.array(tokens[0, ids.shape[1] :]).tolist()) == text
+
+
+def test_answers_with_thousands_of_digits_are_dropped_not_a_crash():
+    """Voting once raised Python's bare 4,300-digit ValueError and lost every sample."""
+    huge = "9" * 5000
+    got = run({"q": [GOOD, f"1+2+0=3\nA:{huge}\n", GOOD.replace("1+2", "2+1")]}, n=3)
+    assert got["q"] == [None, "answer_too_long", None]
+
+
+def test_hostile_programs_are_rejected_quickly():
+    import time
+
+    s = spec(agreement="none", min_steps=0)
+    s.program = True
+    template = get_template("program")
+    q = Question(1, "how many?", None)
+    texts = ["((((1/3)**64)**64)**64)**64\nAnswer: 0\n", "(48 / 2) + 48\nAnswer: 72\n"]
+    samples = [Sample(q, j, t) for j, t in enumerate(texts)]
+    start = time.perf_counter()
+    filter_samples(samples, template, TOK, s)
+    assert time.perf_counter() - start < 2.0
+    assert [x.reason for x in samples] == ["program_rejected", None]
+
+
+def test_a_failing_sample_never_loses_the_others(monkeypatch):
+    import kd_cot.generate as gen
+
+    real = gen.duplicate_step_fraction
+
+    def flaky(steps):
+        if any("boom" in step.text for step in steps):
+            raise RuntimeError("a check that breaks on one sample")
+        return real(steps)
+
+    monkeypatch.setattr(gen, "duplicate_step_fraction", flaky)
+    s = spec(n=3, dedupe=False)
+    q = Question(1, "1+2", None)
+    samples = [Sample(q, j, t) for j, t in enumerate([GOOD, "boom\nA:3\n", "1+2+0=3 \nA:3\n"])]
+    filter_samples(samples, TEMPLATE, TOK, s)
+    assert [x.reason for x in samples] == [None, "check_failed", None]
+    assert samples[1].error == "RuntimeError: a check that breaks on one sample"
+    assert gen.check_errors(samples) == [
+        {"line": 1, "sample": 1, "error": "RuntimeError: a check that breaks on one sample"}
+    ]

@@ -78,7 +78,7 @@ class SelectiveConfig:
 
 
 def _entropy_rows(x: mx.array) -> mx.array:
-    lp = x - mx.logsumexp(x, axis=-1, keepdims=True)
+    lp = kdcore.log_softmax(x)
     return -mx.where(lp > -mx.inf, mx.exp(lp) * lp, 0.0).sum(-1)
 
 

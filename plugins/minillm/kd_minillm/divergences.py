@@ -8,7 +8,9 @@ over the vocabulary, masked mean over tokens (times ``T^2`` when ``t_squared``):
 - ``skew_reverse_kl``: ``KL(q || alpha q + (1 - alpha) p)`` (DistiLLM SRKL);
 - ``gjsd``: ``beta KL(p || m) + (1 - beta) KL(q || m)``, ``m = beta p + (1 - beta) q``
   (GKD, Agarwal et al. 2024, TRL's convention): ``beta = 0`` is forward KL, ``beta = 1``
-  reverse KL.
+  reverse KL. Those endpoints are special-cased, as in TRL: the mixture formula itself
+  tends to 0 there (about ``beta KL(p || q)`` just above 0), so the loss jumps at
+  ``beta = 0`` and ``beta = 1`` (``kd explain gjsd``).
 
 From a top-k teacher cache they use ``kdcore.TAIL_POLICIES``; the default ``tail-bucket``
 compares the two distributions on the top-k tokens plus one class for the rest, a lower
@@ -66,6 +68,21 @@ class GJSDConfig:
     tail: Tail = "tail-bucket"
 
 
+# Shown by ``kd explain NAME`` after the one-line doc.
+_DETAILS = {
+    "gjsd": (
+        "GJSD_beta = beta KL(p || m) + (1 - beta) KL(q || m), m = beta p + (1 - beta) q.\n"
+        "The endpoints are special-cased as in TRL's GKDTrainer: beta = 0 is forward\n"
+        "KL(p || q) and beta = 1 is reverse KL(q || p). The mixture formula itself tends to 0\n"
+        "there (m becomes q, or p): just above beta = 0 the loss is about beta KL(p || q), just\n"
+        "below beta = 1 about (1 - beta) KL(q || p). So the loss jumps at beta = 0 and at\n"
+        "beta = 1, from nearly 0 to the full KL: a beta schedule that reaches an endpoint\n"
+        "changes the objective abruptly there. For a KL, use forward_kl or reverse_kl; for\n"
+        "a smooth schedule, keep beta inside (0, 1)."
+    ),
+}
+
+
 def divergence_loss(kind: str):
     """A loss factory for one of ``kdcore.DIVERGENCES``."""
 
@@ -91,6 +108,8 @@ def divergence_loss(kind: str):
 
     factory.__name__ = kind
     factory.__doc__ = f"Loss: masked mean of the {kind} divergence (kdcore.token_divergence)."
+    if kind in _DETAILS:
+        factory.__doc__ += "\n" + _DETAILS[kind]
     return factory
 
 

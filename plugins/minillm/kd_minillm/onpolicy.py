@@ -219,7 +219,7 @@ def sample_continuations(
     for _ in range(max_new_tokens):
         out = student(tokens)
         logits = out.logits[:, -1, :].astype(mx.float32) / temperature
-        log_q = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        log_q = log_softmax(logits)
         log_b = log_softmax(top_p_filter(logits, top_p))
         if alpha > 0.0:
             log_t = log_softmax(top_p_filter(teacher_log_probs(tokens, out), top_p))

@@ -358,3 +358,21 @@ def test_distilling_with_the_loss_lowers_it(teacher_dir, spec_for, tmp_path, nam
     values = [r[f"loss/{name}"] for r in lines if f"loss/{name}" in r]
     assert len(values) == 25
     assert np.mean(values[-5:]) < 0.7 * np.mean(values[:3])
+
+
+def test_kd_explain_gjsd_states_the_jump_at_the_endpoints(capsys):
+    """The endpoints are special-cased (forward KL at beta = 0, reverse KL at 1) while the
+    mixture formula tends to 0 there: the loss jumps, and ``kd explain`` says so."""
+    assert testing.run_kd("explain", "gjsd") == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "jumps" in text and "beta = 0" in text and "beta = 1" in text, text
+    # ... and that is what the numbers do: about beta * KL(p || q) just above 0.
+    rng = np.random.default_rng(0)
+    s = mx.array(rng.standard_normal((2, 3, 11)).astype(np.float32))
+    t = mx.array(rng.standard_normal((2, 3, 11)).astype(np.float32))
+    mask = mx.ones((2, 3))
+    forward = kdcore.token_divergence(s, t, mask, "forward_kl").item()
+    at_zero = kdcore.token_divergence(s, t, mask, "gjsd", beta=0.0).item()
+    near_zero = kdcore.token_divergence(s, t, mask, "gjsd", beta=1e-3).item()
+    assert at_zero == pytest.approx(forward, rel=1e-5)
+    assert near_zero == pytest.approx(1e-3 * forward, rel=0.05)
