@@ -25,10 +25,74 @@ class CheckpointError(KdError):
     """A checkpoint or cache is missing, corrupt or does not match the run."""
 
 
-class NonFiniteLossError(KdError):
-    """A loss term became NaN or infinite during training."""
+class NonFiniteStateError(CheckpointError):
+    """A checkpoint was not written: an array to be saved holds NaN or inf. ``last_finite``
+    is the newest checkpoint already on disk (all of them are finite), or None."""
 
-    def __init__(self, step: int, term: str, value: float, checkpoint: str | None):
+    def __init__(self, array: str, file: str, last_finite: str | None):
+        self.array, self.file, self.last_finite = array, file, last_finite
+        where = (
+            f"the last finite checkpoint is {last_finite}"
+            if last_finite
+            else "there is no earlier checkpoint"
+        )
+        super().__init__(
+            f"checkpoint not written: non-finite values (NaN or inf) in {array!r} of {file}; "
+            + where
+        )
+
+
+class NonFiniteLossError(KdError):
+    """Training met a non-finite number: a loss term (``term``), the gradients
+    (``term == "gradients"``) or the parameters (``term == "parameters"``).
+
+    ``checkpoint`` is the state before the failing step when it could be saved; when the
+    parameters were already non-finite nothing is saved and ``resume_from`` names the last
+    finite checkpoint (None: there is none)."""
+
+    def __init__(
+        self,
+        step: int,
+        term: str,
+        value: float,
+        checkpoint: str | None,
+        resume_from: str | None = None,
+    ):
         self.step, self.term, self.value, self.checkpoint = step, term, value, checkpoint
-        saved = f"; state before this step saved to {checkpoint}" if checkpoint else ""
-        super().__init__(f"loss term {term!r} is {value} at step {step}{saved}")
+        self.resume_from = checkpoint or resume_from
+        if term == "gradients":
+            what = f"the gradients are non-finite at step {step} (every loss term is finite)"
+        elif term == "parameters":
+            what = f"the parameters are non-finite after step {step}"
+        else:
+            what = f"loss term {term!r} is {value} at step {step}"
+        if checkpoint:
+            tail = f"; state before this step saved to {checkpoint}: resume from it with --resume"
+        elif resume_from:
+            tail = (
+                "; the parameters were already non-finite, so no checkpoint was written: "
+                f"resume from {resume_from}, the last finite checkpoint, with --resume"
+            )
+        else:
+            tail = (
+                "; the parameters were already non-finite and no finite checkpoint exists: "
+                "start the run again"
+            )
+        super().__init__(what + tail)
+
+
+class RunInterrupted(KdError):
+    """Training stopped on SIGINT or SIGTERM after saving a checkpoint; ``exit_code`` is
+    the shell's 128 + signal number."""
+
+    def __init__(self, step: int, checkpoint: str | None, output: str, signum: int):
+        import signal
+
+        self.step, self.checkpoint, self.output, self.signum = step, checkpoint, output, signum
+        self.exit_code = 128 + signum
+        self.signal_name = signal.Signals(signum).name
+        saved = f"checkpoint {checkpoint}" if checkpoint else f"the checkpoints in {output}"
+        super().__init__(
+            f"{self.signal_name}: training stopped at step {step}; continue from {saved} "
+            f"with --resume --output {output}"
+        )

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
+import re
+import shutil
+import struct
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -40,6 +44,28 @@ def atomic_path(path: str | os.PathLike, suffix: str = ""):
             os.unlink(tmp)
 
 
+# What ``atomic_path`` names its temporaries: ".NAME." + 8 characters of mkstemp + ".tmp"
+# and the suffix. A kill between mkstemp and os.replace leaves one behind.
+TEMPORARY = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp(\.\w+)?$")
+
+
+def remove_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Delete what a killed ``atomic_path`` left directly in ``folder``; the paths removed.
+
+    Only for a folder whose writer is known to be stopped (a run folder under its lock):
+    a live writer's temporary looks the same."""
+    folder = Path(folder)
+    removed = []
+    for path in folder.iterdir() if folder.is_dir() else []:
+        if TEMPORARY.match(path.name) and not path.is_symlink():
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
@@ -65,10 +91,15 @@ def read_json(path: str | os.PathLike, what: str = "file") -> Any:
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{what} not found: {path}")
+    if path.is_dir():
+        raise CheckpointError(f"{what} {path} is a folder, not a JSON file")
     try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{what} {path} is not valid JSON: {exc}") from exc
+        return json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise CheckpointError(f"{what} {path} cannot be read: {exc}") from exc
+    # ValueError: JSON errors and integers past Python's digit limit; RecursionError: nesting
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        raise CheckpointError(f"{what} {path} is not valid JSON: {exc}") from None
 
 
 def save_arrays(path: str | os.PathLike, arrays: dict[str, mx.array], metadata=None) -> None:
@@ -77,10 +108,103 @@ def save_arrays(path: str | os.PathLike, arrays: dict[str, mx.array], metadata=N
         mx.save_safetensors(str(tmp), arrays, metadata=metadata or {})
 
 
+# Bytes per element of each safetensors dtype (the format's own list).
+DTYPE_BYTES = {
+    "BOOL": 1,
+    "U8": 1,
+    "I8": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+    "U16": 2,
+    "I16": 2,
+    "F16": 2,
+    "BF16": 2,
+    "U32": 4,
+    "I32": 4,
+    "F32": 4,
+    "C64": 8,
+    "U64": 8,
+    "I64": 8,
+    "F64": 8,
+}
+MAX_HEADER_BYTES = 100 << 20  # the safetensors format's own bound
+
+
+def check_safetensors(path: str | os.PathLike, what: str = "tensor file") -> dict[str, Any]:
+    """The header of a safetensors file, refused unless every tensor in it is well formed:
+    a known dtype, a shape of non-negative integers, data offsets inside the file that hold
+    exactly that shape. ``mx.load`` trusts the header: it accepts a negative shape (-2 x -3
+    has 6 elements) and leaves the checking to whatever later uses the array."""
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        head = handle.read(8)
+        if len(head) < 8:
+            raise CheckpointError(f"{what} {path} is not safetensors: {size} bytes, no header")
+        (length,) = struct.unpack("<Q", head)
+        if length > min(MAX_HEADER_BYTES, size - 8):
+            raise CheckpointError(
+                f"{what} {path} is corrupt: its header claims {length} bytes of a {size}-byte file"
+            )
+        raw = handle.read(length)
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise CheckpointError(f"{what} {path} is corrupt: its header is not JSON ({exc})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{what} {path} is corrupt: its header is not a JSON object")
+    data_bytes = size - 8 - length
+
+    def bad(message: str) -> CheckpointError:
+        return CheckpointError(f"{what} {path} is corrupt: {message}")
+
+    for name, info in header.items():
+        if name == "__metadata__":
+            if info is not None and not (
+                isinstance(info, dict) and all(isinstance(v, str) for v in info.values())
+            ):
+                raise bad("__metadata__ is not a table of strings")
+            continue
+        if not isinstance(info, dict):
+            raise bad(f"tensor {name!r} is not described by a JSON object")
+        dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+        if dtype not in DTYPE_BYTES:
+            raise bad(f"tensor {name!r} has unknown dtype {dtype!r}")
+        if not isinstance(shape, list) or not all(_is_int(n) for n in shape):
+            raise bad(f"tensor {name!r} has shape {shape!r}, not a list of integers")
+        if any(n < 0 for n in shape):
+            raise bad(f"tensor {name!r} has a negative dimension in shape {shape}")
+        if (
+            not isinstance(offsets, list)
+            or len(offsets) != 2
+            or not all(_is_int(n) for n in offsets)
+            or not 0 <= offsets[0] <= offsets[1] <= data_bytes
+        ):
+            raise bad(
+                f"tensor {name!r} has data offsets {offsets!r} outside the file's "
+                f"{data_bytes} data bytes"
+            )
+        needed = math.prod(shape) * DTYPE_BYTES[dtype]
+        if offsets[1] - offsets[0] != needed:
+            raise bad(
+                f"tensor {name!r} of shape {shape} ({dtype}) needs {needed} bytes, its "
+                f"offsets span {offsets[1] - offsets[0]} bytes"
+            )
+    return header
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def load_arrays(path: str | os.PathLike, what: str = "tensor file") -> dict[str, mx.array]:
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{what} not found: {path}")
+    if path.is_dir():
+        raise CheckpointError(f"{what} {path} is a folder, not a safetensors file")
+    if path.suffix == ".safetensors":
+        check_safetensors(path, what)
     try:
         return mx.load(str(path))
     except Exception as exc:  # mlx raises plain RuntimeError/ValueError for bad files
@@ -92,6 +216,9 @@ def load_numpy(path: str | os.PathLike, what: str = "tensor file") -> dict[str, 
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{what} not found: {path}")
+    if path.is_dir():
+        raise CheckpointError(f"{what} {path} is a folder, not a safetensors file")
+    check_safetensors(path, what)
     try:
         return _np_load_file(str(path))
     except (SafetensorError, OSError, ValueError) as exc:

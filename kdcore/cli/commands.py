@@ -112,11 +112,11 @@ def cmd_explain(args) -> int:
 
 
 def cmd_validate(args) -> int:
-    from kdcore.spec.compose import check_composition
+    from kdcore.spec.compose import check_composition, check_parameter_groups
     from kdcore.spec.load import load_spec
 
     spec = load_spec(args.spec, args.set)
-    problems = check_composition(spec)
+    problems = check_composition(spec) + check_parameter_groups(spec)
     if problems:
         raise SpecError(problems, source=args.spec)
     if args.json:
@@ -129,9 +129,20 @@ def cmd_validate(args) -> int:
 
 
 def cmd_distill(args) -> int:
-    from kdcore.engine.distill import distill
+    import shlex
 
-    summary = distill(args.spec, overrides=args.set, output=args.output, resume=args.resume)
+    from kdcore.engine.distill import distill
+    from kdcore.errors import RunInterrupted
+
+    try:
+        summary = distill(args.spec, overrides=args.set, output=args.output, resume=args.resume)
+    except RunInterrupted as stop:
+        saved = stop.checkpoint or f"{stop.output}/checkpoints"
+        print(f"{stop.signal_name}: stopped at step {stop.step}; saved {saved}", file=sys.stderr)
+        sets = [x for s in args.set for x in ("--set", s)]
+        command = ["kd", "distill", args.spec, *sets, "--output", stop.output, "--resume"]
+        print(f"resume with: {shlex.join(command)}", file=sys.stderr)
+        return stop.exit_code
     if args.json:
         _print_json(summary)
     else:
@@ -223,6 +234,7 @@ def cmd_data_inspect(args) -> int:
 
 
 def cmd_doctor(args) -> int:
+    import os
     import platform
 
     import mlx.core as mx
@@ -256,11 +268,23 @@ def cmd_doctor(args) -> int:
                 print(f"  FAILED {where}: {f['error']}")
             continue
         print(f"{key}: {value}")
-    if sys.platform.startswith("linux") and not info["fast_path_active"]:
-        if info["fast_path_available"]:
-            print("hint: use OpenBLAS through `kd` or `python -m kdcore.cli.fastpath -- CMD`")
-        else:
-            print("hint: apt-get install libopenblas0-pthread makes MLX matmuls ~30x faster")
+    # Say what is so in this process and, when it is off, what turned it off.
+    if not sys.platform.startswith("linux"):
+        pass
+    elif info["fast_path_active"]:
+        print("fast path: OpenBLAS is in use")
+    elif not info["fast_path_available"]:
+        print(
+            "hint: OpenBLAS is not installed, so MLX runs on its slow bundled BLAS; "
+            "apt-get install libopenblas0-pthread makes matmuls ~30x faster"
+        )
+    elif os.environ.get("KD_NO_FASTPATH") == "1":
+        print("hint: OpenBLAS is installed but not in use: KD_NO_FASTPATH=1 turns it off")
+    else:
+        print(
+            "hint: OpenBLAS is installed but not in use in this process (not started "
+            "through `kd`): run it with `python -m kdcore.cli.fastpath -- CMD`"
+        )
     return 0
 
 

@@ -41,3 +41,4 @@ def train_parts(
         )
     finally:
         run_dir.close()
+        run_dir.release()  # the folder's lock, held from RunDir's checks to the summary

@@ -3,10 +3,17 @@
 Stages run in order, each with its own parameter groups and a fresh optimizer. Randomness
 (sampling, dropout) is a function of (seed, step), so a resumed run draws exactly what the
 uninterrupted one drew.
+
+The first SIGINT (Ctrl-C) or SIGTERM asks the loop to stop: the step in progress ends, a
+checkpoint is saved and :class:`kdcore.errors.RunInterrupted` is raised (``kd distill``
+prints the command that resumes). A second one stops at once, saving nothing more.
 """
 
 from __future__ import annotations
 
+import os
+import signal
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -21,7 +28,7 @@ from kdcore.engine.evaluate import eval_teacher, evaluate
 from kdcore.engine.optim import build_optimizer, freeze_paths, plan_groups, set_learning_rate
 from kdcore.engine.progress import Progress
 from kdcore.engine.step import first_non_finite, gradients
-from kdcore.errors import NonFiniteLossError
+from kdcore.errors import NonFiniteLossError, NonFiniteStateError, RunInterrupted
 from kdcore.models import lora
 from kdcore.models.io import count_parameters
 from kdcore.protocols import AfterStep, Learnable
@@ -105,6 +112,66 @@ def run_eval(parts: Parts) -> dict:
     return evaluate(parts.student, eval_teacher(parts.teachers), batches)
 
 
+class StopRequest:
+    """While active (a ``with`` block in the main thread): SIGINT and SIGTERM set
+    ``signum`` instead of killing the process; a second one raises KeyboardInterrupt.
+    A signal the process was started ignoring (``nohup``, a background job) stays ignored."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopRequest:
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                previous = signal.getsignal(sig)
+                if previous is not signal.SIG_IGN:
+                    # None: a handler not installed from Python; the default is the nearest
+                    self._previous[sig] = signal.SIG_DFL if previous is None else previous
+                    signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+        self._previous.clear()
+
+    def _handle(self, signum: int, frame) -> None:
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+        # os.write, not print: the handler may run while the progress bar is writing to
+        # stderr, and a buffered stream refuses a reentrant write.
+        name = signal.Signals(signum).name
+        os.write(2, f"\n{name}: saving a checkpoint after this step (again: stop now)\n".encode())
+
+
+def _save(save_checkpoint: SaveCheckpoint, step: int, stage_index: int, optimizer, reason=None):
+    """``save_checkpoint``, a refused non-finite state turned into the run's error."""
+    try:
+        return save_checkpoint(step, stage_index, optimizer, reason=reason)
+    except NonFiniteStateError as exc:
+        raise NonFiniteLossError(
+            step, "parameters", float("nan"), None, resume_from=exc.last_finite
+        ) from None
+
+
+def _stop_non_finite(save_checkpoint, step: int, stage_index: int, optimizer, bad) -> None:
+    """Save the state before step ``step`` (the parameters it started from) and stop."""
+    reason = "non-finite gradients" if bad[0] == "gradients" else "non-finite loss"
+    try:
+        path = save_checkpoint(step, stage_index, optimizer, reason=reason)
+    except NonFiniteStateError as exc:
+        # The parameters were non-finite before this step: nothing to save; the newest
+        # checkpoint on disk is finite (non-finite ones are never written).
+        raise NonFiniteLossError(
+            step + 1, bad[0], bad[1], None, resume_from=exc.last_finite
+        ) from None
+    raise NonFiniteLossError(step + 1, bad[0], bad[1], str(path))
+
+
 def train(
     parts: Parts,
     *,
@@ -131,78 +198,93 @@ def train(
     tokens_seen, train_seconds = 0, 0.0
     step = start_step
     stage_end = 0
-    try:
-        for stage_index, stage in enumerate(stages(spec)):
-            stage_end += stage.steps
-            if step >= stage_end:
-                continue
-            optimizer, plan = stage_optimizer(parts, stage)
-            if restored is not None and restored.stage == stage_index:
-                optimizer.state = restored.optimizer
-                restored = None
-            while step < stage_end:
-                t0 = time.perf_counter()
-                mx.random.seed(parts.dp.seed(spec.run.seed * 1_000_003 + step))
-                lr_value = stage.lr if stage.lr is not None else spec.train.optimizer.lr
-                lr = value_at(lr_value, step, total)
-                set_learning_rate(optimizer, plan, lr)
-                total_loss, terms, metrics, grads, ntok = parts.dp.reduce_step(
-                    *gradients(parts, step)
-                )
-                bad = first_non_finite(total_loss, terms)
-                if bad is not None:
-                    path = save_checkpoint(step, stage_index, optimizer, reason="non-finite loss")
-                    raise NonFiniteLossError(step + 1, bad[0], bad[1], str(path))
-                if spec.train.grad_clip:
-                    grads, grad_norm = optim.clip_grad_norm(grads, spec.train.grad_clip)
-                    metrics["grad_norm"] = grad_norm
-                optimizer.update(parts.trainable, grads)
-                mx.eval(parts.trainable.parameters(), optimizer.state, metrics)
-                for teacher in parts.teachers:
-                    if isinstance(teacher, AfterStep):
-                        teacher.after_step(parts.student, step, total)
-                step += 1
-                dt = time.perf_counter() - t0
-                tokens_seen += ntok
-                train_seconds += dt
-                last_terms = {k: v.item() for k, v in terms.items()}
-                if step % spec.train.log_every == 0 or step == total or step == start_step + 1:
-                    record = {
-                        "step": step,
-                        "stage": stage.name or stage_index,
-                        "loss": total_loss.item(),
-                        **{f"loss/{k}": v for k, v in last_terms.items()},
-                        **{k: v.item() for k, v in metrics.items()},
-                        "lr": lr,
-                        **schedule_values(parts, step - 1),  # the values this step used
-                        "tokens_per_s": ntok / dt,
-                    }
-                    emit("on_log", step, record)
-                    bar.update(step, f"loss {record['loss']:.4f} {ntok / dt:,.0f} tok/s", True)
-                else:
-                    bar.update(step, f"loss {total_loss.item():.4f}")
-                if spec.eval.every and step % spec.eval.every == 0 and step < total:
-                    emit("on_eval", step, run_eval(parts))
-                every = spec.train.checkpoint_every
-                if (every and step % every == 0) or step == stage_end:
-                    save_checkpoint(step, stage_index, optimizer)
-    finally:
-        bar.close()
-    eval_record = run_eval(parts)
-    emit("on_eval", step, eval_record)
-    summary = {
-        "run": spec.run.name,
-        "steps": step,
-        "final_losses": last_terms,
-        "eval": eval_record,
-        "wall_seconds": train_seconds,
-        "tokens_per_s": tokens_seen / train_seconds if train_seconds else None,
-        "student_parameters": count_parameters(parts.student),
-        "teacher_parameters": [t.num_parameters for t in parts.teachers],
-        "trainable_parameters": sum(
-            v.size for _, v in tree_flatten(parts.trainable.trainable_parameters())
-        ),
-        "init": parts.init_report,
-    }
-    emit("on_end", summary)
+    saved = None  # the newest checkpoint this run wrote
+    with StopRequest() as stop:
+        try:
+            for stage_index, stage in enumerate(stages(spec)):
+                stage_end += stage.steps
+                if step >= stage_end:
+                    continue
+                optimizer, plan = stage_optimizer(parts, stage)
+                if restored is not None and restored.stage == stage_index:
+                    optimizer.state = restored.optimizer
+                    restored = None
+                while step < stage_end:
+                    t0 = time.perf_counter()
+                    mx.random.seed(parts.dp.seed(spec.run.seed * 1_000_003 + step))
+                    lr_value = stage.lr if stage.lr is not None else spec.train.optimizer.lr
+                    lr = value_at(lr_value, step, total)
+                    set_learning_rate(optimizer, plan, lr)
+                    total_loss, terms, metrics, grads, ntok = parts.dp.reduce_step(
+                        *gradients(parts, step)
+                    )
+                    grad_norm = None
+                    if spec.train.grad_clip:
+                        grads, grad_norm = optim.clip_grad_norm(grads, spec.train.grad_clip)
+                        metrics["grad_norm"] = grad_norm
+                    # The norm is non-finite exactly when a gradient is (or they overflow):
+                    # checking it is free; without clipping every gradient is checked.
+                    bad = first_non_finite(
+                        total_loss, terms, grads if grad_norm is None else grad_norm
+                    )
+                    if bad is not None:
+                        _stop_non_finite(save_checkpoint, step, stage_index, optimizer, bad)
+                    optimizer.update(parts.trainable, grads)
+                    mx.eval(parts.trainable.parameters(), optimizer.state, metrics)
+                    for teacher in parts.teachers:
+                        if isinstance(teacher, AfterStep):
+                            teacher.after_step(parts.student, step, total)
+                    step += 1
+                    dt = time.perf_counter() - t0
+                    tokens_seen += ntok
+                    train_seconds += dt
+                    last_terms = {k: v.item() for k, v in terms.items()}
+                    if step % spec.train.log_every == 0 or step == total or step == start_step + 1:
+                        record = {
+                            "step": step,
+                            "stage": stage.name or stage_index,
+                            "loss": total_loss.item(),
+                            **{f"loss/{k}": v for k, v in last_terms.items()},
+                            **{k: v.item() for k, v in metrics.items()},
+                            "lr": lr,
+                            **schedule_values(parts, step - 1),  # the values this step used
+                            "tokens_per_s": ntok / dt,
+                        }
+                        emit("on_log", step, record)
+                        bar.update(step, f"loss {record['loss']:.4f} {ntok / dt:,.0f} tok/s", True)
+                    else:
+                        bar.update(step, f"loss {total_loss.item():.4f}")
+                    if spec.eval.every and step % spec.eval.every == 0 and step < total:
+                        emit("on_eval", step, run_eval(parts))
+                    every = spec.train.checkpoint_every
+                    if (every and step % every == 0) or step == stage_end:
+                        saved = _save(save_checkpoint, step, stage_index, optimizer)
+                    elif stop.signum is not None:
+                        saved = _save(
+                            save_checkpoint, step, stage_index, optimizer, reason="interrupted"
+                        )
+                    if stop.signum is not None:
+                        raise RunInterrupted(step, str(saved), str(info.output), stop.signum)
+        finally:
+            bar.close()
+        eval_record = run_eval(parts)
+        if stop.signum is not None:  # during the final evaluation: the last checkpoint holds
+            raise RunInterrupted(step, saved and str(saved), str(info.output), stop.signum)
+        emit("on_eval", step, eval_record)
+        # the run is complete: a signal from here on waits for the student and summary
+        summary = {
+            "run": spec.run.name,
+            "steps": step,
+            "final_losses": last_terms,
+            "eval": eval_record,
+            "wall_seconds": train_seconds,
+            "tokens_per_s": tokens_seen / train_seconds if train_seconds else None,
+            "student_parameters": count_parameters(parts.student),
+            "teacher_parameters": [t.num_parameters for t in parts.teachers],
+            "trainable_parameters": sum(
+                v.size for _, v in tree_flatten(parts.trainable.trainable_parameters())
+            ),
+            "init": parts.init_report,
+        }
+        emit("on_end", summary)
     return summary

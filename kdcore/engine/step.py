@@ -10,7 +10,7 @@ import attrs
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-from mlx.utils import tree_map
+from mlx.utils import tree_flatten, tree_map
 
 from kdcore.engine.build import Parts, Trainable
 from kdcore.losses.inputs import LossInputs, StepContext
@@ -144,10 +144,30 @@ def gradients(parts: Parts, step: int):
     )
 
 
-def first_non_finite(total: mx.array, terms: dict[str, mx.array]) -> tuple[str, float] | None:
-    """(term, value) of the first non-finite loss term, or None when the loss is finite."""
-    mx.eval(total, terms)
+def all_finite(tree: Any) -> mx.array:
+    """A 0-d boolean: every floating-point array in ``tree`` (or ``tree`` itself, one
+    array) is free of NaN and inf."""
+    leaves = [v for _, v in tree_flatten(tree)] if not isinstance(tree, mx.array) else [tree]
+    checks = [
+        mx.all(mx.isfinite(v))
+        for v in leaves
+        if isinstance(v, mx.array) and mx.issubdtype(v.dtype, mx.floating)
+    ]
+    return mx.all(mx.stack(checks)) if checks else mx.array(True)
+
+
+def first_non_finite(
+    total: mx.array, terms: dict[str, mx.array], grads: Any = None
+) -> tuple[str, float] | None:
+    """(term, value) of the first non-finite loss term, ``("gradients", nan)`` when the
+    loss is finite but ``grads`` (a tree, or the gradient norm) is not, or None.
+
+    The gradients are checked before the optimizer applies them: a finite loss with a NaN
+    gradient would otherwise turn every parameter NaN, and the state "before" the next,
+    NaN-loss step would be saved as the one to resume from."""
+    grads_ok = all_finite(grads) if grads is not None else mx.array(True)
+    mx.eval(total, terms, grads_ok)
     if math.isfinite(total.item()):
-        return None
+        return None if grads_ok.item() else ("gradients", float("nan"))
     bad = next((k for k, v in terms.items() if not math.isfinite(v.item())), "total")
     return bad, (terms[bad].item() if bad in terms else total.item())
