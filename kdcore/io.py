@@ -143,8 +143,9 @@ def check_safetensors(path: str | os.PathLike, what: str = "tensor file") -> dic
             raise CheckpointError(f"{what} {path} is not safetensors: {size} bytes, no header")
         (length,) = struct.unpack("<Q", head)
         if length > min(MAX_HEADER_BYTES, size - 8):
+            state = "truncated" if length <= MAX_HEADER_BYTES else "corrupt"
             raise CheckpointError(
-                f"{what} {path} is corrupt: its header claims {length} bytes of a {size}-byte file"
+                f"{what} {path} is {state}: its header claims {length} bytes of a {size}-byte file"
             )
         raw = handle.read(length)
     try:
@@ -178,11 +179,13 @@ def check_safetensors(path: str | os.PathLike, what: str = "tensor file") -> dic
             not isinstance(offsets, list)
             or len(offsets) != 2
             or not all(_is_int(n) for n in offsets)
-            or not 0 <= offsets[0] <= offsets[1] <= data_bytes
+            or not 0 <= offsets[0] <= offsets[1]
         ):
-            raise bad(
-                f"tensor {name!r} has data offsets {offsets!r} outside the file's "
-                f"{data_bytes} data bytes"
+            raise bad(f"tensor {name!r} has data offsets {offsets!r}")
+        if offsets[1] > data_bytes:  # a file cut short, or a header that lies
+            raise CheckpointError(
+                f"{what} {path} is truncated: tensor {name!r} has data offsets {offsets} "
+                f"past the file's {data_bytes} data bytes"
             )
         needed = math.prod(shape) * DTYPE_BYTES[dtype]
         if offsets[1] - offsets[0] != needed:

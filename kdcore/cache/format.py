@@ -3,7 +3,6 @@ checks that a cache is whole (docs/cache.md)."""
 
 from __future__ import annotations
 
-import json
 import mmap
 import struct
 from pathlib import Path
@@ -12,7 +11,7 @@ import mlx.core as mx
 import numpy as np
 
 from kdcore.errors import CheckpointError
-from kdcore.io import read_json, sha256_file
+from kdcore.io import check_safetensors, read_json, sha256_file
 
 FORMAT = "kd-teacher-cache"
 
@@ -41,26 +40,16 @@ _ST_DTYPES = {
 def map_safetensors(path: Path, what: str = "shard") -> dict[str, tuple[np.ndarray, str]]:
     """Memory-map every tensor of a safetensors file: name -> (read-only array, dtype name).
 
-    The header (8-byte little-endian length, then JSON) is parsed here so that a file cut
-    short is reported as truncated rather than read past its end. ``safetensors.numpy``
-    would read the whole file into memory, and has no bfloat16.
+    The header is checked first (:func:`kdcore.io.check_safetensors`: a file cut short is
+    reported as truncated, never read past its end; shapes and offsets are data, not
+    trusted). ``safetensors.numpy`` would read the whole file into memory, and has no
+    bfloat16.
     """
     if not path.exists():
         raise CheckpointError(f"{what} {path} is missing")
-    size = path.stat().st_size
+    header = check_safetensors(path, what)
     with open(path, "rb") as handle:
-        head = handle.read(8)
-        if len(head) < 8:
-            raise CheckpointError(f"{what} {path} is truncated ({size} bytes)")
-        (length,) = struct.unpack("<Q", head)
-        if 8 + length > size:
-            raise CheckpointError(f"{what} {path} is truncated (header runs past the end)")
-        try:
-            header = json.loads(handle.read(length))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise CheckpointError(f"{what} {path} has a corrupt header: {exc}") from exc
-        if not isinstance(header, dict):
-            raise CheckpointError(f"{what} {path} has a corrupt header")
+        (length,) = struct.unpack("<Q", handle.read(8))
         mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
     if hasattr(mapped, "madvise") and hasattr(mmap, "MADV_RANDOM"):
         # Training reads rows in shuffled order: read-ahead would only pull in neighbours.
@@ -70,28 +59,16 @@ def map_safetensors(path: Path, what: str = "shard") -> dict[str, tuple[np.ndarr
     for name, info in header.items():
         if name == "__metadata__":
             continue
-        try:
-            np_dtype, dtype_name = _ST_DTYPES[info["dtype"]]
-            shape = tuple(int(d) for d in info["shape"])
-            begin, end = (int(o) for o in info["data_offsets"])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise CheckpointError(f"{what} {path}: bad header entry for {name!r}") from exc
-        # The header is data: an even number of negative dimensions keeps the byte count
-        # right and would reach NumPy's reshape; offsets that run backwards or before the
-        # data would map the header itself.
-        if any(d < 0 for d in shape):
-            raise CheckpointError(f"{what} {path}: {name!r} has a negative shape {list(shape)}")
-        if not 0 <= begin <= end:
-            raise CheckpointError(f"{what} {path}: {name!r} has bad data offsets [{begin}, {end}]")
-        if base + end > size:
+        if info["dtype"] not in _ST_DTYPES:
             raise CheckpointError(
-                f"{what} {path} is truncated: {name!r} ends at byte {base + end}, "
-                f"the file has {size}"
+                f"{what} {path}: {name!r} has dtype {info['dtype']}, not one a cache uses"
             )
-        if end - begin != int(np.prod(shape)) * np.dtype(np_dtype).itemsize:
-            raise CheckpointError(f"{what} {path}: {name!r} has {end - begin} bytes for {shape}")
+        np_dtype, dtype_name = _ST_DTYPES[info["dtype"]]
+        shape = tuple(info["shape"])
         count = int(np.prod(shape))
-        array = np.frombuffer(mapped, dtype=np_dtype, count=count, offset=base + begin)
+        array = np.frombuffer(
+            mapped, dtype=np_dtype, count=count, offset=base + info["data_offsets"][0]
+        )
         tensors[name] = (array.reshape(shape), dtype_name)
     return tensors
 
