@@ -17,6 +17,8 @@ over the vocabulary: ``sum_i w_i d_i / max(sum_i w_i, 1)`` with ``w`` the mask, 
                    the constant ``sum p log p``; we keep it so the value is a divergence).
 ``skew_reverse_kl`` ``KL(q || alpha q + (1 - alpha) p)`` (DistiLLM SRKL,
                    ``skewed_reverse_kl`` with ``lam = alpha``). ``alpha = 0`` gives the plain KL.
+``tvd``            total variation ``1/2 sum_v |p_v - q_v|`` (DistiLLM's and Liger-Kernel's
+                   TVD; bounded by 1, a metric, not a KL).
 =================  ==========================================================================
 
 No temperature-squared factor is applied here; losses multiply by ``T**2`` explicitly.
@@ -41,7 +43,8 @@ without the memory bound.
 Gradients, with ``lq = log q`` and ``g = d d / d lq`` (``q`` taken as ``exp(lq)``):
 ``forward_kl``: ``g = -p``; ``reverse_kl``: ``g = q (lq - lp) + q``;
 ``gjsd``: ``g = (1 - beta) q (lq - lm)``; ``skew_kl``: ``g = -(1 - alpha) p q / m``;
-``skew_reverse_kl``: ``g = q (lq - lm) + (1 - alpha) q p / m``; then through the log-softmax
+``skew_reverse_kl``: ``g = q (lq - lm) + (1 - alpha) q p / m``; ``tvd``: ``g = sign(q - p) q / 2``
+(the subgradient 0 where ``q = p``); then through the log-softmax
 ``d d / d s = (g - q sum(g)) / T``.
 
 Sparse (top-k) teachers: the teacher is known on its top-k ids ``S`` (plus the log of the
@@ -70,7 +73,7 @@ import numpy as np
 
 from kdcore.signal.teacher import TeacherSignal, stable_log_softmax
 
-KINDS = ("forward_kl", "reverse_kl", "gjsd", "skew_kl", "skew_reverse_kl")
+KINDS = ("forward_kl", "reverse_kl", "gjsd", "skew_kl", "skew_reverse_kl", "tvd")
 TAILS = ("renormalize", "tail-bucket")
 
 # One chunk holds about this many float32 elements per [rows, V] temporary (16 MiB).
@@ -169,6 +172,11 @@ def row_terms(
         if not grad:
             return term.sum(-1), None
         return term.sum(-1), term + (1.0 - a) * _xlogy(q, mx.exp(lp - lm))
+    if kind == "tvd":
+        q = mx.exp(lq)
+        diff = q - mx.exp(lp)
+        value = 0.5 * mx.abs(diff).sum(-1)
+        return value, (0.5 * mx.sign(diff) * q if grad else None)
     raise ValueError(f"unknown divergence {kind!r}")
 
 

@@ -1,4 +1,5 @@
-"""Reverse KL, DistiLLM's skew KLs and the generalised JSD, on the chunked kernels of kdcore.
+"""Reverse KL, DistiLLM's skew KLs, the generalised JSD and total variation, on the chunked
+kernels of kdcore.
 
 With ``q = softmax(s / T)`` (student) and ``p = softmax(t / T)`` (teacher), per token, summed
 over the vocabulary, masked mean over tokens (times ``T^2`` when ``t_squared``):
@@ -6,6 +7,7 @@ over the vocabulary, masked mean over tokens (times ``T^2`` when ``t_squared``):
 - ``reverse_kl``: ``KL(q || p)`` (the single-step term of MiniLLM, Gu et al. 2024);
 - ``skew_kl``: ``KL(p || alpha p + (1 - alpha) q)`` (DistiLLM SKL, Ko et al. 2024);
 - ``skew_reverse_kl``: ``KL(q || alpha q + (1 - alpha) p)`` (DistiLLM SRKL);
+- ``tvd``: ``1/2 sum_v |p_v - q_v|`` (total variation, as in DistiLLM and Liger-Kernel);
 - ``gjsd``: ``beta KL(p || m) + (1 - beta) KL(q || m)``, ``m = beta p + (1 - beta) q``
   (GKD, Agarwal et al. 2024, TRL's convention): ``beta = 0`` is forward KL, ``beta = 1``
   reverse KL. Those endpoints are special-cased, as in TRL: the mixture formula itself
@@ -146,5 +148,13 @@ def components() -> list[kdcore.Component]:
             requires={"teacher"},
             properties=_PROPERTIES,
             doc="generalised JSD with beta (0: forward KL, 1: reverse KL), as in GKD",
+        ),
+        kdcore.Component(
+            "tvd",
+            divergence_loss("tvd"),
+            ReverseKLConfig,
+            requires={"teacher"},
+            properties=_PROPERTIES,
+            doc="total variation distance 1/2 sum |p - q| per token (bounded by 1)",
         ),
     ]
