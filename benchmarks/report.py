@@ -15,7 +15,7 @@ from pathlib import Path
 from benchmarks.common import machine, run_isolated
 
 ROOT = Path(__file__).resolve().parents[1]
-SECTIONS = ["bandwidth", "losses", "overhead", "cache", "scaling", "blas"]
+SECTIONS = ["bandwidth", "losses", "overhead", "cache", "generation", "scaling", "blas"]
 # The loss kernels at three vocabulary sizes (tokens, vocab); fewer tokens at 128k keep the
 # plain formulations within memory and the section within its budget.
 LOSS_SIZES = [(4096, 8192), (2048, 32000), (512, 128000)]
@@ -183,6 +183,37 @@ def cache_lines(c: dict) -> list[str]:
     ]
 
 
+def generation_lines(g: dict) -> list[str]:
+    """KV-cache sampling vs the full recompute and vs mlx-lm (benchmarks/generation.py)."""
+    yes = {True: "met", False: "**missed**"}
+    t, same, q = g["targets"], g["same_tokens"], g["mlx_lm_model"]
+    return [
+        "## Generation",
+        "",
+        f"`kdcore.generate`, batch {g['batch']}, greedy, {g['prompt_tokens']}-token prompt and "
+        f"{g['new_tokens']} new tokens; tokens per second over the whole call (prompt "
+        f"included), medians of {g['rounds']} interleaved runs. KV cache against the full "
+        f"recompute (`cache=False`) on the bundled teacher ({g['teacher_parameters']:,} "
+        f"parameters), and against mlx-lm's `stream_generate` on the same random Qwen3 "
+        f"({q['parameters']:,} parameters, {q['num_hidden_layers']} layers of "
+        f"{q['hidden_size']}).",
+        "",
+        "| model | ours, KV cache | other | ratio | target |",
+        "| --- | ---: | ---: | ---: | --- |",
+        f"| bundled teacher | {g['kv_tokens_per_s']:.0f} tok/s | "
+        f"{g['no_cache_tokens_per_s']:.1f} tok/s (no cache) | "
+        f"**{g['kv_over_no_cache']:.1f}x** | >= 5x, {yes[t['kv_at_least_5x_no_cache']]} |",
+        f"| Qwen3 (mlx-lm) | {g['kv_mlxlm_tokens_per_s']:.0f} tok/s | "
+        f"{g['mlx_lm_tokens_per_s']:.0f} tok/s (mlx_lm) | **{g['kv_over_mlx_lm']:.2f}x** | "
+        f">= 0.8x, {yes[t['kv_at_least_0.8x_mlx_lm']]} |",
+        "",
+        "Same greedy tokens: KV cache and recompute "
+        f"{'yes' if same['kv_vs_no_cache'] else '**no**'}; ours and mlx-lm "
+        f"{'yes' if same['kv_vs_mlx_lm'] else '**no**'}.",
+        "",
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--only", help="comma-separated sections: " + ",".join(SECTIONS))
@@ -257,6 +288,8 @@ def render(r: dict, figures: Path) -> str:
         lines += loss_lines(r, figures)
     if "cache" in r:
         lines += cache_lines(r["cache"])
+    if "generation" in r:
+        lines += generation_lines(r["generation"])
     if "overhead" in r:
         o = r["overhead"]
         lines += [

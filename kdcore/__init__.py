@@ -28,6 +28,7 @@ from kdcore.kernels.divergence import (
     topk_sorted,
 )
 from kdcore.losses.inputs import LossInputs, StepContext
+from kdcore.losses.rows import RowLoss, Rows, cross_entropy_rows, rows_on_logits, teacher_rows
 from kdcore.losses.tokens import IGNORE_INDEX, log_softmax, masked_mean, token_cross_entropy
 from kdcore.models.io import count_parameters, load_model, save_model
 from kdcore.models.output import ModelOutput
@@ -37,6 +38,7 @@ from kdcore.protocols import (
     AfterStep,
     Aggregator,
     Aligner,
+    DeclaresRows,
     HasRequirements,
     HasState,
     Initializer,
@@ -83,6 +85,7 @@ __all__ = [
     "Aggregator",
     "Aligner",
     "DatasetProtocol",
+    "DeclaresRows",
     "HasRequirements",
     "HasState",
     "Initializer",
@@ -107,7 +110,10 @@ __all__ = [
     # loss maths
     "DIVERGENCES",
     "TAIL_POLICIES",
+    "RowLoss",
+    "Rows",
     "chunked_token_mean",
+    "cross_entropy_rows",
     "dense_divergence",
     "log_softmax",
     "map_rows",
@@ -115,6 +121,8 @@ __all__ = [
     "sparse_divergence",
     "teacher_support",
     "token_cross_entropy",
+    "teacher_rows",
+    "rows_on_logits",
     "token_divergence",
     "topk_sorted",
     # specs and schedules

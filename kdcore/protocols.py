@@ -17,6 +17,7 @@ import mlx.nn as nn
 import numpy as np
 
 from kdcore.losses.inputs import LossInputs, StepContext
+from kdcore.losses.rows import Rows
 from kdcore.models.output import ModelOutput
 from kdcore.signal.teacher import TeacherSignal
 
@@ -142,6 +143,17 @@ class PreparesBatch(Protocol):
     def prepare_batch(
         self, batch: dict[str, mx.array], context: StepContext
     ) -> dict[str, mx.array]: ...
+
+
+@runtime_checkable
+class DeclaresRows(Protocol):
+    """A token loss that says what it computes per token row: ``rows(inputs) -> Rows |
+    [Rows] | None`` (``kdcore.Rows``; ``kdcore.teacher_rows`` builds one for a divergence). The
+    engine then runs it fused with the output heads, chunk by chunk, without ``[tokens,
+    vocab]`` logits; None means "use my ``__call__`` on full logits for these inputs".
+    ``kdcore.RowLoss`` makes a loss with both from one ``rows`` function."""
+
+    def rows(self, inputs: LossInputs) -> Rows | list[Rows] | None: ...
 
 
 @runtime_checkable

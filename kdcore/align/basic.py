@@ -69,8 +69,11 @@ class Truncate:
 
     def __call__(self, signal: TeacherSignal) -> TeacherSignal:
         size = self.size
+        if signal.final_hidden is not None and not signal.has_logits:
+            head = signal.head  # stays lazy: the fused path slices each chunk's rows
+            return attrs.evolve(signal, vocab_size=size, head=lambda x: head(x)[..., :size])
         if signal.logits is not None:
-            return attrs.evolve(signal, vocab_size=size, logits=signal.logits[..., :size])
+            return signal.with_logits(signal.logits[..., :size], vocab_size=size)
         if signal.topk_ids is not None:
             keep = signal.topk_ids < size
             # Tokens past the student's vocabulary join the tail.

@@ -117,8 +117,9 @@ class TokenMap:
             keep = has_mass if keep is None else keep * has_mass
             q = q / mx.maximum(matched, 1e-30)[..., None]
         logits = mx.where(q > 0, mx.log(mx.maximum(q, 1e-38)), FLOOR)
-        fields = {f.name: getattr(signal, f.name) for f in attrs.fields(type(signal))}
+        fields = {f.alias: getattr(signal, f.name) for f in attrs.fields(type(signal))}
         fields.update(vocab_size=self.student_vocab, logits=mx.stop_gradient(logits))
+        fields.update(final_hidden=None, head=None)
         fields["position_mask"] = keep
         fields.pop("rank_space", None)
         return AlignedSignal(**fields)

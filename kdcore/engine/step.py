@@ -13,7 +13,9 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_map
 
 from kdcore.engine.build import Parts, Trainable
+from kdcore.engine.fused import FusedTerm, fused_pass, head_trains, loss_reason, student_reason
 from kdcore.losses.inputs import LossInputs, StepContext
+from kdcore.losses.rows import as_list
 from kdcore.models.output import ModelOutput
 from kdcore.protocols import PreparesBatch
 from kdcore.signal.aligned import position_mask
@@ -73,8 +75,17 @@ def prepare_batch(parts: Parts, rows: dict[str, np.ndarray], step: int) -> dict[
     return batch
 
 
+def learnable_teacher(trainable: Trainable | None) -> bool:
+    """Whether gradients must reach the teacher signal (a learnable aggregator)."""
+    aggregator = getattr(trainable, "aggregator", None)
+    return aggregator is not None and bool(tree_flatten(aggregator.trainable_parameters()))
+
+
 def loss_terms(parts: Parts, trainable: Trainable, batch, signals, step: int):
-    """(total, {label: term}, {metric: value}) for one micro-batch."""
+    """(total, {label: term}, {metric: value}) for one micro-batch.
+
+    Losses that can run fused with the output heads (``kdcore.engine.fused``) share one
+    pass over token chunks; the others are called on the student's full logits."""
     out = trainable.student(batch["input_ids"], capture=parts.capture)
     inputs = LossInputs(student=out, teacher=None, batch=batch, step=step, total_steps=parts.total)
     teacher = combined_signal(parts, signals, inputs, trainable)
@@ -84,25 +95,41 @@ def loss_terms(parts: Parts, trainable: Trainable, batch, signals, step: int):
         aligned = position_mask(teacher)
         if aligned is not None:
             teacher_batch = {**batch, "mask": batch["mask"] * aligned}
+    fusing = parts.spec.train.fused_loss and student_reason(out) is None
+    trains_teacher = learnable_teacher(trainable)
     total = mx.array(0.0)
-    terms, metrics = {}, {}
+    terms, metrics, fused = {}, {}, []
     for i, (ref, loss, label) in enumerate(zip(parts.spec.losses, parts.losses, parts.labels)):
         loss = trainable.losses.get(f"loss{i}", loss) if isinstance(loss, nn.Module) else loss
         params = resolved_params(ref.config, step, parts.total)
-        value, extra = loss(
-            attrs.evolve(
-                inputs,
-                teacher=teacher,
-                params=params,
-                batch=teacher_batch if parts.uses_teacher(i) else batch,
-            )
-        )
+        reads_teacher = parts.uses_teacher(i)
+        loss_batch = teacher_batch if reads_teacher else batch
+        loss_inputs = attrs.evolve(inputs, teacher=teacher, params=params, batch=loss_batch)
         weight = value_at(ref.weight, step, parts.total)
+        if fusing and loss_reason(loss, reads_teacher, trains_teacher) is None:
+            declared = as_list(loss.rows(loss_inputs))
+            if declared is not None:
+                for rows in declared:
+                    mask = loss_batch["mask"] if rows.mask is None else rows.mask
+                    fused.append(FusedTerm(label, rows, float(weight), mask))
+                    for key, metric in rows.metrics.items():
+                        metrics[f"{label}/{key}"] = metric
+                continue
+        value, extra = loss(loss_inputs)
         terms[label] = value
         for key, metric in (extra or {}).items():
             metrics[f"{label}/{key}"] = metric
         if weight != 0.0:
             total = total + weight * value
+    if fused:
+        head_grad = head_trains(trainable.student, out.head_weight)
+        fused_total, values = fused_pass(fused, out, teacher, batch, head_grad)
+        total = total + fused_total
+        for term, value in zip(fused, values):
+            terms[term.label] = terms.get(term.label, 0.0) + value * float(term.rows.weight)
+            if term.rows.name:
+                metrics[f"{term.label}/{term.rows.name}"] = value
+        terms = {label: terms[label] for label in parts.labels}
     if teacher is not None and teacher.weights is not None:
         mean_w = teacher.weights.reshape(-1, teacher.weights.shape[-1]).mean(0)
         for k in range(mean_w.shape[0]):

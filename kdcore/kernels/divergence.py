@@ -629,12 +629,18 @@ def teacher_support(
     if top_k <= 0:
         raise ValueError("teacher_support from a dense teacher needs top_k > 0")
     logits, tt = (teacher.logits, t) if teacher.logits is not None else (teacher.log_probs(t), 1.0)
-    vocab = logits.shape[-1]
-    k = min(top_k, vocab)
-    inv = 1.0 / tt
+    support = support_rows(min(top_k, logits.shape[-1]), tail, tt)
+    ids, lp = map_rows(support, [logits], tuple(logits.shape[:-1]), chunk_rows)
+    return mx.array(ids.astype(np.int32)), mx.array(lp)
 
-    def support(x):
-        lp_full = _log_softmax(x.astype(mx.float32) * inv)
+
+def support_rows(k: int, tail: str, temperature: float) -> Callable[[mx.array], tuple]:
+    """``rows [C, V] -> (ids [C, k], log-probs [C, k or k+1])``: the top-k support of dense
+    teacher rows at ``temperature``, as :func:`teacher_support` reads it (no gradient)."""
+    inv = 1.0 / temperature
+
+    def support(x: mx.array):
+        lp_full = _log_softmax(mx.stop_gradient(x).astype(mx.float32) * inv)
         ids = topk_sorted(lp_full, k)
         lp = mx.take_along_axis(lp_full, ids, axis=-1)
         if tail == "renormalize":
@@ -642,8 +648,7 @@ def teacher_support(
         rest = (mx.exp(lp_full) * _complement(ids, lp_full.shape)).sum(-1, keepdims=True)
         return ids, mx.concatenate([lp, mx.log(mx.maximum(rest, TINY))], axis=-1)
 
-    ids, lp = map_rows(support, [logits], tuple(logits.shape[:-1]), chunk_rows)
-    return mx.array(ids.astype(np.int32)), mx.array(lp)
+    return support
 
 
 def _distinct_support(ids: np.ndarray, vocab: int) -> np.ndarray:

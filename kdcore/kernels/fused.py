@@ -52,7 +52,7 @@ head gradient per term; knowing the weights up front keeps one.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import attrs
 import mlx.core as mx
@@ -104,12 +104,15 @@ class Term:
     """One row function of a pass, its weight in the total, and what it reads per row.
 
     ``inputs`` name the arrays passed after the student's logits: ``"teacher"`` is the
-    teacher's logits, any other name a row array of ``extras`` (e.g. ``"labels"``).
+    teacher's logits, a name of ``teachers`` another teacher's (a mixture's members), any
+    other name a row array of ``extras`` (e.g. ``"labels"``). ``mask`` ([...], the
+    pass's leading shape) weighs this term's rows in its own mean; None: the pass's mask.
     """
 
     rows: RowFn
     weight: float = 1.0
     inputs: tuple[str, ...] = (TEACHER,)
+    mask: mx.array | None = None
 
 
 def divergence_rows(
@@ -125,11 +128,14 @@ def divergence_rows(
     return dense_rows(kind, coef, t, t)
 
 
-def cross_entropy_rows() -> RowFn:
+def cross_entropy_rows(label_smoothing: float = 0.0) -> RowFn:
     """Row function of the cross-entropy with labels: ``(scale, s [C, V], labels [C])``.
 
-    0 (value and gradient) at ``IGNORE_INDEX``, as ``kdcore.losses.token_cross_entropy``.
+    0 at ``IGNORE_INDEX``, as ``kdcore.losses.token_cross_entropy``; with ``label_smoothing``
+    ``e`` the value is ``(1 - e) nll + e mean_v(-log q_v)`` (the ``ce`` loss), whose gradient
+    is ``q - (1 - e) onehot - e / V``.
     """
+    smoothing = float(label_smoothing)
 
     def rows(scale: mx.array, s: mx.array, labels: mx.array):
         labels = labels.astype(mx.int32)
@@ -140,7 +146,13 @@ def cross_entropy_rows() -> RowFn:
         value = mx.where(keep, -picked, 0.0)
         q = mx.exp(lq)
         onehot = mx.put_along_axis(mx.zeros_like(q), safe, mx.ones(safe.shape, q.dtype), -1)
-        return value, (q - onehot) * (scale * keep[:, None])
+        if not smoothing:
+            return value, (q - onehot) * (scale * keep[:, None])
+        vocab = s.shape[-1]
+        value = (1.0 - smoothing) * value - smoothing * lq.mean(-1)
+        hard = (q - onehot) * keep[:, None]
+        grad = (1.0 - smoothing) * hard + smoothing * (q - 1.0 / vocab)
+        return value, grad * scale
 
     return rows
 
@@ -175,13 +187,13 @@ def _detach(x: mx.array) -> mx.array:
 
 
 class _Plan:
-    """Which rows each chunk holds, their weights in the mean, and how to read rows."""
+    """Which rows each chunk holds, each term's weights in its mean, and how to read rows."""
 
     count: int
-    denominator: float
+    denominators: list[float]
 
-    def chunks(self) -> Iterator[tuple[object, mx.array, mx.array]]:
-        """``(rows handle, scale [C, 1], row weights [C])`` per chunk."""
+    def chunks(self) -> Iterator[tuple[object, list[mx.array], list[mx.array]]]:
+        """``(rows handle, [scale [C, 1]] per term, [row weights [C]] per term)``."""
         raise NotImplementedError
 
     def reader(self, x: mx.array):
@@ -196,21 +208,30 @@ class _Plan:
         raise NotImplementedError
 
 
+def _host_weights(mask: mx.array) -> np.ndarray:
+    return np.asarray(mx.stop_gradient(mask).astype(mx.float32)).reshape(-1).astype(np.float64)
+
+
 class _HostPlan(_Plan):
-    def __init__(self, mask: mx.array, lead: tuple[int, ...], size: int):
+    def __init__(self, masks: list[mx.array], lead: tuple[int, ...], size: int):
         self.lead, self.size = lead, size
-        weights = np.asarray(mx.stop_gradient(mask).astype(mx.float32)).reshape(-1)
-        self.weights = weights.astype(np.float64)
-        self.rows = np.flatnonzero(self.weights != 0)
+        self.weights = [_host_weights(m) for m in masks]
+        visited = np.zeros_like(self.weights[0], dtype=bool)
+        for w in self.weights:
+            visited |= w != 0
+        self.rows = np.flatnonzero(visited)
         self.count = len(self.rows)
-        self.denominator = max(float(self.weights.sum()), 1.0)
+        self.denominators = [max(float(w.sum()), 1.0) for w in self.weights]
 
     def chunks(self):
         for start in range(0, self.count, self.size):
             sub = self.rows[start : start + self.size]
-            w = self.weights[sub]
-            scale = mx.array((w / self.denominator).astype(np.float32))[:, None]
-            yield sub, scale, mx.array(w.astype(np.float32))
+            scales, row_weights = [], []
+            for w_all, denominator in zip(self.weights, self.denominators):
+                w = w_all[sub]
+                scales.append(mx.array((w / denominator).astype(np.float32))[:, None])
+                row_weights.append(mx.array(w.astype(np.float32)))
+            yield sub, scales, row_weights
 
     def reader(self, x):
         rows = _Rows(mx.stop_gradient(x), self.lead)
@@ -230,23 +251,27 @@ class _HostPlan(_Plan):
 
 
 class _DevicePlan(_Plan):
-    def __init__(self, mask: mx.array, lead: tuple[int, ...], size: int):
+    def __init__(self, masks: list[mx.array], lead: tuple[int, ...], size: int):
         self.lead, self.n, self.size = lead, int(np.prod(lead)), size
-        self.mask = _detach(mask.reshape(-1).astype(mx.float32))
-        keep = self.mask != 0
+        self.masks = [_detach(m.reshape(-1).astype(mx.float32)) for m in masks]
+        keep = self.masks[0] != 0
+        for m in self.masks[1:]:
+            keep = keep | (m != 0)
         index = mx.arange(self.n, dtype=mx.int32)
-        # Masked rows first, in order (distinct keys, so the sort order is fixed).
+        # Visited rows first, in order (distinct keys, so the sort order is fixed).
         self.rows = mx.argsort(mx.where(keep, index, index + self.n))
-        count, total = keep.sum(), self.mask.sum()
-        mx.eval(self.rows, count, total)
+        count = keep.sum()
+        totals = mx.stack([m.sum() for m in self.masks])
+        mx.eval(self.rows, count, totals)
         self.count = int(count.item())
-        self.denominator = max(float(total.item()), 1.0)
+        self.denominators = [max(float(x), 1.0) for x in totals.tolist()]
 
     def chunks(self):
         for start in range(0, self.count, self.size):
             sub = self.rows[start : min(start + self.size, self.count)]
-            w = mx.take(self.mask, sub)
-            yield sub, (w / self.denominator)[:, None], w
+            row_weights = [mx.take(m, sub) for m in self.masks]
+            scales = [(w / d)[:, None] for w, d in zip(row_weights, self.denominators)]
+            yield sub, scales, row_weights
 
     def reader(self, x):
         flat = _detach(x.reshape(self.n, *x.shape[len(self.lead) :]))
@@ -262,6 +287,8 @@ class _DevicePlan(_Plan):
 
 # ---------------------------------------------------------------- the fused kernel
 
+TeacherHead = Head | Callable[[mx.array], mx.array]
+
 
 def _terms(terms) -> list[Term]:
     out = []
@@ -276,12 +303,20 @@ def _terms(terms) -> list[Term]:
     return out
 
 
+def _check_head(who: str, head: Head, dim: int) -> int:
+    w = head.weight
+    if w.ndim != 2 or w.shape[1] != dim:
+        raise ValueError(f"{who} head weight {w.shape} is not [V, D] with D = {dim}")
+    if head.bias is not None and tuple(head.bias.shape) != (w.shape[0],):
+        raise ValueError(f"{who} head bias {head.bias.shape} is not [{w.shape[0]}]")
+    return w.shape[0]
+
+
 def _check(
     terms: list[Term],
     student_hidden: mx.array,
     student_head: Head,
-    teacher_hidden: mx.array | None,
-    teacher_head: Head | None,
+    teachers: Mapping[str, tuple[mx.array, TeacherHead | None]],
     mask: mx.array,
     extras: Mapping[str, mx.array],
 ) -> None:
@@ -290,48 +325,71 @@ def _check(
         raise ValueError(
             f"student hidden states {student_hidden.shape} do not match the mask {mask.shape}"
         )
-    w = student_head.weight
-    if w.ndim != 2 or w.shape[1] != student_hidden.shape[-1]:
-        raise ValueError(
-            f"student head weight {w.shape} is not [V, D] with D = {student_hidden.shape[-1]}"
-        )
-    vocab = w.shape[0]
-    if student_head.bias is not None and tuple(student_head.bias.shape) != (vocab,):
-        raise ValueError(f"student head bias {student_head.bias.shape} is not [{vocab}]")
+    vocab = _check_head("student", student_head, student_hidden.shape[-1])
     wanted = {name for term in terms for name in term.inputs}
-    if TEACHER in wanted:
-        if teacher_hidden is None:
+    for name in sorted(wanted & set(teachers) | (wanted & {TEACHER})):
+        who = "teacher" if name == TEACHER else f"teacher {name!r}"
+        if name not in teachers:
             raise ValueError("a term reads the teacher, but no teacher hidden states were given")
-        if tuple(teacher_hidden.shape[:-1]) != lead:
+        hidden, head = teachers[name]
+        if tuple(hidden.shape[:-1]) != lead:
             raise ValueError(
-                f"teacher hidden states {teacher_hidden.shape} do not match the mask {mask.shape}"
+                f"{who} hidden states {hidden.shape} do not match the mask {mask.shape}"
             )
-        if teacher_head is None:
-            t_vocab = teacher_hidden.shape[-1]  # the teacher's logits themselves
+        if head is None:
+            t_vocab = hidden.shape[-1]  # the teacher's logits themselves
+        elif isinstance(head, Head):
+            t_vocab = _check_head(who, head, hidden.shape[-1])
         else:
-            tw = teacher_head.weight
-            if tw.ndim != 2 or tw.shape[1] != teacher_hidden.shape[-1]:
-                raise ValueError(
-                    f"teacher head weight {tw.shape} is not [V, D] with "
-                    f"D = {teacher_hidden.shape[-1]}"
-                )
-            if teacher_head.bias is not None and tuple(teacher_head.bias.shape) != (tw.shape[0],):
-                raise ValueError(
-                    f"teacher head bias {teacher_head.bias.shape} is not [{tw.shape[0]}]"
-                )
-            t_vocab = tw.shape[0]
+            continue  # a callable head (a quantized layer): its width is checked per chunk
         if t_vocab != vocab:
             raise ValueError(
-                f"student vocabulary {vocab} and teacher vocabulary {t_vocab} differ; "
+                f"student vocabulary {vocab} and {who} vocabulary {t_vocab} differ; "
                 "align the vocabularies first"
             )
-    for name in sorted(wanted - {TEACHER}):
+    for name in sorted(wanted - {TEACHER} - set(teachers)):
         if name not in extras:
             raise ValueError(f"a term reads {name!r}, which is not among the extras given")
         if tuple(extras[name].shape[: len(lead)]) != lead:
             raise ValueError(
                 f"extra {name!r} {extras[name].shape} does not match the mask {mask.shape}"
             )
+    for term in terms:
+        if term.mask is not None and tuple(term.mask.shape) != lead:
+            raise ValueError(f"a term's mask {term.mask.shape} does not match {mask.shape}")
+
+
+class _TeacherRows:
+    """Per chunk: a teacher's logits rows, float32, from its hidden rows and head."""
+
+    def __init__(self, plan: _Plan, hidden: mx.array, head: TeacherHead | None, vocab: int):
+        self.read = plan.reader(hidden)
+        self.vocab = vocab
+        self.weight = self.bias = None
+        self.call = None
+        if isinstance(head, Head):
+            self.weight = plan.whole(head.weight).astype(mx.float32)
+            if head.bias is not None:
+                self.bias = plan.whole(head.bias).astype(mx.float32)
+        elif head is not None:
+            self.call = head
+
+    def __call__(self, handle) -> mx.array:
+        rows = self.read(handle)
+        if self.call is not None:  # e.g. a quantized head: its own kernel, its own dtype
+            t = mx.stop_gradient(self.call(rows)).astype(mx.float32)
+            if t.shape[-1] != self.vocab:
+                raise ValueError(
+                    f"student vocabulary {self.vocab} and teacher vocabulary {t.shape[-1]} "
+                    "differ; align the vocabularies first"
+                )
+            return t
+        t = rows.astype(mx.float32)
+        if self.weight is not None:
+            t = t @ self.weight.T
+            if self.bias is not None:
+                t = t + self.bias
+        return t
 
 
 def fused_token_terms(
@@ -339,9 +397,10 @@ def fused_token_terms(
     student_hidden: mx.array,
     student_head: Head,
     teacher_hidden: mx.array | None,
-    teacher_head: Head | None,
+    teacher_head: TeacherHead | None,
     mask: mx.array,
     *,
+    teachers: Mapping[str, tuple[mx.array, TeacherHead | None]] | None = None,
     extras: Mapping[str, mx.array] | None = None,
     chunk_rows: int | None = None,
     grad: bool = True,
@@ -352,17 +411,25 @@ def fused_token_terms(
 
     ``student_hidden`` is ``[..., D]`` with leading shape ``mask.shape``; so is
     ``teacher_hidden`` (its own ``D``), or it is the teacher's logits ``[..., V]`` when
-    ``teacher_head`` is None. ``extras`` are further per-row arrays (leading shape
-    ``mask.shape``) that terms name in their ``inputs``. ``total`` is differentiable with
-    respect to the student's hidden states, head weight and bias; ``values`` are float32
-    constants for logging (see the module doc). ``grad=False`` skips the gradient work (an
-    evaluation pass; differentiating the result then raises); ``head_grad=False`` skips
-    only the head's (a frozen head: zeros are returned for it). ``reader`` is ``"host"``
-    or ``"device"`` (default: :func:`default_reader`).
+    ``teacher_head`` is None; ``teacher_head`` may also be any callable ``[C, D] -> [C, V]``
+    (a quantized layer), run per chunk without gradient. ``teachers`` names further
+    teachers the same way (``{name: (hidden or logits, head or None)}``), each computed
+    once per chunk for every term that reads it. ``extras`` are further per-row arrays
+    (leading shape ``mask.shape``) that terms name in their ``inputs``. ``mask`` weighs the
+    rows of every term without a ``mask`` of its own; the pass visits the rows where any
+    mask is non-zero. ``total`` is differentiable with respect to the student's hidden
+    states, head weight and bias; ``values`` are float32 constants for logging (see the
+    module doc). ``grad=False`` skips the gradient work (an evaluation pass;
+    differentiating the result then raises); ``head_grad=False`` skips only the head's (a
+    frozen head: zeros are returned for it). ``reader`` is ``"host"`` or ``"device"``
+    (default: :func:`default_reader`).
     """
     terms = _terms(terms)
     extras = dict(extras or {})
-    _check(terms, student_hidden, student_head, teacher_hidden, teacher_head, mask, extras)
+    sources = dict(teachers or {})
+    if teacher_hidden is not None:
+        sources[TEACHER] = (teacher_hidden, teacher_head)
+    _check(terms, student_hidden, student_head, sources, mask, extras)
     reader = reader or default_reader()
     if reader not in READERS:
         raise ValueError(f"unknown reader {reader!r}; use one of {', '.join(READERS)}")
@@ -373,64 +440,63 @@ def fused_token_terms(
     if size < 1:
         raise ValueError(f"chunk_rows must be >= 1, got {size}")
     wanted = {name for term in terms for name in term.inputs}
-    uses_teacher = TEACHER in wanted
-    extra_names = sorted(wanted - {TEACHER})
+    teacher_names = sorted(wanted & set(sources))
+    extra_names = sorted(wanted - set(sources))
     has_bias = student_head.bias is not None
-    t_bias = teacher_head is not None and teacher_head.bias is not None
+    term_masks = [mask if term.mask is None else term.mask for term in terms]
 
     # The primals, in order: student hidden, weight, [bias], then the constants.
     primals = [student_hidden, student_head.weight]
     if has_bias:
         primals.append(student_head.bias)
     constants: list[mx.array] = []
-    if uses_teacher:
-        constants.append(teacher_hidden)
-        if teacher_head is not None:
-            constants.append(teacher_head.weight)
-            if t_bias:
-                constants.append(teacher_head.bias)
+    layout: list[tuple[str, int]] = []  # (teacher name, how many arrays) in constants
+    for name in teacher_names:
+        hidden, head = sources[name]
+        arrays = [hidden]
+        if isinstance(head, Head):
+            arrays.append(head.weight)
+            if head.bias is not None:
+                arrays.append(head.bias)
+        constants.extend(arrays)
+        layout.append((name, len(arrays)))
     constants.extend(extras[name] for name in extra_names)
     student_count = len(primals)
     held: dict[str, object] = {}
 
     def forward(args: list[mx.array]) -> mx.array:
-        plan = (_HostPlan if reader == "host" else _DevicePlan)(mask, lead, size)
+        plan = (_HostPlan if reader == "host" else _DevicePlan)(term_masks, lead, size)
         h, w, *rest = args[:student_count]
         b = rest[0] if has_bias else None
         it = iter(args[student_count:])
         read_h = plan.reader(h)
         weight = plan.whole(w).astype(mx.float32)
         bias = plan.whole(b).astype(mx.float32) if has_bias else None
-        read_t = t_weight = t_bias_v = None
-        if uses_teacher:
-            read_t = plan.reader(next(it))
-            if teacher_head is not None:
-                t_weight = plan.whole(next(it)).astype(mx.float32)
-                if t_bias:
-                    t_bias_v = plan.whole(next(it)).astype(mx.float32)
+        read_t = {}
+        for name, count in layout:
+            arrays = [next(it) for _ in range(count)]
+            head = sources[name][1]
+            if isinstance(head, Head):
+                head = Head(arrays[1], arrays[2] if count == 3 else None)
+            read_t[name] = _TeacherRows(plan, arrays[0], head, vocab)
         read_x = {name: plan.reader(next(it)) for name in extra_names}
 
         d_hidden = mx.zeros((n, dim), mx.float32) if grad else None
         d_weight = mx.zeros((vocab, dim), mx.float32) if grad and head_grad else None
         d_bias = mx.zeros((vocab,), mx.float32) if grad and head_grad and has_bias else None
         totals = [0.0] * len(terms)
-        for handle, scale, row_weights in plan.chunks():
+        for handle, scales, row_weights in plan.chunks():
             hc = read_h(handle).astype(mx.float32)
             s = hc @ weight.T
             if bias is not None:
                 s = s + bias
             inputs: dict[str, mx.array] = {name: r(handle) for name, r in read_x.items()}
-            if uses_teacher:
-                t = read_t(handle).astype(mx.float32)
-                if t_weight is not None:
-                    t = t @ t_weight.T
-                    if t_bias_v is not None:
-                        t = t + t_bias_v
-                inputs[TEACHER] = t
+            for name, rows in read_t.items():
+                inputs[name] = rows(handle)
             values, g = [], None
-            for term in terms:
+            for term, scale, row_w in zip(terms, scales, row_weights):
                 v, gi = term.rows(scale, s, *(inputs[name] for name in term.inputs))
-                values.append((v * row_weights).sum())
+                values.append((v * row_w).sum())
                 if grad and term.weight != 0.0:
                     gi = gi * term.weight if term.weight != 1.0 else gi
                     g = gi if g is None else g + gi
@@ -447,7 +513,7 @@ def fused_token_terms(
             mx.eval(work)
             for i, v in enumerate(values):
                 totals[i] += float(v.item())
-        means = [x / plan.denominator for x in totals]
+        means = [x / d for x, d in zip(totals, plan.denominators)]
         held["values"] = means
         if grad:
             held["grads"] = (d_hidden, d_weight, d_bias)

@@ -8,6 +8,7 @@ import attrs
 import mlx.core as mx
 
 from kdcore.losses.inputs import LossInputs
+from kdcore.losses.rows import RowLoss, cross_entropy_rows
 from kdcore.losses.tokens import log_softmax, masked_mean, token_cross_entropy
 
 
@@ -30,4 +31,8 @@ def cross_entropy(config: CrossEntropyConfig, setup: Any = None):
             nll = (1 - smoothing) * nll + smoothing * uniform
         return masked_mean(nll, mask), {}
 
-    return loss
+    def rows(inputs: LossInputs):
+        smoothing = inputs.params.label_smoothing if inputs.params is not None else 0.0
+        return cross_entropy_rows(smoothing)
+
+    return RowLoss(rows, loss)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib
 import shutil
 import sys
+from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
@@ -15,15 +16,20 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map
 
-from kdcore.errors import CheckpointError, SpecError
+from kdcore.errors import CheckpointError, KdError, SpecError
 from kdcore.io import save_arrays, write_json
-from kdcore.models.output import ModelOutput
+from kdcore.models.output import ModelOutput, plain_head
 from kdcore.tokenizers.hf import (
     HFTokenizer,
     byte_level_tokenizer_json,
     require_mlx_lm,
     write_hf_tokenizer,
 )
+
+# mlx-lm model types whose ``Model.__call__`` is exactly ``head(self.model(inputs))`` with
+# ``head`` the tied ``embed_tokens.as_linear`` or ``lm_head`` (no scaling, no soft-cap), so
+# kdcore may run the body and the head apart (the fused loss path). Others give logits.
+PLAIN_HEAD_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "olmo2", "phi3"})
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 
@@ -281,12 +287,71 @@ class MlxLmModel(nn.Module):
         owner, name = _layer_list(self._ref.lm)
         return owner[name]
 
+    def make_cache(self, left_padding: Sequence[int]) -> list:
+        """mlx-lm's own prompt cache (``make_prompt_cache``) for a batch whose row ``b``
+        starts with ``left_padding[b]`` pads; padded rows get mlx-lm's batch caches
+        (``BatchKVCache``...), which mask the pads and offset each row's positions."""
+        require_mlx_lm()
+        from mlx_lm.models.cache import BatchKVCache, BatchRotatingKVCache, make_prompt_cache
+
+        pads = [int(p) for p in left_padding]
+        if not any(pads):
+            return make_prompt_cache(self._ref.lm)
+        # mlx-lm's batch generator builds its batch caches this way: merge empty per-row
+        # caches, then announce the left padding before the prompt runs. Only the KV
+        # caches take left padding (a recurrent state's cache would run over the pads).
+        rows = [make_prompt_cache(self._ref.lm) for _ in pads]
+        batch = []
+        for layer, cache in enumerate(rows[0]):
+            merged = cache.merge([row[layer] for row in rows]) if hasattr(cache, "merge") else None
+            if not isinstance(merged, (BatchKVCache, BatchRotatingKVCache)):
+                raise KdError(
+                    f"mlx-lm model {self.mlx_config.get('model_type')!r}: its cache "
+                    f"{type(cache).__name__} cannot hold left-padded rows; generate prompts "
+                    "of one length per call"
+                )
+            merged.prepare(left_padding=pads)
+            batch.append(merged)
+        return batch
+
+    def step(self, input_ids: mx.array, cache: list) -> mx.array:
+        """Run the new tokens ``input_ids`` [B, L] on ``cache`` (mlx-lm's
+        ``model(inputs, cache=cache)``): the logits [B, V] after the last one."""
+        return self._ref.lm(input_ids, cache=cache)[:, -1, :]
+
+    def split_head(self) -> tuple[nn.Module, Callable, nn.Module] | None:
+        """``(body, head, head layer)`` when this model's logits are exactly
+        ``head(body(ids))`` with a tied embedding or an ``lm_head`` (the families in
+        ``PLAIN_HEAD_TYPES``; checked against their mlx-lm ``__call__``), else None."""
+        lm = self._ref.lm
+        if self.mlx_config.get("model_type") not in PLAIN_HEAD_TYPES or "model" not in lm:
+            return None
+        if "lm_head" in lm:
+            return lm.model, lm.lm_head, lm.lm_head
+        embed = lm.model.embed_tokens
+        return lm.model, embed.as_linear, embed
+
+    def _output(self, input_ids: mx.array, **captured) -> ModelOutput:
+        split = self.split_head()
+        if split is None:
+            return ModelOutput(logits=self._ref.lm(input_ids), **captured)
+        body, head, layer = split
+        weight, bias = plain_head(layer)
+        return ModelOutput(
+            final_hidden=body(input_ids),
+            head=head,
+            head_weight=weight,
+            head_bias=bias,
+            vocab=layer["weight"].shape[0],
+            **captured,
+        )
+
     def __call__(self, input_ids: mx.array, capture: frozenset[str] = frozenset()) -> ModelOutput:
         lm = self._ref.lm
         want_hidden = "hidden_states" in capture
         want_attn = "attentions" in capture
         if not (want_hidden or want_attn):
-            return ModelOutput(logits=lm(input_ids))
+            return self._output(input_ids)
         owner, name = _layer_list(lm)
         layers = owner[name]
         hidden: list = []
@@ -298,18 +363,16 @@ class MlxLmModel(nn.Module):
         with _patched_attention(layers, attentions if want_attn else None):
             owner[name] = catchers
             try:
-                logits = lm(input_ids)
+                out = self._output(input_ids)
             finally:
                 owner[name] = layers
         if want_attn and len(attentions) != len(layers):
             raise SpecError(
                 f"attention capture saw {len(attentions)} attention calls for {len(layers)} layers"
             )
-        return ModelOutput(
-            logits=logits,
-            hidden_states=tuple(hidden) if want_hidden else None,
-            attentions=tuple(attentions) if want_attn else None,
-        )
+        out.hidden_states = tuple(hidden) if want_hidden else None
+        out.attentions = tuple(attentions) if want_attn else None
+        return out
 
 
 @attrs.define
@@ -393,16 +456,18 @@ def save_mlxlm_student(
     tokenizer_dir: str | Path | None = None,
     run_tok: Any = None,
     weights: dict[str, mx.array] | None = None,
+    config: dict | None = None,
 ) -> None:
     """Write an mlx-lm directory: ``config.json``, ``model.safetensors``, tokenizer files.
 
     ``mlx_lm.load(directory)`` and ``mlx_lm.generate`` work on it. ``weights`` overrides
-    the model's parameters (LoRA students save their fused weights this way).
+    the model's parameters (LoRA students save their fused weights this way), ``config``
+    its config.json (a quantized student's carries its ``"quantization"`` entry).
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     weights = weights if weights is not None else dict(tree_flatten(model.parameters()))
     save_arrays(directory / "model.safetensors", weights, metadata={"format": "mlx"})
-    write_json(directory / "config.json", model.mlx_config)
+    write_json(directory / "config.json", config if config is not None else model.mlx_config)
     tokenizer_dir = Path(tokenizer_dir) if tokenizer_dir else model.tokenizer_dir
     write_tokenizer_files(directory, tokenizer_dir, run_tok)

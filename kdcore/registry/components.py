@@ -46,6 +46,7 @@ PROPERTIES = frozenset(
         "zero_at_identity",  # loss is 0 when student and teacher distributions are equal
         "shift_invariant",  # loss is unchanged when a constant is added to the logits
         "sparse_ok",  # loss works from a top-k teacher signal
+        "fused",  # loss declares rows: runs fused with the output heads (kdcore.Rows)
         "monotone_increasing",  # scheduler: never decreases with step
         "monotone_decreasing",  # scheduler: never increases with step
     }

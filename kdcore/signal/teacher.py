@@ -6,6 +6,8 @@ whether it came from a live teacher, an offline cache or an aggregator.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import attrs
 import mlx.core as mx
 
@@ -27,7 +29,10 @@ class TeacherSignal:
 
     Exactly one of the three forms is set:
 
-    - dense: ``logits`` [B, L, V] at temperature 1;
+    - dense: ``logits`` [B, L, V] at temperature 1, or ``final_hidden`` [B, L, D] and
+      ``head`` (``[..., D] -> [..., V]``), from which ``logits`` are made on first use: the
+      engine's fused path reads ``final_hidden`` and ``head`` chunk by chunk instead, so a
+      live teacher's ``[B, L, V]`` logits never exist unless something asks for them;
     - sparse: ``topk_ids`` / ``topk_logprobs`` [B, L, K] (log-probabilities at
       ``capture_temperature``) and ``tail_logmass`` [B, L] (log of the mass outside the top-k);
     - mixture: ``members`` (signals) and ``weights`` ([B, M] or [B, L, M], rows sum to 1);
@@ -37,7 +42,7 @@ class TeacherSignal:
     """
 
     vocab_size: int
-    logits: mx.array | None = None
+    _logits: mx.array | None = attrs.field(default=None, alias="logits")
     topk_ids: mx.array | None = None
     topk_logprobs: mx.array | None = None
     tail_logmass: mx.array | None = None
@@ -46,15 +51,38 @@ class TeacherSignal:
     weights: mx.array | None = None
     hidden_states: tuple[mx.array, ...] | None = None
     attentions: tuple[mx.array, ...] | None = None
+    final_hidden: mx.array | None = None
+    head: Callable[[mx.array], mx.array] | None = None
 
     def __attrs_post_init__(self) -> None:
-        forms = [self.logits is not None, self.topk_ids is not None, self.members is not None]
+        dense = self._logits is not None or (
+            self.final_hidden is not None and self.head is not None
+        )
+        forms = [dense, self.topk_ids is not None, self.members is not None]
         if sum(forms) != 1:
             raise ValueError("a TeacherSignal is exactly one of: dense, sparse, mixture")
 
     @property
+    def logits(self) -> mx.array | None:
+        """[B, L, V] for a dense signal (made once from ``head(final_hidden)`` when only
+        those were given), None otherwise."""
+        if self._logits is None and self.head is not None and self.final_hidden is not None:
+            object.__setattr__(self, "_logits", self.head(self.final_hidden))
+        return self._logits
+
+    def with_logits(self, logits: mx.array, **changes) -> TeacherSignal:
+        """This signal with new dense ``logits`` (an aligner's output): the hidden states
+        and head that made the old ones no longer describe it and are dropped."""
+        return attrs.evolve(self, logits=logits, final_hidden=None, head=None, **changes)
+
+    @property
+    def has_logits(self) -> bool:
+        """Whether ``[B, L, V]`` logits exist already (the fused path avoids making them)."""
+        return self._logits is not None
+
+    @property
     def is_dense(self) -> bool:
-        return self.logits is not None
+        return self._logits is not None or self.final_hidden is not None
 
     @property
     def is_sparse(self) -> bool:
@@ -65,8 +93,10 @@ class TeacherSignal:
     @property
     def shape(self) -> tuple[int, int]:
         """(batch, length) of the token positions."""
-        if self.logits is not None:
-            return tuple(self.logits.shape[:2])
+        if self._logits is not None:
+            return tuple(self._logits.shape[:2])
+        if self.final_hidden is not None:
+            return tuple(self.final_hidden.shape[:2])
         if self.topk_ids is not None:
             return tuple(self.topk_ids.shape[:2])
         return self.members[0].shape
@@ -110,3 +140,24 @@ class TeacherSignal:
 
 def dense_signal(logits: mx.array, **extra) -> TeacherSignal:
     return TeacherSignal(vocab_size=logits.shape[-1], logits=logits, **extra)
+
+
+def output_signal(out, cls: type[TeacherSignal] = TeacherSignal, **extra) -> TeacherSignal:
+    """A frozen teacher's signal from its ``ModelOutput``: hidden states and head when the
+    model gives them (logits made only on demand), else its logits; all without gradient.
+    ``extra`` are further fields (``position_mask`` of an :class:`AlignedSignal`)."""
+    sg = mx.stop_gradient
+    common = dict(
+        hidden_states=tuple(sg(h) for h in out.hidden_states) if out.hidden_states else None,
+        attentions=tuple(sg(a) for a in out.attentions) if out.attentions else None,
+    )
+    common.update(extra)
+    if not out.has_logits and out.final_hidden is not None and out.head is not None:
+        head = out.head
+        return cls(
+            vocab_size=out.vocab_size,
+            final_hidden=sg(out.final_hidden),
+            head=lambda x: sg(head(x)),
+            **common,
+        )
+    return cls(vocab_size=out.logits.shape[-1], logits=sg(out.logits), **common)

@@ -127,6 +127,12 @@ class TrainSection:
     log_every: int = attrs.field(default=10, validator=positive)
     checkpoint_every: int = attrs.field(default=0, validator=non_negative)  # 0: only at the end
     keep_checkpoints: int = attrs.field(default=2, validator=positive)
+    # Token losses that declare rows run fused with the output heads, never holding
+    # [tokens, vocab] logits; false runs every loss on full logits (the reference path).
+    fused_loss: bool = True
+    # Recompute each transformer layer's activations in the backward (mx.checkpoint):
+    # memory of one layer instead of all, for about one more forward of compute.
+    checkpoint_layers: bool = False
 
 
 @attrs.define

@@ -15,7 +15,7 @@ from kdcore.align.retokenize import Retokenizer
 from kdcore.errors import SpecError
 from kdcore.models.mlxlm import MlxLmModel, cast_floats, load_mlxlm, shape_of
 from kdcore.signal.aligned import AlignedSignal, gather_positions
-from kdcore.signal.teacher import TeacherSignal
+from kdcore.signal.teacher import TeacherSignal, output_signal
 from kdcore.tokenizers.hf import load_hf_tokenizer
 
 
@@ -92,15 +92,7 @@ class MlxLmTeacher:
     def signal(self, batch: dict, capture: frozenset = frozenset(), student=None) -> TeacherSignal:
         sg = mx.stop_gradient
         if self.retokenizer is None:
-            out = self.adapter(batch["input_ids"], capture=capture)
-            return TeacherSignal(
-                vocab_size=out.logits.shape[-1],
-                logits=sg(out.logits),
-                hidden_states=tuple(sg(h) for h in out.hidden_states)
-                if out.hidden_states
-                else None,
-                attentions=tuple(sg(a) for a in out.attentions) if out.attentions else None,
-            )
+            return output_signal(self.adapter(batch["input_ids"], capture=capture))
         if "attentions" in capture:
             raise SpecError(
                 "attention maps of a teacher with another tokenizer do not line up with the "
@@ -112,6 +104,15 @@ class MlxLmTeacher:
         hidden = None
         if out.hidden_states:
             hidden = tuple(sg(gather_positions(h, index)) for h in out.hidden_states)
+        if out.final_hidden is not None and not out.has_logits:
+            head = out.head
+            return AlignedSignal(
+                vocab_size=out.vocab_size,
+                final_hidden=sg(gather_positions(out.final_hidden, index)),
+                head=lambda x: sg(head(x)),
+                hidden_states=hidden,
+                position_mask=mx.array(mask),
+            )
         return AlignedSignal(
             vocab_size=out.logits.shape[-1],
             logits=sg(gather_positions(out.logits, index)),

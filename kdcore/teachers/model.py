@@ -10,11 +10,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import attrs
-import mlx.core as mx
 
 from kdcore.errors import SpecError
 from kdcore.models.io import count_parameters, load_model
-from kdcore.signal.teacher import TeacherSignal
+from kdcore.signal.teacher import TeacherSignal, output_signal
 from kdcore.tokenizers.simple import load_tokenizer
 
 
@@ -38,11 +37,4 @@ class ModelTeacher:
         self.num_parameters = count_parameters(self.model)
 
     def signal(self, batch: dict, capture: frozenset = frozenset(), student=None) -> TeacherSignal:
-        out = self.model(batch["input_ids"], capture=capture)
-        sg = mx.stop_gradient
-        return TeacherSignal(
-            vocab_size=out.logits.shape[-1],
-            logits=sg(out.logits),
-            hidden_states=tuple(sg(h) for h in out.hidden_states) if out.hidden_states else None,
-            attentions=tuple(sg(a) for a in out.attentions) if out.attentions else None,
-        )
+        return output_signal(self.model(batch["input_ids"], capture=capture))

@@ -255,7 +255,30 @@ def bild(config: BildConfig, setup=None):
         )
         return value + weight * prompt, {"ld": value, "prompt_kl": prompt}
 
-    return loss
+    def rows(inputs: kdcore.LossInputs):
+        params = inputs.params if inputs.params is not None else config
+        teacher = inputs.teacher
+        k = min(int(params.top_k), teacher.vocab_size)
+        if k < 2 or not (teacher.is_dense or teacher.topk_ids is not None):
+            return None  # no pairs, or a mixture: the full-logit path
+        temperature = float(params.temperature)
+        if teacher.topk_ids is not None:
+            arrays = _sparse_teacher(teacher, k)
+            names = ("ids", "z", "rest")
+            ld = kdcore.Rows(
+                bild_rows(k, temperature, True), names, extras=dict(zip(names, arrays)), name="ld"
+            )
+        else:
+            ld = kdcore.Rows(bild_rows(k, temperature, False), name="ld")
+        weight = params.prompt_kl
+        if not isinstance(weight, mx.array) and not weight:
+            return ld
+        prompt = kdcore.teacher_rows(
+            teacher, "forward_kl", weight=weight, mask=prompt_positions(inputs.batch["mask"])
+        )
+        return [ld, attrs.evolve(prompt, name="prompt_kl")]
+
+    return kdcore.RowLoss(rows, loss)
 
 
 @attrs.define
@@ -290,4 +313,24 @@ def bidirectional_kl(config: BidirectionalConfig, setup=None):
         )
         return mix * (temperature * temperature), terms
 
-    return loss
+    def rows(inputs: kdcore.LossInputs):
+        params = inputs.params if inputs.params is not None else config
+        temperature = float(params.temperature)
+        declared = []
+        for kind, weight in (
+            ("forward_kl", params.forward_weight),
+            ("reverse_kl", params.reverse_weight),
+        ):
+            term = kdcore.teacher_rows(
+                inputs.teacher,
+                kind,
+                temperature=temperature,
+                tail=params.tail,
+                weight=float(weight) * temperature * temperature,
+            )
+            if term is None:
+                return None
+            declared.append(attrs.evolve(term, name=kind))
+        return declared
+
+    return kdcore.RowLoss(rows, loss)

@@ -51,7 +51,6 @@ import attrs
 import mlx.core as mx
 import numpy as np
 
-from kd_cot.decoding import decoder_for
 from kd_cot.evaluator import (
     EvaluationError,
     check_annotations,
@@ -207,9 +206,9 @@ def sample_completions(
 ) -> list[list[str]]:
     """``n`` completions of each prompt (temperature 0: greedy), as text after the prompt.
 
-    Prompts are grouped by token length so that no row needs padding (the built-in models
-    take no attention mask); each group is sampled with ``kdcore.generate`` in
-    chunks of ``chunk`` tokens and stops early once every row holds a complete answer.
+    Prompts are grouped by token length (a batch holds no pads); each group is sampled
+    with ``kdcore.generate`` (KV-cached for the built-in and mlx-lm models), which asks
+    after every ``chunk`` tokens whether every row holds a complete answer and stops then.
     """
     mx.random.seed(seed)
     encoded = [tokenizer.encode(p) for p in prompts]
@@ -218,22 +217,25 @@ def sample_completions(
     for i, j in rows:
         by_length[len(encoded[i])].append((i, j))
     out: list[list[str]] = [[""] * n for _ in prompts]
-    decoder = decoder_for(model)
+
+    def texts_of(tokens: mx.array, length: int) -> list[str]:
+        return [tokenizer.decode(row.tolist()) for row in np.array(tokens[:, length:])]
+
     for length in sorted(by_length):
         group = by_length[length]
         for start in range(0, len(group), batch_size):
             part = group[start : start + batch_size]
-            tokens = mx.array(np.array([encoded[i] for i, _ in part], dtype=np.int32))
-            made = 0
-            texts = [""] * len(part)
-            while made < max_new_tokens:
-                step = min(chunk, max_new_tokens - made)
-                tokens, _ = generate(decoder, tokens, step, temperature=temperature, top_p=top_p)
-                made += step
-                generated = np.array(tokens[:, length:])
-                texts = [tokenizer.decode(row.tolist()) for row in generated]
-                if all(template.is_complete(t) for t in texts):
-                    break
+            ids = mx.array(np.array([encoded[i] for i, _ in part], dtype=np.int32))
+            tokens, _ = generate(
+                model,
+                ids,
+                max_new_tokens,
+                temperature=temperature,
+                top_p=top_p,
+                until=lambda t, _m, at=length: all(map(template.is_complete, texts_of(t, at))),
+                check_every=chunk,
+            )
+            texts = texts_of(tokens, length)
             for (i, j), text in zip(part, texts):
                 out[i][j] = text
     return out

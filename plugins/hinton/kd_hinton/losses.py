@@ -62,7 +62,19 @@ def hinton(config: HintonConfig, setup=None):
             value = value * (temperature * temperature)
         return value, {}
 
-    return loss
+    def rows(inputs: kdcore.LossInputs):
+        params = inputs.params if inputs.params is not None else config
+        temperature = float(params.temperature)
+        return kdcore.teacher_rows(
+            inputs.teacher,
+            "forward_kl",
+            temperature=temperature,
+            tail=params.tail,
+            top_k=params.top_k,
+            weight=temperature * temperature if params.t_squared else 1.0,
+        )
+
+    return kdcore.RowLoss(rows, loss)
 
 
 @attrs.define
@@ -92,6 +104,14 @@ def teacher_entropy(teacher: kdcore.TeacherSignal) -> mx.array:
     if teacher.is_sparse:
         _ids, lp = kdcore.teacher_support(teacher, 1.0, "tail-bucket")
         return mx.stop_gradient(_entropy_rows(lp))
+    if teacher.final_hidden is not None and not teacher.has_logits:
+        # a live teacher: its logits made chunk by chunk from hidden states and head
+        hidden, head = teacher.final_hidden, teacher.head
+        lead = tuple(hidden.shape[:-1])
+        (rows,) = kdcore.map_rows(
+            lambda h: _entropy_rows(head(h).astype(mx.float32)), [hidden], lead
+        )
+        return mx.array(rows.astype(np.float32))
     logits = teacher.logits if teacher.logits is not None else teacher.log_probs(1.0)
     lead = tuple(logits.shape[:-1])
     (rows,) = kdcore.map_rows(lambda x: _entropy_rows(x.astype(mx.float32)), [logits], lead)
@@ -121,4 +141,24 @@ def selective(config: SelectiveConfig, setup=None):
         kept = kept_mask.sum() / mx.maximum(mask.sum(), 1.0)
         return value, {"kept": kept}
 
-    return loss
+    def rows(inputs: kdcore.LossInputs):
+        params = inputs.params if inputs.params is not None else config
+        temperature = float(params.temperature)
+        mask = inputs.batch["mask"].astype(mx.float32)
+        keep = (teacher_entropy(inputs.teacher) > float(params.min_entropy)).astype(mx.float32)
+        kept_mask = mask * keep
+        declared = kdcore.teacher_rows(
+            inputs.teacher,
+            "forward_kl",
+            temperature=temperature,
+            tail=params.tail,
+            top_k=params.top_k,
+            weight=temperature * temperature if params.t_squared else 1.0,
+            mask=kept_mask,
+        )
+        if declared is None:
+            return None
+        kept = kept_mask.sum() / mx.maximum(mask.sum(), 1.0)
+        return attrs.evolve(declared, metrics={"kept": kept})
+
+    return kdcore.RowLoss(rows, loss)

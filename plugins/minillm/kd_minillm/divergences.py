@@ -29,7 +29,7 @@ import kdcore
 from kdcore import Schedule
 
 Tail = Literal["renormalize", "tail-bucket"]
-_PROPERTIES = {"zero_at_identity", "shift_invariant", "sparse_ok"}
+_PROPERTIES = {"zero_at_identity", "shift_invariant", "sparse_ok", "fused"}
 
 
 def _positive_number(_instance, attribute, value) -> None:
@@ -106,7 +106,20 @@ def divergence_loss(kind: str):
                 value = value * (temperature * temperature)
             return value, {}
 
-        return loss
+        def rows(inputs: kdcore.LossInputs):
+            params = inputs.params if inputs.params is not None else config
+            temperature = float(params.temperature)
+            return kdcore.teacher_rows(
+                inputs.teacher,
+                kind,
+                temperature=temperature,
+                beta=getattr(params, "beta", 0.5),
+                alpha=getattr(params, "alpha", 0.1),
+                tail=params.tail,
+                weight=temperature * temperature if params.t_squared else 1.0,
+            )
+
+        return kdcore.RowLoss(rows, loss)
 
     factory.__name__ = kind
     factory.__doc__ = f"Loss: masked mean of the {kind} divergence (kdcore.token_divergence)."

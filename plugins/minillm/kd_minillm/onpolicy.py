@@ -53,9 +53,12 @@ from kdcore import (
     Component,
     LossInputs,
     ModelOutput,
+    Rows,
     StepContext,
+    cross_entropy_rows,
     log_softmax,
     masked_mean,
+    teacher_rows,
     token_cross_entropy,
     top_p_filter,
     value_at,
@@ -344,6 +347,24 @@ class MiniLLM:
         )
         return append_samples(batch, tokens, gen_mask, weights)
 
+    def rows(self, inputs: LossInputs) -> list[Rows] | None:
+        """Off-policy batches run fused: ``reg_weight * KL(q_T || p_T) + lm_weight * CE``;
+        on-policy ones (the policy gradient over sampled tokens) take the full logits."""
+        p = inputs.params if inputs.params is not None else self.config
+        if SAMPLE_MASK in inputs.batch or inputs.teacher.is_sparse:
+            return None
+        temperature = float(p.temperature)
+        reg = teacher_rows(inputs.teacher, "reverse_kl", temperature=temperature)
+        if reg is None:
+            return None
+        lm = cross_entropy_rows()
+        return [
+            attrs.evolve(
+                reg, weight=p.reg_weight, name="reg", metrics={"on_policy": mx.array(0.0)}
+            ),
+            attrs.evolve(lm, weight=p.lm_weight, name="lm"),
+        ]
+
     def __call__(self, inputs: LossInputs) -> tuple[mx.array, dict[str, mx.array]]:
         p = inputs.params if inputs.params is not None else self.config
         batch = inputs.batch
@@ -407,7 +428,7 @@ def components() -> list[Component]:
             MiniLLM,
             MiniLLMConfig,
             requires={"dense_teacher", "student_samples"},
-            properties={"shift_invariant"},
+            properties={"shift_invariant", "fused"},
             doc="MiniLLM on-policy reverse-KL distillation: policy gradient on student samples "
             "+ single-step reverse KL (+ LM term); lmbda = share of on-policy batches",
         )
