@@ -30,8 +30,25 @@ def inspect_data(source: str, fmt: str | None, limit: int = 3, overrides=None) -
             raise SpecError(exc.args[0]) from None
         from kdcore.spec.build import make_config
 
-        config = make_config("dataset", name, path=str(path.resolve()))
+        config = make_config("dataset", name, **_file_params(path, overrides or []))
         dataset = component.factory(config, Setup(base_dir=Path.cwd()))
     report = {"source": str(source), "format": name}
     report.update(dataset.inspect(limit))
     return report
+
+
+def _file_params(path: Path, overrides: list[str]) -> dict:
+    """A data file's dataset parameters: its path and each ``--set KEY=VALUE`` (``--set
+    tokenizer=model --set seq_len=64``)."""
+    from kdcore.spec.load import parse_override
+
+    params: dict = {"path": str(path.resolve())}
+    for item in overrides:
+        keys, value = parse_override(item)
+        if len(keys) != 1 or keys[0] == "path":
+            raise SpecError(
+                f"--set {item!r}: with a data file, --set takes one of the dataset's "
+                "parameters (tokenizer=..., seq_len=...)"
+            )
+        params[keys[0]] = value
+    return params
