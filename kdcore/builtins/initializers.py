@@ -1,7 +1,8 @@
-"""Built-in student initializers: ``random``, ``from-teacher`` and ``lora``."""
+"""Built-in student initializers: ``random``, ``from-teacher``, ``lora`` and ``quantize``."""
 
 from kdcore.models.init import FromTeacherConfig, RandomConfig, from_teacher, random_init
 from kdcore.models.lora import LoraConfig, lora_init
+from kdcore.models.quantize import QuantizeConfig, quantize_init
 from kdcore.registry.components import Component
 from kdcore.registry.manager import hookimpl
 
@@ -21,5 +22,11 @@ def kd_student_initializers():
             lora_init,
             LoraConfig,
             doc="mlx-lm LoRA/DoRA layers; only the adapters train; saves adapters.safetensors",
+        ),
+        Component(
+            "quantize",
+            quantize_init,
+            QuantizeConfig,
+            doc="MLX quantized layers (the RTN model); only scales/biases train, as in DWQ",
         ),
     ]

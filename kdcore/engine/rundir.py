@@ -21,6 +21,7 @@ from kdcore.engine.loop import stages
 from kdcore.errors import CheckpointError
 from kdcore.io import TEMPORARY, atomic_path, read_json, remove_temporaries, write_json
 from kdcore.models.io import save_model
+from kdcore.models.quantize import summary as quantize_summary
 from kdcore.models.save import save_student as save_special_student
 from kdcore.protocols import HasState
 from kdcore.spec.load import load_spec, spec_to_dict
@@ -36,19 +37,37 @@ else:  # pragma: no cover
 
 # Settings that change how a run is logged, checkpointed, evaluated or named, or how long it
 # runs, but not the path it takes: a resume may change them.
-_UNHASHED_TRAIN = ("steps", "checkpoint_every", "keep_checkpoints", "log_every")
+# How a step is computed, not what: the fused loss path and layer checkpointing give the
+# same trajectory (to float32 rounding), so a run may resume with either.
+_UNHASHED_TRAIN = (
+    "steps",
+    "checkpoint_every",
+    "keep_checkpoints",
+    "log_every",
+    "fused_loss",
+    "checkpoint_layers",
+)
 
 
 def trajectory(data: dict) -> dict:
     """The part of a resolved spec (as plain data) that determines the training trajectory:
     all but ``train.steps`` (so a resume can train longer), the logging, checkpoint and
-    evaluation settings, the metric sinks, and the run's name and output."""
+    evaluation settings, ``train.fused_loss`` and ``train.checkpoint_layers``, the metric
+    sinks, and the run's name and output."""
     data = json.loads(json.dumps(data, default=str))
     run = data.pop("run", None) or {}
     data["run"] = {"seed": run.get("seed", 0)}
     train = data.get("train") or {}
     for key in _UNHASHED_TRAIN:
         train.pop(key, None)
+    # Fields added after runs existed, at the value that keeps the old trajectory, are left
+    # out, so those runs stay resumable: sampling off, float32 weights.
+    on_policy = train.get("on_policy")
+    if isinstance(on_policy, dict) and on_policy.get("lmbda") in (0, 0.0):
+        train.pop("on_policy")
+    params = ((data.get("student") or {}).get("model") or {}).get("params") or {}
+    if params.get("dtype") == "float32" and data["student"]["model"].get("name") == "transformer":
+        params.pop("dtype")
     data.pop("eval", None)
     data.pop("callbacks", None)
     return data
@@ -329,6 +348,9 @@ class RunDir:
         self.close()
         self.save_student(self.out / "student")
         summary["output"] = str(self.out)
+        quantization = quantize_summary(self.parts.student)  # settings, bits per weight
+        if quantization is not None:
+            summary["quantization"] = quantization
         write_json(self.out / "summary.json", summary)
 
     def close(self) -> None:

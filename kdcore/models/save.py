@@ -19,9 +19,12 @@ def save_student(
     - a LoRA student: ``adapters.safetensors`` + ``adapter_config.json``, and with
       ``fuse`` the fused model beside them (an mlx-lm directory for an mlx-lm student,
       kdcore's layout otherwise) so that the directory loads as a whole model too;
+    - a quantized student (the ``quantize`` initializer, or a quantized folder loaded): an
+      mlx-lm quantized directory for an mlx-lm student, else kdcore's layout dequantized
+      with the packed tensors beside it (:func:`kdcore.models.quantize.save_builtin`);
     - a full mlx-lm student: an mlx-lm directory (:func:`save_mlxlm_student`).
     """
-    from kdcore.models import lora
+    from kdcore.models import lora, quantize
 
     directory = Path(directory)
     if lora.has_lora(student):
@@ -40,6 +43,13 @@ def save_student(
                 directory / "config.json", {"kd_model": arch, **converter.unstructure(config)}
             )
             save_tokenizer(tokenizer, directory)
+        return True
+    if quantize.has_quantized(student):
+        if isinstance(student, MlxLmModel):
+            quantized = quantize.mlx_lm_config(student)
+            save_mlxlm_student(student, directory, run_tok=tokenizer, config=quantized)
+        else:
+            quantize.save_builtin(student, directory, arch, config, tokenizer)
         return True
     if isinstance(student, MlxLmModel):
         save_mlxlm_student(student, directory, run_tok=tokenizer)

@@ -1,0 +1,546 @@
+"""The ``quantize`` student initializer: distil a model into its own low-bit version.
+
+``[student.init] name = "quantize", params = { bits = 4, group_size = 64, mode = "affine",
+skip = ["lm_head"] }`` turns the student's linear and embedding layers into MLX quantized
+layers (subclasses of ``nn.QuantizedLinear`` and ``nn.QuantizedEmbedding`` that train
+faster on the CPU, holding the same tensors; the same choice of layers as mlx-lm's
+``quantize_model``), so the student starts as the plain round-to-nearest (RTN) model.
+What trains is the quantization ``scales`` and ``biases`` (float in the ``affine`` mode);
+the packed integer ``weight`` never does: the weights stay on their RTN grid points and
+distillation moves the grids, as mlx-lm's DWQ does. A parameter group
+(``[[train.param_groups]]`` with ``lr_mult > 0``) opens more: norms, the layers ``skip``
+left in full precision.
+
+``start`` says what is quantized: ``"teacher"`` copies the teacher's tensors first (the
+``from-teacher`` initializer), ``"student"`` quantizes the student as built or loaded, and
+``"auto"`` (the default) quantizes a student loaded from a ``path`` as it is and copies the
+teacher into a freshly built one.
+
+The engine unfreezes the whole model at each stage; :func:`refreeze` restores this split
+right after. An mlx-lm student is saved as an mlx-lm quantized folder (``config.json`` with
+its ``"quantization"`` entry, packed ``model.safetensors``) that ``mlx_lm.load`` opens; the
+built-in transformer in kdcore's layout, dequantized (every loader opens it), with the
+packed tensors beside it (:func:`load_quantized_model`).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import attrs
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_map_with_path
+
+from kdcore.errors import CheckpointError, SpecError
+from kdcore.io import load_arrays, read_json, save_arrays, write_json
+
+MODES = ("affine", "mxfp4", "mxfp8", "nvfp4")
+# The group size each mode defaults to (mx.quantize's table of quantization modes).
+DEFAULT_GROUP_SIZE = {"affine": 64, "mxfp4": 32, "mxfp8": 32, "nvfp4": 16}
+TRAINED_LEAVES = ("scales", "biases")
+QUANTIZED_WEIGHTS = "quantized.safetensors"  # beside a built-in student's dequantized model
+QUANTIZATION_JSON = "quantization.json"
+
+
+def _probe(mode: str, bits: int, group_size: int) -> str | None:
+    """MLX's own refusal of (mode, bits, group size), or None if it quantizes with them.
+
+    mx.quantize checks its arguments when the op is built (nothing is computed), so the
+    supported set is MLX's, not a copy of its table that could go stale."""
+    try:
+        mx.quantize(mx.zeros((1, 32 * group_size)), group_size, bits, mode=mode)
+    except ValueError as exc:
+        return str(exc).removeprefix("[quantize] ").strip()
+    return None
+
+
+def _bits(instance, attribute, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not 2 <= value <= 8:
+        raise ValueError(f"bits must be an integer in 2..8, got {value!r}")
+    problem = _probe(instance.mode, value, DEFAULT_GROUP_SIZE[instance.mode])
+    if problem is not None and "bits" in problem:
+        raise ValueError(f"bits must suit mode {instance.mode!r}: {problem}")
+
+
+def _group_size(instance, attribute, value) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"group_size must be a positive integer, got {value!r}")
+    if _probe(instance.mode, instance.bits, DEFAULT_GROUP_SIZE[instance.mode]) is not None:
+        return  # bits is reported; a group size cannot be judged without valid bits
+    problem = _probe(instance.mode, instance.bits, value)
+    if problem is not None:
+        raise ValueError(f"group_size must suit mode {instance.mode!r}: {problem}")
+
+
+def _patterns(instance, attribute, value) -> None:
+    for pattern in value:
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise ValueError(f"skip must hold regexes: {pattern!r}: {exc}") from None
+
+
+def _index(instance, attribute, value) -> None:
+    if value < 0:
+        raise ValueError(f"{attribute.name} must be >= 0, got {value}")
+
+
+@attrs.define
+class QuantizeConfig:
+    bits: int = attrs.field(default=4, validator=_bits)  # 2..8, as the mode allows
+    group_size: int | None = attrs.field(default=None, validator=_group_size)  # None: mode's
+    mode: Literal["affine", "mxfp4", "mxfp8", "nvfp4"] = "affine"  # as mx.quantize takes it
+    skip: list[str] = attrs.field(factory=list, validator=_patterns)  # re.search on layer paths
+    start: Literal["auto", "teacher", "student"] = "auto"  # what is quantized (module doc)
+    teacher: int = attrs.field(default=0, validator=_index)  # for start = "teacher"
+
+    @property
+    def groups(self) -> int:
+        return self.group_size or DEFAULT_GROUP_SIZE[self.mode]
+
+
+@attrs.frozen
+class QuantizeRecord:
+    """What the initializer applied, kept on the student for refreezing and saving."""
+
+    bits: int
+    group_size: int
+    mode: str
+    layers: tuple[str, ...]  # the paths it quantized, in the student's parameter names
+
+
+# ---------------------------------------------------------------- the quantized layers
+
+
+def is_quantized(module: Any) -> bool:
+    """An MLX quantized layer (``QuantizedLinear``, ``QuantizedEmbedding``, mlx-lm's
+    ``QuantizedSwitchLinear``...): packed ``weight`` and ``scales``, and ``bits``."""
+    return isinstance(module, nn.Module) and "scales" in module and hasattr(module, "bits")
+
+
+def quantized_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    return [(name, m) for name, m in model.named_modules() if is_quantized(m)]
+
+
+def has_quantized(model: nn.Module) -> bool:
+    return any(True for _ in quantized_modules(model))
+
+
+def _layer_params(module: nn.Module) -> dict[str, Any]:
+    return {"group_size": module.group_size, "bits": module.bits, "mode": module.mode}
+
+
+def _floating(value: mx.array) -> bool:
+    return mx.issubdtype(value.dtype, mx.floating)
+
+
+def _on_cpu() -> bool:
+    return mx.default_device().type == mx.DeviceType.cpu
+
+
+def _dense(layer: nn.Module) -> mx.array:
+    scales = layer["scales"]
+    weight = mx.dequantize(
+        layer["weight"],
+        scales,
+        layer.get("biases"),
+        group_size=layer.group_size,
+        bits=layer.bits,
+        mode=layer.mode,
+    )
+    return weight.astype(scales.dtype) if _floating(scales) else weight
+
+
+class TrainQuantizedLinear(nn.QuantizedLinear):
+    """``nn.QuantizedLinear`` (same parameters, same saved tensors) whose product runs as
+    ``x @ dequantize(W).T`` on the CPU: there MLX's quantized matmul is about 7x slower
+    than the BLAS product and its gradient with respect to the scales about 10x (MLX 0.32,
+    measured at 1024 x 192 x 512); on a GPU the quantized kernel runs."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        if not _on_cpu():
+            return super().__call__(x)
+        out = x @ _dense(self).T
+        return out + self["bias"] if "bias" in self else out
+
+
+class TrainQuantizedEmbedding(nn.QuantizedEmbedding):
+    """``nn.QuantizedEmbedding`` whose tied-head product (``as_linear``) dequantizes on the
+    CPU, as :class:`TrainQuantizedLinear` does; the lookup dequantizes its rows only."""
+
+    def as_linear(self, x: mx.array) -> mx.array:
+        if not _on_cpu():
+            return super().as_linear(x)
+        return x @ _dense(self).T
+
+
+def _quantized_layer(module: nn.Module, params: dict[str, Any]) -> nn.Module:
+    """The quantized twin of a layer: kdcore's CPU-friendly subclasses for plain linear and
+    embedding layers, the layer's own ``to_quantized`` for any other (mlx-lm's switch
+    layers)."""
+    args = (params["group_size"], params["bits"], params.get("mode", "affine"))
+    if type(module) is nn.Linear:
+        return TrainQuantizedLinear.from_linear(module, *args)
+    if type(module) is nn.Embedding:
+        return TrainQuantizedEmbedding.from_embedding(module, *args)
+    return module.to_quantized(**params)
+
+
+def _swap_layers(target: nn.Module, layers: dict[str, dict[str, Any]]) -> None:
+    """Quantize the leaf layers named in ``layers`` with their parameters (nn.quantize's
+    own walk, with kdcore's layer classes)."""
+
+    def swap(path: str, module: nn.Module) -> nn.Module:
+        return _quantized_layer(module, layers[path]) if path in layers else module
+
+    leaves = tree_map_with_path(swap, target.leaf_modules(), is_leaf=nn.Module.is_module)
+    target.update_modules(leaves)
+
+
+def _target(student: nn.Module) -> nn.Module:
+    """The module whose layers are swapped: an mlx-lm student's wrapped model (its names
+    are the student's), else the student itself."""
+    from kdcore.models.mlxlm import MlxLmModel
+
+    return student.lm if isinstance(student, MlxLmModel) else student
+
+
+def quantize_student(student: nn.Module, config: QuantizeConfig) -> QuantizeRecord:
+    """Swap the student's quantizable layers for quantized ones, in place.
+
+    The layers are mlx-lm's ``quantize_model`` choice (every layer with ``to_quantized``,
+    less what the model's own ``quant_predicate`` declines) minus ``skip``; layers already
+    quantized (a quantized student folder) stay as they are. A layer whose input size the
+    group size does not divide is an error, not a silent full-precision layer."""
+    from kdcore.models.mlxlm import MlxLmModel
+
+    target = _target(student)
+    group_size = config.groups
+    patterns = [re.compile(p) for p in config.skip]
+    declines = getattr(target, "quant_predicate", None)
+    chosen: dict[str, bool | dict] = {}
+    matched: set[str] = set()
+    bad: list[str] = []
+    already: list[str] = []
+    paths: list[str] = []
+    for path, module in tree_flatten(target.leaf_modules(), is_leaf=nn.Module.is_module):
+        if is_quantized(module):
+            already.append(path)
+            continue
+        if not hasattr(module, "to_quantized"):
+            continue
+        paths.append(path)
+        hits = [p.pattern for p in patterns if p.search(path)]
+        if hits:
+            matched.update(hits)
+            continue
+        verdict = declines(path, module) if declines is not None else True
+        if verdict is False:
+            continue
+        if module.weight.shape[-1] % group_size:
+            bad.append(f"{path} ({module.weight.shape[-1]})")
+            continue
+        chosen[path] = verdict
+    unused = [p for p in config.skip if p not in matched]
+    if unused:
+        like = ", ".join(paths[:3])
+        raise SpecError(
+            f"skip pattern(s) {unused} match no layer (re.search on layer paths such as "
+            f"{like}) @ $.student.init.params.skip"
+        )
+    if bad:
+        more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+        raise SpecError(
+            f"group_size {group_size} does not divide the input size of {', '.join(bad[:3])}"
+            f"{more}: choose a group size that divides it, or leave those layers in full "
+            "precision with skip @ $.student.init.params.group_size"
+        )
+    if not chosen and not already:
+        where = "skip" if config.skip else "start"
+        raise SpecError(
+            f"initializer 'quantize': no layer of {type(target).__name__} to quantize "
+            f"@ $.student.init.params.{where}"
+        )
+    defaults = {"group_size": group_size, "bits": config.bits, "mode": config.mode}
+    # the model's quant_predicate may give a layer its own parameters
+    _swap_layers(target, {p: v if isinstance(v, dict) else defaults for p, v in chosen.items()})
+    if isinstance(student, MlxLmModel):
+        student.sync()  # a swapped top-level layer (lm_head) is a new child
+    return QuantizeRecord(
+        bits=config.bits,
+        group_size=group_size,
+        mode=config.mode,
+        layers=tuple(sorted([*chosen, *already])),
+    )
+
+
+# ---------------------------------------------------------------- what trains
+
+
+def _leaf(model: nn.Module, path: str) -> tuple[nn.Module, str]:
+    *parents, leaf = path.split(".")
+    node: Any = model
+    for part in parents:
+        node = node[int(part)] if isinstance(node, list) else node[part]
+    return node, leaf
+
+
+def refreeze(student: nn.Module, groups: list | None = None, prefix: str = "student.") -> None:
+    """Restore what trains in a quantized student (no-op for other students).
+
+    Packed weights (and any integer scales: the ``mx``/``nv`` modes' 8-bit exponents, which
+    take no gradient) never train. A student the ``quantize`` initializer made trains its
+    float ``scales`` and ``biases`` only, plus every floating parameter the first matching
+    parameter group of ``groups`` opens (``lr_mult > 0``; patterns ``re.search`` the dotted
+    name under ``prefix``, as the optimizer's groups do). ``groups`` is None at the
+    initializer and the stage's groups in the engine, which also refuses a quantized
+    student of which nothing trains."""
+    modules = quantized_modules(student)
+    if not modules:
+        return
+    record = getattr(student, "kd_quantize", None)
+    if record is not None:
+        student.freeze()
+        for _, module in modules:
+            keys = [k for k in TRAINED_LEAVES if k in module and _floating(module[k])]
+            if keys:
+                module.unfreeze(recurse=False, keys=keys)
+        compiled = [(re.compile(g.pattern), g.lr_mult) for g in groups or ()]
+        for path, value in tree_flatten(student.parameters()):
+            if not _floating(value):
+                continue
+            mult = next((m for p, m in compiled if p.search(prefix + path)), None)
+            if mult:
+                owner, leaf = _leaf(student, path)
+                owner.unfreeze(recurse=False, keys=[leaf])
+    for _, module in modules:
+        frozen = [k for k, v in module.items() if isinstance(v, mx.array) and not _floating(v)]
+        module.freeze(recurse=False, keys=frozen, strict=False)
+    if (
+        record is not None
+        and groups is not None
+        and not tree_flatten(student.trainable_parameters())
+    ):
+        raise SpecError(
+            f"nothing of the quantized student trains: mode {record.mode!r} keeps its scales "
+            "as 8-bit exponents, which take no gradient; open norms or full-precision layers "
+            'with a parameter group (pattern = "norm") @ $.train.param_groups'
+        )
+
+
+def trained_parameters(student: nn.Module) -> int:
+    return sum(v.size for _, v in tree_flatten(student.trainable_parameters()))
+
+
+# ---------------------------------------------------------------- sizes
+
+
+def parameter_count(model: nn.Module) -> int:
+    """Parameters as mlx-lm counts them: a quantized layer's weights unpacked
+    (``packed * 32 / bits``), its scales and biases not counted."""
+    total = sum(v.size for _, v in tree_flatten(model.parameters()))
+    for _, module in quantized_modules(model):
+        total -= sum(module[k].size for k in ("weight", *TRAINED_LEAVES) if k in module)
+        total += module["weight"].size * 32 // module.bits
+    return total
+
+
+def bits_per_weight(model: nn.Module) -> float:
+    """mlx-lm's figure (``compute_bits_per_weight``): all bytes * 8 / :func:`parameter_count`,
+    full-precision layers, norms and scales included."""
+    nbytes = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+    return nbytes * 8 / max(parameter_count(model), 1)
+
+
+def quantized_bits_per_weight(model: nn.Module) -> float | None:
+    """Bits per weight of the quantized layers alone (packed weights, scales, biases):
+    ``bits + 32 * leaves / group_size`` for float32 scales and biases."""
+    modules = quantized_modules(model)
+    if not modules:
+        return None
+    nbytes = sum(m[k].nbytes for _, m in modules for k in ("weight", *TRAINED_LEAVES) if k in m)
+    weights = sum(m["weight"].size * 32 // m.bits for _, m in modules)
+    return nbytes * 8 / weights
+
+
+def summary(student: nn.Module) -> dict[str, Any] | None:
+    """The run summary's ``quantization`` entry (None for a student without quantized
+    layers): the settings, how many layers, the unpacked parameter count, bits per weight."""
+    modules = quantized_modules(student)
+    if not modules:
+        return None
+    record = getattr(student, "kd_quantize", None)
+    top = _top_params(student, modules)
+    return {
+        **top,
+        "quantized_layers": len(modules),
+        "parameters": parameter_count(student),
+        "trainable_parameters": trained_parameters(student),
+        "bits_per_weight": bits_per_weight(student),
+        "quantized_bits_per_weight": quantized_bits_per_weight(student),
+        "initializer": record is not None,
+    }
+
+
+def _top_params(student: nn.Module, modules: list) -> dict[str, Any]:
+    record = getattr(student, "kd_quantize", None)
+    if record is not None:
+        return {"group_size": record.group_size, "bits": record.bits, "mode": record.mode}
+    return _layer_params(modules[0][1])
+
+
+# ---------------------------------------------------------------- saving and loading
+
+
+def mlx_lm_quantization(student: nn.Module) -> dict[str, Any]:
+    """The ``"quantization"`` entry of an mlx-lm config.json for ``student``: the common
+    ``group_size``/``bits``/``mode``, and a per-layer entry (as mlx-lm's ``quantize_model``
+    writes one) for each quantized layer that differs from them."""
+    modules = quantized_modules(student)
+    top = _top_params(student, modules)
+    names = {path for path, _ in modules}
+    old = getattr(student, "mlx_config", {}).get("quantization") or {}
+    entry = dict(top)
+    for key, value in old.items():  # a source folder's per-layer entries for other layers
+        if key not in top and key not in names:
+            entry[key] = value
+    for path, module in modules:
+        if _layer_params(module) != top:
+            entry[path] = _layer_params(module)
+    return entry
+
+
+def mlx_lm_config(student: nn.Module) -> dict[str, Any]:
+    """The student's mlx-lm config with its quantization entries (``quantization`` and the
+    Hugging Face ``quantization_config`` copy mlx-lm writes beside it)."""
+    entry = mlx_lm_quantization(student)
+    return {**student.mlx_config, "quantization": entry, "quantization_config": dict(entry)}
+
+
+def dequantized_weights(model: nn.Module) -> dict[str, mx.array]:
+    """All weights with each quantized layer's ``weight`` dequantized (its scales and
+    biases dropped): the full-precision model that computes what the quantized one does."""
+    weights = dict(tree_flatten(model.parameters()))
+    for path, module in quantized_modules(model):
+        for leaf in TRAINED_LEAVES:
+            weights.pop(f"{path}.{leaf}", None)
+        weights[f"{path}.weight"] = _dense(module)
+    return weights
+
+
+def save_builtin(
+    student: nn.Module, directory: Path, arch: str, config: Any, tokenizer: Any
+) -> None:
+    """A quantized built-in student: kdcore's layout with the dequantized weights (every
+    kdcore loader opens it), plus the packed tensors (``quantized.safetensors``) and which
+    layers they quantize (``quantization.json``) for :func:`load_quantized_model`."""
+    from kdcore.spec.convert import converter
+    from kdcore.tokenizers.simple import save_tokenizer
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    save_arrays(
+        directory / "model.safetensors", dequantized_weights(student), metadata={"format": "mlx"}
+    )
+    write_json(directory / "config.json", {"kd_model": arch, **converter.unstructure(config)})
+    save_tokenizer(tokenizer, directory)
+    save_arrays(
+        directory / QUANTIZED_WEIGHTS,
+        dict(tree_flatten(student.parameters())),
+        metadata={"format": "mlx"},
+    )
+    modules = quantized_modules(student)
+    write_json(
+        directory / QUANTIZATION_JSON,
+        {
+            **_top_params(student, modules),
+            "layers": {path: _layer_params(m) for path, m in modules},
+        },
+    )
+
+
+def load_quantized_model(directory: str | Path) -> nn.Module:
+    """The quantized student a run saved: an mlx-lm folder through mlx-lm's loader, a
+    built-in one from its packed tensors."""
+    from kdcore.models.io import load_model
+
+    directory = Path(directory)
+    info_path = directory / QUANTIZATION_JSON
+    model, _arch, _config = load_model(directory)
+    if not info_path.exists():
+        if not has_quantized(model):
+            raise CheckpointError(f"{directory} holds no quantized model")
+        return model
+    info = read_json(info_path, "quantization settings")
+    layers = info.get("layers") or {}
+    _swap_layers(_target(model), layers)
+    weights = load_arrays(directory / QUANTIZED_WEIGHTS, "quantized weights")
+    try:
+        model.load_weights(list(weights.items()), strict=True)
+    except ValueError as exc:
+        raise CheckpointError(
+            f"{directory}/{QUANTIZED_WEIGHTS} does not match {QUANTIZATION_JSON}: {exc}"
+        ) from exc
+    mx.eval(model.parameters())
+    return model
+
+
+# ---------------------------------------------------------------- the initializer
+
+
+def _start(config: QuantizeConfig, student: nn.Module, teachers: list) -> str:
+    has_teacher = config.teacher < len(teachers) and teachers[config.teacher] is not None
+    if config.start == "auto":
+        if getattr(student, "source", None) is not None:
+            return "student"  # loaded from a folder: its own weights are the point
+        if has_teacher:
+            return "teacher"
+        raise SpecError(
+            "initializer 'quantize' would quantize a freshly built (random) student: give it "
+            'a teacher model to copy, load the student from a path, or say start = "student" '
+            "@ $.student.init.params.start"
+        )
+    if config.start == "teacher" and not has_teacher:
+        raise SpecError(
+            f"initializer 'quantize' start = \"teacher\" needs a teacher model "
+            f"(teachers[{config.teacher}] has none) @ $.student.init.params.teacher"
+        )
+    return config.start
+
+
+def quantize_init(config: QuantizeConfig, setup=None):
+    """Initializer factory: ``init(student, teachers) -> report``."""
+    from kdcore.models.init import FromTeacherConfig, from_teacher
+
+    def init(student, teachers):
+        start = _start(config, student, teachers)
+        copied = None
+        if start == "teacher":
+            copied = from_teacher(FromTeacherConfig(teacher=config.teacher))(student, teachers)
+        record = quantize_student(student, config)
+        student.kd_quantize = record
+        refreeze(student)
+        mx.eval(student.parameters())
+        trained = trained_parameters(student)
+        report = {
+            "from": "quantize",
+            "start": start,
+            "bits": record.bits,
+            "group_size": record.group_size,
+            "mode": record.mode,
+            "quantized_layers": len(record.layers),
+            "trainable_parameters": trained,
+            "frozen_parameters": sum(v.size for _, v in tree_flatten(student.parameters()))
+            - trained,
+            "bits_per_weight": bits_per_weight(student),
+        }
+        if copied is not None:
+            report["from_teacher"] = copied
+        return report
+
+    return init
