@@ -1,6 +1,6 @@
 """Built-in ``kd`` commands, registered through ``kd_add_commands`` like any plugin's."""
 
-from kdcore.cli import analysis, cache, commands
+from kdcore.cli import analysis, cache, commands, sample
 from kdcore.registry.manager import hookimpl
 
 
@@ -9,3 +9,4 @@ def kd_add_commands(subparsers):
     commands.add_commands(subparsers)
     cache.add_parser(subparsers)
     analysis.add_commands(subparsers)
+    sample.add_parser(subparsers)

@@ -12,6 +12,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten, tree_map
 
+from kdcore.engine import onpolicy
 from kdcore.engine.build import Parts, Trainable
 from kdcore.engine.fused import FusedTerm, fused_pass, head_trains, loss_reason, student_reason
 from kdcore.losses.inputs import LossInputs, StepContext
@@ -64,15 +65,25 @@ def step_context(parts: Parts, step: int) -> StepContext:
     )
 
 
-def prepare_batch(parts: Parts, rows: dict[str, np.ndarray], step: int) -> dict[str, mx.array]:
-    """The batch as MLX arrays, after every loss's ``prepare_batch`` (outside autodiff)."""
+def prepare_batch(
+    parts: Parts,
+    rows: dict[str, np.ndarray],
+    step: int,
+    index: int | None = None,
+    info: dict | None = None,
+) -> dict[str, mx.array]:
+    """The batch as MLX arrays, after every loss's ``prepare_batch`` (outside autodiff),
+    then, when ``train.on_policy`` draws it, the student's continuations of its prompts
+    (``kdcore.engine.onpolicy``; ``index``: the batch's number, by default the step's first
+    micro-batch; ``info`` receives the on-policy metrics)."""
     batch = {k: mx.array(v) for k, v in rows.items()}
     preparers = [loss for loss in parts.losses if isinstance(loss, PreparesBatch)]
-    if preparers:
-        context = step_context(parts, step)
-        for loss in preparers:
-            batch = loss.prepare_batch(batch, context)
-    return batch
+    context = step_context(parts, step)
+    for loss in preparers:
+        batch = loss.prepare_batch(batch, context)
+    if index is None:
+        index = step * parts.spec.train.grad_accum
+    return onpolicy.sample_batch(parts, rows, batch, context, index, info)
 
 
 def learnable_teacher(trainable: Trainable | None) -> bool:
@@ -150,9 +161,11 @@ def gradients(parts: Parts, step: int):
     for micro in range(accum):
         index = step * accum + micro
         rows = parts.dp.shard(parts.dataset.batch(index, parts.spec.train.batch_size))
-        batch = prepare_batch(parts, rows, step)
+        sampling: dict = {}
+        batch = prepare_batch(parts, rows, step, index, sampling)
         signals = parts.teacher_signals(batch)
         (total, (terms, metrics)), grads = loss_and_grad(parts.trainable, batch, signals, step)
+        metrics = {**metrics, **sampling}
         ntok += int(batch["mask"].sum().item())
         if accum == 1:
             return total, terms, metrics, grads, ntok

@@ -113,6 +113,46 @@ class Stage:
     lr: float | None = attrs.field(default=None, validator=non_negative)
 
 
+def _fraction(_instance, attribute, value) -> None:
+    """``0 <= value <= 1`` (schedules pass)."""
+    if not isinstance(value, Schedule) and not 0.0 <= value <= 1.0:
+        raise ValueError(f"{attribute.name} must be in [0, 1], got {value}")
+
+
+def _top_p(_instance, attribute, value) -> None:
+    if not isinstance(value, Schedule) and not 0.0 < value <= 1.0:
+        raise ValueError(f"{attribute.name} must be in (0, 1], got {value}")
+
+
+def _mix(_instance, attribute, value) -> None:
+    # alpha = 1 would sample from the teacher alone: that is sequence-level KD (kd sample)
+    if not isinstance(value, Schedule) and not 0.0 <= value < 1.0:
+        raise ValueError(f"{attribute.name} must be in [0, 1), got {value}")
+
+
+def _token_ids(_instance, attribute, value) -> None:
+    if value is not None and any(t < 0 for t in value):
+        raise ValueError(f"{attribute.name} must hold token ids >= 0, got {value}")
+
+
+@attrs.define
+class OnPolicySection:
+    """On-policy distillation as TRL's GKD defines it (kdcore.engine.onpolicy): a share
+    ``lmbda`` of batches is the student's own continuations of the batch's prompts, which
+    the teachers score and every token loss learns from."""
+
+    lmbda: float = attrs.field(default=0.0, validator=_fraction)  # 0: off (the default)
+    max_new_tokens: int = attrs.field(default=64, validator=positive)
+    temperature: float = attrs.field(default=1.0, validator=positive)
+    top_p: float = attrs.field(default=1.0, validator=_top_p)
+    # None: the tokenizer's end-of-sequence token, if it has one; [] never stops early
+    stop_tokens: list[int] | None = attrs.field(default=None, validator=_token_ids)
+    # sample from (1 - a) q + a p (MiniLLM's teacher-mixed sampling); 0: the student alone
+    teacher_mix_alpha: float = attrs.field(default=0.0, validator=_mix)
+    # the prompt of a row whose dataset has none (every token carries loss): its first tokens
+    prompt_length: int = attrs.field(default=16, validator=positive)
+
+
 @attrs.define
 class TrainSection:
     steps: int = attrs.field(default=100, validator=positive)
@@ -133,6 +173,7 @@ class TrainSection:
     # Recompute each transformer layer's activations in the backward (mx.checkpoint):
     # memory of one layer instead of all, for about one more forward of compute.
     checkpoint_layers: bool = False
+    on_policy: OnPolicySection = attrs.field(factory=OnPolicySection)
 
 
 @attrs.define

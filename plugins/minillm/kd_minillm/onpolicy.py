@@ -56,6 +56,7 @@ from kdcore import (
     Rows,
     StepContext,
     cross_entropy_rows,
+    generate,
     log_softmax,
     masked_mean,
     teacher_rows,
@@ -214,7 +215,16 @@ def sample_continuations(
     its weight is ``q_T(y) / b(y)`` with ``q_T`` the full student softmax at ``temperature``.
     The mask is 1 on generated tokens up to and including ``stop_token``; weights are 1
     elsewhere. Uses the global MLX random state (the run's).
+
+    Without teacher mixing (``alpha = 0``) the tokens come from the core sampler
+    (``kdcore.generate``: KV-cached for the built-in and mlx-lm models) and the weights
+    ``q_T(y) / top_p(q_T)(y)`` from one forward of the result (all 1 when ``top_p = 1``);
+    teacher mixing needs the teacher at every token, so it keeps the loop below.
     """
+    if alpha <= 0.0:
+        return _sample_from_student(
+            student, prompts, max_new_tokens, temperature, top_p, stop_token
+        )
     tokens = prompts
     batch = prompts.shape[0]
     alive = mx.ones((batch,), dtype=mx.bool_)
@@ -249,6 +259,28 @@ def sample_continuations(
     gen_mask = mx.concatenate([prompt_zeros, mx.stack(made, axis=1).astype(mx.float32)], axis=1)
     gen_w = mx.concatenate([prompt_zeros + 1.0, mx.stack(weights, axis=1)], axis=1)
     return tokens, gen_mask, gen_w
+
+
+def _sample_from_student(
+    student, prompts: mx.array, max_new_tokens: int, temperature: float, top_p: float, stop_token
+) -> tuple[mx.array, mx.array, mx.array]:
+    tokens, gen_mask = generate(
+        student, prompts, max_new_tokens, temperature, top_p, stop_token=stop_token
+    )
+    P = prompts.shape[1]
+    weights = mx.ones(tokens.shape, dtype=mx.float32)
+    if top_p < 1.0:
+        # the behaviour is top_p(q_T): w = q_T(y) / top_p(q_T)(y), read where y was drawn
+        logits = student(tokens[:, :-1]).logits[:, P - 1 :, :].astype(mx.float32) / temperature
+        picked = tokens[:, P:, None]
+        w = mx.exp(
+            mx.take_along_axis(log_softmax(logits), picked, axis=-1)
+            - mx.take_along_axis(log_softmax(top_p_filter(logits, top_p)), picked, axis=-1)
+        )[..., 0]
+        generated = gen_mask[:, P:] > 0
+        weights = mx.concatenate([weights[:, :P], mx.where(generated, w, 1.0)], axis=1)
+    mx.eval(tokens, gen_mask, weights)
+    return tokens, gen_mask, weights
 
 
 def _pad(array: mx.array, length: int, value: float | int) -> mx.array:

@@ -1,0 +1,295 @@
+"""``kd sample SPEC``: a teacher's answers to the prompts of a run's dataset, written as a
+chat-format JSONL dataset: sequence-level KD (Kim & Rush, 2016; GKD's ``seq_kd``) is a
+student trained with ``ce`` on it.
+
+Why a command of its own and not ``kd generate``: that name is the kd-cot plugin's, whose
+spec samples rationales and filters them by their answers; this one is the core's, for the
+prompts of any dataset component, and reads everything from the run spec the student will
+be trained with: the prompts from ``[data]`` (the ``chat`` dataset's records before their
+first assistant turn; otherwise each row's tokens before its first loss-carrying token, or
+its first ``train.on_policy.prompt_length`` tokens), the teacher from ``[[teachers]]`` (the
+first with a ``path``; ``--teacher`` overrides) and the sampling settings from
+``[train.on_policy]`` (``max_new_tokens``, ``temperature``, ``top_p``, ``stop_tokens``; each
+has a flag).
+
+Records: ``{"prompt": ..., "completion": ...}`` or ``{"messages": [..., {"role":
+"assistant", "content": ...}]}`` (``--format``; a ``chat`` dataset's records keep their
+conversation, system and earlier turns included, so ``messages`` is its default). Both are
+mlx-lm formats the ``chat`` dataset reads; the ``jsonl`` dataset reads the first with
+``response_key = "completion"``. A prompt of a non-chat dataset is written as the tokens
+decode (a ``jsonl`` dataset's ``separator`` included: read it back with ``separator = ""``).
+An answer ends at its first stop token; the tokenizer's end-of-sequence token is left out
+of the text (a chat template writes its own end of turn), any other stop token (a newline)
+is kept. The file is written atomically (``.gz``: gzip without a timestamp, so one seed
+gives the same bytes), and the summary says how many answers stopped before
+``max_new_tokens``.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import attrs
+import mlx.core as mx
+import numpy as np
+
+from kdcore.cli.output import _print_json
+from kdcore.engine import onpolicy
+from kdcore.errors import SpecError
+from kdcore.io import atomic_path
+from kdcore.models.io import load_model
+from kdcore.registry.manager import get_registry
+from kdcore.registry.setup import Setup
+from kdcore.spec.load import load_spec
+from kdcore.spec.schedules import value_at
+from kdcore.tokenizers.simple import fingerprint, load_tokenizer
+
+FORMATS = ("completion", "messages")
+
+
+def _teacher_dir(spec, teacher: str | None) -> tuple[Path, str]:
+    """(model folder, where it was named) for the teacher that answers."""
+    if teacher:
+        return Path(teacher), "--teacher"
+    for i, ref in enumerate(spec.teachers):
+        if ref.path:
+            return spec.path(ref.path), f"$.teachers[{i}].path"
+    raise SpecError(
+        "kd sample needs a teacher model: pass --teacher MODEL_DIR or give the spec a teacher "
+        'with path = "MODEL_DIR" @ $.teachers'
+    )
+
+
+def _is_chat(dataset: Any) -> bool:
+    return all(hasattr(dataset, name) for name in ("prompt", "_prompted", "_read", "_conversation"))
+
+
+def _chat_items(dataset: Any, split: str) -> Iterator[tuple[np.ndarray, dict]]:
+    """(prompt tokens, {"messages", "tools"}) of each record of the split that has a
+    prompt, in file order: the conversation before its first assistant turn."""
+    # The chat dataset's own record reader (kdcore.data.chat): the tokens come from its
+    # public ``prompt(record)``, the turns from the record itself.
+    for record in dataset._prompted(split):
+        tokens = dataset.prompt(int(record))
+        if tokens is None:  # the template refuses it
+            continue
+        data = dataset._read(int(record))
+        messages, tools = dataset._conversation(data, int(dataset.index.kinds[record]))
+        first = next(i for i, m in enumerate(messages) if m["role"] == "assistant")
+        yield np.asarray(tokens, np.int32), {"messages": list(messages[:first]), "tools": tools}
+
+
+def _row_items(
+    dataset: Any, split: str, batch_size: int, fallback: int
+) -> Iterator[tuple[np.ndarray, None]]:
+    for rows in dataset.batches(batch_size, split):
+        width = np.asarray(rows["input_ids"]).shape[1]
+        for prompt in onpolicy.rows_prompts(rows, fallback, width):
+            yield prompt, None
+
+
+def _record(fmt: str, prompt_text: str, turns: dict | None, answer: str, where: str) -> dict:
+    if turns is None:
+        if fmt == "completion":
+            return {"prompt": prompt_text, "completion": answer}
+        messages = [{"role": "user", "content": prompt_text}]
+        return {"messages": [*messages, {"role": "assistant", "content": answer}]}
+    messages, tools = turns["messages"], turns["tools"]
+    if fmt == "completion":
+        if len(messages) != 1 or messages[0].get("role") != "user":
+            raise SpecError(
+                f"{where}: a record whose prompt is more than one user turn cannot be written "
+                "as prompt/completion: use --format messages"
+            )
+        return {"prompt": messages[0]["content"], "completion": answer}
+    record: dict = {"messages": [*messages, {"role": "assistant", "content": answer}]}
+    if tools:
+        record["tools"] = tools
+    return record
+
+
+def sample_dataset(args) -> dict:
+    """Write the teacher's answers (see the module docstring); the summary."""
+    spec = load_spec(args.spec, args.set)
+    section = spec.train.on_policy
+    registry = get_registry()
+    setup = Setup(base_dir=Path(spec.base_dir), seed=spec.run.seed, spec=spec)
+    folder, named = _teacher_dir(spec, args.teacher)
+    if not (folder / "config.json").is_file():
+        raise SpecError(f"no saved model in {folder} (config.json missing) @ {named}")
+    dataset = registry.get("dataset", spec.data.name).factory(spec.data.config, setup)
+    model, _arch, config = load_model(folder)
+    model.eval()
+    tokenizer = load_tokenizer(folder)
+    if fingerprint(tokenizer) != fingerprint(dataset.tokenizer):
+        raise SpecError(
+            f"the teacher in {folder} has another vocabulary than the dataset's tokenizer: its "
+            f"answers would be other tokens @ {named}"
+        )
+    chat = _is_chat(dataset)
+    fmt = args.format or ("messages" if chat else "completion")
+    max_new = args.max_new_tokens or section.max_new_tokens
+    temperature = (
+        args.temperature if args.temperature is not None else value_at(section.temperature, 0, 1)
+    )
+    top_p = args.top_p if args.top_p is not None else value_at(section.top_p, 0, 1)
+    if max_new < 1 or temperature < 0 or not 0 < top_p <= 1:
+        raise SpecError(
+            "kd sample needs --max-new-tokens >= 1, --temperature >= 0 (0: greedy) and "
+            f"--top-p in (0, 1]; got {max_new}, {temperature:g}, {top_p:g}"
+        )
+    eos = onpolicy.default_stops(tokenizer, dataset)
+    stops = (
+        args.stop_token if args.stop_token else onpolicy.stop_tokens(section, tokenizer, dataset)
+    )
+    context = getattr(config, "max_seq_len", None)
+    room = context - max_new if context else None
+    if room is not None and room < 1:
+        raise SpecError(
+            f"--max-new-tokens {max_new} leaves no room for a prompt in the teacher's context "
+            f"of {context} tokens @ {named}"
+        )
+    batch_size = args.batch_size or spec.train.batch_size
+    items = (
+        _chat_items(dataset, args.split)
+        if chat
+        else _row_items(dataset, args.split, batch_size, section.prompt_length)
+    )
+    writer = _Answers(
+        model=model,
+        tokenizer=tokenizer,
+        max_new=max_new,
+        temperature=temperature,
+        top_p=top_p,
+        stops=list(stops),
+        eos=eos,
+        room=room,
+        fmt=fmt,
+        seed=spec.run.seed if args.seed is None else args.seed,
+        where=str(args.spec),
+    )
+    output = Path(args.output)
+    start = time.perf_counter()
+    with atomic_path(output) as tmp:
+        opener = gzip.GzipFile(tmp, "wb", mtime=0) if output.suffix == ".gz" else open(tmp, "wb")
+        with opener as handle:
+            chunk: list[tuple[np.ndarray, dict | None]] = []
+            for n, item in enumerate(items):
+                if args.limit is not None and n >= args.limit:
+                    break
+                chunk.append(item)
+                if len(chunk) == batch_size:
+                    writer.write(chunk, handle)
+                    chunk = []
+            if chunk:
+                writer.write(chunk, handle)
+    return {
+        "output": str(output),
+        "records": writer.written,
+        "stopped": writer.stopped,
+        "split": args.split,
+        "format": fmt,
+        "teacher": str(folder),
+        "max_new_tokens": max_new,
+        "temperature": temperature,
+        "top_p": top_p,
+        "stop_tokens": list(stops),
+        "seconds": round(time.perf_counter() - start, 3),
+    }
+
+
+@attrs.define
+class _Answers:
+    """Answers chunks of prompts and writes their records, counting them."""
+
+    model: Any
+    tokenizer: Any
+    max_new: int
+    temperature: float
+    top_p: float
+    stops: list[int]
+    eos: list[int]
+    room: int | None
+    fmt: str
+    seed: int
+    where: str
+    written: int = 0
+    stopped: int = 0
+
+    def write(self, chunk: list[tuple[np.ndarray, dict | None]], handle) -> None:
+        prompts = [p if self.room is None else p[-self.room :] for p, _ in chunk]
+        # One seed per chunk, from the records written before it: a --limit run's records
+        # are the first ones of the run without it.
+        mx.random.seed(self.seed * 1_000_003 + self.written)
+        answers = onpolicy.continue_prompts(
+            self.model, prompts, self.max_new, self.temperature, self.top_p, self.stops
+        )
+        for (prompt, turns), answer in zip(chunk, answers):
+            ended = len(answer) > 0 and int(answer[-1]) in self.stops
+            self.stopped += int(ended)
+            if ended and int(answer[-1]) in self.eos:
+                answer = answer[:-1]
+            text = self.tokenizer.decode(answer.tolist())
+            prompt_text = self.tokenizer.decode(prompt.tolist()) if turns is None else ""
+            record = _record(self.fmt, prompt_text, turns, text, self.where)
+            handle.write((json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8"))
+            self.written += 1
+
+
+def cmd_sample(args) -> int:
+    summary = sample_dataset(args)
+    if args.json:
+        _print_json(summary)
+    else:
+        print(
+            f"{summary['records']} answers ({summary['stopped']} stopped before "
+            f"{summary['max_new_tokens']} tokens) in {summary['seconds']:.1f}s: "
+            f"wrote {summary['output']}"
+        )
+    return 0
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "sample",
+        help="a teacher's answers to a dataset's prompts, as chat-format JSONL (sequence-level KD)",
+    )
+    p.add_argument("spec", help="a run spec: its [data] gives the prompts, its teacher answers")
+    p.add_argument("--output", "-o", required=True, help="the JSONL file to write (.gz allowed)")
+    p.add_argument("--teacher", help="a saved model folder (default: the spec's first teacher)")
+    p.add_argument("--split", default="train", choices=["train", "val"])
+    p.add_argument(
+        "--format",
+        choices=FORMATS,
+        help="records as prompt/completion or messages (default: messages for a chat "
+        "dataset, else prompt/completion)",
+    )
+    p.add_argument("--max-new-tokens", type=int, help="default: train.on_policy.max_new_tokens")
+    p.add_argument("--temperature", type=float, help="0: greedy; default: train.on_policy's")
+    p.add_argument("--top-p", type=float, help="default: train.on_policy.top_p")
+    p.add_argument(
+        "--stop-token",
+        type=int,
+        action="append",
+        default=[],
+        metavar="ID",
+        help="a token id that ends an answer (repeatable; default: train.on_policy.stop_tokens, "
+        "else the tokenizer's end-of-sequence)",
+    )
+    p.add_argument("--batch-size", type=int, help="prompts per batch (default: train.batch_size)")
+    p.add_argument("--limit", type=int, help="answer at most this many prompts")
+    p.add_argument("--seed", type=int, help="default: run.seed")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a spec field, e.g. --set data.params.seq_len=128",
+    )
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.set_defaults(func=cmd_sample)
