@@ -7,6 +7,7 @@ and takes the value and gradient of the step's loss on the same batch."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import mlx.core as mx
@@ -262,3 +263,84 @@ def test_kd_validate_says_which_path_each_loss_takes(corpus, teachers, tmp_path,
     kdcore.write_json(path, spec)
     assert testing.run_kd("validate", path) == 0
     assert "ce: full logits (train.fused_loss is false)" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------- precision and size levers
+
+
+def step_grads(spec: dict):
+    parts = testing.build_run(spec)
+    from kdcore.engine.step import gradients
+
+    total, terms, _metrics, grads, _n = gradients(parts, 0)
+    mx.eval(total, grads)
+    return total, dict(tree_flatten(grads))
+
+
+def test_checkpointed_layers_give_the_same_gradients(corpus, teachers):
+    losses = [loss_entry("ce"), loss_entry("hinton")]
+    spec = testing.tiny_spec(corpus, losses, teachers=[{"path": str(teachers["a"])}])
+    plain_total, plain = step_grads(spec)
+    spec["train"]["checkpoint_layers"] = True
+    total, grads = step_grads(spec)
+    close(total, plain_total, "total")
+    for k in plain:
+        close(grads[k], plain[k], k)
+
+
+def test_checkpointed_mlxlm_layers_give_the_same_gradients(tmp_path, corpus):
+    s_dir = create_mlxlm_dir(tmp_path / "student", {**QWEN3, "tie_word_embeddings": True})
+    spec = testing.tiny_spec(
+        corpus, student={"model": {"name": "mlx-lm", "params": {"path": str(s_dir)}}}
+    )
+    plain_total, plain = step_grads(spec)
+    spec["train"]["checkpoint_layers"] = True
+    total, grads = step_grads(spec)
+    close(total, plain_total, "total")
+    for k in plain:
+        close(grads[k], plain[k], k)
+
+
+def test_bfloat16_models_train_fused_with_float32_loss_maths(corpus, teachers, tmp_path):
+    """bf16 weights and activations; the fused kernel casts each chunk to float32, so it
+    agrees with the full-logit path (whose losses also upcast) to bf16 rounding of the
+    gradients, and a short run's loss goes down."""
+    params = {"dim": 32, "layers": 1, "heads": 2, "max_seq_len": 32, "dtype": "bfloat16"}
+    spec = testing.tiny_spec(
+        corpus,
+        [loss_entry("ce"), loss_entry("hinton")],
+        teachers=[{"path": str(teachers["a"])}],
+        student={"model": {"name": "transformer", "params": params}},
+    )
+    fused_total, fused = step_grads(spec)
+    assert fused["student.embed.weight"].dtype == mx.bfloat16
+    spec["train"]["fused_loss"] = False
+    plain_total, plain = step_grads(spec)
+    close(fused_total, plain_total, "total", tol=1e-3)
+    for k in plain:
+        close(fused[k], plain[k], k, tol=2e-2)
+    spec["train"].update(fused_loss=True, steps=15)
+    summary = kdcore.distill(spec, output=tmp_path / "run", progress=False)
+    text = (tmp_path / "run" / "metrics.jsonl").read_text()
+    records = [json.loads(line) for line in text.splitlines() if line.strip()]
+    losses = [r["loss"] for r in records if "loss" in r]
+    assert np.isfinite(losses).all() and losses[-1] < losses[0], losses
+    assert np.isfinite(summary["eval"]["val_loss"])
+
+
+def test_a_quantized_mlxlm_teacher_runs_fused(tmp_path, corpus):
+    """A teacher made 4-bit by mlx-lm's own quantization (offline): its quantized head runs
+    per chunk; fused equals the full-logit path."""
+    from mlx_lm.convert import convert
+
+    source = create_mlxlm_dir(tmp_path / "fp", {**QWEN3, "tie_word_embeddings": True}, seed=4)
+    quantized = tmp_path / "q4"
+    convert(str(source), mlx_path=str(quantized), quantize=True, q_bits=4, q_group_size=32)
+    config = kdcore.read_json(quantized / "config.json")
+    assert config["quantization"]["bits"] == 4
+    spec = testing.tiny_spec(
+        corpus,
+        [loss_entry("ce"), loss_entry("reverse_kl")],
+        teachers=[{"source": "mlx-lm", "path": str(quantized)}],
+    )
+    compare(spec)

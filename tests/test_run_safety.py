@@ -422,3 +422,18 @@ def test_a_good_shard_still_loads(tmp_path):
     mx.save_safetensors(str(tmp_path / "ok.safetensors"), {"w": mx.arange(6).reshape(2, 3)})
     loaded = load_arrays(tmp_path / "ok.safetensors")
     assert loaded["w"].shape == (2, 3) and loaded["w"].tolist()[1] == [3, 4, 5]
+
+
+def test_runs_made_before_this_rounds_fields_hash_the_same():
+    """train.fused_loss, train.checkpoint_layers, train.on_policy (off) and the transformer's
+    dtype (float32) were added later: at those values a spec hashes as it did before them
+    (9cfbbb6159b0e00e, computed with kdcore at commit cc636d1), so older runs resume."""
+    from kdcore.engine.rundir import spec_hash
+    from kdcore.spec.load import load_spec, spec_to_dict
+
+    spec = testing.tiny_spec(
+        "data.txt", [{"name": "ce", "weight": 0.5}], teachers=[{"path": "teacher"}]
+    )
+    assert spec_hash(spec_to_dict(load_spec(spec))) == "9cfbbb6159b0e00e"
+    spec["train"]["on_policy"] = {"lmbda": 0.5}
+    assert spec_hash(spec_to_dict(load_spec(spec))) != "9cfbbb6159b0e00e"

@@ -110,6 +110,13 @@ def build_parts(spec: RunSpec) -> Parts:
     mx.random.seed(spec.run.seed)
     student = component("model", model_ref).factory(model_config, base)
     mx.eval(student.parameters())
+    if spec.train.checkpoint_layers:
+        if not hasattr(student, "checkpoint_layers"):
+            raise SpecError(
+                f"model {model_ref.name!r} does not support gradient checkpointing "
+                "@ $.train.checkpoint_layers"
+            )
+        student.checkpoint_layers = True
     setup = attrs.evolve(
         base,
         tokenizer=tokenizer,

@@ -16,41 +16,48 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from kdcore.kernels.divergence import default_chunk_rows
 from kdcore.losses.tokens import token_cross_entropy
 
 SUMS = ("student_nll", "teacher_nll", "kl", "js", "top1", "top5")
 
 
+def _rows(out) -> tuple[mx.array, object]:
+    """``(rows [N, D], head)`` of a model output, or ``(logits [N, V], None)``."""
+    if not out.has_logits and out.final_hidden is not None:
+        hidden = out.final_hidden
+        return hidden.reshape(-1, hidden.shape[-1]), out.head
+    logits = out.logits
+    return logits.reshape(-1, logits.shape[-1]), None
+
+
+def _logits(rows: mx.array, head, part: slice) -> mx.array:
+    chunk = rows[part]
+    return (chunk if head is None else head(chunk)).astype(mx.float32)
+
+
 def evaluate(
     student: nn.Module, teacher: nn.Module | None, batches: Iterable[dict[str, np.ndarray]]
 ) -> dict[str, float]:
-    """Token-averaged figures of ``student`` (and ``teacher``, when given) over ``batches``."""
+    """Token-averaged figures of ``student`` (and ``teacher``, when given) over ``batches``.
+
+    The logits are made a chunk of tokens at a time from each model's hidden states and
+    head (when the model gives them), so evaluation holds ``[chunk, V]``, not
+    ``[tokens, V]``, at a 150k vocabulary too."""
     sums = dict.fromkeys(SUMS, 0.0)
     tokens = 0.0
-    for rows in batches:
-        ids, labels, mask = (mx.array(rows[k]) for k in ("input_ids", "labels", "mask"))
-        s_logits = student(ids).logits.astype(mx.float32)
-        sums["student_nll"] += (token_cross_entropy(s_logits, labels) * mask).sum().item()
+    for batch in batches:
+        ids = mx.array(batch["input_ids"])
+        labels = mx.array(batch["labels"]).reshape(-1)
+        mask = mx.array(batch["mask"]).astype(mx.float32).reshape(-1)
+        s_rows, s_head = _rows(student(ids))
+        t_rows, t_head = _rows(teacher(ids)) if teacher is not None else (None, None)
+        vocab = s_rows.shape[-1] if s_head is None else s_head(s_rows[:1]).shape[-1]
+        size = default_chunk_rows(vocab)
+        for start in range(0, s_rows.shape[0], size):
+            part = slice(start, start + size)
+            _add_chunk(sums, s_rows, s_head, t_rows, t_head, labels[part], mask[part], part)
         tokens += mask.sum().item()
-        if teacher is None:
-            continue
-        t_logits = teacher(ids).logits.astype(mx.float32)
-        V = min(t_logits.shape[-1], s_logits.shape[-1])
-        sums["teacher_nll"] += (token_cross_entropy(t_logits, labels) * mask).sum().item()
-        t_lp = nn.log_softmax(t_logits[..., :V], -1)
-        s_lp = nn.log_softmax(s_logits[..., :V], -1)
-        t_p, s_p = mx.exp(t_lp), mx.exp(s_lp)
-        sums["kl"] += (((t_p * (t_lp - s_lp)).sum(-1)) * mask).sum().item()
-        log_m = mx.log(0.5 * (t_p + s_p) + 1e-30)
-        js = 0.5 * (t_p * (t_lp - log_m)).sum(-1) + 0.5 * (s_p * (s_lp - log_m)).sum(-1)
-        sums["js"] += (js * mask).sum().item()
-        agree = (t_lp.argmax(-1) == s_lp.argmax(-1)).astype(mx.float32)
-        sums["top1"] += (agree * mask).sum().item()
-        k = min(5, V)
-        top_s = mx.argpartition(-s_lp, k - 1, axis=-1)[..., :k]
-        top_t = mx.argpartition(-t_lp, k - 1, axis=-1)[..., :k]
-        overlap = (top_s[..., :, None] == top_t[..., None, :]).sum((-1, -2)) / k
-        sums["top5"] += (overlap * mask).sum().item()
     count = max(tokens, 1.0)
     result = {"tokens": int(tokens), "val_loss": sums["student_nll"] / count}
     result["val_ppl"] = math.exp(min(result["val_loss"], 50))
@@ -63,6 +70,32 @@ def evaluate(
         result["top5_overlap"] = sums["top5"] / count
         result["quality_retention"] = result["teacher_val_ppl"] / result["val_ppl"]
     return result
+
+
+def _add_chunk(sums, s_rows, s_head, t_rows, t_head, labels, mask, part) -> None:
+    s_logits = _logits(s_rows, s_head, part)
+    figures = {"student_nll": (token_cross_entropy(s_logits, labels) * mask).sum()}
+    if t_rows is not None:
+        t_logits = _logits(t_rows, t_head, part)
+        V = min(t_logits.shape[-1], s_logits.shape[-1])
+        figures["teacher_nll"] = (token_cross_entropy(t_logits, labels) * mask).sum()
+        t_lp = nn.log_softmax(t_logits[..., :V], -1)
+        s_lp = nn.log_softmax(s_logits[..., :V], -1)
+        t_p, s_p = mx.exp(t_lp), mx.exp(s_lp)
+        figures["kl"] = (((t_p * (t_lp - s_lp)).sum(-1)) * mask).sum()
+        log_m = mx.log(0.5 * (t_p + s_p) + 1e-30)
+        js = 0.5 * (t_p * (t_lp - log_m)).sum(-1) + 0.5 * (s_p * (s_lp - log_m)).sum(-1)
+        figures["js"] = (js * mask).sum()
+        agree = (t_lp.argmax(-1) == s_lp.argmax(-1)).astype(mx.float32)
+        figures["top1"] = (agree * mask).sum()
+        k = min(5, V)
+        top_s = mx.argpartition(-s_lp, k - 1, axis=-1)[..., :k]
+        top_t = mx.argpartition(-t_lp, k - 1, axis=-1)[..., :k]
+        overlap = (top_s[..., :, None] == top_t[..., None, :]).sum((-1, -2)) / k
+        figures["top5"] = (overlap * mask).sum()
+    mx.eval(figures)
+    for key, value in figures.items():
+        sums[key] += value.item()
 
 
 def eval_teacher(teachers: list) -> nn.Module | None:

@@ -29,7 +29,7 @@ from kdcore.engine.optim import build_optimizer, freeze_paths, plan_groups, set_
 from kdcore.engine.progress import Progress
 from kdcore.engine.step import first_non_finite, gradients
 from kdcore.errors import NonFiniteLossError, NonFiniteStateError, RunInterrupted
-from kdcore.models import lora
+from kdcore.models import lora, quantize
 from kdcore.models.io import count_parameters
 from kdcore.protocols import AfterStep, Learnable
 from kdcore.spec.schedules import scheduled_fields, value_at
@@ -71,6 +71,7 @@ def stage_optimizer(parts: Parts, stage: Stage):
     trainable, spec = parts.trainable, parts.spec
     trainable.unfreeze()
     lora.refreeze(parts.student)  # a LoRA student trains its adapters only
+    quantize.refreeze(parts.student, stage.param_groups)  # a quantized one its scales
     aggregator = getattr(trainable, "aggregator", None)
     if isinstance(aggregator, Learnable) and not aggregator.learnable:
         aggregator.freeze()
@@ -249,6 +250,7 @@ def train(
                             "lr": lr,
                             **schedule_values(parts, step - 1),  # the values this step used
                             "tokens_per_s": ntok / dt,
+                            "step_s": dt,
                         }
                         emit("on_log", step, record)
                         bar.update(step, f"loss {record['loss']:.4f} {ntok / dt:,.0f} tok/s", True)
@@ -285,6 +287,19 @@ def train(
                 v.size for _, v in tree_flatten(parts.trainable.trainable_parameters())
             ),
             "init": parts.init_report,
+            # MLX's allocator peak and the process's peak resident memory, whole run
+            "peak_memory_bytes": mx.get_peak_memory(),
+            "peak_rss_bytes": peak_rss_bytes(),
         }
         emit("on_end", summary)
     return summary
+
+
+def peak_rss_bytes() -> int:
+    """The process's peak resident set size (Linux reports KiB, macOS bytes)."""
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)
+

@@ -94,6 +94,7 @@ def teacher_rows(
     top_k: int = 0,
     weight: float | mx.array = 1.0,
     mask: mx.array | None = None,
+    name: str | None = None,
 ) -> Rows | None:
     """The :class:`Rows` of ``kdcore.token_divergence(..., kind, ...)`` against ``teacher``.
 
@@ -101,7 +102,8 @@ def teacher_rows(
     (``0 < top_k < V``: its top-k support is taken per chunk); a top-k cache, or a mixture
     with a top-k member, gives sparse rows over its (small) support; a mixture of dense
     teachers reads every member's logits per chunk and mixes their probabilities there.
-    None for a signal the fused path does not cover (a mixture of mixtures).
+    None for a signal the fused path does not cover (a mixture of mixtures). ``weight``,
+    ``mask`` and ``name`` are the :class:`Rows` fields.
 
     Example::
 
@@ -110,7 +112,7 @@ def teacher_rows(
     """
     kind, coef = canonical(kind, beta, alpha)
     t = _temperature(temperature)
-    common = dict(weight=weight, mask=mask)
+    common = dict(weight=weight, mask=mask, name=name)
     if teacher.is_sparse:
         ids, lp = teacher_support(teacher, t, tail, top_k)
         return Rows(
@@ -212,9 +214,14 @@ def _term_on_logits(rows: Rows, student_logits, teacher, batch) -> mx.array:
     lead = tuple(mask.shape)
     n = int(np.prod(lead))
 
+    # The plain form is differentiated (the teacher's cotangent for a learnable
+    # aggregator): a native row function names its pure-MLX twin as ``fn.pure``.
+    differentiable = getattr(rows.fn, "pure", rows.fn)
+
     def plain(s, *xs):
         flat = [x.reshape(n, *x.shape[len(lead) :]) for x in xs]
-        values, _ = rows.fn(mx.ones((n, 1), mx.float32), s.reshape(n, s.shape[-1]), *flat)
+        ones = mx.ones((n, 1), mx.float32)
+        values, _ = differentiable(ones, s.reshape(n, s.shape[-1]), *flat)
         return values.reshape(lead)
 
     return chunked_token_mean(rows.fn, plain, student_logits, arrays, mask)

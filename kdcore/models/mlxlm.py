@@ -18,6 +18,7 @@ from mlx.utils import tree_flatten, tree_map
 
 from kdcore.errors import CheckpointError, KdError, SpecError
 from kdcore.io import save_arrays, write_json
+from kdcore.models.checkpoint import checkpointed
 from kdcore.models.output import ModelOutput, plain_head
 from kdcore.tokenizers.hf import (
     HFTokenizer,
@@ -155,13 +156,16 @@ def _layer_list(lm: nn.Module) -> tuple[nn.Module, str]:
 class _Catcher:
     """Stands in for a decoder layer during one forward and records what flows through it."""
 
-    def __init__(self, layer: nn.Module, first: bool, sink: list | None):
-        self.layer, self.first, self.sink = layer, first, sink
+    def __init__(self, layer: nn.Module, first: bool, sink: list | None, recompute: bool = False):
+        self.layer, self.first, self.sink, self.recompute = layer, first, sink, recompute
 
     def __call__(self, x, *args, **kwargs):
         if self.first and self.sink is not None:
             self.sink.append(x)
-        out = self.layer(x, *args, **kwargs)
+        if self.recompute and kwargs.get("cache") is None:
+            out = checkpointed(self.layer, lambda h: self.layer(h, *args, **kwargs), x)
+        else:
+            out = self.layer(x, *args, **kwargs)
         if self.sink is not None:
             self.sink.append(out[0] if isinstance(out, tuple) else out)
         return out
@@ -256,6 +260,8 @@ class MlxLmModel(nn.Module):
             lm=lm, config=dict(config), source=source, tokenizer_dir=tokenizer_dir or source
         )
         self.sync()
+        # Set by the engine (train.checkpoint_layers): recompute each layer in the backward.
+        self.checkpoint_layers = False
 
     def sync(self) -> None:
         """Adopt the wrapped model's current children (after a module was swapped, e.g. LoRA
@@ -350,14 +356,15 @@ class MlxLmModel(nn.Module):
         lm = self._ref.lm
         want_hidden = "hidden_states" in capture
         want_attn = "attentions" in capture
-        if not (want_hidden or want_attn):
+        recompute = self.checkpoint_layers and not want_attn
+        if not (want_hidden or want_attn or recompute):
             return self._output(input_ids)
         owner, name = _layer_list(lm)
         layers = owner[name]
         hidden: list = []
         attentions: list = []
         catchers = [
-            _Catcher(layer, i == 0, hidden if want_hidden else None)
+            _Catcher(layer, i == 0, hidden if want_hidden else None, recompute)
             for i, layer in enumerate(layers)
         ]
         with _patched_attention(layers, attentions if want_attn else None):

@@ -10,14 +10,18 @@ new token at a time against cached keys and values (:class:`KVCache`, the protoc
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal
 
 import attrs
 import mlx.core as mx
 import mlx.nn as nn
 
+from kdcore.models.checkpoint import checkpointed
 from kdcore.models.output import ModelOutput, plain_head
 from kdcore.spec.schedules import Schedule
 from kdcore.spec.schema import positive
+
+DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 
 
 def _size(instance, attribute, value) -> None:
@@ -41,6 +45,8 @@ class TransformerConfig:
     rope_theta: float = attrs.field(default=10000.0, validator=_size)
     norm_eps: float = attrs.field(default=1e-5, validator=_size)
     tie_embeddings: bool = True
+    # Weights and activations; the losses compute in float32 whatever this is.
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
 
     def __attrs_post_init__(self) -> None:
         if self.kv_heads is None:
@@ -214,6 +220,10 @@ class Transformer(nn.Module):
         self.norm = nn.RMSNorm(config.dim, eps=config.norm_eps)
         if not config.tie_embeddings:
             self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
+        if config.dtype != "float32":
+            self.set_dtype(DTYPES[config.dtype])
+        # Set by the engine (train.checkpoint_layers): recompute each block in the backward.
+        self.checkpoint_layers = False
 
     def __call__(
         self,
@@ -234,8 +244,13 @@ class Transformer(nn.Module):
         hidden = [x] if want_hidden else None
         attentions = [] if want_attn else None
         layer_caches = [None] * len(self.blocks) if cache is None else cache.layers
+        recompute = self.checkpoint_layers and cache is None and not want_attn
         for block, layer_cache in zip(self.blocks, layer_caches):
-            x, weights = block(x, mask, want_attn, layer_cache)
+            if recompute:
+                x = checkpointed(block, lambda h, b=block: b(h, mask)[0], x)
+                weights = None
+            else:
+                x, weights = block(x, mask, want_attn, layer_cache)
             if want_hidden:
                 hidden.append(x)
             if want_attn:
