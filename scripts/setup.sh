@@ -21,9 +21,47 @@ fi
 stage 2 "upgrading pip and setuptools in .venv"
 "${PIP[@]}" --upgrade pip "setuptools>=77"
 plugins=() names=()
-for dir in plugins/*/; do plugins+=(-e "$dir"); names+=("$(basename "$dir")"); done
+for dir in plugins/*/; do
+  # kd-kernels is a C++ build: its own pip call below, whose failure does not stop setup
+  [ "$dir" = plugins/kernels/ ] && continue
+  plugins+=(-e "$dir"); names+=("$(basename "$dir")")
+done
 stage 3 "installing kdcore (editable, with its test, mlx-lm and tensorboard extras) and ${#names[@]} plugins: ${names[*]} (a few minutes the first time)"
 "${PIP[@]}" -e ".[test,mlx-lm,tensorboard]" "${plugins[@]}"
+
+# kd-kernels: native CPU loss kernels, compiled against the MLX just installed (hence no
+# build isolation, and its build requirements cmake and nanobind go into .venv first).
+# Rebuilt only when its sources are newer than the module or the module refuses this MLX.
+# Optional: without it the losses run on kdcore's pure-MLX rows (slower on a CPU).
+kd_kernels_current() {
+  local so
+  so=$(ls plugins/kernels/kd_kernels/_ext*.so 2>/dev/null | head -n 1)
+  [ -n "$so" ] && [ -z "$(find plugins/kernels/csrc plugins/kernels/CMakeLists.txt \
+    plugins/kernels/setup.py plugins/kernels/pyproject.toml -newer "$so" 2>/dev/null)" ] \
+    && .venv/bin/python -c 'import sys, kd_kernels
+sys.exit(kd_kernels.unavailable_reason() is not None)' >/dev/null 2>&1
+}
+if [ -d plugins/kernels ]; then
+  if kd_kernels_current; then
+    echo "setup: kd-kernels (native CPU loss kernels): up to date"
+  else
+    if ! command -v c++ >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+      echo "setup: installing g++ with apt-get (kd-kernels is C++)"
+      { apt-get install -y -q g++ || { apt-get update -q && apt-get install -y -q g++; }; } \
+        >/dev/null 2>&1 || echo "setup: could not install g++ with apt-get"
+    fi
+    echo "setup: building kd-kernels (native CPU loss kernels, C++: a minute or two)"
+    # .venv/bin on PATH: the build runs the cmake that pip installs there
+    if PATH="$PWD/.venv/bin:$PATH" "${PIP[@]}" "cmake>=3.25" "nanobind>=3.0.1,<4" \
+       && PATH="$PWD/.venv/bin:$PATH" "${PIP[@]}" --no-build-isolation -e plugins/kernels; then
+      echo "setup: kd-kernels: built (kd doctor lists the row kernels in use)"
+    else
+      # an older kd-kernels left installed would fail to load against this MLX
+      .venv/bin/python -m pip uninstall -y -q kd-kernels >/dev/null 2>&1 || true
+      echo "setup: kd-kernels did NOT build (see pip's output above; it needs a C++20 compiler such as g++ >= 10): the losses run on kdcore's pure-MLX rows, correct but slower on a CPU"
+    fi
+  fi
+fi
 
 # MLX's Linux wheel carries the reference BLAS; Debian's OpenBLAS makes matmuls ~30x faster.
 # kdcore.cli.fastpath names the library (`kd` preloads it itself); the preload below is for

@@ -119,12 +119,18 @@ def cmd_validate(args) -> int:
     problems = check_composition(spec) + check_parameter_groups(spec)
     if problems:
         raise SpecError(problems, source=args.spec)
+    from kdcore.engine.fused import spec_loss_paths
+
+    paths = spec_loss_paths(spec)
     if args.json:
         from kdcore.spec.load import spec_to_dict
 
-        _print_json(spec_to_dict(spec))
+        _print_json({**spec_to_dict(spec), "loss_paths": dict(paths)})
     else:
         print(f"{args.spec}: ok")
+        print("loss paths (fused: with the output heads, chunk by chunk):")
+        for label, path in paths:
+            print(f"  {label}: {path}")
     return 0
 
 
@@ -220,14 +226,34 @@ def cmd_data_inspect(args) -> int:
         for key, value in report.items():
             if key == "samples":
                 for sample in value:
+                    if "error" in sample:
+                        print(f"--- line {sample['line']}: {sample['error']}")
+                        continue
                     tokens, carried = sample["tokens"], sample["loss_tokens"]
-                    print(f"--- sample ({tokens} tokens, {carried} carry loss)")
+                    where = f"line {sample['line']}, " if "line" in sample else ""
+                    cut = f", {sample['cut_tokens']} cut" if sample.get("cut_tokens") else ""
+                    print(f"--- sample ({where}{tokens} tokens{cut}, {carried} carry loss)")
+                    if "marked" in sample:  # the whole rendering, loss spans in brackets
+                        print(sample["marked"][:2000])
+                        continue
                     print(f"text:      {sample['text'][:200]!r}")
                     print(f"loss text: {sample['loss_text'][:200]!r}")
             elif key == "rejected":
-                print(f"rejected: {len(value)}")
+                print(f"rejected: {report.get('rejected_count', len(value))}")
                 for r in value[:20]:
                     print(f"  line {r['line']}: {r['reason']}")
+            elif key == "rejected_count":
+                continue
+            elif key == "stats":
+                for split, s in value.items():
+                    covered = "" if s["scanned"] == s["of"] else f" (first {s['scanned']})"
+                    print(
+                        f"{split}: {s['rows']} rows, {s['records']} records{covered}, "
+                        f"{s['loss_tokens']} loss tokens, padding {100 * s['padding_share']:.1f}%"
+                        f", cut {s['cut_records']} records ({s['cut_tokens']} tokens), "
+                        f"overflow {s['overflow_records']} ({s['overflow_tokens']} tokens), "
+                        f"refused by the template {s['rejected']}"
+                    )
             else:
                 print(f"{key}: {value}")
     return 0
@@ -240,6 +266,7 @@ def cmd_doctor(args) -> int:
     import mlx.core as mx
 
     from kdcore.cli import fastpath
+    from kdcore.kernels.divergence import row_kernel_status
 
     info = {
         "python": platform.python_version(),
@@ -256,11 +283,22 @@ def cmd_doctor(args) -> int:
             {"distribution": f.distribution, "entry_point": f.entry_point, "error": f.error}
             for f in get_registry().failures
         ],
+        "row_kernels": row_kernel_status(),
     }
     if args.json:
         _print_json(info)
         return 0
     for key, value in info.items():
+        if key == "row_kernels":  # one line per (path, source, detail), not per name
+            groups: dict[tuple[str, str, str], list[str]] = {}
+            for name, k in value.items():
+                groups.setdefault((k["path"], k["source"], k["detail"]), []).append(name)
+            print("row kernels (the loss rows per token chunk):")
+            for (path, source, detail), names in groups.items():
+                origin = f" from {source}" if path == "native" else ""
+                print(f"  {path}{origin}: {', '.join(names)}")
+                print(f"    {detail}")
+            continue
         if key == "plugin_failures":
             print(f"{key}: {len(value)}" + (" (details: kd plugins)" if value else ""))
             for f in value:

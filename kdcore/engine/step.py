@@ -164,6 +164,7 @@ def gradients(parts: Parts, step: int):
         sampling: dict = {}
         batch = prepare_batch(parts, rows, step, index, sampling)
         signals = parts.teacher_signals(batch)
+        evaluate_signals(signals)
         (total, (terms, metrics)), grads = loss_and_grad(parts.trainable, batch, signals, step)
         metrics = {**metrics, **sampling}
         ntok += int(batch["mask"].sum().item())
@@ -182,6 +183,27 @@ def gradients(parts: Parts, step: int):
         tree_map(lambda g: g * scale, grads_sum),
         ntok,
     )
+
+
+def evaluate_signals(signals: list[TeacherSignal]) -> None:
+    """Run the teachers now, before the student's graph: their activations are freed
+    before the student's forward and backward need memory (the teacher is a constant to
+    the step). Lazy logits stay lazy: only what a signal already holds is evaluated."""
+    arrays = []
+    for signal in signals:
+        for member in signal.members or (signal,):
+            if member.members is not None:
+                continue  # a nested mixture: left to the step
+            held = [member.final_hidden, member.topk_ids, member.topk_logprobs]
+            held += [member.tail_logmass, member.weights]
+            if member.has_logits:
+                held.append(member.logits)
+            arrays += [a for a in held if a is not None]
+            arrays += list(member.hidden_states or ()) + list(member.attentions or ())
+        if signal.weights is not None:
+            arrays.append(signal.weights)
+    if arrays:
+        mx.eval(arrays)
 
 
 def all_finite(tree: Any) -> mx.array:

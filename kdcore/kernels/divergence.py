@@ -66,11 +66,14 @@ top-k cache. ``renormalize`` is exact when both put all their mass on ``S``.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Sequence
+import os
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
 
 import mlx.core as mx
 import numpy as np
 
+from kdcore.errors import KdError
 from kdcore.signal.teacher import TeacherSignal, stable_log_softmax
 
 KINDS = ("forward_kl", "reverse_kl", "gjsd", "skew_kl", "skew_reverse_kl", "tvd")
@@ -185,9 +188,100 @@ def _log_softmax(z: mx.array) -> mx.array:
     return stable_log_softmax(z)
 
 
+# ---------------------------------------------------------------- native row kernels
+
+# Row functions a plugin may replace (hook ``kd_row_kernels``): the dense and top-k
+# ("sparse:KIND") divergences here and the fused path's cross-entropy; KD_KERNELS=pure keeps
+# the pure-MLX rows everywhere.
+ROW_KERNELS = (*KINDS, *(f"sparse:{kind}" for kind in KINDS), "cross_entropy")
+_installed: dict[str, tuple[Callable[..., Any], str]] | None = None
+
+
+def use_row_kernels(table: Mapping[str, Callable[..., Any]] | None, source: str = "") -> None:
+    """Use ``table`` (``name -> factory``, what ``kd_row_kernels`` returns) as this process's
+    native row kernels instead of the plugin registry's; None: the registry's again."""
+    global _installed
+    source = source or "use_row_kernels"
+    _installed = None if table is None else {k: (f, source) for k, f in table.items()}
+
+
+def _registered() -> dict[str, tuple[Callable[..., Any], str]]:
+    if _installed is not None:
+        return _installed
+    # kernels sit above the registry in the layers (pyproject's import-linter contract);
+    # asked at the first dispatch, so that importing the kernels loads no plugin.
+    from kdcore.registry.manager import get_registry
+
+    return {
+        name: (kernel.factory, f"{kernel.distribution} {kernel.version}")
+        for name, kernel in get_registry().row_kernels().items()
+    }
+
+
+def kernels_mode() -> str:
+    """``"native"`` (the default: registered kernels) or ``"pure"`` (KD_KERNELS=pure)."""
+    # Crashes seen while kd-kernels was developed came from processes whose extension was
+    # rebuilt in place under them; 40 stress runs and an AddressSanitizer build are clean
+    # (plugins/kernels/tests/test_stress.py runs in the suite).
+    raw = os.environ.get("KD_KERNELS", "")
+    mode = raw.strip().lower() or "native"
+    if mode not in ("native", "pure"):
+        raise KdError(
+            f"KD_KERNELS={raw!r}: use 'native' (the registered native kernels, the default) "
+            "or 'pure' (kdcore's MLX row functions)"
+        )
+    return mode
+
+
+def _on_cpu() -> bool:
+    return mx.default_device().type == mx.cpu
+
+
+def with_row_kernel(name: str, pure: RowFn, *args: Any) -> RowFn:
+    """``pure``, or the native kernel registered for ``name`` built with ``args`` (its
+    factory's arguments, see ``kd_row_kernels``), run when the default device is the CPU
+    (the native kernels are CPU primitives; elsewhere ``pure`` runs)."""
+    if kernels_mode() == "pure":
+        return pure
+    entry = _registered().get(name)
+    native = entry[0](*args) if entry is not None else None
+    if native is None:  # none registered, or the factory leaves these parameters to us
+        return pure
+
+    def rows(*inputs: mx.array) -> tuple[mx.array, mx.array]:
+        return native(*inputs) if _on_cpu() else pure(*inputs)
+
+    rows.pure = pure  # the differentiable twin (kdcore.losses.rows.rows_on_logits)
+    return rows
+
+
+def row_kernel_status() -> dict[str, dict[str, str]]:
+    """Per name of :data:`ROW_KERNELS`: ``path`` (``"native"`` or ``"pure"``), ``source``
+    (the distribution that registered the kernel) and ``detail`` (its description, or why
+    the pure rows run), as ``kd doctor`` reports them."""
+    if kernels_mode() == "pure":
+        why = "KD_KERNELS=pure"
+    elif not _on_cpu():
+        why = f"the default device is {mx.default_device()}; the native kernels are CPU only"
+    else:
+        why = ""
+    registered = _registered()
+    status = {}
+    for name in ROW_KERNELS:
+        factory, source = registered.get(name, (None, ""))
+        if why or factory is None:
+            detail = why or "no plugin registers one (kd-kernels builds them)"
+            status[name] = {"path": "pure", "source": source, "detail": detail}
+        else:
+            detail = str(getattr(factory, "description", ""))
+            status[name] = {"path": "native", "source": source, "detail": detail}
+    return status
+
+
 def dense_rows(kind: str, coef: float, temperature: float, teacher_temperature: float) -> RowFn:
     """Row function of the dense kernel: ``(scale [C, 1], s [C, V], t [C, V])`` to
-    ``(d [C], scale * dd/ds [C, V])``."""
+    ``(d [C], scale * dd/ds [C, V])``; a native kernel registered for ``kind`` replaces it
+    on the CPU (:func:`with_row_kernel`)."""
     inv_t, inv_tt = 1.0 / temperature, 1.0 / teacher_temperature
 
     def scaled(z: mx.array, inv: float) -> mx.array:
@@ -211,7 +305,7 @@ def dense_rows(kind: str, coef: float, temperature: float, teacher_temperature: 
         value, g = row_terms(kind, coef, lq, lp)
         return value, (g - q * g.sum(-1, keepdims=True)) * factor
 
-    return rows
+    return with_row_kernel(kind, rows, coef, temperature, teacher_temperature)
 
 
 def _complement(ids: mx.array, shape: tuple[int, int]) -> mx.array:
@@ -231,7 +325,8 @@ def sparse_rows(kind: str, coef: float, temperature: float, tail: str) -> RowFn:
     K+1])`` to ``(d [C], scale * dd/ds [C, V])``.
 
     ``lp`` are the teacher's log-probabilities on the support (``ids`` and, for
-    ``tail-bucket``, a last tail class), already at ``temperature``.
+    ``tail-bucket``, a last tail class), already at ``temperature``. A native kernel
+    registered for ``"sparse:KIND"`` replaces it on the CPU (:func:`with_row_kernel`).
     """
     if tail not in TAILS:
         raise ValueError(f"unknown tail policy {tail!r}; use one of {', '.join(TAILS)}")
@@ -266,7 +361,7 @@ def sparse_rows(kind: str, coef: float, temperature: float, tail: str) -> RowFn:
         top = g[..., :k] - mx.exp(lq_top) * total
         return value, mx.put_along_axis(grad * factor, ids, top * factor, -1)
 
-    return rows
+    return with_row_kernel(f"sparse:{kind}", rows, coef, temperature, tail)
 
 
 # ---------------------------------------------------------------- plain formulations

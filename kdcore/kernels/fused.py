@@ -65,14 +65,15 @@ from kdcore.kernels.divergence import (
     _Rows,
     _temperature,
     canonical,
-    default_chunk_rows,
     dense_rows,
+    with_row_kernel,
 )
 from kdcore.signal.teacher import stable_log_softmax
 
 # kdcore.losses.tokens.IGNORE_INDEX; kernels and losses are sibling layers, so not imported.
 IGNORE_INDEX = -100
 READERS = ("host", "device")
+FUSED_CHUNK_ELEMENTS = 1 << 23
 TEACHER = "teacher"
 
 
@@ -154,7 +155,16 @@ def cross_entropy_rows(label_smoothing: float = 0.0) -> RowFn:
         grad = (1.0 - smoothing) * hard + smoothing * (q - 1.0 / vocab)
         return value, grad * scale
 
-    return rows
+    # a native kernel registered for "cross_entropy" runs instead on the CPU
+    return with_row_kernel("cross_entropy", rows, smoothing)
+
+
+def fused_chunk_rows(vocab: int) -> int:
+    """Rows per chunk of the fused kernel: about ``FUSED_CHUNK_ELEMENTS`` logits (32 MiB of
+    float32 per ``[C, V]`` temporary), so that the head's matrix products have enough rows
+    to run at BLAS speed (55 rows at V = 151,936; a few rows would leave the GEMMs
+    memory-bound on the ``[V, D]`` head)."""
+    return max(1, FUSED_CHUNK_ELEMENTS // max(vocab, 1))
 
 
 # ---------------------------------------------------------------- row readers
@@ -436,7 +446,7 @@ def fused_token_terms(
     lead = tuple(mask.shape)
     n = int(np.prod(lead))
     dim, vocab = student_hidden.shape[-1], student_head.weight.shape[0]
-    size = chunk_rows or default_chunk_rows(vocab)
+    size = chunk_rows or fused_chunk_rows(vocab)
     if size < 1:
         raise ValueError(f"chunk_rows must be >= 1, got {size}")
     wanted = {name for term in terms for name in term.inputs}
@@ -505,7 +515,7 @@ def fused_token_terms(
                 d_hidden = plan.scatter(d_hidden, handle, g @ weight)
                 work.append(d_hidden)
                 if d_weight is not None:
-                    d_weight = d_weight + g.T @ hc
+                    d_weight = mx.addmm(d_weight, g.T, hc)  # one GEMM pass (beta = 1)
                     work.append(d_weight)
                 if d_bias is not None:
                     d_bias = d_bias + g.sum(0)

@@ -22,8 +22,8 @@ and announces the module in its ``pyproject.toml``::
     [project.entry-points.kdcore]
     mine = "kd_mine"
 
-Two hooks are not collecting: ``kd_add_commands`` (sub-commands of ``kd``) and
-``kd_report_sections`` (sections of ``kd report``).
+Three hooks are not collecting: ``kd_add_commands`` (sub-commands of ``kd``),
+``kd_report_sections`` (sections of ``kd report``) and ``kd_row_kernels`` (native loss rows).
 
 The built-in components are registered through these same hooks (``kdcore.builtins``).
 A plugin that breaks the rules is a load failure of that plugin alone, listed by ``kd
@@ -36,7 +36,7 @@ docs/authoring-plugins.md walks through a complete plugin.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -280,6 +280,43 @@ def kd_run_callbacks() -> Iterable[Any]:
         @kdcore.hookimpl
         def kd_run_callbacks():
             return [kdcore.Component("print", lambda c, s: PrintSink(), doc="print each log")]
+    """
+
+
+@hookspec
+def kd_row_kernels() -> Mapping[str, Callable[..., Any]] | None:
+    """Contribute faster implementations of the core's loss row functions.
+
+    Not a collecting hook: it returns a mapping from a row function's name to a factory.
+    The core calls the factory where it would build its own row function, and on a CPU
+    default device runs what it returns instead (``KD_KERNELS=pure`` turns every such
+    kernel off; on other devices the core's own rows run). The names and their factories:
+
+    - a dense divergence of :data:`kdcore.DIVERGENCES` (``"forward_kl"``, ``"gjsd"``, ...):
+      ``factory(coef, temperature, teacher_temperature)`` where ``coef`` is the ``beta`` or
+      ``alpha`` of the kind (0.0 for the others), replacing ``dense_rows``;
+    - ``"sparse:KIND"`` for each of those: ``factory(coef, temperature, tail)`` (``tail`` one
+      of :data:`kdcore.TAIL_POLICIES`), replacing ``sparse_rows`` (a top-k teacher);
+    - ``"cross_entropy"``: ``factory(label_smoothing)``, replacing the fused path's
+      ``cross_entropy_rows``.
+
+    The factory returns a row function ``rows(scale [C, 1], s [C, V], *inputs) -> (values
+    [C], scale * d values / d s [C, V])``, both float32, with ``inputs`` the teacher's
+    logits ``[C, V]``, the top-k ids ``[C, K]`` and log-probabilities ``[C, K or K + 1]``,
+    or the labels ``[C]``, and equal to the core's
+    (``kdcore.testing.row_terms`` documents each divergence's value and gradient), or None
+    to leave those parameters to the core. A ``description`` attribute on a factory (how it
+    was built, what it uses) is shown by ``kd doctor``. A name another distribution
+    registered first makes this plugin a load failure, as for components.
+
+    Example::
+
+        @kdcore.hookimpl
+        def kd_row_kernels():
+            def forward_kl(coef, temperature, teacher_temperature):
+                return my_native_forward_kl(1.0 / temperature, 1.0 / teacher_temperature)
+            forward_kl.description = "my kernel, AVX2"
+            return {"forward_kl": forward_kl}
     """
 
 

@@ -24,7 +24,7 @@ import importlib.metadata
 import os
 import sys
 import traceback
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -122,6 +122,16 @@ class Registered:
     version: str
 
 
+@attrs.frozen
+class RowKernel:
+    """A native row kernel (hook ``kd_row_kernels``): its name, factory and distribution."""
+
+    name: str
+    factory: Callable[..., Any]
+    distribution: str
+    version: str
+
+
 def _split_env(name: str) -> set[str]:
     return {part.strip() for part in os.environ.get(name, "").split(",") if part.strip()}
 
@@ -135,11 +145,17 @@ class Registry:
         failures: list[LoadFailure],
         origins: dict[int, tuple[str, str]],
         by_kind: dict[str, dict[str, Registered]],
+        row_kernels: dict[str, RowKernel] | None = None,
     ):
         self.pm = pm
         self.failures = failures
         self._origins = origins  # id(plugin object) -> (distribution, version)
         self._by_kind = by_kind
+        self._row_kernels = dict(row_kernels or {})
+
+    def row_kernels(self) -> dict[str, RowKernel]:
+        """Name -> the native row kernel registered for it (``kd_row_kernels``)."""
+        return dict(self._row_kernels)
 
     def _distribution_of(self, plugin: object) -> tuple[str, str]:
         return self._origins.get(id(plugin), (BUILTIN_DIST, _kdcore_version()))
@@ -279,6 +295,7 @@ class _Loader:
         self.origins: dict[int, tuple[str, str]] = {}
         self.failures: list[LoadFailure] = []
         self.by_kind: dict[str, dict[str, Registered]] = {kind: {} for kind in KINDS}
+        self.row_kernels: dict[str, RowKernel] = {}
         self.hook_names = sorted(n for n, c in vars(pm.hook).items() if c.has_spec())
         self.labels: dict[int, str] = {}  # id(plugin) -> entry point, for messages
 
@@ -321,6 +338,7 @@ class _Loader:
                 raise _Broken("; ".join(problems), tb)
             unknown = ()  # every name it offered is known from here on
             self._check_duplicates(found, dist)
+            kernels = self._collect_row_kernels(plugin, dist, version)
         except KeyboardInterrupt:
             raise
         except BaseException as exc:  # SystemExit too: one plugin must not end every kd
@@ -338,6 +356,7 @@ class _Loader:
             return
         for reg in found:
             self.by_kind[reg.kind][reg.component.name] = reg
+        self.row_kernels.update(kernels)
 
     def _check_hooks(self, plugin: object) -> None:
         """pluggy's ``check_pending`` for one plugin: a ``kd_`` hook implementation with no
@@ -406,6 +425,43 @@ class _Loader:
                     first_tb = first_tb or _short_traceback(exc)
         return found, offered, tuple(unknown), problems, first_tb
 
+    def _collect_row_kernels(self, plugin: object, dist: str, version: str) -> dict[str, RowKernel]:
+        """The ``kd_row_kernels`` mapping of ``plugin``; a hook that raises or returns
+        something else, or a name another distribution registered first, breaks the plugin
+        (as for components, the first registration is kept)."""
+        found: dict[str, RowKernel] = {}
+        for impl in self.pm.hook.kd_row_kernels.get_hookimpls():
+            if impl.plugin is not plugin:
+                continue
+            try:
+                table = impl.function()
+            except KeyboardInterrupt:
+                raise
+            except BaseException as exc:
+                raise _Broken(
+                    f"kd_row_kernels raised {type(exc).__name__}: {exc}", _short_traceback(exc)
+                ) from exc
+            if table is None:
+                continue
+            if not isinstance(table, Mapping) or not all(
+                isinstance(name, str) and callable(factory) for name, factory in table.items()
+            ):
+                raise _Broken(
+                    f"kd_row_kernels returned {type(table).__name__}, expected a mapping of "
+                    "row function names to factories"
+                )
+            for name, factory in table.items():
+                kept = self.row_kernels.get(name) or found.get(name)
+                if kept is not None:
+                    raise _Broken(
+                        f"row kernel {name!r} is registered twice: by {kept.distribution} and "
+                        f"by {dist} (the one from {kept.distribution} is kept)"
+                    )
+                if os.environ.get("KD_TRACE_PLUGINS") == "1":
+                    print(f"[kd trace] {dist} kd_row_kernels -> {name}", file=sys.stderr)
+                found[name] = RowKernel(name, factory, dist, version)
+        return found
+
     def _check_duplicates(self, found: list[Registered], dist: str) -> None:
         """The first registration of a name is kept (built-ins register first); a later
         one makes its plugin a failure naming both distributions."""
@@ -459,7 +515,7 @@ def build_registry(
         loader.add(lambda p=plugin: p, None, None, dist, "0+local")
     if loader.failures and os.environ.get("KD_STRICT_PLUGINS") == "1":
         raise RegistryError("\n".join(f.line() for f in loader.failures))
-    return Registry(pm, loader.failures, loader.origins, loader.by_kind)
+    return Registry(pm, loader.failures, loader.origins, loader.by_kind, loader.row_kernels)
 
 
 _builtins: list[object] = []

@@ -1,0 +1,62 @@
+// Python bindings of the native row kernels (module kd_kernels._ext).
+#include <nanobind/nanobind.h>
+#include <nanobind/stl/string.h>
+#include <nanobind/stl/tuple.h>
+#include <nanobind/stl/vector.h>
+
+#include "kd_rows.h"
+#include "mlx/version.h"
+
+namespace nb = nanobind;
+using namespace nb::literals;
+
+#define KD_STR2(x) #x
+#define KD_STR(x) KD_STR2(x)
+
+NB_MODULE(_ext, m) {
+  m.doc() = "kdcore's loss rows as native MLX primitives (CPU)";
+
+  m.def(
+      "dense_rows",
+      &kd_kernels::dense_rows,
+      "scale"_a,
+      "s"_a,
+      "t"_a,
+      "kind"_a,
+      "coef"_a,
+      "inv_t"_a,
+      "inv_tt"_a,
+      "(values [C], scale * d values / d s [C, V]) of a dense divergence (kind: index in "
+      "kdcore's KINDS) between softmax(s * inv_t) and softmax(t * inv_tt).");
+  m.def(
+      "sparse_rows",
+      &kd_kernels::sparse_rows,
+      "scale"_a,
+      "s"_a,
+      "ids"_a,
+      "lp"_a,
+      "kind"_a,
+      "coef"_a,
+      "inv_t"_a,
+      "tail"_a,
+      "(values [C], scale * d values / d s [C, V]) of a divergence against a top-k teacher "
+      "(tail 0: renormalize, 1: tail-bucket).");
+  m.def(
+      "cross_entropy_rows",
+      &kd_kernels::cross_entropy_rows,
+      "scale"_a,
+      "s"_a,
+      "labels"_a,
+      "smoothing"_a,
+      "ignore_index"_a,
+      "(values [C], scale * d values / d s [C, V]) of the cross-entropy with labels [C].");
+  m.def("isa", &kd_kernels::isa, "The instruction set the kernels use.");
+  m.def("isas", &kd_kernels::isas, "The instruction sets this build can use on this CPU.");
+  m.def("set_isa", &kd_kernels::set_isa, "name"_a, "Use another instruction set; returns the old.");
+  m.def("threads", &kd_kernels::threads, "Threads per call (rows are split among them).");
+  m.def("set_threads", &kd_kernels::set_threads, "n"_a, "Set the threads per call (0: all CPUs).");
+  m.attr("mlx_version") = KD_STR(MLX_VERSION_MAJOR) "." KD_STR(MLX_VERSION_MINOR) "." KD_STR(
+      MLX_VERSION_PATCH);
+  m.attr("compiler") = KD_COMPILER;
+  m.attr("flags") = KD_FLAGS;
+}

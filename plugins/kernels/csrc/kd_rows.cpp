@@ -1,0 +1,490 @@
+// The MLX side of the native row kernels: ops, primitives, ISA choice and the row threads.
+#include "kd_rows.h"
+
+#include <algorithm>
+#include <atomic>
+#include <cstdlib>
+#include <mutex>
+#include <stdexcept>
+#include <thread>
+
+#if defined(__linux__)
+#include <sched.h>
+#endif
+
+#include "mlx/allocator.h"
+#include "mlx/backend/cpu/encoder.h"
+#include "rows.h"
+
+namespace kd_kernels {
+
+namespace {
+
+struct Isa {
+  const char* name;
+  DenseFn dense;
+  CrossEntropyFn cross_entropy;
+  SparseFn sparse;
+  bool (*supported)();
+};
+
+bool always() {
+  return true;
+}
+
+#if defined(KD_HAVE_X86_ISAS)
+bool has_avx2() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+}
+bool has_avx512() {
+  __builtin_cpu_init();
+  return has_avx2() && __builtin_cpu_supports("avx512f");
+}
+#endif
+
+// Best first.
+const Isa kIsas[] = {
+#if defined(KD_HAVE_X86_ISAS)
+    {"avx512",
+     isa_avx512::dense_rows,
+     isa_avx512::cross_entropy_rows,
+     isa_avx512::sparse_rows,
+     has_avx512},
+    {"avx2", isa_avx2::dense_rows, isa_avx2::cross_entropy_rows, isa_avx2::sparse_rows, has_avx2},
+#endif
+    {"base", isa_base::dense_rows, isa_base::cross_entropy_rows, isa_base::sparse_rows, always},
+};
+
+const Isa* find_isa(const std::string& name) {
+  for (const auto& isa : kIsas)
+    if (name == isa.name)
+      return &isa;
+  return nullptr;
+}
+
+std::atomic<const Isa*> g_isa{nullptr};
+std::atomic<int> g_threads{0};
+
+// KD_KERNELS_ISA picks a lower instruction set than the best one (say, to compare them).
+const Isa* current_isa() {
+  const Isa* isa = g_isa.load();
+  if (isa != nullptr)
+    return isa;
+  const char* wanted = std::getenv("KD_KERNELS_ISA");
+  for (const auto& candidate : kIsas) {
+    if (!candidate.supported())
+      continue;
+    if (wanted == nullptr || *wanted == '\0' || std::string(wanted) == candidate.name) {
+      isa = &candidate;
+      break;
+    }
+  }
+  if (isa == nullptr)
+    isa = &kIsas[sizeof(kIsas) / sizeof(kIsas[0]) - 1];
+  g_isa.store(isa);
+  return isa;
+}
+
+int cpus_available() {
+#if defined(__linux__)
+  cpu_set_t set;
+  if (sched_getaffinity(0, sizeof(set), &set) == 0)
+    return std::max(1, CPU_COUNT(&set));
+#endif
+  return std::max(1u, std::thread::hardware_concurrency());
+}
+
+int thread_count() {
+  int n = g_threads.load();
+  if (n > 0)
+    return n;
+  const char* env = std::getenv("KD_KERNELS_THREADS");
+  n = env ? std::atoi(env) : 0;
+  if (n <= 0)
+    n = cpus_available();
+  g_threads.store(n);
+  return n;
+}
+
+// Rows split into contiguous ranges, one per thread; small calls stay on one thread (a
+// thread start costs ~20 us, a 128k row ~100 us of work).
+template <class F>
+void parallel_rows(int64_t rows, int64_t vocab, F&& f) {
+  constexpr int64_t kMinElementsPerThread = 1 << 16;
+  int64_t n = std::min<int64_t>(thread_count(), rows);
+  n = std::min<int64_t>(n, std::max<int64_t>(1, rows * vocab / kMinElementsPerThread));
+  if (n <= 1) {
+    f(0, rows);
+    return;
+  }
+  std::vector<std::thread> pool;
+  pool.reserve(n - 1);
+  const int64_t per = (rows + n - 1) / n;
+  for (int64_t k = 1; k < n; ++k) {
+    const int64_t r0 = k * per, r1 = std::min(rows, r0 + per);
+    if (r0 < r1)
+      pool.emplace_back([&f, r0, r1] { f(r0, r1); });
+  }
+  f(0, std::min(rows, per));
+  for (auto& th : pool)
+    th.join();
+}
+
+mx::array as_rows(const mx::array& x, const char* what) {
+  if (x.ndim() != 2)
+    throw std::invalid_argument(
+        std::string("kd_kernels: ") + what + " must be [rows, vocab], got " +
+        std::to_string(x.ndim()) + " dimensions");
+  mx::array y = (x.dtype() == mx::float32 || x.dtype() == mx::bfloat16)
+      ? x
+      : mx::astype(x, mx::float32);
+  return mx::contiguous(y);
+}
+
+mx::array as_scale(const mx::array& scale, int rows) {
+  mx::array s = mx::astype(scale, mx::float32);
+  if (static_cast<int>(s.size()) == rows)
+    s = mx::reshape(s, {rows});
+  else if (s.size() == 1)
+    s = mx::broadcast_to(mx::reshape(s, {1}), {rows});
+  else
+    throw std::invalid_argument(
+        "kd_kernels: scale has " + std::to_string(s.size()) + " elements for " +
+        std::to_string(rows) + " rows");
+  return mx::contiguous(s);
+}
+
+void no_gpu(const char* name) {
+  throw std::runtime_error(
+      std::string("kd_kernels: ") + name +
+      " runs on the CPU only; on a GPU kdcore uses its pure-MLX row functions");
+}
+
+}  // namespace
+
+std::string isa() {
+  return current_isa()->name;
+}
+
+std::vector<std::string> isas() {
+  std::vector<std::string> out;
+  for (const auto& candidate : kIsas)
+    if (candidate.supported())
+      out.emplace_back(candidate.name);
+  return out;
+}
+
+std::string set_isa(const std::string& name) {
+  std::string before = isa();
+  const Isa* wanted = find_isa(name);
+  if (wanted == nullptr || !wanted->supported())
+    throw std::invalid_argument("kd_kernels: instruction set '" + name + "' is not available here");
+  g_isa.store(wanted);
+  return before;
+}
+
+int threads() {
+  return thread_count();
+}
+
+int set_threads(int n) {
+  int before = thread_count();
+  g_threads.store(n > 0 ? n : cpus_available());
+  return before;
+}
+
+// ---------------------------------------------------------------- dense divergences
+
+std::tuple<mx::array, mx::array> dense_rows(
+    const mx::array& scale,
+    const mx::array& s,
+    const mx::array& t,
+    int kind,
+    double coef,
+    double inv_t,
+    double inv_tt) {
+  if (kind < kForwardKL || kind > kTVD)
+    throw std::invalid_argument("kd_kernels: unknown divergence kind " + std::to_string(kind));
+  mx::array s_rows = as_rows(s, "student logits");
+  mx::array t_rows = as_rows(t, "teacher logits");
+  if (s_rows.shape() != t_rows.shape())
+    throw std::invalid_argument("kd_kernels: student and teacher rows differ in shape");
+  const int rows = s_rows.shape(0), vocab = s_rows.shape(1);
+  mx::array w = as_scale(scale, rows);
+  auto outputs = mx::array::make_arrays(
+      {{rows}, {rows, vocab}},
+      {mx::float32, mx::float32},
+      std::make_shared<DenseRows>(mx::to_stream({}), kind, coef, inv_t, inv_tt),
+      {w, s_rows, t_rows});
+  return {outputs[0], outputs[1]};
+}
+
+void DenseRows::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
+  const auto& scale = inputs[0];
+  const auto& s = inputs[1];
+  const auto& t = inputs[2];
+  auto& values = outputs[0];
+  auto& grad = outputs[1];
+  values.set_data(mx::allocator::malloc(values.nbytes()));
+  grad.set_data(mx::allocator::malloc(grad.nbytes()));
+  auto& encoder = mx::cpu::get_command_encoder(stream());
+  encoder.set_input_array(scale);
+  encoder.set_input_array(s);
+  encoder.set_input_array(t);
+  encoder.set_output_array(values);
+  encoder.set_output_array(grad);
+
+  DenseArgs args;
+  args.kind = kind_;
+  args.coef = float(coef_);
+  args.one_minus = float(1.0 - coef_);
+  args.inv_t = float(inv_t_);
+  args.inv_tt = float(inv_tt_);
+  args.vocab = s.shape(1);
+  args.s = s.data<void>();
+  args.t = t.data<void>();
+  args.s_bf16 = s.dtype() == mx::bfloat16;
+  args.t_bf16 = t.dtype() == mx::bfloat16;
+  args.scale = scale.data<float>();
+  args.values = values.data<float>();
+  args.grad = grad.data<float>();
+  const int64_t rows = s.shape(0);
+  encoder.dispatch([args, rows, fn = current_isa()->dense]() {
+    parallel_rows(rows, args.vocab, [&](int64_t r0, int64_t r1) { fn(args, r0, r1); });
+  });
+}
+
+void DenseRows::eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) {
+  no_gpu(name());
+}
+
+// d values / d s with cotangent c [C] is this same kernel with scale := c (exact; the stored
+// gradient is already multiplied by the forward's scale). The row functions' contract makes
+// the gradient output a constant: a cotangent on it (a second-order use) is not followed.
+// The teacher has no gradient here: asking for one raises.
+std::vector<mx::array> DenseRows::vjp(
+    const std::vector<mx::array>& primals,
+    const std::vector<mx::array>& cotangents,
+    const std::vector<int>& argnums,
+    const std::vector<mx::array>&) {
+  std::vector<mx::array> out;
+  for (int arg : argnums) {
+    if (arg == 1) {
+      auto again = dense_rows(cotangents[0], primals[1], primals[2], kind_, coef_, inv_t_, inv_tt_);
+      out.push_back(mx::astype(std::get<1>(again), primals[1].dtype()));
+    } else if (arg == 0) {
+      out.push_back(mx::zeros_like(primals[0]));
+    } else {
+      throw std::invalid_argument(
+          "kd_kernels: the native divergence rows have no gradient with respect to the "
+          "teacher; KD_KERNELS=pure uses the pure-MLX rows, which do");
+    }
+  }
+  return out;
+}
+
+std::vector<mx::Shape> DenseRows::output_shapes(const std::vector<mx::array>& inputs) {
+  return {{inputs[1].shape(0)}, inputs[1].shape()};
+}
+
+bool DenseRows::is_equivalent(const mx::Primitive& other) const {
+  const auto& o = static_cast<const DenseRows&>(other);
+  return kind_ == o.kind_ && coef_ == o.coef_ && inv_t_ == o.inv_t_ && inv_tt_ == o.inv_tt_;
+}
+
+// ---------------------------------------------------------------- top-k teachers
+
+std::tuple<mx::array, mx::array> sparse_rows(
+    const mx::array& scale,
+    const mx::array& s,
+    const mx::array& ids,
+    const mx::array& lp,
+    int kind,
+    double coef,
+    double inv_t,
+    int tail) {
+  if (kind < kForwardKL || kind > kTVD)
+    throw std::invalid_argument("kd_kernels: unknown divergence kind " + std::to_string(kind));
+  if (tail != kRenormalize && tail != kTailBucket)
+    throw std::invalid_argument("kd_kernels: unknown tail policy " + std::to_string(tail));
+  mx::array s_rows = as_rows(s, "student logits");
+  const int rows = s_rows.shape(0), vocab = s_rows.shape(1);
+  if (ids.ndim() != 2 || ids.shape(0) != rows)
+    throw std::invalid_argument("kd_kernels: ids must be [rows, k]");
+  const int k = ids.shape(1);
+  if (lp.ndim() != 2 || lp.shape(0) != rows || lp.shape(1) != k + (tail == kTailBucket ? 1 : 0))
+    throw std::invalid_argument(
+        "kd_kernels: teacher log-probs must be [rows, k] (renormalize) or [rows, k + 1] "
+        "(tail-bucket)");
+  mx::array i = mx::contiguous(mx::astype(ids, mx::int32));
+  mx::array l = mx::contiguous(mx::astype(lp, mx::float32));
+  mx::array w = as_scale(scale, rows);
+  auto outputs = mx::array::make_arrays(
+      {{rows}, {rows, vocab}},
+      {mx::float32, mx::float32},
+      std::make_shared<SparseRows>(mx::to_stream({}), kind, coef, inv_t, tail),
+      {w, s_rows, i, l});
+  return {outputs[0], outputs[1]};
+}
+
+void SparseRows::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
+  const auto& scale = inputs[0];
+  const auto& s = inputs[1];
+  const auto& ids = inputs[2];
+  const auto& lp = inputs[3];
+  auto& values = outputs[0];
+  auto& grad = outputs[1];
+  values.set_data(mx::allocator::malloc(values.nbytes()));
+  grad.set_data(mx::allocator::malloc(grad.nbytes()));
+  auto& encoder = mx::cpu::get_command_encoder(stream());
+  for (const auto& x : inputs)
+    encoder.set_input_array(x);
+  encoder.set_output_array(values);
+  encoder.set_output_array(grad);
+
+  SparseArgs args;
+  args.kind = kind_;
+  args.tail = tail_;
+  args.coef = coef_;
+  args.inv_t = float(inv_t_);
+  args.vocab = s.shape(1);
+  args.k = ids.shape(1);
+  args.s = s.data<void>();
+  args.s_bf16 = s.dtype() == mx::bfloat16;
+  args.ids = ids.data<int32_t>();
+  args.lp = lp.data<float>();
+  args.scale = scale.data<float>();
+  args.values = values.data<float>();
+  args.grad = grad.data<float>();
+  const int64_t rows = s.shape(0);
+  encoder.dispatch([args, rows, fn = current_isa()->sparse]() {
+    parallel_rows(rows, args.vocab, [&](int64_t r0, int64_t r1) { fn(args, r0, r1); });
+  });
+}
+
+void SparseRows::eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) {
+  no_gpu(name());
+}
+
+std::vector<mx::array> SparseRows::vjp(
+    const std::vector<mx::array>& primals,
+    const std::vector<mx::array>& cotangents,
+    const std::vector<int>& argnums,
+    const std::vector<mx::array>&) {
+  std::vector<mx::array> out;
+  for (int arg : argnums) {
+    if (arg == 1) {
+      auto again = sparse_rows(
+          cotangents[0], primals[1], primals[2], primals[3], kind_, coef_, inv_t_, tail_);
+      out.push_back(mx::astype(std::get<1>(again), primals[1].dtype()));
+    } else if (arg == 3) {
+      throw std::invalid_argument(
+          "kd_kernels: the native top-k rows have no gradient with respect to the teacher; "
+          "KD_KERNELS=pure uses the pure-MLX rows, which do");
+    } else {
+      out.push_back(mx::zeros_like(primals[arg]));
+    }
+  }
+  return out;
+}
+
+std::vector<mx::Shape> SparseRows::output_shapes(const std::vector<mx::array>& inputs) {
+  return {{inputs[1].shape(0)}, inputs[1].shape()};
+}
+
+bool SparseRows::is_equivalent(const mx::Primitive& other) const {
+  const auto& o = static_cast<const SparseRows&>(other);
+  return kind_ == o.kind_ && coef_ == o.coef_ && inv_t_ == o.inv_t_ && tail_ == o.tail_;
+}
+
+// ---------------------------------------------------------------- cross-entropy
+
+std::tuple<mx::array, mx::array> cross_entropy_rows(
+    const mx::array& scale,
+    const mx::array& s,
+    const mx::array& labels,
+    double smoothing,
+    int ignore_index) {
+  mx::array s_rows = as_rows(s, "student logits");
+  const int rows = s_rows.shape(0), vocab = s_rows.shape(1);
+  if (static_cast<int>(labels.size()) != rows)
+    throw std::invalid_argument(
+        "kd_kernels: " + std::to_string(labels.size()) + " labels for " + std::to_string(rows) +
+        " rows");
+  mx::array l = mx::contiguous(mx::reshape(mx::astype(labels, mx::int32), {rows}));
+  mx::array w = as_scale(scale, rows);
+  auto outputs = mx::array::make_arrays(
+      {{rows}, {rows, vocab}},
+      {mx::float32, mx::float32},
+      std::make_shared<CrossEntropyRows>(mx::to_stream({}), smoothing, ignore_index),
+      {w, s_rows, l});
+  return {outputs[0], outputs[1]};
+}
+
+void CrossEntropyRows::eval_cpu(
+    const std::vector<mx::array>& inputs,
+    std::vector<mx::array>& outputs) {
+  const auto& scale = inputs[0];
+  const auto& s = inputs[1];
+  const auto& labels = inputs[2];
+  auto& values = outputs[0];
+  auto& grad = outputs[1];
+  values.set_data(mx::allocator::malloc(values.nbytes()));
+  grad.set_data(mx::allocator::malloc(grad.nbytes()));
+  auto& encoder = mx::cpu::get_command_encoder(stream());
+  encoder.set_input_array(scale);
+  encoder.set_input_array(s);
+  encoder.set_input_array(labels);
+  encoder.set_output_array(values);
+  encoder.set_output_array(grad);
+
+  CrossEntropyArgs args;
+  args.smoothing = float(smoothing_);
+  args.one_minus = float(1.0 - smoothing_);
+  args.ignore_index = ignore_index_;
+  args.vocab = s.shape(1);
+  args.s = s.data<void>();
+  args.s_bf16 = s.dtype() == mx::bfloat16;
+  args.labels = labels.data<int32_t>();
+  args.scale = scale.data<float>();
+  args.values = values.data<float>();
+  args.grad = grad.data<float>();
+  const int64_t rows = s.shape(0);
+  encoder.dispatch([args, rows, fn = current_isa()->cross_entropy]() {
+    parallel_rows(rows, args.vocab, [&](int64_t r0, int64_t r1) { fn(args, r0, r1); });
+  });
+}
+
+void CrossEntropyRows::eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) {
+  no_gpu(name());
+}
+
+std::vector<mx::array> CrossEntropyRows::vjp(
+    const std::vector<mx::array>& primals,
+    const std::vector<mx::array>& cotangents,
+    const std::vector<int>& argnums,
+    const std::vector<mx::array>&) {
+  std::vector<mx::array> out;
+  for (int arg : argnums) {
+    if (arg == 1) {
+      auto again =
+          cross_entropy_rows(cotangents[0], primals[1], primals[2], smoothing_, ignore_index_);
+      out.push_back(mx::astype(std::get<1>(again), primals[1].dtype()));
+    } else {
+      out.push_back(mx::zeros_like(primals[arg]));
+    }
+  }
+  return out;
+}
+
+std::vector<mx::Shape> CrossEntropyRows::output_shapes(const std::vector<mx::array>& inputs) {
+  return {{inputs[1].shape(0)}, inputs[1].shape()};
+}
+
+bool CrossEntropyRows::is_equivalent(const mx::Primitive& other) const {
+  const auto& o = static_cast<const CrossEntropyRows&>(other);
+  return smoothing_ == o.smoothing_ && ignore_index_ == o.ignore_index_;
+}
+
+}  // namespace kd_kernels

@@ -1,0 +1,125 @@
+// MLX primitives of the native row kernels and the ops that build them.
+#pragma once
+
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "mlx/ops.h"
+#include "mlx/primitives.h"
+
+namespace mx = mlx::core;
+
+namespace kd_kernels {
+
+// (values [C], scale * d values / d s [C, V]) of a dense divergence between
+// softmax(s * inv_t) and softmax(t * inv_tt); kind in the order of kdcore's KINDS.
+std::tuple<mx::array, mx::array> dense_rows(
+    const mx::array& scale,
+    const mx::array& s,
+    const mx::array& t,
+    int kind,
+    double coef,
+    double inv_t,
+    double inv_tt);
+
+// (values [C], scale * d values / d s [C, V]) of a divergence against a top-k teacher:
+// ids [C, k], its log-probabilities lp [C, k] (tail 0, renormalize) or [C, k + 1] (tail 1,
+// tail-bucket, the tail class last) at temperature 1 / inv_t.
+std::tuple<mx::array, mx::array> sparse_rows(
+    const mx::array& scale,
+    const mx::array& s,
+    const mx::array& ids,
+    const mx::array& lp,
+    int kind,
+    double coef,
+    double inv_t,
+    int tail);
+
+// (values [C], scale * d values / d s [C, V]) of the cross-entropy with labels [C].
+std::tuple<mx::array, mx::array> cross_entropy_rows(
+    const mx::array& scale,
+    const mx::array& s,
+    const mx::array& labels,
+    double smoothing,
+    int ignore_index);
+
+// The instruction set in use ("avx512", "avx2", "base"), those this CPU and build offer, and
+// choosing one (for tests and benchmarks; throws for one the CPU cannot run).
+std::string isa();
+std::vector<std::string> isas();
+std::string set_isa(const std::string& name);
+int threads();
+int set_threads(int n);
+
+class DenseRows : public mx::Primitive {
+ public:
+  DenseRows(mx::Stream stream, int kind, double coef, double inv_t, double inv_tt)
+      : mx::Primitive(stream), kind_(kind), coef_(coef), inv_t_(inv_t), inv_tt_(inv_tt) {}
+
+  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
+  void eval_gpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
+  std::vector<mx::array> vjp(
+      const std::vector<mx::array>& primals,
+      const std::vector<mx::array>& cotangents,
+      const std::vector<int>& argnums,
+      const std::vector<mx::array>& outputs) override;
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override;
+  const char* name() const override {
+    return "KdDenseRows";
+  }
+  bool is_equivalent(const mx::Primitive& other) const override;
+
+ private:
+  int kind_;
+  double coef_, inv_t_, inv_tt_;
+};
+
+class SparseRows : public mx::Primitive {
+ public:
+  SparseRows(mx::Stream stream, int kind, double coef, double inv_t, int tail)
+      : mx::Primitive(stream), kind_(kind), coef_(coef), inv_t_(inv_t), tail_(tail) {}
+
+  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
+  void eval_gpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
+  std::vector<mx::array> vjp(
+      const std::vector<mx::array>& primals,
+      const std::vector<mx::array>& cotangents,
+      const std::vector<int>& argnums,
+      const std::vector<mx::array>& outputs) override;
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override;
+  const char* name() const override {
+    return "KdSparseRows";
+  }
+  bool is_equivalent(const mx::Primitive& other) const override;
+
+ private:
+  int kind_;
+  double coef_, inv_t_;
+  int tail_;
+};
+
+class CrossEntropyRows : public mx::Primitive {
+ public:
+  CrossEntropyRows(mx::Stream stream, double smoothing, int ignore_index)
+      : mx::Primitive(stream), smoothing_(smoothing), ignore_index_(ignore_index) {}
+
+  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
+  void eval_gpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
+  std::vector<mx::array> vjp(
+      const std::vector<mx::array>& primals,
+      const std::vector<mx::array>& cotangents,
+      const std::vector<int>& argnums,
+      const std::vector<mx::array>& outputs) override;
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override;
+  const char* name() const override {
+    return "KdCrossEntropyRows";
+  }
+  bool is_equivalent(const mx::Primitive& other) const override;
+
+ private:
+  double smoothing_;
+  int ignore_index_;
+};
+
+}  // namespace kd_kernels

@@ -1,0 +1,91 @@
+// The row kernels' plain C++ interface: no MLX types, so that the per-ISA objects compile
+// without MLX's headers and with their own -m flags.
+#pragma once
+
+#include <cstdint>
+
+namespace kd_kernels {
+
+// Dense divergences, in the order of kdcore.kernels.divergence.KINDS.
+enum Kind : int {
+  kForwardKL = 0,
+  kReverseKL = 1,
+  kGJSD = 2,
+  kSkewKL = 3,
+  kSkewReverseKL = 4,
+  kTVD = 5,
+};
+
+// One call over rows [r0, r1) of row-major [rows, vocab] inputs.
+struct DenseArgs {
+  int kind;
+  float coef;  // beta of gjsd, alpha of the skew KLs
+  float one_minus;  // 1 - coef, rounded from double as the pure path does
+  float inv_t;  // 1 / T of the student
+  float inv_tt;  // 1 / T of the teacher
+  int64_t vocab;
+  const void* s;  // float32 or bfloat16 (raw uint16) student logits
+  const void* t;  // same for the teacher
+  bool s_bf16;
+  bool t_bf16;
+  const float* scale;  // [rows]: each row's weight in the mean
+  float* values;  // [rows]: the divergence per row
+  float* grad;  // [rows, vocab]: scale * d value / d s
+};
+
+struct CrossEntropyArgs {
+  float smoothing;  // label smoothing e (0: plain cross-entropy)
+  float one_minus;  // 1 - e
+  int32_t ignore_index;
+  int64_t vocab;
+  const void* s;
+  bool s_bf16;
+  const int32_t* labels;  // [rows]
+  const float* scale;
+  float* values;
+  float* grad;
+};
+
+// Top-k teachers (kdcore.kernels.divergence.sparse_rows): the teacher's log-probabilities
+// lp on the support ids [rows, k] (renormalize: k of them; tail-bucket: k + 1, the tail
+// class last), already at the temperature.
+enum Tail : int {
+  kRenormalize = 0,
+  kTailBucket = 1,
+};
+
+struct SparseArgs {
+  int kind;
+  int tail;
+  double coef;
+  float inv_t;
+  int64_t vocab;
+  int64_t k;
+  const void* s;
+  bool s_bf16;
+  const int32_t* ids;  // [rows, k]
+  const float* lp;  // [rows, k] or [rows, k + 1]
+  const float* scale;
+  float* values;
+  float* grad;
+};
+
+using DenseFn = void (*)(const DenseArgs&, int64_t r0, int64_t r1);
+using SparseFn = void (*)(const SparseArgs&, int64_t r0, int64_t r1);
+using CrossEntropyFn = void (*)(const CrossEntropyArgs&, int64_t r0, int64_t r1);
+
+#define KD_DECLARE_ISA(name)                                                   \
+  namespace isa_##name {                                                       \
+  void dense_rows(const DenseArgs& a, int64_t r0, int64_t r1);                 \
+  void cross_entropy_rows(const CrossEntropyArgs& a, int64_t r0, int64_t r1);  \
+  void sparse_rows(const SparseArgs& a, int64_t r0, int64_t r1);               \
+  int lanes();                                                                 \
+  }
+
+KD_DECLARE_ISA(base)
+#if defined(KD_HAVE_X86_ISAS)
+KD_DECLARE_ISA(avx2)
+KD_DECLARE_ISA(avx512)
+#endif
+
+}  // namespace kd_kernels
