@@ -15,7 +15,18 @@ from pathlib import Path
 from benchmarks.common import machine, run_isolated
 
 ROOT = Path(__file__).resolve().parents[1]
-SECTIONS = ["bandwidth", "losses", "overhead", "cache", "generation", "scaling", "blas"]
+SECTIONS = [
+    "bandwidth",
+    "losses",
+    "kernels",
+    "overhead",
+    "cache",
+    "generation",
+    "real_vocab",
+    "scaling",
+    "blas",
+    "quantization",
+]
 # The loss kernels at three vocabulary sizes (tokens, vocab); fewer tokens at 128k keep the
 # plain formulations within memory and the section within its budget.
 LOSS_SIZES = [(4096, 8192), (2048, 32000), (512, 128000)]
@@ -254,6 +265,113 @@ def main() -> None:
     print(f"wrote {out} and {args.docs}", file=sys.stderr)
 
 
+def real_vocab_lines(v: dict) -> list[str]:
+    """kd distill at V = 151,936 against full-logit loops (benchmarks/real_vocab.py)."""
+    s, gib = v["shapes"], 2**30
+    yes = {True: "met", False: "**missed**"}
+    t = v["targets"]
+    torch = v["torch"]
+    torch_row = (
+        f"| PyTorch {torch.get('torch', '')} + transformers, full logits, `F.kl_div` | "
+        f"{torch['step_s']:.1f} | - | {torch['peak_rss_bytes'] / gib:.1f} |"
+        if "step_s" in torch
+        else f"| PyTorch + transformers | {torch.get('skipped', 'not run')} | | |"
+    )
+    k4 = v["kd_4x_tokens"]
+    return [
+        "## Real vocabulary (Qwen3 layout, V = 151,936)",
+        "",
+        f"`benchmarks/real_vocab.py`: random-weight Qwen3-layout models made offline, teacher "
+        f"hidden {s['teacher']}, student hidden {s['student']}, {s['layers']} layers each, "
+        f"tied heads of {s['vocab']:,}; batch {s['batch']} x {s['seq']} tokens; 0.5 CE + 0.5 "
+        "KL at T = 1, AdamW; step time the median after a warm-up step; load average "
+        f"{v['load_average_before']:.1f} before the section.",
+        "",
+        "| contender | step (s) | MLX peak (GiB) | peak RSS (GiB) |",
+        "| --- | ---: | ---: | ---: |",
+        f"| `kd distill` (fused head + loss) | {v['kd_step_s']:.1f} | "
+        f"{v['kd_peak_bytes'] / gib:.2f} | {v['kd']['peak_rss_bytes'] / gib:.1f} |",
+        f"| hand-written MLX loop, full logits | {v['mlx_full_logits_step_s']:.1f} | "
+        f"{v['mlx_full_logits_peak_bytes'] / gib:.2f} | "
+        f"{v['mlx_full_logits']['peak_rss_bytes'] / gib:.1f} |",
+        torch_row,
+        f"| `kd distill` at 4x tokens (batch {s['batch'] * 4}) | {k4['step_s']:.1f} | "
+        f"{k4['peak_bytes'] / gib:.2f} | {k4['peak_rss_bytes'] / gib:.1f} |",
+        "",
+        f"kd / MLX loop: peak memory **{v['kd_peak_ratio']:.2f}x** (target <= 0.30x, "
+        f"{yes[t['peak_at_most_0.30x_mlx']]}), step time **{v['kd_step_ratio']:.2f}x** "
+        f"(target <= 1.0x, {yes[t['step_at_most_1.0x_mlx']]})"
+        + (
+            f"; kd / PyTorch step time {v['kd_over_torch_step']:.2f}x."
+            if v.get("kd_over_torch_step")
+            else "."
+        )
+        + f" At 4x the tokens kd's peak grows {v['kd_4x_peak_over_1x']:.2f}x (weights and "
+        "optimizer state are most of it; the loss holds one chunk of rows); the full-logit "
+        "loops would need about 4x their peak there, more than this machine has, so they run "
+        "at the first point only.",
+        "",
+        *breakdown_lines(v.get("kd_step_breakdown")),
+    ]
+
+
+def breakdown_lines(b: dict | None) -> list[str]:
+    """Where a real-vocabulary kd step goes (the part of each, one measured step)."""
+    if not b:
+        return []
+    names = {
+        "teacher_forward_s": "teacher forward (layers)",
+        "student_forward_s": "student forward (layers)",
+        "fused_loss_s": "fused loss: both heads' matmuls, rows, head and hidden gradients",
+        "student_backward_s": "student backward through its layers (the rest of the step)",
+        "adamw_update_s": "AdamW update",
+    }
+    rows = [f"| {names[k]} | {v:.2f} | {b['shares'][k]:.0%} |" for k, v in b["parts_s"].items()]
+    return [
+        f"One kd step ({b['step_s']:.1f} s here) by part, each part timed on its own (so the "
+        "parts need not add up to the step; the backward through the layers is what the step "
+        "takes beyond the others, 0 when they already exceed it). At this vocabulary the "
+        "fused loss, i.e. the two 151,936-wide heads' matrix products forward and backward, "
+        "is the step: BLAS throughput, not element-wise work, sets the time here.",
+        "",
+        "| part | s | share |",
+        "| --- | ---: | ---: |",
+        *rows,
+        "",
+    ]
+
+
+def quantization_lines(q: dict) -> list[str]:
+    """A model distilled into its own low-bit version vs mlx-lm's DWQ
+    (benchmarks/quantization.py, examples/quantize)."""
+    b = q["budget"]
+
+    def num(value, fmt: str) -> str:
+        return "-" if value is None else format(value, fmt)
+
+    rows = [
+        f"| {r['bits'] or '-'} | {r['method']} | {r['val_loss']:.4f} | "
+        f"{num(r.get('gap_recovered'), '.2f')} | {num(r.get('step_s'), '.2f')} |"
+        for r in q["rows"]
+    ]
+    return [
+        "## Quantized students vs mlx-lm DWQ",
+        "",
+        f"`examples/quantize/run.py`: a 4-layer mlx-lm llama, then round-to-nearest, "
+        f"`mlx_lm dwq` and kdcore's `quantize` student on the same {b['tokens']:,} tokens "
+        f"(group size {b['group_size']}). Share of the {q['bits']}-bit quantization gap "
+        "recovered, `(rtn - x) / (rtn - fp)` of the held-out loss: kdcore (forward KL) "
+        f"**{num(q['kd_gap_recovered'], '.2f')}**, at DWQ's T = 2 "
+        f"**{num(q.get('kd_t2_gap_recovered'), '.2f')}**, DWQ "
+        f"**{num(q['dwq_gap_recovered'], '.2f')}**.",
+        "",
+        "| bits | model | val loss | gap recovered | s / step |",
+        "| ---: | --- | ---: | ---: | ---: |",
+        *rows,
+        "",
+    ]
+
+
 def render(r: dict, figures: Path) -> str:
     m = r["machine"]
     lines = [
@@ -286,10 +404,16 @@ def render(r: dict, figures: Path) -> str:
         ]
     if "losses" in r and "sizes" in r["losses"]:
         lines += loss_lines(r, figures)
+    if "kernels" in r:  # benchmarks/kernels.py
+        lines += ["## Native row kernels (kd-kernels)", "", r["kernels"]["markdown"], ""]
+    if "real_vocab" in r:
+        lines += real_vocab_lines(r["real_vocab"])
     if "cache" in r:
         lines += cache_lines(r["cache"])
     if "generation" in r:
         lines += generation_lines(r["generation"])
+    if "quantization" in r:
+        lines += quantization_lines(r["quantization"])
     if "overhead" in r:
         o = r["overhead"]
         lines += [

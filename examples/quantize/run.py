@@ -9,8 +9,9 @@ makes everything it uses, offline, in ``runs/quantize`` (``KD_OUT`` to change):
    - ``rtn``: plain round-to-nearest, ``mlx_lm convert -q``;
    - ``dwq``: ``mlx_lm dwq`` on the same model, rows and token budget (run offline: its
      Hugging Face data loader is replaced by mlx-lm's own local JSONL reader, nothing else);
-   - ``kd-hinton`` and ``kd-tvd``: kdcore's ``quantize`` student (``student.toml``) with
-     forward KL (``hinton`` at T = 1) and with total variation distance;
+   - ``kd-hinton``, ``kd-hinton-t2`` and ``kd-tvd``: kdcore's ``quantize`` student
+     (``student.toml``) with forward KL (``hinton`` at T = 1, and at DWQ's T = 2) and with
+     total variation distance;
 
 3. every model scored on the same held-out bytes: val loss (nats per byte), KL to the
    full-precision model, and the share of the quantization gap each recovers,
@@ -41,8 +42,9 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 BITS = (3, 4)
 GROUP_SIZE = 64
-METHODS = ("fp", "rtn", "dwq", "kd-hinton", "kd-tvd")
-KD_LOSSES = {"kd-hinton": "hinton", "kd-tvd": "tvd"}
+METHODS = ("fp", "rtn", "dwq", "kd-hinton", "kd-hinton-t2", "kd-tvd")
+# method -> (loss, temperature); kd-hinton-t2 is DWQ's own objective (KL at T = 2)
+KD_LOSSES = {"kd-hinton": ("hinton", 1.0), "kd-hinton-t2": ("hinton", 2.0), "kd-tvd": ("tvd", 1.0)}
 VALID_ROWS = 8  # DWQ's own validation rows (one batch; mlx-lm takes 32); not used for scoring
 TABLE_START, TABLE_END = "<!-- results:start -->", "<!-- results:end -->"
 
@@ -277,8 +279,8 @@ def main(
         runs[f"dwq{b}"] = _run(_self("dwq", *cmd), out / "logs" / f"dwq{b}.log")
         folders[f"dwq{b}"] = out / f"dwq{b}"
 
-        for method, loss in KD_LOSSES.items():
-            print(f"== 2. {b} bits: kdcore quantize + {loss}", flush=True)
+        for method, (loss, temperature) in KD_LOSSES.items():
+            print(f"== 2. {b} bits: kdcore quantize + {loss} at T = {temperature}", flush=True)
             run_dir = out / f"{method}{b}"
             sets = [
                 f'teachers.0.path="{teacher}"',
@@ -286,6 +288,7 @@ def main(
                 f"student.init.params.bits={b}",
                 f"student.init.params.group_size={GROUP_SIZE}",
                 f'losses.0.name="{loss}"',
+                f"losses.0.params.temperature={temperature}",
                 f"train.steps={steps}",
             ]
             cmd = ["distill", str(HERE / "student.toml"), "--output", str(run_dir)]
