@@ -118,15 +118,20 @@ def teacher_entropy(teacher: kdcore.TeacherSignal) -> mx.array:
     return mx.array(rows.astype(np.float32))
 
 
+def _kept_positions(inputs: kdcore.LossInputs, params) -> tuple[mx.array, mx.array]:
+    """(the batch's mask, that mask where the teacher's entropy exceeds ``min_entropy``)."""
+    mask = inputs.batch["mask"].astype(mx.float32)
+    keep = (teacher_entropy(inputs.teacher) > float(params.min_entropy)).astype(mx.float32)
+    return mask, mask * keep
+
+
 def selective(config: SelectiveConfig, setup=None):
     """Top-k KL at high-entropy positions; logs ``kept``, the share of positions distilled."""
 
     def loss(inputs: kdcore.LossInputs):
         params = inputs.params if inputs.params is not None else config
         temperature = float(params.temperature)
-        mask = inputs.batch["mask"].astype(mx.float32)
-        keep = (teacher_entropy(inputs.teacher) > float(params.min_entropy)).astype(mx.float32)
-        kept_mask = mask * keep
+        mask, kept_mask = _kept_positions(inputs, params)
         value = kdcore.token_divergence(
             inputs.student.logits,
             inputs.teacher,
@@ -144,9 +149,7 @@ def selective(config: SelectiveConfig, setup=None):
     def rows(inputs: kdcore.LossInputs):
         params = inputs.params if inputs.params is not None else config
         temperature = float(params.temperature)
-        mask = inputs.batch["mask"].astype(mx.float32)
-        keep = (teacher_entropy(inputs.teacher) > float(params.min_entropy)).astype(mx.float32)
-        kept_mask = mask * keep
+        mask, kept_mask = _kept_positions(inputs, params)
         declared = kdcore.teacher_rows(
             inputs.teacher,
             "forward_kl",
