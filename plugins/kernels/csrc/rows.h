@@ -26,6 +26,8 @@ struct DenseArgs {
   int64_t vocab;
   const void* s;  // float32 or bfloat16 (raw uint16) student logits
   const void* t;  // same for the teacher
+  int64_t s_stride;  // elements from one row of s to the next
+  int64_t t_stride;
   bool s_bf16;
   bool t_bf16;
   const float* scale;  // [rows]: each row's weight in the mean
@@ -39,6 +41,7 @@ struct CrossEntropyArgs {
   int32_t ignore_index;
   int64_t vocab;
   const void* s;
+  int64_t s_stride;
   bool s_bf16;
   const int32_t* labels;  // [rows]
   const float* scale;
@@ -62,6 +65,7 @@ struct SparseArgs {
   int64_t vocab;
   int64_t k;
   const void* s;
+  int64_t s_stride;
   bool s_bf16;
   const int32_t* ids;  // [rows, k]
   const float* lp;  // [rows, k] or [rows, k + 1]

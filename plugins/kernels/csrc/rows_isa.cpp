@@ -103,8 +103,12 @@ static inline void logsumexp_block(
     const T* x, int64_t i, int64_t end, int64_t n, float inv, float& m, double& sum, float* e) {
   vf bm = splat(-kInf);
   int64_t j = i;
-  for (; j + W <= end; j += W)
+  // The next block is fetched while this one is computed: the hardware prefetchers stop
+  // at 4 KiB pages, a float32 block's size at 16 lanes, and the row is streamed from DRAM.
+  for (; j + W <= end; j += W) {
+    __builtin_prefetch(x + j + BLOCK, 0, 3);
     bm = vmax(load(x + j), bm);
+  }
   if (j < end)
     bm = vmax(ld(x, j, n, Part{}), bm);
   const float b = hmax(bm) * inv;  // max(x) * inv == max(x * inv): rounding is monotone
@@ -275,7 +279,7 @@ static void dense_rows_of(const DenseArgs& a, int64_t r0, int64_t r1) {
   const int64_t n = a.vocab;
   Scratch w(n);
   for (int64_t r = r0; r < r1; ++r)
-    dense_row<K>(a, s + r * n, t + r * n, a.scale[r], a.values + r, a.grad + r * n, w);
+    dense_row<K>(a, s + r * a.s_stride, t + r * a.t_stride, a.scale[r], a.values + r, a.grad + r * n, w);
 }
 
 template <int K>
@@ -380,7 +384,7 @@ static void cross_entropy_rows_of(const CrossEntropyArgs& a, int64_t r0, int64_t
   std::vector<float> factors(n / BLOCK + 1);
   for (int64_t r = r0; r < r1; ++r)
     cross_entropy_row(
-        a, s + r * n, a.labels[r], a.scale[r], a.values + r, a.grad + r * n, factors);
+        a, s + r * a.s_stride, a.labels[r], a.scale[r], a.values + r, a.grad + r * n, factors);
 }
 
 void cross_entropy_rows(const CrossEntropyArgs& a, int64_t r0, int64_t r1) {
@@ -555,7 +559,7 @@ static void sparse_rows_of(const SparseArgs& a, int64_t r0, int64_t r1) {
   for (int64_t r = r0; r < r1; ++r)
     sparse_row(
         a,
-        s + r * n,
+        s + r * a.s_stride,
         a.ids + r * k,
         a.lp + r * width,
         a.scale[r],

@@ -20,6 +20,7 @@ import pytest
 
 import kdcore
 from kdcore import testing
+from kdcore.kernels.divergence import plain_divergence
 
 kd_kernels = pytest.importorskip("kd_kernels")
 if kd_kernels.unavailable_reason() is not None:
@@ -442,12 +443,20 @@ def test_a_registered_kernel_replaces_the_pure_rows_unless_kd_kernels_is_pure(mo
     spy = _Spy()
     with testing.plugins(spy):
         value, grad = _forward_kl(mask)
-        assert spy.built == [(0.0, 2.0, 2.0)] and spy.calls == 4  # 10 rows, chunks of 3
+        # every row kept: one native call over the batch (its gradient is the buffer)
+        assert spy.built == [(0.0, 2.0, 2.0)] and spy.calls == 1
+        holes = mx.array([1, 1, 1, 1, 0, 1, 1, 1, 1, 1], mx.float32)
+        holed_value, holed_grad = _forward_kl(holes)
+        assert spy.calls == 1 + 3  # 9 kept rows in chunks of 3
         monkeypatch.setenv("KD_KERNELS", "pure")
         pure_value, pure_grad = _forward_kl(mask)
+        pure_holed_value, pure_holed_grad = _forward_kl(holes)
         assert spy.calls == 4
         close(np.array(value), np.array(pure_value))
         close(np.array(grad), np.array(pure_grad))
+        close(np.array(holed_value), np.array(pure_holed_value))
+        close(np.array(holed_grad), np.array(pure_holed_grad))
+        assert not np.array(holed_grad)[4].any()
         monkeypatch.setenv("KD_KERNELS", "fast")
         with pytest.raises(kdcore.KdError, match="KD_KERNELS='fast'"):
             _forward_kl(mask)
@@ -475,7 +484,7 @@ def test_the_native_kernels_are_the_default_and_kd_kernels_pure_turns_them_off(c
         assert spy.calls == 0
         monkeypatch.delenv("KD_KERNELS")
         _forward_kl(mx.ones((10,)))
-        assert spy.calls == 4
+        assert spy.calls == 1
 
 
 def test_a_second_registration_of_a_kernel_is_a_load_failure(monkeypatch):
@@ -574,3 +583,31 @@ def test_the_fused_training_path_runs_the_native_rows_to_the_same_losses(
         for key, value in b.items():
             if isinstance(value, float) and "time" not in key and not key.endswith("_s"):
                 assert a[key] == pytest.approx(value, rel=2e-5, abs=1e-6), key
+
+
+@pytest.mark.parametrize("mode", ["native", "pure"])
+def test_a_weighted_loss_scales_its_own_gradient_buffer_and_nothing_else(mode, monkeypatch):
+    """The VJP multiplies the kernel's gradient buffer by the cotangent in place (NumPy):
+    weights other than 1, the same logits in two terms, and a full or holed mask all give
+    the plain formulation's gradient, and the inputs are untouched."""
+    monkeypatch.setenv("KD_KERNELS", mode)
+    rng = np.random.default_rng(11)
+    s, t = mx.array(rows_of(rng, 10, 33)), mx.array(rows_of(rng, 10, 33))
+    before = np.array(s), np.array(t)
+    for mask in (mx.ones((10,)), mx.array([1, 0, 1, 1, 1, 1, 0, 1, 1, 1], mx.float32)):
+
+        def loss(x, m=mask):
+            a = kdcore.dense_divergence(x, t, m, temperature=2.0, chunk_rows=3)
+            b = kdcore.dense_divergence(x, t, m, "reverse_kl", chunk_rows=4)
+            return 4.0 * a + 0.25 * b + a
+
+        def plain(x, m=mask):
+            a = plain_divergence(x, t, m, temperature=2.0)
+            return 5.0 * a + 0.25 * plain_divergence(x, t, m, "reverse_kl")
+
+        got = mx.value_and_grad(loss)(s)
+        want = mx.value_and_grad(plain)(s)
+        for g, w in zip(got, want):
+            close(np.array(g), np.array(w))
+    np.testing.assert_array_equal(np.array(s), before[0])
+    np.testing.assert_array_equal(np.array(t), before[1])
