@@ -510,12 +510,13 @@ print(json.dumps({"growth_mib": (peak - base) / 1024, "records": data.records}))
 
 
 def test_a_large_file_streams_in_bounded_memory(tmp_path, tok):
-    """A 320 MiB JSONL (40,960 chat records of 8 KiB) is indexed and batched while the
+    """A 1 GiB JSONL (131,072 chat records of 8 KiB) is indexed and batched while the
     process's peak RSS stays under 200 MiB above its RSS before (the peak is over the whole
-    process, so this errs high): reading the file whole takes 320 MiB more (316 MiB measured
-    so). The index keeps ~30 bytes a record; records are read, rendered and tokenized a
-    segment at a time (18 MiB measured alone; 164 MiB once, in a full suite run beside two
-    heavy jobs: allocator and tokenizer-thread buffers, not the file). ~6 s."""
+    process, so this errs high): reading the file whole would take 1 GiB more. The index
+    keeps ~30 bytes a record; records are read, rendered and tokenized a segment at a time
+    (18 MiB measured alone at 320 MiB; 164 MiB once, in a full suite run beside two heavy
+    jobs: allocator and tokenizer-thread buffers, not the file). The file is written and
+    removed by the test (1 GiB of disk for its duration)."""
     small = write_jsonl(tmp_path / "small.jsonl", chat_records(20))
     words = " ".join(corpus_lines(400))
     record = {
@@ -530,9 +531,9 @@ def test_a_large_file_streams_in_bounded_memory(tmp_path, tok):
     big = tmp_path / "big.jsonl"
     with open(big, "wb") as handle:
         block = line * 1024
-        for _ in range(40):
+        for _ in range(128):
             handle.write(block)
-    assert big.stat().st_size == 320 << 20
+    assert big.stat().st_size == 1 << 30
     try:
         proc = subprocess.run(
             [sys.executable, "-c", textwrap.dedent(STREAM), str(tok), str(small), str(big)],
@@ -541,10 +542,10 @@ def test_a_large_file_streams_in_bounded_memory(tmp_path, tok):
             timeout=300,
         )
     finally:
-        big.unlink()  # pytest keeps recent tmp folders: not 320 MiB of them
+        big.unlink()  # pytest keeps recent tmp folders: not 1 GiB of them
     assert proc.returncode == 0, proc.stdout[-1000:] + proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert result["records"] == 40 * 1024
+    assert result["records"] == 128 * 1024
     assert result["growth_mib"] < 200, result
 
 
