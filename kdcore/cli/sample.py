@@ -66,22 +66,18 @@ def _teacher_dir(spec, teacher: str | None) -> tuple[Path, str]:
 
 
 def _is_chat(dataset: Any) -> bool:
-    return all(hasattr(dataset, name) for name in ("prompt", "_prompted", "_read", "_conversation"))
+    return all(hasattr(dataset, name) for name in ("prompt", "prompted_records", "prompt_turns"))
 
 
 def _chat_items(dataset: Any, split: str) -> Iterator[tuple[np.ndarray, dict]]:
     """(prompt tokens, {"messages", "tools"}) of each record of the split that has a
     prompt, in file order: the conversation before its first assistant turn."""
-    # The chat dataset's own record reader (kdcore.data.chat): the tokens come from its
-    # public ``prompt(record)``, the turns from the record itself.
-    for record in dataset._prompted(split):
+    for record in dataset.prompted_records(split):
         tokens = dataset.prompt(int(record))
         if tokens is None:  # the template refuses it
             continue
-        data = dataset._read(int(record))
-        messages, tools = dataset._conversation(data, int(dataset.index.kinds[record]))
-        first = next(i for i, m in enumerate(messages) if m["role"] == "assistant")
-        yield np.asarray(tokens, np.int32), {"messages": list(messages[:first]), "tools": tools}
+        messages, tools = dataset.prompt_turns(int(record))
+        yield np.asarray(tokens, np.int32), {"messages": messages, "tools": tools}
 
 
 def _row_items(

@@ -633,6 +633,19 @@ class ChatDataset:
         """The text record ``record`` is tokenized from (the template's rendering)."""
         return self.encode(record).text
 
+    def prompted_records(self, split: str = "train") -> np.ndarray:
+        """The records of ``split`` (``"train"`` or ``"val"``) that have a prompt: a turn
+        before their first assistant turn. In file order."""
+        return self._prompted(split)
+
+    def prompt_turns(self, record: int) -> tuple[list, list | None]:
+        """Record ``record``'s turns before its first assistant turn and its tools: the
+        conversation :meth:`prompt` renders."""
+        data, kind = self._read(record), int(self.index.kinds[record])
+        messages, tools = self._conversation(data, kind)
+        first = next(i for i, m in enumerate(messages) if m["role"] == "assistant")
+        return list(messages[:first]), tools
+
     def prompt(self, record: int) -> list[int] | None:
         """The tokens before record ``record``'s first assistant turn's content, as the
         template renders them with ``add_generation_prompt=True``; None for a text record or
