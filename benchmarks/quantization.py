@@ -4,8 +4,9 @@ so the example and ``benchmarks/results.json`` show the same run.
 
 ``python -m benchmarks.quantization`` prints one JSON line: the share of the 4-bit
 quantization gap that kdcore's ``quantize`` student (forward KL) and ``mlx_lm dwq`` recover,
-``(rtn - x) / (rtn - fp)`` of the held-out loss, with every row of the example's table.
-About 10 minutes on a 2-core machine.
+``(rtn - x) / (rtn - fp)`` of the held-out loss, the mean over the example's seeds (their
+range beside it), with every row of the example's table. About 30 minutes on a 2-core
+machine (three seeds).
 """
 
 from __future__ import annotations
@@ -35,11 +36,13 @@ def quantization(out: Path | None = None) -> dict:
     shares = results["gap_recovered"][str(BITS)]
     return {
         "bits": BITS,
+        "seeds": results["budget"]["seeds"],
         "kd_gap_recovered": shares["kd-hinton"],
         "kd_t2_gap_recovered": shares["kd-hinton-t2"],
         "dwq_gap_recovered": shares["dwq"],
         "kd_tvd_gap_recovered": shares["kd-tvd"],
         "gap_recovered": results["gap_recovered"],
+        "gap_recovered_range": results["gap_recovered_range"],
         "budget": results["budget"],
         "rows": results["rows"],
         "example_wall_s": results["total_wall_s"],

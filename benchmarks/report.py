@@ -359,7 +359,8 @@ def quantization_lines(q: dict) -> list[str]:
         "",
         f"`examples/quantize/run.py`: a 4-layer mlx-lm llama, then round-to-nearest, "
         f"`mlx_lm dwq` and kdcore's `quantize` student on the same {b['tokens']:,} tokens "
-        f"(group size {b['group_size']}). Share of the {q['bits']}-bit quantization gap "
+        f"(group size {b['group_size']}), {b.get('seeds', 1)} seed(s), means over them. "
+        f"Share of the {q['bits']}-bit quantization gap "
         "recovered, `(rtn - x) / (rtn - fp)` of the held-out loss: kdcore (forward KL) "
         f"**{num(q['kd_gap_recovered'], '.2f')}**, at DWQ's T = 2 "
         f"**{num(q.get('kd_t2_gap_recovered'), '.2f')}**, DWQ "

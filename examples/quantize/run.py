@@ -45,6 +45,8 @@ GROUP_SIZE = 64
 METHODS = ("fp", "rtn", "dwq", "kd-hinton", "kd-hinton-t2", "kd-tvd")
 # method -> (loss, temperature); kd-hinton-t2 is DWQ's own objective (KL at T = 2)
 KD_LOSSES = {"kd-hinton": ("hinton", 1.0), "kd-hinton-t2": ("hinton", 2.0), "kd-tvd": ("tvd", 1.0)}
+SEEDS = 3  # each trained row runs once per seed: its rows, their order and DWQ's shuffle
+SCORE_BATCHES = 64  # held-out batches of 8 x 64 bytes scored per model (32,768 bytes)
 VALID_ROWS = 8  # DWQ's own validation rows (one batch; mlx-lm takes 32); not used for scoring
 TABLE_START, TABLE_END = "<!-- results:start -->", "<!-- results:end -->"
 
@@ -162,11 +164,11 @@ def _toml(path: Path) -> dict:
     return tomllib.loads(path.read_text(encoding="utf-8"))
 
 
-def _dataset(spec: dict):
+def _dataset(spec: dict, seed: int):
     from kdcore.registry.setup import Setup
     from kdcore.spec.build import build
 
-    setup = Setup(base_dir=HERE, seed=spec["run"]["seed"])
+    setup = Setup(base_dir=HERE, seed=seed)
     return build("dataset", spec["data"]["name"], setup, **spec["data"]["params"])
 
 
@@ -234,20 +236,24 @@ def main(
     teacher_steps: int | None = None,
     bits: tuple[int, ...] = BITS,
     write: bool = True,
+    seeds: int | None = None,
 ) -> dict:
-    """Train, quantize, distil and score; returns the results (also ``results.json`` and
-    the README table when ``write``)."""
+    """Train, quantize, distil (each trained row once per seed) and score; returns the
+    results (also ``results.json`` and the README table when ``write``)."""
     out = Path(out or os.environ.get("KD_OUT") or ROOT / "runs" / "quantize").resolve()
     student_spec = _toml(HERE / "student.toml")
     train = student_spec["train"]
     steps = int(steps or os.environ.get("KD_STEPS") or train["steps"])
     teacher_steps = int(teacher_steps or os.environ.get("KD_TEACHER_STEPS") or 0) or None
+    seeds = int(seeds or os.environ.get("KD_SEEDS") or SEEDS)
     batch_size = int(train["batch_size"])
     seq_len = int(student_spec["data"]["params"]["seq_len"])
     lr = float(train["optimizer"]["lr"])
-    eval_batches = int(student_spec["eval"]["batches"])
-    for name in ["teacher", "data", *[f"{m}{b}" for m in METHODS[1:] for b in bits]]:
-        shutil.rmtree(out / name, ignore_errors=True)
+    # only what this script makes (a previous run's, any number of seeds)
+    patterns = ["teacher", "data*", *[f"{m}{b}*" for m in METHODS[1:] for b in bits]]
+    for pattern in patterns:
+        for old in out.glob(pattern):
+            shutil.rmtree(old, ignore_errors=True)
     (out / "logs").mkdir(parents=True, exist_ok=True)
     began = time.perf_counter()
 
@@ -256,10 +262,8 @@ def main(
     cmd = ["distill", str(HERE / "teacher.toml"), "--output", str(out / "teacher"), *sets]
     runs: dict[str, dict] = {"teacher": _run(_self("kd", *cmd), out / "logs" / "teacher.log")}
     teacher = out / "teacher" / "student"
-
-    dataset = _dataset(student_spec)
-    samples = write_dwq_data(dataset, out / "data", steps, batch_size)
-    eval_rows = list(dataset.batches(batch_size, "val", eval_batches))
+    # the held-out split does not depend on the seed
+    score_rows = list(_dataset(student_spec, 0).batches(batch_size, "val", SCORE_BATCHES))
 
     folders: dict[str, Path] = {"fp": teacher}
     for b in bits:
@@ -271,38 +275,46 @@ def main(
         _run(cmd, out / "logs" / f"rtn{b}.log")
         folders[f"rtn{b}"] = rtn
 
-        print(f"== 2. {b} bits: mlx_lm dwq ({steps} steps of {batch_size} rows)", flush=True)
-        cmd = ["--model", str(teacher), "--mlx-path", str(out / f"dwq{b}")]
-        cmd += ["--bits", str(b), "--group-size", str(GROUP_SIZE), "--data-path", str(out / "data")]
-        cmd += ["--num-samples", str(samples), "--max-seq-length", str(seq_len + 1)]
-        cmd += ["--batch-size", str(batch_size), "--learning-rate", str(lr), "--seed", "0"]
-        runs[f"dwq{b}"] = _run(_self("dwq", *cmd), out / "logs" / f"dwq{b}.log")
-        folders[f"dwq{b}"] = out / f"dwq{b}"
+    for seed in range(seeds):
+        data = out / f"data-s{seed}"
+        samples = write_dwq_data(_dataset(student_spec, seed), data, steps, batch_size)
+        for b in bits:
+            tag = f"{b}-s{seed}"
+            print(f"== 2. {b} bits, seed {seed}: mlx_lm dwq ({steps} steps)", flush=True)
+            cmd = ["--model", str(teacher), "--mlx-path", str(out / f"dwq{tag}")]
+            cmd += ["--bits", str(b), "--group-size", str(GROUP_SIZE), "--data-path", str(data)]
+            cmd += ["--num-samples", str(samples), "--max-seq-length", str(seq_len + 1)]
+            cmd += ["--batch-size", str(batch_size), "--learning-rate", str(lr)]
+            cmd += ["--seed", str(seed)]
+            runs[f"dwq{tag}"] = _run(_self("dwq", *cmd), out / "logs" / f"dwq{tag}.log")
+            folders[f"dwq{tag}"] = out / f"dwq{tag}"
 
-        for method, (loss, temperature) in KD_LOSSES.items():
-            print(f"== 2. {b} bits: kdcore quantize + {loss} at T = {temperature}", flush=True)
-            run_dir = out / f"{method}{b}"
-            sets = [
-                f'teachers.0.path="{teacher}"',
-                f'student.model.params.path="{teacher}"',
-                f"student.init.params.bits={b}",
-                f"student.init.params.group_size={GROUP_SIZE}",
-                f'losses.0.name="{loss}"',
-                f"losses.0.params.temperature={temperature}",
-                f"train.steps={steps}",
-            ]
-            cmd = ["distill", str(HERE / "student.toml"), "--output", str(run_dir)]
-            for item in sets:
-                cmd += ["--set", item]
-            runs[f"{method}{b}"] = _run(_self("kd", *cmd), out / "logs" / f"{method}{b}.log")
-            summary = json.loads((run_dir / "summary.json").read_text())
-            runs[f"{method}{b}"]["step_s"] = summary["wall_seconds"] / summary["steps"]
-            runs[f"{method}{b}"]["trainable_parameters"] = summary["trainable_parameters"]
-            folders[f"{method}{b}"] = run_dir / "student"
+            for method, (loss, temperature) in KD_LOSSES.items():
+                print(f"== 2. {b} bits, seed {seed}: quantize + {loss} at T = {temperature}")
+                run_dir = out / f"{method}{tag}"
+                sets = [
+                    f"run.seed={seed}",
+                    f'teachers.0.path="{teacher}"',
+                    f'student.model.params.path="{teacher}"',
+                    f"student.init.params.bits={b}",
+                    f"student.init.params.group_size={GROUP_SIZE}",
+                    f'losses.0.name="{loss}"',
+                    f"losses.0.params.temperature={temperature}",
+                    f"train.steps={steps}",
+                ]
+                cmd = ["distill", str(HERE / "student.toml"), "--output", str(run_dir)]
+                for item in sets:
+                    cmd += ["--set", item]
+                log = out / "logs" / f"{method}{tag}.log"
+                runs[f"{method}{tag}"] = _run(_self("kd", *cmd), log)
+                summary = json.loads((run_dir / "summary.json").read_text())
+                runs[f"{method}{tag}"]["step_s"] = summary["wall_seconds"] / summary["steps"]
+                runs[f"{method}{tag}"]["trainable_parameters"] = summary["trainable_parameters"]
+                folders[f"{method}{tag}"] = run_dir / "student"
 
     print("== 3. scoring every model on the same held-out bytes", flush=True)
-    scores = score(folders, teacher, eval_rows)
-    results = _results(scores, runs, bits, steps, batch_size, seq_len, lr)
+    scores = score(folders, teacher, score_rows)
+    results = _results(scores, runs, bits, seeds, steps, batch_size, seq_len, lr)
     results["total_wall_s"] = time.perf_counter() - began
     table = render(results)
     print(table)
@@ -316,33 +328,51 @@ def main(
     return results
 
 
-def _results(scores, runs, bits, steps, batch_size, seq_len, lr) -> dict:
+def _mean(values: list) -> float | None:
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
+
+
+def _results(scores, runs, bits, seeds, steps, batch_size, seq_len, lr) -> dict:
+    """One row per (bits, method): the mean over seeds of each figure, and each seed's
+    val loss, KL and gap share (``per_seed``). The gap share of a seed is
+    ``(rtn - x) / (rtn - fp)`` of the val loss; rtn and fp are the same for every seed."""
     import mlx.core as mx
 
     fp = scores["fp"]["val_loss"]
-    rows, recovered = [], {}
-    rows.append({"bits": None, "method": "fp", **scores["fp"]})
+    rows, recovered, spread = [], {}, {}
+    rows.append({"bits": None, "method": "fp", **scores["fp"], "seeds": 1})
     for b in bits:
         rtn = scores[f"rtn{b}"]["val_loss"]
         gap = rtn - fp
-        recovered[str(b)] = {}
-        for method in METHODS[1:]:
-            key = f"{method}{b}"
-            share = (rtn - scores[key]["val_loss"]) / gap if gap > 0 else None
-            run = runs.get(key, {})
-            rows.append(
-                {
-                    "bits": b,
-                    "method": method,
-                    **scores[key],
-                    "gap_recovered": share,
-                    "step_s": run.get("step_s"),
-                    "peak_memory_bytes": run.get("peak_memory_bytes"),
-                    "trainable_parameters": run.get("trainable_parameters"),
-                }
-            )
-            if method != "rtn":
-                recovered[str(b)][method] = share
+        recovered[str(b)], spread[str(b)] = {}, {}
+        rows.append({"bits": b, "method": "rtn", **scores[f"rtn{b}"], "gap_recovered": 0.0})
+        rows[-1]["seeds"] = 1
+        for method in METHODS[2:]:
+            keys = [f"{method}{b}-s{seed}" for seed in range(seeds)]
+            per_seed = []
+            for key in keys:
+                share = (rtn - scores[key]["val_loss"]) / gap if gap > 0 else None
+                per_seed.append(
+                    {
+                        "val_loss": scores[key]["val_loss"],
+                        "kl": scores[key]["kl"],
+                        "gap_recovered": share,
+                        "step_s": runs[key].get("step_s"),
+                    }
+                )
+            row = {"bits": b, "method": method, "seeds": seeds}
+            for name in ("val_loss", "kl", "top1_agreement", "bits_per_weight", "tokens"):
+                row[name] = _mean([scores[k][name] for k in keys])
+            row["gap_recovered"] = _mean([x["gap_recovered"] for x in per_seed])
+            row["step_s"] = _mean([x["step_s"] for x in per_seed])
+            row["peak_memory_bytes"] = max(runs[k].get("peak_memory_bytes") or 0 for k in keys)
+            row["trainable_parameters"] = runs[keys[0]].get("trainable_parameters")
+            row["per_seed"] = per_seed
+            rows.append(row)
+            recovered[str(b)][method] = row["gap_recovered"]
+            shares = [x["gap_recovered"] for x in per_seed if x["gap_recovered"] is not None]
+            spread[str(b)][method] = [min(shares), max(shares)] if shares else None
     return {
         "budget": {
             "steps": steps,
@@ -351,10 +381,12 @@ def _results(scores, runs, bits, steps, batch_size, seq_len, lr) -> dict:
             "tokens": steps * batch_size * seq_len,
             "lr": lr,
             "group_size": GROUP_SIZE,
+            "seeds": seeds,
         },
         "teacher": {"train_s": runs["teacher"]["wall_s"]},
         "rows": rows,
         "gap_recovered": recovered,
+        "gap_recovered_range": spread,
         "machine": {"cpus": os.cpu_count(), "mlx": mx.__version__},
     }
 
@@ -363,7 +395,9 @@ def render(results: dict) -> str:
     budget = results["budget"]
     lines = [
         f"{budget['steps']} steps of {budget['batch_size']} x {budget['seq_len']} bytes "
-        f"({budget['tokens']:,} tokens) for each trained row; val loss in nats per byte on "
+        f"({budget['tokens']:,} tokens) for each trained row, {budget['seeds']} seeds (the "
+        "rows drawn, their order, DWQ's shuffle); each figure is the mean over the seeds, "
+        "the gap share's range in brackets; val loss in nats per byte on "
         f"{results['rows'][0]['tokens']:,} held-out bytes.",
         "",
         "| bits | model | val loss | KL to fp | gap recovered | s / step | peak MB | bits/weight |",
@@ -375,9 +409,13 @@ def render(results: dict) -> str:
 
     for row in results["rows"]:
         peak = row.get("peak_memory_bytes")
+        share = num(row.get("gap_recovered"), ".2f")
+        seeds = [x["gap_recovered"] for x in row.get("per_seed", [])]
+        if len(seeds) > 1 and None not in seeds:
+            share += f" [{min(seeds):.2f}, {max(seeds):.2f}]"
         lines.append(
             f"| {row['bits'] or '-'} | {row['method']} | {row['val_loss']:.4f} | "
-            f"{row['kl']:.4f} | {num(row.get('gap_recovered'), '.2f')} | "
+            f"{row['kl']:.4f} | {share} | "
             f"{num(row.get('step_s'), '.2f')} | {num(peak and peak / 1e6, '.0f')} | "
             f"{row['bits_per_weight']:.2f} |"
         )
