@@ -75,6 +75,10 @@ if [ "$(uname -s)" = Linux ] && ! "${FASTPATH[@]}" --path >/dev/null && command 
     >/dev/null 2>&1 || echo "setup: could not install libopenblas0-pthread with apt-get"
 fi
 if OPENBLAS=$("${FASTPATH[@]}" --path); then
+  # a CPU model OpenBLAS does not know gets its SSE3 kernels; kd names the right family
+  if [ -z "${OPENBLAS_CORETYPE:-}" ] && CORE=$("${FASTPATH[@]}" --coretype); then
+    export OPENBLAS_CORETYPE="$CORE"
+  fi
   export LD_PRELOAD="$OPENBLAS${LD_PRELOAD:+:$LD_PRELOAD}"
 fi
 # Say what is so, not what was tried: ask a process started the way scripts/test starts
@@ -82,7 +86,7 @@ fi
 if .venv/bin/python -c 'import sys, mlx.core
 from kdcore.cli.fastpath import fast_path_active
 sys.exit(0 if fast_path_active() else 1)'; then
-  echo "setup: OpenBLAS fast path: in use (${OPENBLAS:-$LD_PRELOAD} preloaded for python; kd preloads it itself)"
+  echo "setup: OpenBLAS fast path: in use (${OPENBLAS:-$LD_PRELOAD} preloaded for python${OPENBLAS_CORETYPE:+, OPENBLAS_CORETYPE=$OPENBLAS_CORETYPE}; kd preloads it itself)"
 elif [ "$(uname -s)" != Linux ]; then
   echo "setup: OpenBLAS fast path: not in use (Linux only; MLX uses Metal or Accelerate here)"
 elif [ -n "${OPENBLAS:-}" ]; then

@@ -259,6 +259,15 @@ def cmd_data_inspect(args) -> int:
     return 0
 
 
+def _openblas_kernels() -> str | None:
+    """The kernel family of the OpenBLAS in this process (``OPENBLAS_CORETYPE`` or its own
+    detection), None when it is not loaded."""
+    from kdcore.cli import fastpath
+
+    lib = next((x for x in fastpath.loaded_blas() if x in fastpath.CANDIDATES), None)
+    return None if lib is None else fastpath.openblas_core(lib)
+
+
 def cmd_doctor(args) -> int:
     import os
     import platform
@@ -278,6 +287,7 @@ def cmd_doctor(args) -> int:
         "blas_loaded": fastpath.loaded_blas(),
         "fast_path_available": fastpath.openblas_path(),
         "fast_path_active": fastpath.fast_path_active(),
+        "openblas_kernels": _openblas_kernels(),
         "plugins": {k: v["version"] for k, v in get_registry().distributions().items()},
         "plugin_failures": [
             {"distribution": f.distribution, "entry_point": f.entry_point, "error": f.error}
@@ -310,7 +320,7 @@ def cmd_doctor(args) -> int:
     if not sys.platform.startswith("linux"):
         pass
     elif info["fast_path_active"]:
-        print("fast path: OpenBLAS is in use")
+        print(f"fast path: OpenBLAS is in use ({info['openblas_kernels']} kernels)")
     elif not info["fast_path_available"]:
         print(
             "hint: OpenBLAS is not installed, so MLX runs on its slow bundled BLAS; "
