@@ -265,7 +265,8 @@ def test_distill_changes_scales_keeps_packed_weights_and_mlx_lm_loads_it(
 
 def test_distillation_recovers_loss_over_round_to_nearest(trained_dir, corpus, tmp_path, capsys):
     """A tiny case: 3 bits; 30 steps of forward KL bring the student nearer its teacher
-    (and lower its held-out cross-entropy) than the round-to-nearest model it starts as."""
+    (and lower its cross-entropy on the whole held-out split) than the round-to-nearest
+    model it starts as."""
     from kdcore.engine.evaluate import evaluate
     from kdcore.models.mlxlm import MlxLmModel, load_kd_model
     from kdcore.testing import build_run
@@ -282,6 +283,16 @@ def test_distillation_recovers_loss_over_round_to_nearest(trained_dir, corpus, t
     rtn = MlxLmModel(_rtn(trained_dir, 3, 32), config)
     base = evaluate(rtn, teacher, rows)
     kd = evaluate(load_kd_model(tmp_path / "run" / "student")[0], teacher, rows)
-    assert kd["kl_teacher_student"] == pytest.approx(summary["eval"]["kl_teacher_student"])
+    # the saved folder reloaded gives the run's own figure, to float32 rounding (the BLAS's
+    # kernels order the sums; 1e-6 relative apart measured with OpenBLAS's SkylakeX ones)
+    assert kd["kl_teacher_student"] == pytest.approx(
+        summary["eval"]["kl_teacher_student"], rel=1e-5
+    )
     assert kd["kl_teacher_student"] < 0.8 * base["kl_teacher_student"], (kd, base)
-    assert kd["val_loss"] < base["val_loss"], (kd, base)
+    # held-out cross-entropy on every val row (1,184 tokens): on the 512 above the two are
+    # within noise of each other (0.002 nats either way, depending on the BLAS's rounding)
+    every = list(parts.dataset.batches(4, "val"))
+    kd_all = evaluate(load_kd_model(tmp_path / "run" / "student")[0], teacher, every)
+    base_all = evaluate(rtn, teacher, every)
+    assert kd_all["tokens"] > 1000
+    assert kd_all["val_loss"] < base_all["val_loss"], (kd_all, base_all)
