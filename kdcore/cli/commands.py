@@ -275,6 +275,7 @@ def cmd_doctor(args) -> int:
     import mlx.core as mx
 
     from kdcore.cli import fastpath
+    from kdcore.engine.heap import heap_status
     from kdcore.kernels.divergence import row_kernel_status
 
     info = {
@@ -288,6 +289,7 @@ def cmd_doctor(args) -> int:
         "fast_path_available": fastpath.openblas_path(),
         "fast_path_active": fastpath.fast_path_active(),
         "openblas_kernels": _openblas_kernels(),
+        "heap": heap_status(),
         "plugins": {k: v["version"] for k, v in get_registry().distributions().items()},
         "plugin_failures": [
             {"distribution": f.distribution, "entry_point": f.entry_point, "error": f.error}
@@ -303,7 +305,7 @@ def cmd_doctor(args) -> int:
             groups: dict[tuple[str, str, str], list[str]] = {}
             for name, k in value.items():
                 groups.setdefault((k["path"], k["source"], k["detail"]), []).append(name)
-            print("row kernels (the loss rows per token chunk):")
+            print("native kernels (loss rows per token chunk; adam: the optimizer step):")
             for (path, source, detail), names in groups.items():
                 origin = f" from {source}" if path == "native" else ""
                 print(f"  {path}{origin}: {', '.join(names)}")

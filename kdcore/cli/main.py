@@ -36,6 +36,9 @@ def main(argv: list[str] | None = None) -> int:
 
         reexec_with_fast_path()
     try:
+        from kdcore.engine.heap import reuse_freed_memory
+
+        reuse_freed_memory()
         parser = build_parser()
         args = parser.parse_args(argv)
         return int(args.func(args) or 0)
