@@ -511,10 +511,12 @@ def fused_token_terms(
                 inputs[name] = rows(handle)
             values, g = [], None
             for term, scale, row_w in zip(terms, scales, row_weights):
+                if grad and term.weight not in (0.0, 1.0):
+                    # the term's weight rides on the [C, 1] scale: no [C, V] multiply
+                    scale = scale * term.weight
                 v, gi = term.rows(scale, s, *(inputs[name] for name in term.inputs))
                 values.append((v * row_w).sum())
                 if grad and term.weight != 0.0:
-                    gi = gi * term.weight if term.weight != 1.0 else gi
                     g = gi if g is None else g + gi
             work = list(values)
             if grad and g is not None:
