@@ -150,12 +150,20 @@ def _long_run(make_spec, tmp_path) -> tuple[dict, Path]:
     return data, spec
 
 
+def _default_signals() -> None:
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_DFL)
+
+
 def _start_and_wait_for_a_metrics_line(spec: Path, out: Path) -> subprocess.Popen:
     proc = subprocess.Popen(
         [sys.executable, "-m", "kdcore.cli", "distill", str(spec), "--output", str(out)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        # a suite started as a background job ignores SIGINT, and kd keeps a signal it was
+        # started ignoring ignored (StopRequest): the run under test starts with the default
+        preexec_fn=_default_signals,
     )
     deadline = time.monotonic() + 180
     metrics = out / "metrics.jsonl"
