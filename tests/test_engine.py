@@ -539,3 +539,91 @@ def test_learnable_loss_trains_resumes_and_stays_out_of_the_student(tmp_path, ma
         assert summary["steps"] == 4
     finally:
         reset_registry()
+
+
+# ---------------------------------------------------------------- the native Adam step
+
+
+def _adam_step(g, p, m, v, k, bias_correction):
+    """The "adam" kernel's contract (kdcore.engine.optim) in MLX ops, for the wiring tests."""
+    m2 = k[1] * m + k[2] * g
+    v2 = k[3] * v + k[4] * mx.square(g)
+    root = mx.sqrt(v2)
+    denominator = root * k[7] + k[5] if bias_correction else root + k[5]
+    return p * k[0] - (k[6] * m2) / denominator, m2, v2
+
+
+class _AdamKernel:
+    def __init__(self):
+        self.calls = 0
+
+    @kdcore.hookimpl
+    def kd_row_kernels(self):
+        def adam():
+            def step(*args):
+                self.calls += 1
+                return _adam_step(*args)
+
+            return step
+
+        return {"adam": adam}
+
+
+def _updated(optimizer, dtype=mx.float32, steps=3):
+    """Parameters and optimizer state after ``steps`` updates with fixed gradients."""
+    import mlx.nn as nn
+    from mlx.utils import tree_map
+
+    mx.random.seed(3)
+    model = nn.Sequential(nn.Linear(37, 13), nn.LayerNorm(13), nn.Linear(13, 1001))
+    model.set_dtype(dtype)
+    rng = np.random.default_rng(4)
+    for _ in range(steps):
+        grads = tree_map(
+            lambda p: mx.array(rng.normal(0, 1e-2, p.shape).astype(np.float32)).astype(p.dtype),
+            model.trainable_parameters(),
+        )
+        optimizer.update(model, grads)
+        mx.eval(model.parameters(), optimizer.state)
+    flat = {**dict(tree_flatten(model.parameters())), **dict(tree_flatten(optimizer.state))}
+    return {k: np.array(v.astype(mx.float32)) for k, v in flat.items()}
+
+
+@pytest.mark.parametrize("name", ["adam", "adamw"])
+@pytest.mark.parametrize("bias_correction", [False, True])
+def test_adam_hands_its_update_to_a_registered_kernel_with_mlxs_roundings(
+    monkeypatch, name, bias_correction
+):
+    """kdcore's adam / adamw give the "adam" kernel scalars rounded as mlx.optimizers does
+    (a learning-rate schedule: a scalar on the device): bit for bit mlx's update."""
+    import mlx.optimizers as optim
+
+    from kdcore.engine.optim import OPTIMIZERS
+
+    monkeypatch.setenv("KD_DISABLE_PLUGINS", "kd-kernels")  # its "adam" would clash
+    monkeypatch.setenv("KD_KERNELS", "native")
+    options = {"bias_correction": bias_correction, "betas": [0.8, 0.95], "eps": 1e-6}
+    if name == "adamw":
+        options["weight_decay"] = 0.1
+    schedule = optim.cosine_decay(3e-2, 10)
+    mlx_class = {"adam": optim.Adam, "adamw": optim.AdamW}[name]
+    want = _updated(mlx_class(learning_rate=schedule, **options))
+    kernel = _AdamKernel()
+    with kdcore.testing.plugins(kernel):
+        got = _updated(OPTIMIZERS[name](learning_rate=schedule, **options))
+        assert kernel.calls == 3 * 6  # six float32 parameters, three steps
+        bf16 = _updated(OPTIMIZERS[name](learning_rate=schedule, **options), mx.bfloat16)
+        assert kernel.calls == 3 * 6  # other dtypes: mlx's update
+        monkeypatch.setenv("KD_KERNELS", "pure")
+        pure = _updated(OPTIMIZERS[name](learning_rate=schedule, **options))
+        assert kernel.calls == 3 * 6
+    assert got.keys() == want.keys()
+    for key in want:
+        np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+        np.testing.assert_array_equal(pure[key], want[key], err_msg=key)
+    want_bf16 = _updated(mlx_class(learning_rate=schedule, **options), mx.bfloat16)
+    for key in want_bf16:
+        np.testing.assert_array_equal(bf16[key], want_bf16[key], err_msg=key)
+    assert not np.array_equal(
+        got["layers.2.weight"], _updated(mlx_class(0.0), steps=0)["layers.2.weight"]
+    )

@@ -5,6 +5,16 @@ Each trainable parameter falls into the first group whose ``pattern`` it matches
 default group. A group's learning rate is the base rate times ``lr_mult``; ``lr_mult = 0``
 freezes it (no gradient is computed). Parameters whose path matches a ``no_decay`` pattern
 get no weight decay.
+
+``adam`` and ``adamw`` are mlx's, with each float32 parameter's update handed to the native
+``"adam"`` kernel where one is registered (hook ``kd_row_kernels``; kd-kernels has it): on a
+Linux CPU mlx's update is ten scalar element-wise passes on one core, 1.2 s of a 14.5 s step
+for an 84M-parameter student at a 152k vocabulary (benchmarks/real_vocab.py), where the
+kernel makes one vectorised pass, in place. The kernel gets eight float32 scalars rounded as
+mlx rounds them: AdamW's decay ``1 - lr * weight_decay`` (1 for Adam), ``b1``, ``1 - b1``,
+``b2``, ``1 - b2``, ``eps``, then ``lr`` and 1, or with bias correction ``c1 = lr / (1 -
+b1**step)`` and ``c2 = rsqrt(1 - b2**step)``; the result equals mlx's bit for bit
+(tests/test_engine.py). Other dtypes, ``KD_KERNELS=pure`` and other devices run mlx's.
 """
 
 from __future__ import annotations
@@ -12,15 +22,59 @@ from __future__ import annotations
 import re
 
 import attrs
+import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 from mlx.utils import tree_flatten
 
 from kdcore.errors import SpecError
+from kdcore.kernels.divergence import native_kernel
+
+
+def _native_step(opt: optim.Adam, gradient: mx.array, parameter: mx.array, state: dict, decay):
+    """The native kernel's ``(parameter, m, v)``, or None where mlx's update runs."""
+    m, v = state["m"], state["v"]
+    if any(x.dtype != mx.float32 for x in (gradient, parameter, m, v)):
+        return None
+    step = native_kernel("adam")
+    if step is None:
+        return None
+    lr = opt.learning_rate.astype(mx.float32)
+    b1, b2 = opt.betas
+    if opt.bias_correction:
+        first = (lr / (1 - b1**opt.step)).astype(mx.float32)
+        second = mx.rsqrt(1 - b2**opt.step).astype(mx.float32)
+    else:
+        first, second = lr, mx.array(1.0, mx.float32)
+    constants = mx.array([b1, 1 - b1, b2, 1 - b2, opt.eps], mx.float32)
+    scalars = mx.concatenate([decay.reshape(1), constants, first.reshape(1), second.reshape(1)])
+    parameter, state["m"], state["v"] = step(
+        gradient, parameter, m, v, scalars, bool(opt.bias_correction)
+    )
+    return parameter
+
+
+class Adam(optim.Adam):
+    """mlx's Adam; float32 updates in one native pass where a kernel is registered."""
+
+    def apply_single(self, gradient: mx.array, parameter: mx.array, state: dict):
+        out = _native_step(self, gradient, parameter, state, mx.array(1.0, mx.float32))
+        return super().apply_single(gradient, parameter, state) if out is None else out
+
+
+class AdamW(optim.AdamW):
+    """mlx's AdamW; float32 updates in one native pass where a kernel is registered."""
+
+    def apply_single(self, gradient: mx.array, parameter: mx.array, state: dict):
+        lr = self.learning_rate.astype(mx.float32)
+        decay = (1 - lr * self.weight_decay).astype(mx.float32)
+        out = _native_step(self, gradient, parameter, state, decay)
+        return super().apply_single(gradient, parameter, state) if out is None else out
+
 
 OPTIMIZERS = {
-    "adamw": optim.AdamW,
-    "adam": optim.Adam,
+    "adamw": AdamW,
+    "adam": Adam,
     "sgd": optim.SGD,
     "lion": optim.Lion,
     "adafactor": optim.Adafactor,

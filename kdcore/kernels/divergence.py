@@ -190,10 +190,10 @@ def _log_softmax(z: mx.array) -> mx.array:
 
 # ---------------------------------------------------------------- native row kernels
 
-# Row functions a plugin may replace (hook ``kd_row_kernels``): the dense and top-k
-# ("sparse:KIND") divergences here and the fused path's cross-entropy; KD_KERNELS=pure keeps
-# the pure-MLX rows everywhere.
-ROW_KERNELS = (*KINDS, *(f"sparse:{kind}" for kind in KINDS), "cross_entropy")
+# What a plugin may replace (hook ``kd_row_kernels``): the dense and top-k ("sparse:KIND")
+# divergences here, the fused path's cross-entropy and the Adam(W) step of
+# kdcore.engine.optim ("adam"); KD_KERNELS=pure keeps kdcore's own MLX code everywhere.
+ROW_KERNELS = (*KINDS, *(f"sparse:{kind}" for kind in KINDS), "cross_entropy", "adam")
 _installed: dict[str, tuple[Callable[..., Any], str]] | None = None
 
 
@@ -235,6 +235,16 @@ def kernels_mode() -> str:
 
 def _on_cpu() -> bool:
     return mx.default_device().type == mx.cpu
+
+
+def native_kernel(name: str, *args: Any) -> Callable[..., Any] | None:
+    """The native kernel registered for ``name`` built with ``args``, or None (none
+    registered, ``KD_KERNELS=pure``, a default device other than the CPU, or the factory
+    leaves these parameters to kdcore)."""
+    if kernels_mode() == "pure" or not _on_cpu():
+        return None
+    entry = _registered().get(name)
+    return entry[0](*args) if entry is not None else None
 
 
 def with_row_kernel(name: str, pure: RowFn, *args: Any) -> RowFn:

@@ -285,7 +285,7 @@ def kd_run_callbacks() -> Iterable[Any]:
 
 @hookspec
 def kd_row_kernels() -> Mapping[str, Callable[..., Any]] | None:
-    """Contribute faster implementations of the core's loss row functions.
+    """Contribute faster implementations of the core's loss row functions (and its Adam step).
 
     Not a collecting hook: it returns a mapping from a row function's name to a factory.
     The core calls the factory where it would build its own row function, and on a CPU
@@ -298,9 +298,13 @@ def kd_row_kernels() -> Mapping[str, Callable[..., Any]] | None:
     - ``"sparse:KIND"`` for each of those: ``factory(coef, temperature, tail)`` (``tail`` one
       of :data:`kdcore.TAIL_POLICIES`), replacing ``sparse_rows`` (a top-k teacher);
     - ``"cross_entropy"``: ``factory(label_smoothing)``, replacing the fused path's
-      ``cross_entropy_rows``.
+      ``cross_entropy_rows``;
+    - ``"adam"``: ``factory()`` returning ``step(gradient, parameter, m, v, scalars,
+      bias_correction) -> (parameter, m, v)`` for float32 arrays of one shape, the update of
+      kdcore's ``adam`` and ``adamw`` optimizers (``kdcore.engine.optim`` documents the
+      eight scalars; the result must equal mlx.optimizers.AdamW's).
 
-    The factory returns a row function ``rows(scale [C, 1], s [C, V], *inputs) -> (values
+    A loss row's factory returns a row function ``rows(scale [C, 1], s [C, V], *inputs) -> (values
     [C], scale * d values / d s [C, V])``, both float32, with ``inputs`` the teacher's
     logits ``[C, V]``, the top-k ids ``[C, K]`` and log-probabilities ``[C, K or K + 1]``,
     or the labels ``[C]``, and equal to the core's

@@ -14,7 +14,7 @@ using namespace nb::literals;
 #define KD_STR(x) KD_STR2(x)
 
 NB_MODULE(_ext, m) {
-  m.doc() = "kdcore's loss rows as native MLX primitives (CPU)";
+  m.doc() = "kdcore's loss rows and Adam step as native MLX primitives (CPU)";
 
   m.def(
       "dense_rows",
@@ -50,6 +50,17 @@ NB_MODULE(_ext, m) {
       "smoothing"_a,
       "ignore_index"_a,
       "(values [C], scale * d values / d s [C, V]) of the cross-entropy with labels [C].");
+  m.def(
+      "adam_step",
+      &kd_kernels::adam_step,
+      "gradient"_a,
+      "parameter"_a,
+      "m"_a,
+      "v"_a,
+      "scalars"_a,
+      "bias_correction"_a,
+      "(parameter, m, v) after one Adam(W) step of float32 arrays, in one pass (scalars: "
+      "decay, b1, 1 - b1, b2, 1 - b2, eps, lr or c1, c2).");
   m.def("isa", &kd_kernels::isa, "The instruction set the kernels use.");
   m.def("isas", &kd_kernels::isas, "The instruction sets this build can use on this CPU.");
   m.def("set_isa", &kd_kernels::set_isa, "name"_a, "Use another instruction set; returns the old.");

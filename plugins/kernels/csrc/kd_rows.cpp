@@ -1,4 +1,5 @@
-// The MLX side of the native row kernels: ops, primitives, ISA choice and the row threads.
+// The MLX side of the native kernels (loss rows, the Adam step): ops, primitives, ISA choice
+// and the threads.
 #include "kd_rows.h"
 
 #include <algorithm>
@@ -28,6 +29,7 @@ struct Isa {
   DenseFn dense;
   CrossEntropyFn cross_entropy;
   SparseFn sparse;
+  AdamFn adam;
   bool (*supported)();
 };
 
@@ -53,10 +55,21 @@ const Isa kIsas[] = {
      isa_avx512::dense_rows,
      isa_avx512::cross_entropy_rows,
      isa_avx512::sparse_rows,
+     isa_avx512::adam_step,
      has_avx512},
-    {"avx2", isa_avx2::dense_rows, isa_avx2::cross_entropy_rows, isa_avx2::sparse_rows, has_avx2},
+    {"avx2",
+     isa_avx2::dense_rows,
+     isa_avx2::cross_entropy_rows,
+     isa_avx2::sparse_rows,
+     isa_avx2::adam_step,
+     has_avx2},
 #endif
-    {"base", isa_base::dense_rows, isa_base::cross_entropy_rows, isa_base::sparse_rows, always},
+    {"base",
+     isa_base::dense_rows,
+     isa_base::cross_entropy_rows,
+     isa_base::sparse_rows,
+     isa_base::adam_step,
+     always},
 };
 
 const Isa* find_isa(const std::string& name) {
@@ -567,6 +580,145 @@ std::vector<mx::Shape> CrossEntropyRows::output_shapes(const std::vector<mx::arr
 bool CrossEntropyRows::is_equivalent(const mx::Primitive& other) const {
   const auto& o = static_cast<const CrossEntropyRows&>(other);
   return smoothing_ == o.smoothing_ && ignore_index_ == o.ignore_index_;
+}
+
+// ---------------------------------------------------------------- the Adam step
+
+namespace {
+
+// A float32 input as the step reads it: its own buffer when it is dense and row-major,
+// else gathered element by element when the task runs (a strided or broadcast view: rare).
+struct DenseInput {
+  const float* data;
+  std::shared_ptr<std::vector<float>> owned;
+  const float* source;
+  mx::Shape shape;
+  mx::Strides strides;
+
+  void gather() const {
+    if (!owned)
+      return;
+    const int64_t n = static_cast<int64_t>(owned->size());
+    for (int64_t i = 0; i < n; ++i) {
+      int64_t rest = i, at = 0;
+      for (int d = static_cast<int>(shape.size()) - 1; d >= 0; --d) {
+        at += (rest % shape[d]) * strides[d];
+        rest /= shape[d];
+      }
+      (*owned)[i] = source[at];
+    }
+  }
+};
+
+bool is_dense(const mx::array& x) {
+  return x.flags().row_contiguous && x.data_size() == x.size();
+}
+
+DenseInput dense_input(const mx::array& x) {
+  DenseInput in{};
+  if (is_dense(x)) {
+    in.data = x.data<float>();
+    return in;
+  }
+  in.owned = std::make_shared<std::vector<float>>(x.size());
+  in.source = x.data<float>();
+  in.shape = x.shape();
+  in.strides = x.strides();
+  in.data = in.owned->data();
+  return in;
+}
+
+// The output takes over the input's buffer when nothing else holds it (MLX's own
+// element-wise ops do the same): the step then runs in place.
+void set_output(mx::array& out, const mx::array& in) {
+  if (in.is_donatable() && is_dense(in))
+    out.copy_shared_buffer(in);
+  else
+    out.set_data(mx::allocator::malloc(out.nbytes()));
+}
+
+}  // namespace
+
+std::tuple<mx::array, mx::array, mx::array> adam_step(
+    const mx::array& gradient,
+    const mx::array& parameter,
+    const mx::array& m,
+    const mx::array& v,
+    const mx::array& scalars,
+    bool bias_correction) {
+  for (const auto* x : {&gradient, &parameter, &m, &v}) {
+    if (x->dtype() != mx::float32)
+      throw std::invalid_argument("kd_kernels: the Adam step takes float32 arrays only");
+    if (x->shape() != parameter.shape())
+      throw std::invalid_argument("kd_kernels: gradient, parameter, m and v differ in shape");
+  }
+  if (scalars.size() != kAdamScalars)
+    throw std::invalid_argument(
+        "kd_kernels: the Adam step takes " + std::to_string(kAdamScalars) + " scalars");
+  mx::array k = mx::reshape(mx::astype(scalars, mx::float32), {kAdamScalars});
+  auto outputs = mx::array::make_arrays(
+      {parameter.shape(), parameter.shape(), parameter.shape()},
+      {mx::float32, mx::float32, mx::float32},
+      std::make_shared<AdamStep>(mx::to_stream({}), bias_correction),
+      {gradient, parameter, m, v, k});
+  return {outputs[0], outputs[1], outputs[2]};
+}
+
+void AdamStep::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
+  auto& encoder = mx::cpu::get_command_encoder(stream());
+  for (const auto& x : inputs)
+    encoder.set_input_array(x);
+  const DenseInput g = dense_input(inputs[0]), p = dense_input(inputs[1]);
+  const DenseInput m = dense_input(inputs[2]), v = dense_input(inputs[3]);
+  for (int i = 0; i < 3; ++i) {
+    set_output(outputs[i], inputs[i + 1]);
+    encoder.set_output_array(outputs[i]);
+  }
+  AdamArgs args{};
+  args.bias_correction = bias_correction_;
+  args.p = outputs[0].data<float>();
+  args.m = outputs[1].data<float>();
+  args.v = outputs[2].data<float>();
+  const float* k = inputs[4].data<float>();
+  const int64_t n = inputs[1].size();
+  encoder.dispatch([args, n, g, p, m, v, k, fn = current_isa()->adam]() mutable {
+    // the scalars (a learning-rate schedule's value) are read when the task runs
+    args.decay = k[0];
+    args.b1 = k[1];
+    args.one_minus_b1 = k[2];
+    args.b2 = k[3];
+    args.one_minus_b2 = k[4];
+    args.eps = k[5];
+    args.lr = k[6];
+    args.c2 = k[7];
+    for (const auto* x : {&g, &p, &m, &v})
+      x->gather();
+    args.g = g.data;
+    args.p_in = p.data;
+    args.m_in = m.data;
+    args.v_in = v.data;
+    parallel_rows(n, 1, [&](int64_t i0, int64_t i1) { fn(args, i0, i1); });
+  });
+}
+
+void AdamStep::eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) {
+  no_gpu(name());
+}
+
+std::vector<mx::array> AdamStep::vjp(
+    const std::vector<mx::array>&,
+    const std::vector<mx::array>&,
+    const std::vector<int>&,
+    const std::vector<mx::array>&) {
+  throw std::invalid_argument("kd_kernels: the Adam step has no gradient");
+}
+
+std::vector<mx::Shape> AdamStep::output_shapes(const std::vector<mx::array>& inputs) {
+  return {inputs[1].shape(), inputs[1].shape(), inputs[1].shape()};
+}
+
+bool AdamStep::is_equivalent(const mx::Primitive& other) const {
+  return bias_correction_ == static_cast<const AdamStep&>(other).bias_correction_;
 }
 
 }  // namespace kd_kernels

@@ -1,4 +1,4 @@
-// MLX primitives of the native row kernels and the ops that build them.
+// MLX primitives of the native kernels (loss rows, the Adam step) and the ops that build them.
 #pragma once
 
 #include <string>
@@ -43,6 +43,18 @@ std::tuple<mx::array, mx::array> cross_entropy_rows(
     const mx::array& labels,
     double smoothing,
     int ignore_index);
+
+// (parameter, m, v) after one Adam(W) step (rows.h's AdamArgs) of float32 arrays of one
+// shape; scalars [kAdamScalars]: decay, b1, 1 - b1, b2, 1 - b2, eps, lr (c1 with bias
+// correction), c2. Runs in place where the inputs' buffers are free to take.
+constexpr int kAdamScalars = 8;
+std::tuple<mx::array, mx::array, mx::array> adam_step(
+    const mx::array& gradient,
+    const mx::array& parameter,
+    const mx::array& m,
+    const mx::array& v,
+    const mx::array& scalars,
+    bool bias_correction);
 
 // The instruction set in use ("avx512", "avx2", "base"), those this CPU and build offer, and
 // choosing one (for tests and benchmarks; throws for one the CPU cannot run).
@@ -120,6 +132,28 @@ class CrossEntropyRows : public mx::Primitive {
  private:
   double smoothing_;
   int ignore_index_;
+};
+
+class AdamStep : public mx::Primitive {
+ public:
+  AdamStep(mx::Stream stream, bool bias_correction)
+      : mx::Primitive(stream), bias_correction_(bias_correction) {}
+
+  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
+  void eval_gpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
+  std::vector<mx::array> vjp(
+      const std::vector<mx::array>& primals,
+      const std::vector<mx::array>& cotangents,
+      const std::vector<int>& argnums,
+      const std::vector<mx::array>& outputs) override;
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override;
+  const char* name() const override {
+    return "KdAdamStep";
+  }
+  bool is_equivalent(const mx::Primitive& other) const override;
+
+ private:
+  bool bias_correction_;
 };
 
 }  // namespace kd_kernels

@@ -74,15 +74,35 @@ struct SparseArgs {
   float* grad;
 };
 
+// One Adam(W) step over elements [i0, i1) of float32 arrays, with mlx.optimizers.Adam's
+// roundings in its order: p = p * decay (AdamW's 1 - lr * weight_decay; 1 for Adam);
+// m = b1 m + (1 - b1) g; v = b2 v + (1 - b2) g^2; p -= (lr m) / (sqrt(v) + eps), or with
+// bias correction p -= (c1 m) / (sqrt(v) c2 + eps). Outputs may be the inputs' buffers.
+struct AdamArgs {
+  float decay, b1, one_minus_b1, b2, one_minus_b2, eps;
+  float lr;  // c1 = lr / (1 - b1^step) with bias correction
+  float c2;  // rsqrt(1 - b2^step) with bias correction
+  bool bias_correction;
+  const float* g;
+  const float* p_in;
+  const float* m_in;
+  const float* v_in;
+  float* p;
+  float* m;
+  float* v;
+};
+
 using DenseFn = void (*)(const DenseArgs&, int64_t r0, int64_t r1);
 using SparseFn = void (*)(const SparseArgs&, int64_t r0, int64_t r1);
 using CrossEntropyFn = void (*)(const CrossEntropyArgs&, int64_t r0, int64_t r1);
+using AdamFn = void (*)(const AdamArgs&, int64_t i0, int64_t i1);
 
 #define KD_DECLARE_ISA(name)                                                   \
   namespace isa_##name {                                                       \
   void dense_rows(const DenseArgs& a, int64_t r0, int64_t r1);                 \
   void cross_entropy_rows(const CrossEntropyArgs& a, int64_t r0, int64_t r1);  \
   void sparse_rows(const SparseArgs& a, int64_t r0, int64_t r1);               \
+  void adam_step(const AdamArgs& a, int64_t i0, int64_t i1);                   \
   int lanes();                                                                 \
   }
 

@@ -1,4 +1,4 @@
-"""kd-kernels: kdcore's loss rows as native MLX primitives on the CPU.
+"""kd-kernels: kdcore's loss rows and Adam step as native MLX primitives on the CPU.
 
 kdcore computes every token divergence (against dense or top-k teachers) and the
 cross-entropy per chunk of rows with a *row function* ``rows(scale [C, 1], s [C, V],
@@ -133,6 +133,14 @@ def cross_entropy_factory(label_smoothing: float = 0.0):
     return rows
 
 
+def adam_factory():
+    """``step(gradient, parameter, m, v, scalars, bias_correction) -> (parameter, m, v)``:
+    one Adam(W) step of float32 arrays in one vectorised, threaded pass, in place where
+    MLX lets it (``kdcore.engine.optim`` builds the scalars as mlx.optimizers.AdamW rounds
+    them)."""
+    return _ext.adam_step
+
+
 @kdcore.hookimpl
 def kd_row_kernels():
     reason = unavailable_reason()
@@ -145,6 +153,7 @@ def kd_row_kernels():
     table = {kind: dense_factory(kind) for kind in kinds}
     table.update({f"sparse:{kind}": sparse_factory(kind) for kind in kinds})
     table["cross_entropy"] = cross_entropy_factory
+    table["adam"] = adam_factory
     for factory in table.values():
         factory.description = text
     return table

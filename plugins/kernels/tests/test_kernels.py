@@ -615,3 +615,77 @@ def test_a_weighted_loss_scales_its_own_gradient_buffer_and_nothing_else(mode, m
             close(np.array(g), np.array(w))
     np.testing.assert_array_equal(np.array(s), before[0])
     np.testing.assert_array_equal(np.array(t), before[1])
+
+
+# ---------------------------------------------------------------- the Adam step
+
+
+class _AdamSpy:
+    """A plugin whose "adam" kernel is kd-kernels', counting its calls."""
+
+    def __init__(self):
+        self.calls = 0
+
+    @kdcore.hookimpl
+    def kd_row_kernels(self):
+        def adam():
+            def step(*args):
+                self.calls += 1
+                return kd_kernels.adam_factory()(*args)
+
+            return step
+
+        return {"adam": adam}
+
+
+def test_training_with_the_native_adam_step_equals_mlxs_update_bit_for_bit(
+    tmp_path, corpus, teacher_dir, monkeypatch
+):
+    """Three AdamW steps (weight decay, bias correction) through kdcore.distill: the
+    native step runs every float32 parameter's update, and the student's weights equal
+    those of the run with mlx's update (KD_KERNELS=pure) exactly."""
+    spec = testing.tiny_spec(
+        corpus,
+        [{"name": "hinton", "params": {"temperature": 2.0}}],
+        steps=3,
+        teachers=[{"path": str(teacher_dir)}],
+    )
+    spec["train"]["optimizer"] = {
+        "name": "adamw",
+        "lr": 3e-3,
+        "weight_decay": 0.1,
+        "params": {"bias_correction": True},
+    }
+    monkeypatch.setenv("KD_DISABLE_PLUGINS", "kd-kernels")  # the spy's name would clash
+    weights = {}
+    for mode in ("native", "pure"):
+        monkeypatch.setenv("KD_KERNELS", mode)
+        spy = _AdamSpy()
+        with testing.plugins(spy):
+            kdcore.distill(spec, output=tmp_path / mode, progress=False)
+        weights[mode] = mx.load(str(tmp_path / mode / "student" / "model.safetensors"))
+        assert (spy.calls > 0) == (mode == "native")
+    assert weights["native"].keys() == weights["pure"].keys()
+    for name, want in weights["pure"].items():
+        np.testing.assert_array_equal(np.array(weights["native"][name]), np.array(want), name)
+
+
+def test_the_adam_step_reads_strided_views_and_checks_its_inputs():
+    rng = np.random.default_rng(5)
+    g, p, m = (mx.array(rng.normal(size=(13, 37)).astype(np.float32)) for _ in range(3))
+    v = mx.array(np.abs(rng.normal(size=(37, 13))).astype(np.float32))
+    scalars = mx.array([0.999, 0.9, 0.1, 0.99, 0.01, 1e-8, 1e-3, 1.0], mx.float32)
+    step = kd_kernels.adam_factory()
+    got = step(g, p, m, v.T, scalars, False)  # v read through a transposed view
+    p1 = p * 0.999
+    m2 = 0.9 * m + 0.1 * g
+    v2 = 0.99 * v.T + 0.01 * mx.square(g)
+    want = (p1 - 1e-3 * m2 / (mx.sqrt(v2) + 1e-8), m2, v2)
+    for a, b in zip(got, want):
+        np.testing.assert_array_equal(np.array(a), np.array(b))
+    with pytest.raises(ValueError, match="float32 arrays only"):
+        step(g.astype(mx.bfloat16), p, m, v.T, scalars, False)
+    with pytest.raises(ValueError, match="differ in shape"):
+        step(g, p, m, v, scalars, False)
+    with pytest.raises(ValueError, match="8 scalars"):
+        step(g, p, m, v.T, scalars[:4], False)
