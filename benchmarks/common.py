@@ -26,11 +26,15 @@ def median_time(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> 
 
 
 def run_isolated(
-    module: str, args: list[str], fast_path: bool | None = None, expect_json: bool = True
+    module: str,
+    args: list[str],
+    fast_path: bool | None = None,
+    expect_json: bool = True,
+    env: dict[str, str] | None = None,
 ) -> dict:
-    """Run ``python -m benchmarks.MODULE ARGS`` in a fresh process (clean peak memory)
-    and return the JSON it prints on its last line."""
-    env, lib = dict(os.environ), openblas_path()
+    """Run ``python -m benchmarks.MODULE ARGS`` in a fresh process (clean peak memory),
+    with ``env`` added to the environment, and return the JSON it prints on its last line."""
+    env, lib = {**os.environ, **(env or {})}, openblas_path()
     if fast_path is True and lib is not None:
         env["LD_PRELOAD"] = lib
     elif fast_path is False:
