@@ -77,7 +77,7 @@ def _file_section(section: str, args: list[str]) -> dict:
         return json.loads(target.read_text())
 
 
-def _loss_reading(sizes: list[dict]) -> str:
+def _loss_reading(sizes: list[dict], kernels: dict | None = None) -> str:
     """One paragraph that summarises the loss tables, every figure taken from them."""
     entries = [(n, e) for size in sizes for n, e in size["losses"].items()]
     memory = [e["ratios"]["peak_extra_ours_over_plain"] for _, e in entries]
@@ -95,7 +95,21 @@ def _loss_reading(sizes: list[dict]) -> str:
         f"formulation's extra memory at every size; their speed-up over it is {speed}"
         + (f" (slower somewhere: {', '.join(slower)})." if slower else ".")
     )
-    if torch:
+    if torch and (kernels or {}).get("path") == "native":
+        per_loss = {
+            n: [size["losses"][n]["ratios"]["wall_ours_over_torch"] for size in sizes]
+            for n in names
+            if all("torch" in size["losses"][n] for size in sizes)
+        }
+        spans = ", ".join(f"{n} {min(v):.2f}-{max(v):.2f}" for n, v in per_loss.items())
+        text += (
+            f" Ours over PyTorch CPU's wall time: {spans} (below 1: ours is faster). The "
+            f"divergences' rows are {kernels['source']}'s native kernels (vectorised, "
+            "both cores; the kernels section); bild's top-k terms are MLX element-wise ops, "
+            "scalar on one core on this CPU (see the bandwidth section), where PyTorch spends "
+            f"{sum(threads) / len(threads):.1f} CPU seconds per wall second."
+        )
+    elif torch:
         text += (
             f" PyTorch CPU is {min(torch):.1f}-{max(torch):.1f}x faster than ours on wall time: "
             f"it spends {sum(threads) / len(threads):.1f} CPU seconds per wall second (both "
@@ -137,7 +151,7 @@ def loss_lines(r: dict, figures: Path) -> list[str]:
                     f"{entry['ours']['wall_s']:.2f} | {rate:.2f} | {rate / bandwidth:.1%} |"
                 )
         lines.append("")
-    lines += [_loss_reading(sizes), ""]
+    lines += [_loss_reading(sizes, r["losses"].get("kernels")), ""]
     vocabs = [size["vocab"] for size in sizes]
     names = list(sizes[0]["losses"])
     memory = plot(
@@ -309,6 +323,16 @@ def real_vocab_lines(v: dict) -> list[str]:
         "| --- | ---: | ---: | ---: |",
         f"| `kd distill` (fused head + loss) | {v['kd_step_s']:.1f} | "
         f"{v['kd_peak_bytes'] / gib:.2f} | {v['kd']['peak_rss_bytes'] / gib:.1f} |",
+        *(
+            [
+                f"| `kd distill` with glibc's default heap (`KD_HEAP=system`) | "
+                f"{v['kd_system_heap']['step_s']:.1f} | "
+                f"{v['kd_system_heap']['peak_bytes'] / gib:.2f} | "
+                f"{v['kd_system_heap']['peak_rss_bytes'] / gib:.1f} |"
+            ]
+            if "kd_system_heap" in v
+            else []
+        ),
         f"| hand-written MLX loop, full logits | {v['mlx_full_logits_step_s']:.1f} | "
         f"{v['mlx_full_logits_peak_bytes'] / gib:.2f} | "
         f"{v['mlx_full_logits']['peak_rss_bytes'] / gib:.1f} |",
