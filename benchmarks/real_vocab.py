@@ -7,7 +7,8 @@ the small Qwen3 models have. One step: batch 4 x 512 tokens, ``0.5 CE + 0.5 KL(t
 student)`` at T = 1, AdamW. Each contender runs in its own process (clean peak memory):
 
 - ``kd``: ``kdcore.distill`` on a spec (the fused path; step time from the run's own
-  ``step_s`` records, MLX peak memory at the end, process peak RSS);
+  ``step_s`` records, MLX peak memory at the end, process peak RSS); once more with
+  ``KD_HEAP=system`` (``kd_system_heap``: glibc's default heap, kdcore.engine.heap off);
 - ``mlx``: the loop a user writes with mlx-lm models and full ``[B, L, V]`` logits;
 - ``torch``: ``Qwen3ForCausalLM`` (transformers) with the same shapes, ``F.kl_div`` on full
   logits, ``torch.optim.AdamW``, CPU threads = cores; skipped when torch is not installed
@@ -361,6 +362,8 @@ def measure(quick: bool = False) -> dict:
     models = make_models(root, s)
     args = ["--models", json.dumps(models)] + (["--quick"] if quick else [])
     kd = run_isolated("real_vocab", ["--mode", "kd", *args])
+    # kd with glibc's default heap (kdcore.engine.heap off): what the heap reuse is worth
+    kd_system_heap = run_isolated("real_vocab", ["--mode", "kd", *args], env={"KD_HEAP": "system"})
     mlx = run_isolated("real_vocab", ["--mode", "mlx", *args])
     torch = run_isolated("real_vocab", ["--mode", "torch", *args])
     # PyTorch's CPU allocator is glibc's malloc too: the same heap reuse that kd turns on
@@ -373,6 +376,7 @@ def measure(quick: bool = False) -> dict:
         "machine": machine(),
         "load_average_before": os.getloadavg()[0],
         "kd": kd,
+        "kd_system_heap": kd_system_heap,
         "mlx_full_logits": mlx,
         "torch": torch,
         "torch_heap_reuse": {**torch_heap, "env": GLIBC_HEAP_REUSE},
