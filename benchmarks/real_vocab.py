@@ -356,6 +356,7 @@ def run_torch(models: dict, s: dict, batch: int) -> dict:
 def measure(quick: bool = False) -> dict:
     from benchmarks.common import machine, run_isolated
 
+    load_before = os.getloadavg()[0]
     s = shapes(quick)
     root = Path(tempfile.gettempdir()) / f"kd-real-vocab-{'quick' if quick else 'full'}"
     root.mkdir(parents=True, exist_ok=True)
@@ -374,7 +375,8 @@ def measure(quick: bool = False) -> dict:
     result = {
         "shapes": {**s, "tokens_per_step": s["batch"] * s["seq"]},
         "machine": machine(),
-        "load_average_before": os.getloadavg()[0],
+        "load_average_before": load_before,
+        "load_average_after": os.getloadavg()[0],
         "kd": kd,
         "kd_system_heap": kd_system_heap,
         "mlx_full_logits": mlx,

@@ -317,7 +317,11 @@ def real_vocab_lines(v: dict) -> list[str]:
         "KL at T = 1, AdamW; step time the median of the steps after the first "
         f"({s['steps']} steps for kd and PyTorch, {s.get('short_steps', s['steps'])} for the "
         "MLX loop and the 4x point); load average "
-        f"{v['load_average_before']:.1f} before the section.",
+        + (
+            f"{v['load_average_before']:.1f} before the section."
+            if "load_average_before" in v
+            else f"{v['load_average_after']:.1f} at its end."
+        ),
         "",
         "| contender | step (s) | MLX peak (GiB) | peak RSS (GiB) |",
         "| --- | ---: | ---: | ---: |",

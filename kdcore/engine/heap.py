@@ -4,12 +4,13 @@ MLX's CPU allocator on Linux (no GPU) is plain ``malloc`` / ``free``, and glibc 
 every block above 32 MiB with a fresh ``mmap`` that ``free`` hands back to the system. A
 fused step at a 152k vocabulary allocates about 1 GB of such blocks per chunk of 220
 tokens (both models' logits, the gradient rows, the head gradient), so it paid a page
-fault per 4 KiB, every chunk, every step: on the 2-core VM of ``benchmarks/``, 1.0 M
-faults and 10-15 s of system time in a 20 s fused loss pass, a cost that varied with the
-host's load. :func:`reuse_freed_memory` asks glibc to serve large blocks from its heap
+fault per 4 KiB, every chunk, every step, in system time that varies with the host (a VM's
+faults are dear). :func:`reuse_freed_memory` asks glibc to serve large blocks from its heap
 (``M_MMAP_MAX = 0``) and never to give freed heap memory back (``M_TRIM_THRESHOLD``
-unbounded): after the first step the same memory is reused without a fault (the same
-pass: 11 s, no faults).
+unbounded): after the first steps the same memory is reused without a fault.
+``benchmarks/run --only real_vocab`` measures it on its 2-core VM: ``kd distill``'s step
+13.5 s, 18.5 s with ``KD_HEAP=system``; PyTorch's loop, whose allocator is glibc's too,
+23.2 s, 13.9 s with the same settings made through glibc's ``MALLOC_`` variables.
 
 The cost: the process keeps its high-water mark of memory until it exits (freed blocks
 stay with it, for reuse). Training runs in ``kd`` and ``kdcore.distill`` turn it on;
