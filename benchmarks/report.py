@@ -301,10 +301,11 @@ def real_vocab_lines(v: dict) -> list[str]:
         if "step_s" in torch
         else f"| PyTorch + transformers | {torch.get('skipped', 'not run')} | | |"
     )
+    torch_rows = [torch_row]
     heap = v.get("torch_heap_reuse") or {}
     if "step_s" in heap:
-        torch_row += (
-            f"\n| the same PyTorch loop with glibc's heap reuse (`MALLOC_MMAP_MAX_=0`, as kd "
+        torch_rows.append(
+            f"| the same PyTorch loop with glibc's heap reuse (`MALLOC_MMAP_MAX_=0`, as kd "
             f"sets for itself) | {heap['step_s']:.1f} | - | {heap['peak_rss_bytes'] / gib:.1f} |"
         )
     k4 = v["kd_4x_tokens"]
@@ -340,7 +341,7 @@ def real_vocab_lines(v: dict) -> list[str]:
         f"| hand-written MLX loop, full logits | {v['mlx_full_logits_step_s']:.1f} | "
         f"{v['mlx_full_logits_peak_bytes'] / gib:.2f} | "
         f"{v['mlx_full_logits']['peak_rss_bytes'] / gib:.1f} |",
-        torch_row,
+        *torch_rows,
         f"| `kd distill` at 4x tokens (batch {s['batch'] * 4}) | {k4['step_s']:.1f} | "
         f"{k4['peak_bytes'] / gib:.2f} | {k4['peak_rss_bytes'] / gib:.1f} |",
         "",

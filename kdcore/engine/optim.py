@@ -31,8 +31,11 @@ from kdcore.errors import SpecError
 from kdcore.kernels.divergence import native_kernel
 
 
-def _native_step(opt: optim.Adam, gradient: mx.array, parameter: mx.array, state: dict, decay):
-    """The native kernel's ``(parameter, m, v)``, or None where mlx's update runs."""
+def _native_step(
+    opt: optim.Adam, gradient: mx.array, parameter: mx.array, state: dict, weight_decay: float
+) -> mx.array | None:
+    """The native kernel's new parameter (``state`` takes the new moments), or None where
+    mlx's update runs. ``weight_decay`` 0 is Adam (a decay of exactly 1)."""
     m, v = state["m"], state["v"]
     if any(x.dtype != mx.float32 for x in (gradient, parameter, m, v)):
         return None
@@ -40,6 +43,7 @@ def _native_step(opt: optim.Adam, gradient: mx.array, parameter: mx.array, state
     if step is None:
         return None
     lr = opt.learning_rate.astype(mx.float32)
+    decay = (1 - lr * weight_decay).astype(mx.float32)  # AdamW's factor, as mlx rounds it
     b1, b2 = opt.betas
     if opt.bias_correction:
         first = (lr / (1 - b1**opt.step)).astype(mx.float32)
@@ -58,7 +62,7 @@ class Adam(optim.Adam):
     """mlx's Adam; float32 updates in one native pass where a kernel is registered."""
 
     def apply_single(self, gradient: mx.array, parameter: mx.array, state: dict):
-        out = _native_step(self, gradient, parameter, state, mx.array(1.0, mx.float32))
+        out = _native_step(self, gradient, parameter, state, 0.0)
         return super().apply_single(gradient, parameter, state) if out is None else out
 
 
@@ -66,9 +70,7 @@ class AdamW(optim.AdamW):
     """mlx's AdamW; float32 updates in one native pass where a kernel is registered."""
 
     def apply_single(self, gradient: mx.array, parameter: mx.array, state: dict):
-        lr = self.learning_rate.astype(mx.float32)
-        decay = (1 - lr * self.weight_decay).astype(mx.float32)
-        out = _native_step(self, gradient, parameter, state, decay)
+        out = _native_step(self, gradient, parameter, state, self.weight_decay)
         return super().apply_single(gradient, parameter, state) if out is None else out
 
 

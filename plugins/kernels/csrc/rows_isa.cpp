@@ -27,14 +27,6 @@
 #include "rows.h"
 #include "simd.h"
 
-#ifndef KD_ISA
-#error "KD_ISA (base, avx2, avx512) must be defined by the build"
-#endif
-
-#define KD_CAT2(a, b) a##b
-#define KD_CAT(a, b) KD_CAT2(a, b)
-#define KD_NS KD_CAT(isa_, KD_ISA)
-
 namespace kd_kernels {
 namespace KD_NS {
 

@@ -1,7 +1,8 @@
 // Portable SIMD helpers on GCC/Clang vector extensions, compiled once per instruction set.
 //
-// rows_isa.cpp includes this header with KD_W (lanes of float32) set by the build: 16 for
-// the AVX-512 object, 8 for AVX2 + FMA, 4 for the baseline (SSE2 on x86-64, NEON on arm64).
+// rows_isa.cpp and adam_isa.cpp include this header with KD_W (lanes of float32) and KD_ISA
+// set by the build: 16 for the AVX-512 object, 8 for AVX2 + FMA, 4 for the baseline (SSE2
+// on x86-64, NEON on arm64).
 // Each object is built with its own -m flags and the library picks one at run time
 // (kd_rows.cpp), so the wheel runs on any CPU of its architecture.
 //
@@ -22,6 +23,14 @@
 #ifndef KD_W
 #error "KD_W (float lanes) must be defined by the build"
 #endif
+#ifndef KD_ISA
+#error "KD_ISA (base, avx2, avx512) must be defined by the build"
+#endif
+
+// The namespace of this object's kernels: isa_base, isa_avx2, isa_avx512 (rows.h).
+#define KD_CAT2(a, b) a##b
+#define KD_CAT(a, b) KD_CAT2(a, b)
+#define KD_NS KD_CAT(isa_, KD_ISA)
 
 namespace kd_simd {
 
