@@ -41,3 +41,29 @@ def make_spec(corpus):
         return tiny_spec(corpus, **sections)
 
     return make
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """SmolLM2-135M-Instruct's Q4_1 GGUF (the real-model tier, ``tests/real_models.py``).
+    Loaded by path: under ``--import-mode=importlib`` tests/ is not on ``sys.path``."""
+    import importlib.util
+    import sys
+
+    module = sys.modules.get("real_models")
+    if module is None:
+        spec = importlib.util.spec_from_file_location(
+            "real_models", Path(__file__).with_name("real_models.py")
+        )
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["real_models"] = module
+        spec.loader.exec_module(module)
+    return module.smollm2_gguf()
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(smollm2_gguf, tmp_path_factory) -> Path:
+    """SmolLM2-135M-Instruct imported by ``kd import`` (Q4_1/Q8_0 kept quantized)."""
+    from kdcore.gguf.convert import import_gguf
+
+    return import_gguf(smollm2_gguf, tmp_path_factory.mktemp("smollm2") / "model")
