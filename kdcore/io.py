@@ -22,6 +22,12 @@ from safetensors.numpy import load_file as _np_load_file
 from kdcore.errors import CheckpointError
 
 
+def kd_cache_root() -> Path:
+    """kdcore's own cache (``$KD_CACHE``, default ``~/.cache/kdcore``): imported GGUF
+    models, hub datasets written as files."""
+    return Path(os.environ.get("KD_CACHE") or Path.home() / ".cache" / "kdcore")
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike, suffix: str = ""):
     """Yield a temporary path beside ``path``; move it over ``path`` only on success.

@@ -119,16 +119,22 @@ def write_cache(
     if data["examples"] == 0:
         raise SpecError("the train split is empty: more data or a smaller seq_len @ $.data")
     rows_per_shard = max(1, shard_tokens // data["seq_len"])
+    from kdcore.models.mlxlm import locate_model
+
+    # a .gguf file or a hub name becomes its local folder; params.dtype as the run reads it
+    folders = [
+        locate_model(ref.path, Path(spec.base_dir), f"$.teachers[{i}].path") for i, ref in teachers
+    ]
     entries = [
-        {"dir": f"teacher-{n}", "spec_index": i, "path": str(spec.path(ref.path))}
+        {"dir": f"teacher-{n}", "spec_index": i, "path": str(folders[n])}
         for n, (i, ref) in enumerate(teachers)
     ]
     write_json(
         out / "manifest.json", {"format": SET_FORMAT, "version": VERSION, "teachers": entries}
     )
-    for n, (_i, ref) in enumerate(teachers):
+    for n, (i, ref) in enumerate(teachers):
         _write_teacher(
-            Path(spec.path(ref.path)),
+            folders[n],
             out / f"teacher-{n}",
             dataset,
             data,
@@ -140,6 +146,7 @@ def write_cache(
             progress=progress,
             on_shard=(lambda s, n=n: on_shard(n, s)) if on_shard else None,
             label=f"cache teacher-{n}",
+            model_dtype=((ref.params or {}).get("dtype"), f"$.teachers[{i}].params.dtype"),
         )
     return read_json(out / "manifest.json", "cache manifest")
 
@@ -158,10 +165,11 @@ def _write_teacher(
     progress: bool | None,
     on_shard: Callable[[int], None] | None,
     label: str,
+    model_dtype: tuple[str | None, str] = (None, "$.teachers[0].params.dtype"),
 ) -> dict:
     from kdcore.models.io import count_parameters, load_model
 
-    model, architecture, config = load_model(teacher_dir)
+    model, architecture, config = load_model(teacher_dir, *model_dtype)
     model.eval()
     tokenizer = load_tokenizer(teacher_dir)
     vocab = int(model(mx.array(dataset.batch(0, 1, "train")["input_ids"][:, :1])).logits.shape[-1])

@@ -43,13 +43,21 @@ def save_model(model: nn.Module, directory: str | os.PathLike, name: str, config
     write_json(directory / "config.json", {"kd_model": name, **converter.unstructure(config)})
 
 
-def load_model(directory: str | os.PathLike) -> tuple[nn.Module, str, object]:
-    """(model, architecture name, config) from a model directory."""
+def load_model(
+    directory: str | os.PathLike,
+    dtype: str | None = None,
+    where: str = "$.teachers[0].params.dtype",
+) -> tuple[nn.Module, str, object]:
+    """(model, architecture name, config) from a model directory (or a ``.gguf`` file or a
+    hub name, see ``kdcore.models.mlxlm.locate_model``), cast by the dtype policy
+    (``kdcore.models.dtype``; ``dtype`` is the spec's choice)."""
+    from kdcore.models.dtype import apply_policy
+    from kdcore.models.mlxlm import locate_model
     from kdcore.registry.manager import get_registry
     from kdcore.registry.setup import Setup
     from kdcore.spec.convert import structure_config
 
-    directory = Path(directory)
+    directory = locate_model(directory)
     if not directory.is_dir():
         raise CheckpointError(f"model directory not found: {directory}")
     raw = read_json(directory / "config.json", "model config")
@@ -57,7 +65,7 @@ def load_model(directory: str | os.PathLike) -> tuple[nn.Module, str, object]:
     if name is None and "model_type" in raw:  # an mlx-lm directory (Hugging Face layout)
         from kdcore.models.mlxlm import load_kd_model
 
-        return load_kd_model(directory)
+        return load_kd_model(directory, dtype, where)
     if name is None:
         raise CheckpointError(f"{directory}/config.json does not name its architecture (kd_model)")
     try:
@@ -75,5 +83,6 @@ def load_model(directory: str | os.PathLike) -> tuple[nn.Module, str, object]:
         raise CheckpointError(
             f"{directory}/model.safetensors does not match config.json: {exc}"
         ) from exc
+    model.dtype_choice = apply_policy(model, dtype, where)
     mx.eval(model.parameters())
     return model, name, config

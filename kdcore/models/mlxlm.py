@@ -4,6 +4,7 @@ configs, capturing hidden states and attention maps, saving mlx-lm folders."""
 from __future__ import annotations
 
 import importlib
+import json
 import shutil
 import sys
 from collections.abc import Callable, Sequence
@@ -14,11 +15,12 @@ from typing import Any, Literal
 import attrs
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_flatten, tree_map
+from mlx.utils import tree_flatten
 
 from kdcore.errors import CheckpointError, KdError, SpecError
 from kdcore.io import save_arrays, write_json
 from kdcore.models.checkpoint import checkpointed
+from kdcore.models.dtype import apply_policy
 from kdcore.models.output import ModelOutput, plain_head
 from kdcore.tokenizers.hf import (
     HFTokenizer,
@@ -32,8 +34,7 @@ from kdcore.tokenizers.hf import (
 # kdcore may run the body and the head apart (the fused loss path). Others give logits.
 PLAIN_HEAD_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "olmo2", "phi3"})
 
-DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
-
+QUANTIZATION_KEYS = ("quantization", "quantization_config")
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -70,8 +71,27 @@ def build_mlxlm(config: dict) -> nn.Module:
         raise SpecError(f"mlx-lm config: {exc} @ $.student.model.params.config") from None
 
 
-def load_mlxlm(path: str | Path) -> tuple[nn.Module, dict]:
-    """(mlx-lm model, config dict) from a local directory; never the hub."""
+def locate_model(path: str | Path, base_dir: Path | None = None, where: str | None = None) -> Path:
+    """The local mlx-lm folder a spec's model ``path`` names: a folder as it is; a ``.gguf``
+    file imported once into the cache (``kd import``); a hub name (``owner/name``) through
+    the Hugging Face cache (:func:`kdcore.hub.resolve_model`). ``where``: the spec place."""
+    from kdcore.hub import local_path, resolve_model
+
+    base_dir = Path(base_dir) if base_dir is not None else Path.cwd()
+    local = local_path(str(path), base_dir)
+    if local.suffix.lower() == ".gguf":
+        from kdcore.gguf.convert import imported_folder
+
+        return imported_folder(local)
+    return resolve_model(str(path), base_dir, where)
+
+
+def load_mlxlm(
+    path: str | Path, dtype: str | None = None, where: str = "$.teachers[0].params.dtype"
+) -> tuple[nn.Module, dict]:
+    """(mlx-lm model, config dict) from a local directory (see :func:`locate_model` for
+    GGUF files and hub names), its float weights cast by the dtype policy
+    (:mod:`kdcore.models.dtype`; ``dtype`` is the spec's choice, ``where`` its place)."""
     require_mlx_lm()
     from mlx_lm.utils import load_model
 
@@ -79,22 +99,16 @@ def load_mlxlm(path: str | Path) -> tuple[nn.Module, dict]:
     if not (path / "config.json").exists():
         raise CheckpointError(f"not an mlx-lm model directory (no config.json): {path}")
     try:
-        model, config = load_model(path)
-    except (FileNotFoundError, ValueError) as exc:
+        # never code from a model folder: a config naming its own model_file is refused
+        model, config = load_model(path, trust_remote_code=False)
+    except (FileNotFoundError, ValueError, KeyError, TypeError) as exc:
         raise CheckpointError(f"{path}: {exc}") from exc
+    # the choice rides on the model (not in config: that is written out with a student)
+    model.dtype_choice = apply_policy(model, dtype, where)
+    mx.eval(model.parameters())
+    if model.dtype_choice.dequantize:  # dense now: a saved copy must not claim otherwise
+        config = {k: v for k, v in config.items() if k not in QUANTIZATION_KEYS}
     return model, config
-
-
-def cast_floats(model: nn.Module, dtype: str | None) -> None:
-    if dtype is None:
-        return
-    target = DTYPES[dtype]
-    model.update(
-        tree_map(
-            lambda a: a.astype(target) if mx.issubdtype(a.dtype, mx.floating) else a,
-            model.parameters(),
-        )
-    )
 
 
 @attrs.frozen
@@ -384,40 +398,62 @@ class MlxLmModel(nn.Module):
 
 @attrs.define
 class MlxLmModelConfig:
-    path: str | None = None  # a local mlx-lm directory
+    path: str | None = None  # an mlx-lm folder, a .gguf file or a hub name (locate_model)
     config: dict[str, Any] = attrs.field(factory=dict)  # a fresh model of this mlx-lm config
+    # a fresh model whose config starts from this model's (folder, .gguf or hub name; its
+    # quantization dropped, ``config`` keys override, its tokenizer files shipped): e.g.
+    # base = "teacher.gguf", config = { num_hidden_layers = 15 } for a half-depth student
+    base: str | None = None
     vocab_size: int | None = None  # for a fresh model without one: the run's tokenizer size
-    dtype: Literal["float32", "float16", "bfloat16"] | None = "float32"
+    # None: the dtype policy (kdcore.models.dtype: float32 on a CPU, as stored on a GPU)
+    dtype: Literal["float32", "float16", "bfloat16"] | None = None
     tokenizer: str | None = None  # tokenizer files to ship with the saved student (default: path)
 
 
 def mlxlm_model(config: MlxLmModelConfig, setup) -> MlxLmModel:
-    """The ``mlx-lm`` model component: load ``path`` or build ``config`` fresh."""
-    if (config.path is None) == (not config.config):
+    """The ``mlx-lm`` model component: load ``path``, or build ``config`` fresh (on top of
+    ``base``'s config when given)."""
+    if (config.path is None) == (not config.config and config.base is None):
         raise SpecError(
-            "model 'mlx-lm' needs exactly one of path = \"DIR\" or config = {...} "
-            "@ $.student.model.params"
+            "model 'mlx-lm' needs exactly one of path = \"DIR\" or config = {...} / "
+            'base = "DIR" @ $.student.model.params'
         )
+    where = "$.student.model.params.dtype"
+    base_dir = setup.base_dir if setup is not None else None
+    tokenizer_dir = None
     if config.path is not None:
-        source = Path(setup.resolve(config.path)) if setup is not None else Path(config.path)
-        lm, raw = load_mlxlm(source)
+        source = locate_model(config.path, base_dir, "$.student.model.params.path")
+        lm, raw = load_mlxlm(source, config.dtype, where)
     else:
         raw = dict(config.config)
+        if config.base is not None and str(config.base).lower().endswith(".gguf"):
+            # its header is enough: building the student must not import the weights (kd
+            # validate builds it too); the tokenizer files come from the run's tokenizer
+            from kdcore.gguf.convert import header_config
+            from kdcore.hub import local_path
+
+            gguf = local_path(config.base, base_dir or Path.cwd())
+            if not gguf.is_file():
+                raise SpecError(f"GGUF file not found: {gguf} @ $.student.model.params.base")
+            found = header_config(gguf)
+            raw = {**{k: v for k, v in found.items() if k not in QUANTIZATION_KEYS}, **raw}
+        elif config.base is not None:
+            tokenizer_dir = locate_model(config.base, base_dir, "$.student.model.params.base")
+            raw = {**base_config(tokenizer_dir), **raw}
         if "vocab_size" not in raw:
             if config.vocab_size is None:
                 raise SpecError("a fresh mlx-lm model needs vocab_size @ $.student.model.params")
             raw["vocab_size"] = config.vocab_size
         source = None
         lm = build_mlxlm(raw)
+        lm.dtype_choice = apply_policy(lm, config.dtype, where)
     have = int(raw.get("vocab_size") or 0)
     if config.vocab_size is not None and have and have < config.vocab_size:
         raise SpecError(
             f"the mlx-lm model has {have} token embeddings, fewer than the run tokenizer's "
             f"{config.vocab_size} @ $.student.model.params"
         )
-    cast_floats(lm, config.dtype)
     mx.eval(lm.parameters())
-    tokenizer_dir = None
     if config.tokenizer is not None:
         tokenizer_dir = Path(setup.resolve(config.tokenizer)) if setup else Path(config.tokenizer)
     model = MlxLmModel(lm, raw, source, tokenizer_dir)
@@ -425,18 +461,38 @@ def mlxlm_model(config: MlxLmModelConfig, setup) -> MlxLmModel:
     return model
 
 
-def load_kd_model(directory: str | Path) -> tuple[MlxLmModel, str, MlxLmModelConfig]:
+def base_config(folder: Path) -> dict:
+    """``folder``'s config.json as the start of a fresh, unquantized model's."""
+    path = folder / "config.json"
+    if not path.is_file():
+        raise SpecError(f"no config.json in {folder} @ $.student.model.params.base")
+    raw = json.loads(path.read_text())
+    return {k: v for k, v in raw.items() if k not in QUANTIZATION_KEYS}
+
+
+def load_kd_model(
+    directory: str | Path, dtype: str | None = None, where: str = "$.teachers[0].params.dtype"
+) -> tuple[MlxLmModel, str, MlxLmModelConfig]:
     """(model, "mlx-lm", config) for an mlx-lm directory, as ``kdcore.models.load_model``
     returns them (``kd eval`` on a run whose student is an mlx-lm model)."""
-    config = MlxLmModelConfig(path=str(directory))
-    model = mlxlm_model(config, None)
+    config = MlxLmModelConfig(path=str(directory), dtype=dtype)
+    lm, raw = load_mlxlm(Path(directory), dtype, where)
+    model = MlxLmModel(lm, raw, Path(directory))
     model.eval()
     return model, "mlx-lm", config
 
 
+# The ids mlx-lm's generate reads from config.json (eos: where a turn ends).
+TURN_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
+
+
 def write_tokenizer_files(directory: Path, tokenizer_dir: Path | None, run_tok: Any) -> None:
-    """Ship tokenizer files mlx-lm can load: copied from ``tokenizer_dir``, else written
-    from the run's tokenizer (a Hugging Face one as it is; bytes as a byte-level BPE)."""
+    """Ship tokenizer files mlx-lm can load: copied from ``tokenizer_dir``, else from the
+    folder the run's tokenizer was read from (its chat template, special tokens and
+    generation config with it), else written from the run's tokenizer itself (a Hugging
+    Face one as it is; bytes as a byte-level BPE)."""
+    if tokenizer_dir is None:
+        tokenizer_dir = getattr(run_tok, "source", None)
     copied = False
     if tokenizer_dir is not None and (Path(tokenizer_dir) / "tokenizer.json").exists():
         for name in TOKENIZER_FILES:
@@ -457,6 +513,21 @@ def write_tokenizer_files(directory: Path, tokenizer_dir: Path | None, run_tok: 
         )
 
 
+def turn_ids(folder: Path | None) -> dict[str, Any]:
+    """bos/eos/pad ids a model folder declares (generation_config.json over config.json):
+    what a student built from a bare config must carry to stop at the end of a turn."""
+    found: dict[str, Any] = {}
+    for name in ("config.json", "generation_config.json"):  # the later one wins
+        path = Path(folder) / name if folder is not None else None
+        if path is not None and path.is_file():
+            try:
+                data = json.loads(path.read_text())
+            except (OSError, json.JSONDecodeError):
+                continue
+            found.update({k: data[k] for k in TURN_IDS if data.get(k) is not None})
+    return found
+
+
 def save_mlxlm_student(
     model: MlxLmModel,
     directory: str | Path,
@@ -465,16 +536,25 @@ def save_mlxlm_student(
     weights: dict[str, mx.array] | None = None,
     config: dict | None = None,
 ) -> None:
-    """Write an mlx-lm directory: ``config.json``, ``model.safetensors``, tokenizer files.
+    """Write an mlx-lm directory: ``config.json``, ``model.safetensors``, tokenizer files
+    and ``generation_config.json``.
 
-    ``mlx_lm.load(directory)`` and ``mlx_lm.generate`` work on it. ``weights`` overrides
-    the model's parameters (LoRA students save their fused weights this way), ``config``
-    its config.json (a quantized student's carries its ``"quantization"`` entry).
+    ``mlx_lm.load(directory)`` and ``mlx_lm.generate`` work on it: the chat template and
+    the end-of-turn ids come from the tokenizer's folder when the model's own config lacks
+    them (a student built from a config). ``weights`` overrides the model's parameters (LoRA
+    students save their fused weights this way), ``config`` its config.json (a quantized
+    student's carries its ``"quantization"`` entry).
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     weights = weights if weights is not None else dict(tree_flatten(model.parameters()))
     save_arrays(directory / "model.safetensors", weights, metadata={"format": "mlx"})
-    write_json(directory / "config.json", config if config is not None else model.mlx_config)
     tokenizer_dir = Path(tokenizer_dir) if tokenizer_dir else model.tokenizer_dir
     write_tokenizer_files(directory, tokenizer_dir, run_tok)
+    config = dict(config if config is not None else model.mlx_config)
+    source = tokenizer_dir or getattr(run_tok, "source", None)
+    ids = {**turn_ids(model.source), **turn_ids(source)}
+    config.update({k: v for k, v in ids.items() if k not in config})
+    write_json(directory / "config.json", config)
+    if not (directory / "generation_config.json").exists() and ids:
+        write_json(directory / "generation_config.json", ids)

@@ -13,7 +13,7 @@ from mlx.utils import tree_flatten
 
 from kdcore.align.retokenize import Retokenizer
 from kdcore.errors import SpecError
-from kdcore.models.mlxlm import MlxLmModel, cast_floats, load_mlxlm, shape_of
+from kdcore.models.mlxlm import MlxLmModel, load_mlxlm, locate_model, shape_of
 from kdcore.signal.aligned import AlignedSignal, gather_positions
 from kdcore.signal.teacher import TeacherSignal, output_signal
 from kdcore.tokenizers.hf import load_hf_tokenizer
@@ -23,6 +23,7 @@ from kdcore.tokenizers.hf import load_hf_tokenizer
 class MlxLmTeacherConfig:
     retokenize: bool | None = None  # None: when the teacher's tokenizer is not the run's
     alignment: Literal["offsets", "position"] = "offsets"
+    # None: the dtype policy (kdcore.models.dtype: float32 on a CPU, as stored on a GPU)
     dtype: Literal["float32", "float16", "bfloat16"] | None = None
 
 
@@ -58,9 +59,11 @@ class MlxLmTeacher:
         ref = setup.teacher
         if ref is None or not ref.path:
             raise SpecError('the mlx-lm teacher source needs path = "MODEL_DIR" @ $.teachers')
-        self.path = Path(setup.resolve(ref.path))
-        lm, raw = load_mlxlm(self.path)
-        cast_floats(lm, config.dtype)
+        teachers = getattr(setup.spec, "teachers", None) or [ref]
+        index = next((i for i, t in enumerate(teachers) if t is ref), 0)
+        self.path = locate_model(ref.path, setup.base_dir, f"$.teachers[{index}].path")
+        lm, raw = load_mlxlm(self.path, config.dtype, f"$.teachers[{index}].params.dtype")
+        self.dtype_choice = lm.dtype_choice
         self.adapter = MlxLmModel(lm, raw, self.path)
         self.adapter.freeze()
         self.adapter.eval()

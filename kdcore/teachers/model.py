@@ -7,19 +7,21 @@ signals are wrapped in ``stop_gradient``.
 
 from __future__ import annotations
 
-from pathlib import Path
+from typing import Literal
 
 import attrs
 
 from kdcore.errors import SpecError
 from kdcore.models.io import count_parameters, load_model
+from kdcore.models.mlxlm import locate_model
 from kdcore.signal.teacher import TeacherSignal, output_signal
 from kdcore.tokenizers.simple import load_tokenizer
 
 
 @attrs.define
 class ModelSourceConfig:
-    pass
+    # None: the dtype policy (kdcore.models.dtype: float32 on a CPU, as stored on a GPU)
+    dtype: Literal["float32", "float16", "bfloat16"] | None = None
 
 
 class ModelTeacher:
@@ -29,8 +31,12 @@ class ModelTeacher:
         ref = setup.teacher
         if ref is None or not ref.path:
             raise SpecError('a teacher needs path = "MODEL_DIR" or cache = "CACHE_DIR"')
-        self.path = Path(setup.resolve(ref.path))
-        self.model, self.architecture, self.config = load_model(self.path)
+        teachers = getattr(setup.spec, "teachers", None) or [ref]
+        index = next((i for i, t in enumerate(teachers) if t is ref), 0)
+        self.path = locate_model(ref.path, setup.base_dir, f"$.teachers[{index}].path")
+        where = f"$.teachers[{index}].params.dtype"
+        self.model, self.architecture, self.config = load_model(self.path, config.dtype, where)
+        self.dtype_choice = self.model.dtype_choice
         self.model.freeze()
         self.model.eval()
         self.tokenizer = load_tokenizer(self.path)

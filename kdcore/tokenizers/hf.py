@@ -39,26 +39,29 @@ class HFTokenizer:
 
     ``tokens()`` gives each id's bytes as Latin-1 text, so a byte-level vocabulary whose ids
     are the byte values has the same fingerprint as ``ByteTokenizer``. ``to_json()`` is the
-    ``tokenizer.json`` content itself.
+    ``tokenizer.json`` content itself. ``source`` is the folder it was read from, when known:
+    a student saved with this tokenizer ships that folder's files (chat template, special
+    tokens, generation config), not just ``tokenizer.json``.
     """
 
     kind = "hf"
 
-    def __init__(self, tokenizer: Any):
+    def __init__(self, tokenizer: Any, source: str | Path | None = None):
         self._tok = tokenizer
         self._bytes: list[bytes] | None = None
+        self.source = Path(source) if source is not None else None
 
     @classmethod
-    def from_json(cls, data: dict) -> HFTokenizer:
+    def from_json(cls, data: dict, source: str | Path | None = None) -> HFTokenizer:
         from tokenizers import Tokenizer
 
-        return cls(Tokenizer.from_str(json.dumps(data)))
+        return cls(Tokenizer.from_str(json.dumps(data)), source)
 
     @classmethod
     def from_file(cls, path: str | Path) -> HFTokenizer:
         from tokenizers import Tokenizer
 
-        return cls(Tokenizer.from_file(str(path)))
+        return cls(Tokenizer.from_file(str(path)), Path(path).parent)
 
     @property
     def vocab_size(self) -> int:
@@ -181,7 +184,7 @@ def load_hf_tokenizer(directory: Path) -> HFTokenizer | None:
     if "model" not in data:  # a kdcore tokenizer.json ({"type": "byte"})
         return None
     require_mlx_lm()
-    return HFTokenizer.from_json(data)
+    return HFTokenizer.from_json(data, directory)
 
 
 def require_mlx_lm():

@@ -74,12 +74,12 @@ def fingerprint(tokenizer) -> str:
     return hashlib.sha256(payload).hexdigest()[:16]
 
 
-def tokenizer_from_json(data: dict, where: str = "tokenizer.json"):
+def tokenizer_from_json(data: dict, where: str = "tokenizer.json", source=None):
     kind = data.get("type")
     if kind is None and "model" in data:  # a Hugging Face tokenizers file (mlx-lm models)
         from kdcore.tokenizers.hf import HFTokenizer
 
-        return HFTokenizer.from_json(data)
+        return HFTokenizer.from_json(data, source)
     if kind == "byte":
         return ByteTokenizer()
     if kind == "char" and isinstance(data.get("chars"), list):
@@ -99,4 +99,4 @@ def load_tokenizer(directory: str | os.PathLike):
         data = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise CheckpointError(f"{path} is not valid JSON: {exc}") from exc
-    return tokenizer_from_json(data, str(path))
+    return tokenizer_from_json(data, str(path), Path(directory))
