@@ -20,6 +20,7 @@ import attrs
 import numpy as np
 
 from kdcore.errors import SpecError
+from kdcore.hub import resolve_data_path, resolve_tokenizer_dir
 from kdcore.losses.tokens import IGNORE_INDEX
 from kdcore.tokenizers.simple import ByteTokenizer, CharTokenizer, load_tokenizer
 
@@ -34,16 +35,22 @@ def _positive(_instance, attribute, value):
         raise ValueError(f"{attribute.name} must be > 0, got {value}")
 
 
-def resolve_tokenizer(spec: str, base_dir: Path, text_for_char: str | None = None):
-    """``"byte"``, ``"char"`` (built from the text) or a folder holding ``tokenizer.json``."""
+def resolve_tokenizer(
+    spec: str,
+    base_dir: Path,
+    text_for_char: str | None = None,
+    where: str = "$.data.params.tokenizer",
+):
+    """``"byte"``, ``"char"`` (built from the text), a folder holding ``tokenizer.json``, or a
+    Hugging Face hub name (``owner/name[@revision]``) whose tokenizer files are read through
+    the hub cache."""
     if spec == "byte":
         return ByteTokenizer()
     if spec == "char":
         if text_for_char is None:
             raise SpecError("the char tokenizer is built from a text dataset")
         return CharTokenizer.from_text(text_for_char)
-    folder = Path(spec) if Path(spec).is_absolute() else base_dir / spec
-    return load_tokenizer(folder)
+    return load_tokenizer(resolve_tokenizer_dir(spec, base_dir, where))
 
 
 # Bytes read at a time; a text file is decoded chunk by chunk so that ``max_chars`` bounds
@@ -228,7 +235,8 @@ class TextDataset(Dataset):
     """A UTF-8 text file cut into windows of ``seq_len`` tokens; the tail is the val split."""
 
     def __init__(self, config: TextConfig, setup):
-        path = setup.resolve(config.path)
+        # a local file, or a hub dataset's "text" column written to one
+        path = resolve_data_path(config.path, setup.base_dir, fmt="text")
         text = open_text(path, config.max_chars or None)
         self.seed = setup.seed
         self.tokenizer = setup.tokenizer or resolve_tokenizer(
@@ -323,7 +331,7 @@ class JsonlDataset(Dataset):
     """Prompt/response records; loss on the response tokens only."""
 
     def __init__(self, config: JsonlConfig, setup):
-        path = setup.resolve(config.path)
+        path = resolve_data_path(config.path, setup.base_dir)  # a local or a hub dataset
         records, self.rejected = read_jsonl(path, config.max_records)
         self.records_read = len(records) + len(self.rejected)
         self.seed = setup.seed

@@ -4,7 +4,8 @@ file that is not there, a tail-bucket re-tempered away from its capture temperat
 
 ``check_composition`` runs in ``kd validate`` and before ``kd distill`` builds anything;
 ``check_parameter_groups`` (which builds the student to list its parameter names) runs in
-``kd validate`` only, since the run itself builds the student once.
+``kd validate`` only, since the run itself builds the student once. Both are part of
+``kdcore.engine.build.check_run``, which is what ``kd validate`` runs.
 """
 
 from __future__ import annotations
@@ -89,20 +90,35 @@ def _capability_problems(spec: RunSpec) -> list[str]:
 
 
 def _path_problems(spec: RunSpec) -> list[str]:
-    """Every file or folder the spec names must exist (read relative to the spec's folder)."""
-    problems = []
+    """Every file or folder the spec names must exist (read relative to the spec's folder),
+    unless it is a hub name (``owner/name``), which resolves through the Hugging Face cache
+    when the run starts."""
+    from kdcore.hub import hub_reference
 
-    def need(value: Any, what: str, where: str) -> None:
-        if isinstance(value, str) and not spec.path(value).exists():
-            problems.append(f"{what} not found: {spec.path(value)} @ {where}")
+    problems = []
+    base = Path(spec.base_dir)
+
+    def need(value: Any, what: str, where: str, hub: str | None = "model") -> None:
+        if not isinstance(value, str) or spec.path(value).exists():
+            return
+        if hub is not None and hub_reference(value, base, hub) is not None:
+            return
+        problems.append(f"{what} not found: {spec.path(value)} @ {where}")
 
     data = spec.data.config
-    need(getattr(data, "path", None), "data file", "$.data.params.path")
+    need(getattr(data, "path", None), "data file", "$.data.params.path", "dataset")
     paths = getattr(data, "paths", None)
     if isinstance(paths, list):
         for j, value in enumerate(paths):
-            need(value, "data file", f"$.data.params.paths[{j}]")
-    need(getattr(spec.student.model.config, "path", None), "model", "$.student.model.params.path")
+            need(value, "data file", f"$.data.params.paths[{j}]", "dataset")
+    model = spec.student.model.config
+    need(getattr(model, "path", None), "model", "$.student.model.params.path")
+    need(getattr(model, "base", None), "model", "$.student.model.params.base")
+    need(
+        getattr(spec.student.init.config, "teacher_path", None),
+        "model to copy",
+        "$.student.init.params.teacher_path",
+    )
     for i, ref in enumerate(spec.teachers):
         if ref.path and ref.cache:
             problems.append(
@@ -111,7 +127,7 @@ def _path_problems(spec: RunSpec) -> list[str]:
             )
             continue
         need(ref.path, "teacher model", f"$.teachers[{i}].path")
-        need(ref.cache, "teacher cache", f"$.teachers[{i}].cache")
+        need(ref.cache, "teacher cache", f"$.teachers[{i}].cache", None)
     return problems
 
 
@@ -143,7 +159,7 @@ def _regex_problems(spec: RunSpec) -> list[str]:
 # ---------------------------------------------------------------- tail-bucket temperature
 
 
-def _cache_manifests(spec: RunSpec, ref: Any) -> list[tuple[Path, dict]]:
+def cache_manifests(spec: RunSpec, ref: Any) -> list[tuple[Path, dict]]:
     """(folder, manifest) of each teacher cache a ``cache = DIR`` entry reads."""
     directory = spec.path(ref.cache)
     manifest = read_json(directory / "manifest.json", "cache manifest")
@@ -244,7 +260,7 @@ def _tail_temperature_problems(spec: RunSpec) -> list[str]:
     problems, captured = [], []
     for t, ref in caches:
         try:
-            captured += [(t, folder, m) for folder, m in _cache_manifests(spec, ref)]
+            captured += [(t, folder, m) for folder, m in cache_manifests(spec, ref)]
         except CheckpointError as exc:
             problems.append(f"{exc} @ $.teachers[{t}].cache")
     total = _total_steps(spec)
@@ -278,11 +294,12 @@ def _tail_temperature_problems(spec: RunSpec) -> list[str]:
 # ---------------------------------------------------------------- parameter groups
 
 
-def check_parameter_groups(spec: RunSpec) -> list[str]:
+def check_parameter_groups(spec: RunSpec, student: Any = None) -> list[str]:
     """A parameter group whose pattern matches no parameter of the run: it would silently
     do nothing. The student is built (not evaluated: MLX is lazy) to list its parameter
     names, with the learnable aggregator's and losses' under ``aggregator.`` and
-    ``losses.lossN.`` as the run names them. Nothing is reported when the names cannot be
+    ``losses.lossN.`` as the run names them (``student``: one already built for checks, used
+    instead and possibly changed). Nothing is reported when the names cannot be
     known cheaply (a student loaded from a folder, an initializer that may rename, a
     component that needs the run's teachers to be built)."""
     groups = []
@@ -293,7 +310,7 @@ def check_parameter_groups(spec: RunSpec) -> list[str]:
             continue  # check_composition reports it
     if not groups:
         return []
-    names = parameter_names(spec)
+    names = parameter_names(spec, student)
     if names is None:
         return []
     problems = []
@@ -311,9 +328,10 @@ def check_parameter_groups(spec: RunSpec) -> list[str]:
 _NAME_KEEPING_INITS = ("random", "from-teacher")
 
 
-def parameter_names(spec: RunSpec) -> list[str] | None:
+def parameter_names(spec: RunSpec, student: Any = None) -> list[str] | None:
     """The dotted names of every parameter the run trains or freezes, as the engine's
-    parameter groups see them; None when they cannot be known without loading weights."""
+    parameter groups see them; None when they cannot be known without loading weights.
+    ``student``: the spec's student already built (not evaluated), to save building it again."""
     import mlx.nn as nn
     from mlx.utils import tree_flatten
 
@@ -325,7 +343,8 @@ def parameter_names(spec: RunSpec) -> list[str] | None:
         return None
     setup = Setup(base_dir=Path(spec.base_dir), seed=spec.run.seed, spec=spec)
     try:
-        student = registry.get("model", model_ref.name).factory(model_ref.config, setup)
+        if student is None:
+            student = registry.get("model", model_ref.name).factory(model_ref.config, setup)
         if init_ref.name == "lora":
             registry.get("student_initializer", "lora").factory(init_ref.config, setup)(student, [])
     except Exception:  # the run reports a student it cannot build, with its own words
