@@ -1,6 +1,6 @@
 """Built-in ``kd`` commands, registered through ``kd_add_commands`` like any plugin's."""
 
-from kdcore.cli import analysis, cache, commands, sample
+from kdcore.cli import analysis, cache, commands, gguf, sample
 from kdcore.registry.manager import hookimpl
 
 
@@ -10,3 +10,5 @@ def kd_add_commands(subparsers):
     cache.add_parser(subparsers)
     analysis.add_commands(subparsers)
     sample.add_parser(subparsers)
+    gguf.add_parser(subparsers)
+    gguf.add_export_parser(subparsers)
