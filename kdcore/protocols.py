@@ -2,9 +2,10 @@
 
 A factory is ``factory(config, setup) -> object``. The object must satisfy its kind's
 protocol below; the *optional* capabilities (``PreparesBatch``, ``AfterStep``, ``HasState``,
-``Learnable``, ``HasRequirements``, ``PreparesVocabularies``) are separate protocols that
-the engine checks with ``isinstance`` — implement a method and it is called, nothing else
-is looked up by name. docs/authoring-plugins.md shows each one in use.
+``Learnable``, ``HasRequirements``, ``PreparesVocabularies``, and ``ReadsTeacherModel`` on an
+initializer's config) are separate protocols that the engine checks with ``isinstance`` —
+implement a method and it is called, nothing else is looked up by name.
+docs/authoring-plugins.md shows each one in use.
 """
 
 from __future__ import annotations
@@ -82,6 +83,17 @@ class Initializer(Protocol):
     that the run's summary records under ``init``."""
 
     def __call__(self, student: nn.Module, teachers: list[nn.Module | None]) -> dict: ...
+
+
+@runtime_checkable
+class ReadsTeacherModel(Protocol):
+    """An initializer *config* whose initializer copies a teacher's weights:
+    ``teacher_model(student_loaded)`` is the index (spec order) of the teacher whose model it
+    reads, or None when it reads none (``student_loaded``: the student comes from a saved
+    folder). ``kd validate`` and ``kd distill`` both refuse, before anything is built, a
+    spec where that teacher does not exist or has no model (a top-k cache)."""
+
+    def teacher_model(self, student_loaded: bool) -> int | None: ...
 
 
 @runtime_checkable

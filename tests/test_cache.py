@@ -763,3 +763,51 @@ def test_kd_cache_refuses_options_out_of_range(world, tmp_path, capsys, option, 
     assert code == 2
     assert option in capsys.readouterr().err
     assert not out.exists()  # refused before anything is written
+
+
+# ---------------------------------------------------------------- kd eval of a cached run
+
+
+def test_kd_eval_of_a_cached_run_has_teacher_figures_when_its_folder_is_known(world, tmp_path):
+    """The manifest records the teacher's folder; kd eval loads it when its config and weights
+    still hash to the manifest's identity, and says why not when they do not."""
+    from kdcore.analysis.evaluate_run import evaluate_run
+
+    losses = [{"name": "ce"}, {"name": "hinton"}]
+    run = tmp_path / "run"
+    spec = spec_dict([{"cache": str(world["cache"])}], losses=losses)
+    kdcore.distill(kdcore.load_spec(spec), output=run, progress=False)
+    cached = evaluate_run(run)
+    online_spec = spec_dict([{"path": str(world["teacher"])}], losses=losses)
+    online = tmp_path / "online"
+    kdcore.distill(kdcore.load_spec(online_spec), output=online, progress=False)
+    reference = evaluate_run(online)
+    assert cached["teacher"] == str(world["teacher"])
+    # the same teacher as the online run's (the students differ: k = 8 against all logits)
+    assert cached["teacher_val_loss"] == pytest.approx(reference["teacher_val_loss"], rel=1e-5)
+    assert cached["teacher_parameters"] == reference["teacher_parameters"]
+    assert {"kl_teacher_student", "top1_agreement", "speedup"} <= set(cached)
+
+    # the folder moved: the spec's teacher_path (here: from-teacher's) is tried, checked
+    moved = tmp_path / "moved-teacher"
+    shutil.copytree(world["teacher"], moved)
+    manifest_dir = tmp_path / "cache"
+    shutil.copytree(world["cache"], manifest_dir)
+    manifest = read_json(manifest_dir / "teacher-0" / "manifest.json")
+    manifest["teacher"]["path"] = str(tmp_path / "gone")
+    (manifest_dir / "teacher-0" / "manifest.json").write_text(json.dumps(manifest))
+    spec = spec_dict([{"cache": str(manifest_dir)}], losses=losses)
+    (run / "spec.toml").write_text(toml_dumps(spec))
+    report = evaluate_run(run)
+    assert "teacher_val_loss" not in report
+    assert "gone" in report["teacher"] and "not at" in report["teacher"]
+    # a folder named in the spec but holding another model is not taken for the teacher
+    other = make_teacher(tmp_path / "other", ByteTokenizer(), seed=5)
+    spec["student"]["init"] = {"name": "from-teacher", "params": {"teacher_path": str(other)}}
+    (run / "spec.toml").write_text(toml_dumps(spec))
+    assert "teacher_val_loss" not in evaluate_run(run)
+    spec["student"]["init"]["params"]["teacher_path"] = str(moved)
+    (run / "spec.toml").write_text(toml_dumps(spec))
+    found = evaluate_run(run)
+    assert found["teacher"] == str(moved)
+    assert found["teacher_val_loss"] == pytest.approx(reference["teacher_val_loss"], rel=1e-4)

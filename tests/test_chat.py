@@ -598,3 +598,35 @@ def test_a_template_that_rewrites_earlier_turns_still_masks_every_turn(tmp_path)
         np.testing.assert_array_equal(enc.carries, want_carries)
         loss_text = dataset.tokenizer.decode(enc.ids[enc.carries])
         assert loss_text == f"Yes.<|im_end|>\n<think>{lines[3 * i + 2]}</think>\n\nNo.<|im_end|>\n"
+
+
+# ---------------------------------------------------------------- kd eval --data (issue 30)
+
+
+def test_kd_eval_scores_chat_jsonl_on_the_assistant_tokens(tmp_path, tok, mlx_tok, capsys):
+    """``kd eval RUN --data chat.jsonl`` renders the records with the run's template, one a
+    row, and scores exactly the tokens mlx-lm's own rendering says each assistant turn adds."""
+    train = write_jsonl(tmp_path / "train.jsonl", chat_records(21))
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps(tiny_chat_spec(train, tok, seq_len=64)))
+    assert testing.run_kd("distill", spec, "--output", tmp_path / "run") == 0
+    held_out = chat_records(6, start=200) + completion_records(3)
+    path = write_jsonl(tmp_path / "held-out.jsonl", held_out)
+    capsys.readouterr()
+    argv = ["eval", tmp_path / "run", "--data", path, "--batches", "50", "--json"]
+    assert testing.run_kd(*argv) == 0
+    report = json.loads(capsys.readouterr().out)
+    # one record a row, cut at seq_len + 1 tokens: the oracle's loss marks of that part
+    wanted = sum(int(expected(r, mlx_tok)[1][:65].sum()) for r in held_out)
+    assert report["tokens"] == wanted > 0
+    assert report["split"] == str(path)
+    assert 0 < report["val_loss"] < 20
+
+
+def test_kd_eval_says_when_chat_records_have_no_template_to_render_them(tmp_path, corpus, capsys):
+    run = tmp_path / "run"
+    kdcore.distill(testing.tiny_spec(corpus, steps=1), output=run, progress=False)  # bytes
+    path = write_jsonl(tmp_path / "chat.jsonl", chat_records(2))
+    capsys.readouterr()
+    assert testing.run_kd("eval", run, "--data", path) == 2
+    assert "chat template" in capsys.readouterr().err

@@ -173,7 +173,8 @@ WRITE_KILLER = textwrap.dedent("""
 
 
 def test_kill_during_checkpoint_write_keeps_the_previous_one(tmp_path, make_spec, teacher_dir):
-    spec = _spec_file(tmp_path, _distill_spec(make_spec, teacher_dir))
+    # killed while writing the step-8 checkpoint: the final one, kept only when asked
+    spec = _spec_file(tmp_path, _distill_spec(make_spec, teacher_dir, final_checkpoint=True))
     script = tmp_path / "write_killer.py"
     script.write_text(WRITE_KILLER)
     proc = subprocess.run(
@@ -378,6 +379,15 @@ def test_from_teacher_initializer_copies_through_a_layer_map(tmp_path, make_spec
     )
     assert np.array_equal(np.array(s["embed.weight"]), np.array(t["embed.weight"]))
     assert run.init_report["initialised_tensors"] == len(s)
+
+
+def test_ends_layer_map_keeps_the_first_and_last_layers():
+    from kdcore.models.init import ends_layer_map, uniform_layer_map
+
+    assert ends_layer_map(15, 30) == [*range(8), *range(23, 30)]
+    assert ends_layer_map(4, 30) == [0, 1, 28, 29]
+    assert ends_layer_map(1, 30) == [0]
+    assert uniform_layer_map(4, 30) == [0, 10, 19, 29]
 
 
 def test_from_teacher_truncates_and_interpolates_other_widths(tmp_path, make_spec, teacher_dir):

@@ -160,7 +160,8 @@ def test_lmbda_1_samples_every_batch_and_the_loss_is_on_the_generated_tokens(
     np.testing.assert_array_equal(seen[-1], batch["input_ids"])
     assert metrics["on_policy"].item() == 1.0
     assert metrics["sample_length"].item() == pytest.approx(batch["mask"].sum() / B)
-    assert ntok == int(batch["mask"].sum())
+    assert ntok.loss_tokens == int(batch["mask"].sum())
+    assert ntok.tokens == batch["input_ids"].size
 
 
 def test_a_batch_a_loss_already_sampled_is_not_sampled_again(corpus, pairs, teacher_dir):
@@ -209,6 +210,7 @@ def test_a_resumed_run_draws_the_same_samples(tmp_path, corpus, pairs, teacher_d
     whole.write_text(json.dumps(spec))
     half = json.loads(json.dumps(spec))
     half["train"]["steps"] = 4
+    half["train"]["final_checkpoint"] = True  # the half run is extended: keep its end state
     first = tmp_path / "half.json"
     first.write_text(json.dumps(half))
     assert testing.run_kd("distill", whole, "--output", tmp_path / "a") == 0
@@ -371,6 +373,8 @@ def test_kd_sample_writes_a_dataset_the_jsonl_and_chat_datasets_read(
         MAX_NEW,
         "--stop-token",
         NEWLINE,
+        "--truncated",
+        "keep",  # every answer, cut or not: the file has a record per prompt
         "--json",
     )
     assert code == 0, capsys.readouterr().err
@@ -425,8 +429,17 @@ def test_kd_sample_from_a_chat_dataset_keeps_the_conversation(tmp_path, capsys, 
     file = tmp_path / "spec.json"
     file.write_text(json.dumps(spec))
     out = tmp_path / "answers.jsonl"
-    code = testing.run_kd(
-        "sample", file, "--output", out, "--split", "train", "--max-new-tokens", 4
+    code = testing.run_kd(  # 4 tokens: cut answers, kept to check the conversations
+        "sample",
+        file,
+        "--output",
+        out,
+        "--split",
+        "train",
+        "--max-new-tokens",
+        4,
+        "--truncated",
+        "keep",
     )
     assert code == 0, capsys.readouterr().err
     records = [json.loads(x) for x in out.read_text().splitlines()]
@@ -437,6 +450,38 @@ def test_kd_sample_from_a_chat_dataset_keeps_the_conversation(tmp_path, capsys, 
         assert len(record["messages"]) == 3
     chat = _dataset("chat", path=str(out), tokenizer=str(tok), seq_len=64, val_fraction=0.0)
     assert chat.records == 8
+
+
+def test_kd_sample_drops_marks_or_keeps_answers_cut_at_the_token_limit(
+    tmp_path, capsys, corpus, pairs, teacher_dir
+):
+    """An answer that reaches --max-new-tokens without a stop token is not a finished turn:
+    dropped by default, written with ``"truncated": true`` by ``mark``, as is by ``keep``;
+    the sampling is the same whichever is chosen."""
+    file = tmp_path / "spec.json"
+    file.write_text(json.dumps(on_policy_spec(corpus, pairs, teacher_dir)))
+    runs = {}
+    for policy in ("default", "drop", "mark", "keep"):
+        out = tmp_path / f"{policy}.jsonl"
+        argv = ["sample", file, "--output", out, "--split", "val", "--max-new-tokens", MAX_NEW]
+        argv += ["--stop-token", NEWLINE, "--format", "completion", "--json"]
+        argv += [] if policy == "default" else ["--truncated", policy]
+        assert testing.run_kd(*argv) == 0, capsys.readouterr().err
+        summary = json.loads(capsys.readouterr().out)
+        runs[policy] = summary, [json.loads(x) for x in out.read_text().splitlines()]
+    summary, kept = runs["keep"]
+    cut = [not r["completion"].endswith("\n") for r in kept]  # the stop token is kept
+    assert 0 < sum(cut) < len(kept), "the test needs both kinds of answer"
+    assert summary["truncated"] == sum(cut) and summary["stopped"] == len(kept) - sum(cut)
+    assert summary["answered"] == summary["records"] == len(kept)
+    _, marked = runs["mark"]
+    assert [r.pop("truncated", False) for r in marked] == cut
+    assert marked == kept
+    finished = [r for r, c in zip(kept, cut) if not c]
+    assert runs["drop"][1] == runs["default"][1] == finished
+    assert runs["default"][0]["truncated_policy"] == "drop"
+    assert runs["drop"][0]["records"] == len(finished)
+    assert runs["drop"][0]["truncated"] == sum(cut)
 
 
 def test_kd_sample_errors_name_the_place(tmp_path, capsys, corpus, pairs):

@@ -24,6 +24,19 @@ from kdcore.io import load_arrays
 from kdcore.registry.manager import reset_registry
 
 
+@pytest.fixture
+def make_spec(corpus):
+    """The tiny spec, keeping its final checkpoint: resuming and checking finished runs is
+    what this file tests, and ``train.final_checkpoint`` is off by default."""
+
+    def make(**sections):
+        data = testing.tiny_spec(corpus, steps=6, **sections)
+        data["train"]["final_checkpoint"] = True
+        return data
+
+    return make
+
+
 def _records(run: Path) -> list[dict]:
     return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
 

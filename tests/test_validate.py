@@ -297,3 +297,134 @@ def test_a_mixture_of_caches_reads_each_with_a_tail_bucket(validate, cache_world
     assert code == 2 and _problem(lines, "$.losses[0].params.temperature", "mixture"), lines
     ok = cache_spec(cache_world["data"], teachers, _hinton(1.0, "renormalize"))
     assert validate(ok) == (0, [])
+
+
+# ---------------------------------------------------------------- validate == distill (issue 30)
+
+
+def _bare(lines: list[str]) -> list[str]:
+    """``kd validate``'s stderr lines without the ``error: SPEC: `` its first one starts with."""
+    return [ln.split(".toml: ", 1)[1] if ln.startswith("error: ") else ln for ln in lines]
+
+
+def _distill_problems(spec: dict, out: Path) -> list[str]:
+    """The problem lines ``kd distill`` refuses ``spec`` with (it must write nothing)."""
+    with pytest.raises(kdcore.SpecError) as err:
+        kdcore.distill(kdcore.load_spec(spec), output=out, progress=False)
+    assert not out.exists()
+    return err.value.problems
+
+
+def _cache_run(cache_world, init: dict, **model_params) -> dict:
+    cache = str(cache_world["root"] / "cache-k8")
+    spec = cache_spec(cache_world["data"], [{"cache": cache}], _hinton(1.0))
+    spec["student"]["init"] = init
+    spec["student"]["model"]["params"].update(model_params)
+    return spec
+
+
+REFUSED_AT_BUILD = {
+    # a top-k cache holds no weights to copy
+    "from-teacher beside a cache": ({"name": "from-teacher"}, "$.student.init.params.teacher"),
+    "quantize from a cached teacher": (
+        {"name": "quantize", "params": {"start": "teacher"}},
+        "$.student.init.params.teacher",
+    ),
+    # auto quantizes the teacher's copy when the student is fresh: none to copy here
+    "quantize auto, fresh student, cached teacher": (
+        {"name": "quantize"},
+        "$.student.init.params.teacher",
+    ),
+    # was an IndexError inside the build
+    "from-teacher of a teacher the spec lacks": (
+        {"name": "from-teacher", "params": {"teacher": 3}},
+        "$.student.init.params.teacher",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(REFUSED_AT_BUILD))
+def test_validate_refuses_what_distill_refuses_while_building(
+    validate, cache_world, tmp_path, case
+):
+    init, path = REFUSED_AT_BUILD[case]
+    spec = _cache_run(cache_world, init)
+    code, lines = validate(spec)
+    assert code == 2 and _problem(lines, path, "teachers["), lines
+    # the same words from both commands: one check, shared
+    refused = _distill_problems(spec, tmp_path / "run")
+    assert [line for line in refused if path in line] == [ln for ln in _bare(lines) if path in ln]
+
+
+def test_the_refusal_names_the_folder_the_cache_was_made_from(validate, cache_world):
+    code, lines = validate(_cache_run(cache_world, {"name": "from-teacher"}))
+    teacher = str(cache_world["root"] / "teacher")
+    assert code == 2 and _problem(lines, "$.student.init.params.teacher", "teacher_path", teacher)
+
+
+def test_a_student_the_model_component_refuses_is_refused_by_validate_too(
+    validate, cache_world, tmp_path
+):
+    pytest.importorskip("mlx_lm")
+    spec = cache_spec(cache_world["data"], [], None)
+    spec["student"]["model"] = {"name": "mlx-lm", "params": {}}  # neither path nor config
+    code, lines = validate(spec)
+    assert code == 2 and _problem(lines, "$.student.model.params", "path", "config"), lines
+    assert any("$.student.model.params" in ln for ln in _distill_problems(spec, tmp_path / "r"))
+
+
+def test_checkpoint_layers_on_a_model_without_them_is_refused_by_both(
+    validate, make_spec, tmp_path
+):
+    import attrs
+    import mlx.nn as nn
+
+    from kdcore import testing
+
+    @attrs.define
+    class PlainConfig:
+        vocab_size: int = 256
+
+    class Plain(nn.Module):  # no checkpoint_layers attribute
+        def __init__(self, config):
+            super().__init__()
+            self.embed = nn.Embedding(config.vocab_size, 8)
+
+    class Plugin:
+        @kdcore.hookimpl
+        def kd_models(self):
+            return [kdcore.Component("plain", lambda c, s: Plain(c), PlainConfig, doc="plain")]
+
+    spec = make_spec()
+    spec["student"]["model"] = {"name": "plain"}
+    spec["train"]["checkpoint_layers"] = True
+    with testing.plugins(Plugin()):
+        code, lines = validate(spec)
+        assert code == 2 and _problem(lines, "$.train.checkpoint_layers", "plain"), lines
+        assert _distill_problems(spec, tmp_path / "r") == _bare(lines)
+
+
+def test_from_teacher_beside_a_cache_trains_from_the_named_folder(validate, cache_world, tmp_path):
+    from mlx.utils import tree_flatten
+
+    from kdcore.models.io import load_model
+
+    teacher = cache_world["root"] / "teacher"
+    init = {"name": "from-teacher", "params": {"teacher_path": str(teacher)}}
+    spec = _cache_run(cache_world, init)
+    assert validate(spec) == (0, [])
+    run = kdcore.testing.build_run(spec)
+    # the student starts as the teacher (same shapes here): every tensor copied
+    taught = dict(tree_flatten(load_model(teacher)[0].parameters()))
+    for name, value in tree_flatten(run.student.parameters()):
+        assert mx.array_equal(value, taught[name]).item(), name
+    summary = kdcore.distill(kdcore.load_spec(spec), output=tmp_path / "run", progress=False)
+    assert summary["steps"] == 4 and summary["eval"]["val_loss"] > 0
+    assert summary["init"]["from"] == "teacher"
+    assert summary["init"]["teacher_path"] == str(teacher)
+    assert summary["init"]["initialised_tensors"] == len(taught)
+    # a folder that is not there is named at its path, by validate as by distill
+    spec["student"]["init"]["params"]["teacher_path"] = str(tmp_path / "nowhere")
+    code, lines = validate(spec)
+    assert code == 2 and _problem(lines, "$.student.init.params.teacher_path", "nowhere"), lines
+    assert _distill_problems(spec, tmp_path / "r2") == _bare(lines)

@@ -108,6 +108,9 @@ def sample_teacher(out: Path, teacher: Path, limit: int | None, new: int) -> Pat
     spec_file = out / "sample_spec.json"
     spec_file.write_text(json.dumps(spec))
     args = ["sample", str(spec_file), "--output", str(target), "--max-new-tokens", str(new)]
+    # every reply, cut ones included, as the seq-KD figures in docs/results.md were made
+    # (kd sample now drops replies cut at --max-new-tokens by default)
+    args += ["--truncated", "keep"]
     args += ["--batch-size", "32", "--json"] + (["--limit", str(limit)] if limit else [])
     if kd(args) != 0:
         raise SystemExit("kd sample failed")

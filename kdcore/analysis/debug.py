@@ -106,7 +106,8 @@ def gradient_report(run_dir: str | Path, batches: int = 2) -> dict[str, Any]:
         per_batch.append(
             {
                 "step": step,
-                "tokens": ntok,
+                "tokens": ntok.tokens,  # every position read, padding included
+                "loss_tokens": ntok.loss_tokens,
                 "loss": total.item(),
                 "terms": {k: v.item() for k, v in terms.items()},
                 "grad_norm": math.sqrt(sum(s[0] for s in sums.values())),

@@ -12,6 +12,7 @@ import mlx.core as mx
 from kdcore.engine.evaluate import evaluate
 from kdcore.engine.rundir import load_run_spec
 from kdcore.errors import CheckpointError, SpecError
+from kdcore.io import read_json
 from kdcore.models.io import count_parameters
 from kdcore.registry.manager import get_registry
 from kdcore.registry.setup import Setup
@@ -26,6 +27,21 @@ def forward_tokens_per_second(model, batch, repeats: int = 3) -> float:
     return ids.size * repeats / (time.perf_counter() - start)
 
 
+def _chat_template_folder(spec, run_dir: Path) -> str | None:
+    """Whose chat template renders chat records given to ``--data``: the run's own (its chat
+    dataset's tokenizer, as it trained), else the saved student's when it ships one."""
+    if spec.data.name == "chat":
+        return spec.data.config.tokenizer  # relative to the spec, or a hub name
+    student = run_dir / "student"
+    try:
+        config = read_json(student / "tokenizer_config.json", "tokenizer config")
+    except CheckpointError:
+        return None
+    template = isinstance(config, dict) and bool(config.get("chat_template"))
+    template = template or (student / "chat_template.jinja").exists()
+    return str(student.resolve()) if template else None
+
+
 def evaluate_run(
     run_dir, data=None, batches: int | None = None, options: dict | None = None
 ) -> dict[str, Any]:
@@ -38,13 +54,21 @@ def evaluate_run(
     spec = load_run_spec(run_dir)
     student, tokenizer = load_model_dir(run_dir / "student")
     registry = get_registry()
-    teacher_model, _, _ = run_teacher(spec)
+    notes: list[str] = []
+    teacher_model, _, teacher_dir = run_teacher(spec, notes)
     setup = Setup(base_dir=Path(spec.base_dir), seed=spec.run.seed, tokenizer=tokenizer)
     if data is not None:
         from kdcore.analysis.temperature import dataset_for_file
 
         seq_len = getattr(spec.data.config, "seq_len", 128)
-        dataset = dataset_for_file(data, tokenizer, seq_len, spec.run.seed)
+        dataset = dataset_for_file(
+            data,
+            tokenizer,
+            seq_len,
+            spec.run.seed,
+            chat_tokenizer=_chat_template_folder(spec, run_dir),
+            base_dir=spec.base_dir,
+        )
         split = "train"
     else:
         dataset = registry.get("dataset", spec.data.name).factory(spec.data.config, setup)
@@ -57,6 +81,9 @@ def evaluate_run(
         raise SpecError(f"no {split} data to evaluate on")
     report: dict[str, Any] = {"run": str(run_dir), "split": split if data is None else str(data)}
     report.update(evaluate(student, teacher_model, examples))
+    if any(ref.source_name == "cache" for ref in spec.teachers):
+        # a cached run's teacher is a folder found again, or none: say which
+        report["teacher"] = f"{teacher_dir}" if teacher_model is not None else "; ".join(notes)
     report["student_parameters"] = count_parameters(student)
     report["student_tokens_per_s"] = forward_tokens_per_second(student, examples[0])
     if teacher_model is not None:

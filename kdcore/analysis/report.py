@@ -31,7 +31,8 @@ _SKIP = {"step", "stage"}
 # y labels of the series kdcore itself logs; any other series is labelled with its name.
 _YLABELS = {
     "grad_norm": "gradient norm",
-    "tokens_per_s": "tokens / s",
+    "tokens_per_s": "tokens read / s",
+    "loss_tokens_per_s": "loss tokens / s",
     "lr": "learning rate",
     "val_loss": "nats / token",
     "teacher_val_loss": "nats / token",
@@ -198,7 +199,8 @@ def write_report(run_dir: str | Path) -> Path:
         lines += [
             f"- steps: {summary.get('steps')}",
             f"- wall seconds: {summary.get('wall_seconds', 0):.1f}",
-            f"- tokens/s: {summary.get('tokens_per_s') or 0:,.0f}",
+            f"- tokens/s: {summary.get('tokens_per_s') or 0:,.0f} read, "
+            f"{summary.get('loss_tokens_per_s') or 0:,.0f} with loss",
             f"- student parameters: {summary.get('student_parameters'):,}",
             f"- teacher parameters: {summary.get('teacher_parameters')}",
             "",

@@ -31,29 +31,89 @@ def _is_run_dir(path: Path) -> bool:
     return (path / "spec.toml").exists() and (path / "run.json").exists()
 
 
-def dataset_for_file(data: str | Path, tokenizer, seq_len: int, seed: int = 0):
-    """A dataset over a text or JSONL file, every example in its ``train`` split."""
+# Keys of the chat dataset's record formats (kdcore.data.chat): messages, prompt/completion,
+# text. A JSONL file whose first record has one of them is read as chat records.
+_CHAT_KEYS = ("messages", "completion", "text")
+
+
+def jsonl_format(path: Path) -> str:
+    """``"chat"`` when the first record of a JSONL file (``.gz`` too) is one of the chat
+    dataset's formats, else ``"jsonl"`` (prompt/response records)."""
+    import gzip
+    import json
+
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rt", encoding="utf-8") as handle:
+            first = next((line for line in handle if line.strip()), "")
+        record = json.loads(first) if first else None
+    except (OSError, ValueError, EOFError):
+        return "jsonl"  # the jsonl dataset reports what is wrong with the file, by line
+    if isinstance(record, dict) and "response" not in record:
+        if any(key in record for key in _CHAT_KEYS):
+            return "chat"
+    return "jsonl"
+
+
+def dataset_for_file(
+    data: str | Path,
+    tokenizer,
+    seq_len: int,
+    seed: int = 0,
+    chat_tokenizer: str | None = None,
+    base_dir: str | Path | None = None,
+):
+    """A dataset over a text or JSONL file, every example in its ``train`` split. Chat
+    records (``messages``, ``prompt``/``completion``, ``text``: the ``chat`` dataset's
+    formats) are rendered with the chat template of ``chat_tokenizer`` (a tokenizer folder or
+    hub name, relative to ``base_dir``), one record a row, loss on the assistant tokens;
+    other JSONL is prompt/response records, loss on the response."""
     from kdcore.registry.manager import get_registry
     from kdcore.registry.setup import Setup
     from kdcore.spec.build import make_config
 
     path = Path(data).resolve()
-    fmt = "jsonl" if path.suffix in (".jsonl", ".gz") else "text"
-    config = make_config("dataset", fmt, path=str(path), seq_len=seq_len, val_fraction=0.0)
-    setup = Setup(base_dir=Path.cwd(), seed=seed, tokenizer=tokenizer)
+    fmt = "text"
+    if path.suffix in (".jsonl", ".gz"):
+        fmt = jsonl_format(path)
+    params: dict[str, Any] = {"path": str(path), "seq_len": seq_len, "val_fraction": 0.0}
+    if fmt == "chat":
+        if chat_tokenizer is None:
+            raise SpecError(
+                f"{path} holds chat records, which need a tokenizer folder with a chat "
+                "template: the run's data is not a chat dataset and its student/ folder has "
+                "no chat template"
+            )
+        # unpacked: a record is scored in its own context, as the student will see it
+        params.update(tokenizer=chat_tokenizer, pack=False)
+    config = make_config("dataset", fmt, **params)
+    setup = Setup(base_dir=Path(base_dir or Path.cwd()), seed=seed, tokenizer=tokenizer)
     return get_registry().get("dataset", fmt).factory(config, setup)
 
 
-def run_teacher(spec) -> tuple[Any, Any, Path | None]:
+def run_teacher(spec, notes: list[str] | None = None) -> tuple[Any, Any, Path | None]:
     """The first teacher of a run with a model in the run's token ids: (model, tokenizer,
-    directory). A top-k cache or a retokenizing teacher has no such model."""
+    directory). A top-k cache gives the model it was captured from when that folder is
+    known and unchanged (``kdcore.cache.read.cached_teacher_folder``; why not is appended
+    to ``notes``); a retokenizing teacher has no such model."""
+    from kdcore.cache.read import cached_teacher_folder
+    from kdcore.models.io import load_model
     from kdcore.registry.manager import get_registry
     from kdcore.registry.setup import Setup
+    from kdcore.tokenizers.simple import load_tokenizer
 
     registry = get_registry()
     for ref in spec.teachers:
         if ref.source_name == "cache":
-            continue
+            folder, note = cached_teacher_folder(spec, ref)
+            if folder is None:
+                if notes is not None:
+                    notes.append(note)
+                continue
+            model = load_model(folder)[0]
+            model.freeze()
+            model.eval()
+            return model, load_tokenizer(folder), folder
         component = registry.get("teacher_source", ref.source_name)
         config = ref.config if ref.config is not None else component.config()
         setup = Setup(base_dir=Path(spec.base_dir), seed=spec.run.seed, spec=spec, teacher=ref)

@@ -162,6 +162,43 @@ class CacheTeacher:
         return self.reader.signal(np.array(batch["example_index"]))
 
 
+def cached_teacher_folder(spec, ref) -> tuple[Path | None, str]:
+    """(model folder, note) of the teacher a ``cache = DIR`` entry was captured from, for
+    what needs its weights (``kd eval``'s teacher figures): the folder the cache's manifest
+    records, else the ``teacher_path`` the student initializer copies from; each is taken
+    only when its config and weights still hash to the manifest's teacher identity. None,
+    with the reason in ``note``, when no such folder is known."""
+    from kdcore.cache.write import teacher_identity
+
+    config = ref.config
+    try:
+        directory = resolve_cache_dir(Path(spec.path(ref.cache)), getattr(config, "teacher", None))
+        teacher = _read_manifest(directory)["teacher"]
+    except (CheckpointError, SpecError) as exc:
+        return None, f"the cache cannot be read: {exc}"
+    candidates = []
+    recorded = teacher.get("path")  # as kd cache resolved it
+    if isinstance(recorded, str) and recorded:
+        candidates.append(Path(recorded))
+    named = getattr(spec.student.init.config, "teacher_path", None)  # relative to the spec
+    if isinstance(named, str) and named:
+        candidates.append(spec.path(named))
+    tried = []
+    for folder in candidates:
+        tried.append(str(folder))
+        try:
+            if folder.is_dir() and teacher_identity(folder) == teacher["identity"]:
+                return folder, f"the cached teacher, from {folder}"
+        except CheckpointError:
+            continue  # no readable config.json: not it
+    if not tried:
+        return None, f"the cache {directory} does not record its teacher's folder"
+    return None, (
+        f"the cache {directory}'s teacher is not at {' or '.join(tried)} any more "
+        "(missing, or its weights changed since it was cached)"
+    )
+
+
 def check_matches_data(path: Path, manifest: dict, dataset) -> None:
     """Raise ``CheckpointError`` listing each way ``dataset`` differs from the cache."""
     data = manifest["data"]

@@ -112,26 +112,61 @@ def cmd_explain(args) -> int:
 
 
 def cmd_validate(args) -> int:
-    from kdcore.spec.compose import check_composition, check_parameter_groups
+    from kdcore.engine.build import check_run
     from kdcore.spec.load import load_spec
 
     spec = load_spec(args.spec, args.set)
-    problems = check_composition(spec) + check_parameter_groups(spec)
+    problems = check_run(spec)  # the checks kd distill runs while building, shared
     if problems:
         raise SpecError(problems, source=args.spec)
     from kdcore.engine.fused import spec_loss_paths
 
     paths = spec_loss_paths(spec)
+    dtypes = model_dtypes(spec)
     if args.json:
         from kdcore.spec.load import spec_to_dict
 
-        _print_json({**spec_to_dict(spec), "loss_paths": dict(paths)})
+        _print_json({**spec_to_dict(spec), "loss_paths": dict(paths), "dtypes": dtypes})
     else:
         print(f"{args.spec}: ok")
         print("loss paths (fused: with the output heads, chunk by chunk):")
         for label, path in paths:
             print(f"  {label}: {path}")
+        print("model dtypes (what each computes in, and why):")
+        for label, line in dtypes.items():
+            print(f"  {label}: {line}")
     return 0
+
+
+def model_dtypes(spec) -> dict[str, str]:
+    """``{teachers[i] / student: planned dtype line}`` from config and GGUF headers alone
+    (the dtype policy of ``kdcore.models.dtype``; no weights are read)."""
+    from pathlib import Path
+
+    from kdcore.models.dtype import choose_dtype, planned
+    from kdcore.models.mlxlm import locate_model
+
+    out: dict[str, str] = {}
+    base = Path(spec.base_dir)
+    for i, ref in enumerate(spec.teachers):
+        if ref.path and ref.source_name in ("model", "mlx-lm"):
+            where = f"$.teachers[{i}].params.dtype"
+            path = ref.path if str(ref.path).endswith(".gguf") else locate_model(ref.path, base)
+            path = Path(path) if Path(path).is_absolute() else base / path
+            out[f"teachers[{i}]"] = planned(path, (ref.params or {}).get("dtype"), where)
+    model = spec.student.model
+    params = model.params or {}
+    where = "$.student.model.params.dtype"
+    if model.name == "mlx-lm" and params.get("path"):
+        named = params["path"]
+        path = named if str(named).endswith(".gguf") else locate_model(named, base)
+        path = Path(path) if Path(path).is_absolute() else base / path
+        out["student"] = planned(path, params.get("dtype"), where)
+    else:  # a fresh model is made in float32
+        out["student"] = choose_dtype(params.get("dtype"), {"float32"}, 0, where).describe(
+            {"float32"}
+        )
+    return out
 
 
 def cmd_distill(args) -> int:
@@ -268,6 +303,14 @@ def _openblas_kernels() -> str | None:
     return None if lib is None else fastpath.openblas_core(lib)
 
 
+def policy_summary() -> str:
+    from kdcore.models.dtype import choose_dtype
+
+    choice = choose_dtype(None, {"float16", "bfloat16"})
+    shown = choice.dtype or "as stored"
+    return f"16-bit checkpoints compute in {shown} here ({choice.reason}); params.dtype overrides"
+
+
 def cmd_doctor(args) -> int:
     import os
     import platform
@@ -296,6 +339,7 @@ def cmd_doctor(args) -> int:
             for f in get_registry().failures
         ],
         "row_kernels": row_kernel_status(),
+        "dtype_policy": policy_summary(),
     }
     if args.json:
         _print_json(info)
@@ -379,7 +423,13 @@ def add_commands(sub) -> None:
 
     p = sub.add_parser("eval", help="student vs teacher on held-out data")
     p.add_argument("run_dir")
-    p.add_argument("--data", help="a text file to evaluate on instead of the run's val split")
+    p.add_argument(
+        "--data",
+        help="evaluate on this file instead of the run's val split: text, prompt/response "
+        "JSONL (loss on the response), or chat JSONL (messages, prompt/completion or text "
+        "records, rendered with the run's chat template, one record a row, loss on the "
+        "assistant tokens)",
+    )
     p.add_argument(
         "--batches", type=int, help="batches to evaluate (default: the run's eval.batches)"
     )

@@ -23,12 +23,20 @@ of the text (a chat template writes its own end of turn), any other stop token (
 is kept. The file is written atomically (``.gz``: gzip without a timestamp, so one seed
 gives the same bytes), and the summary says how many answers stopped before
 ``max_new_tokens``.
+
+An answer that reaches ``max_new_tokens`` without a stop token was cut, not finished: written
+as a turn, a chat template would close it with an end of turn, and a student trained on it
+would learn to stop mid-sentence. ``--truncated`` says what to do with them: ``drop`` (the
+default: the file holds finished answers only), ``mark`` (written, with ``"truncated":
+true`` in the record, for a reader that filters them) or ``keep`` (written as they are, what
+``kd sample`` did before it had the option). The summary counts them either way.
 """
 
 from __future__ import annotations
 
 import gzip
 import json
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -50,15 +58,21 @@ from kdcore.spec.schedules import value_at
 from kdcore.tokenizers.simple import fingerprint, load_tokenizer
 
 FORMATS = ("completion", "messages")
+TRUNCATED = ("drop", "mark", "keep")  # what becomes of an answer cut at max_new_tokens
 
 
-def _teacher_dir(spec, teacher: str | None) -> tuple[Path, str]:
-    """(model folder, where it was named) for the teacher that answers."""
+def _teacher_dir(spec, teacher: str | None) -> tuple[Path, str, str | None]:
+    """(model folder, where it was named, its params.dtype) for the teacher that answers;
+    a .gguf file or hub name becomes its local folder."""
+    from kdcore.models.mlxlm import locate_model
+
     if teacher:
-        return Path(teacher), "--teacher"
+        return locate_model(teacher, Path.cwd(), "--teacher"), "--teacher", None
     for i, ref in enumerate(spec.teachers):
         if ref.path:
-            return spec.path(ref.path), f"$.teachers[{i}].path"
+            where = f"$.teachers[{i}].path"
+            folder = locate_model(ref.path, Path(spec.base_dir), where)
+            return folder, where, (ref.params or {}).get("dtype")
     raise SpecError(
         "kd sample needs a teacher model: pass --teacher MODEL_DIR or give the spec a teacher "
         'with path = "MODEL_DIR" @ $.teachers'
@@ -115,11 +129,11 @@ def sample_dataset(args) -> dict:
     section = spec.train.on_policy
     registry = get_registry()
     setup = Setup(base_dir=Path(spec.base_dir), seed=spec.run.seed, spec=spec)
-    folder, named = _teacher_dir(spec, args.teacher)
+    folder, named, dtype = _teacher_dir(spec, args.teacher)
     if not (folder / "config.json").is_file():
         raise SpecError(f"no saved model in {folder} (config.json missing) @ {named}")
     dataset = registry.get("dataset", spec.data.name).factory(spec.data.config, setup)
-    model, _arch, config = load_model(folder)
+    model, _arch, config = load_model(folder, dtype, named.replace(".path", ".params.dtype"))
     model.eval()
     tokenizer = load_tokenizer(folder)
     if fingerprint(tokenizer) != fingerprint(dataset.tokenizer):
@@ -168,6 +182,7 @@ def sample_dataset(args) -> dict:
         fmt=fmt,
         seed=spec.run.seed if args.seed is None else args.seed,
         where=str(args.spec),
+        truncated=args.truncated,
     )
     output = Path(args.output)
     start = time.perf_counter()
@@ -187,7 +202,10 @@ def sample_dataset(args) -> dict:
     return {
         "output": str(output),
         "records": writer.written,
+        "answered": writer.answered,
         "stopped": writer.stopped,
+        "truncated": writer.cut,  # answers that reached max_new_tokens unstopped
+        "truncated_policy": args.truncated,
         "split": args.split,
         "format": fmt,
         "teacher": str(folder),
@@ -214,25 +232,36 @@ class _Answers:
     fmt: str
     seed: int
     where: str
-    written: int = 0
-    stopped: int = 0
+    truncated: str = "drop"  # one of TRUNCATED
+    written: int = 0  # records in the file
+    answered: int = 0  # prompts answered, cut answers included
+    stopped: int = 0  # answers that ended at a stop token
+    cut: int = 0  # answers that reached max_new unstopped
 
     def write(self, chunk: list[tuple[np.ndarray, dict | None]], handle) -> None:
         prompts = [p if self.room is None else p[-self.room :] for p, _ in chunk]
-        # One seed per chunk, from the records written before it: a --limit run's records
-        # are the first ones of the run without it.
-        mx.random.seed(self.seed * 1_000_003 + self.written)
+        # One seed per chunk, from the prompts answered before it (written or dropped): a
+        # --limit run's records are the first ones of the run without it, whatever
+        # --truncated keeps.
+        mx.random.seed(self.seed * 1_000_003 + self.answered)
         answers = onpolicy.continue_prompts(
             self.model, prompts, self.max_new, self.temperature, self.top_p, self.stops
         )
         for (prompt, turns), answer in zip(chunk, answers):
+            self.answered += 1
             ended = len(answer) > 0 and int(answer[-1]) in self.stops
             self.stopped += int(ended)
+            cut = not ended  # it reached max_new (prompts leave it room in the context)
+            self.cut += int(cut)
+            if cut and self.truncated == "drop":
+                continue
             if ended and int(answer[-1]) in self.eos:
                 answer = answer[:-1]
             text = self.tokenizer.decode(answer.tolist())
             prompt_text = self.tokenizer.decode(prompt.tolist()) if turns is None else ""
             record = _record(self.fmt, prompt_text, turns, text, self.where)
+            if cut and self.truncated == "mark":
+                record["truncated"] = True
             handle.write((json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8"))
             self.written += 1
 
@@ -242,11 +271,19 @@ def cmd_sample(args) -> int:
     if args.json:
         _print_json(summary)
     else:
+        done = {"drop": "dropped", "mark": 'written with "truncated": true', "keep": "kept"}
         print(
-            f"{summary['records']} answers ({summary['stopped']} stopped before "
-            f"{summary['max_new_tokens']} tokens) in {summary['seconds']:.1f}s: "
-            f"wrote {summary['output']}"
+            f"{summary['answered']} answers ({summary['stopped']} stopped before "
+            f"{summary['max_new_tokens']} tokens; {summary['truncated']} cut at that limit, "
+            f"{done[summary['truncated_policy']]}) in {summary['seconds']:.1f}s: "
+            f"wrote {summary['records']} records to {summary['output']}"
         )
+        if summary["answered"] and not summary["records"]:
+            print(
+                "warning: every answer was cut at --max-new-tokens and dropped: raise it, or "
+                "pass --truncated mark|keep",
+                file=sys.stderr,
+            )
     return 0
 
 
@@ -276,6 +313,14 @@ def add_parser(sub) -> None:
         metavar="ID",
         help="a token id that ends an answer (repeatable; default: train.on_policy.stop_tokens, "
         "else the tokenizer's end-of-sequence)",
+    )
+    p.add_argument(
+        "--truncated",
+        choices=TRUNCATED,
+        default="drop",
+        help="an answer cut at --max-new-tokens (no stop token): drop it (default: the file "
+        'holds finished answers only), mark it ("truncated": true in its record) or keep it '
+        "as if finished",
     )
     p.add_argument("--batch-size", type=int, help="prompts per batch (default: train.batch_size)")
     p.add_argument("--limit", type=int, help="answer at most this many prompts")

@@ -85,6 +85,7 @@ from kdcore.data.datasets import (
     _Reading,
 )
 from kdcore.errors import SpecError
+from kdcore.hub import resolve_data_path, resolve_tokenizer_dir
 from kdcore.losses.tokens import IGNORE_INDEX
 from kdcore.tokenizers.hf import HFTokenizer, require_mlx_lm
 from kdcore.tokenizers.simple import fingerprint
@@ -349,7 +350,7 @@ class ChatRenderer:
         self.encoder = Tokenizer.from_str(self.wrapper.backend_tokenizer.to_str())
         self.encoder.no_truncation()
         self.encoder.no_padding()
-        self.tokenizer = HFTokenizer(self.encoder)
+        self.tokenizer = HFTokenizer(self.encoder, source=folder)
         self.eos = self.wrapper.eos_token_id
         self._turn_end: str | None = None
 
@@ -522,8 +523,11 @@ class ChatDataset:
         self.config = config
         self.seed = setup.seed
         self.seq_len = config.seq_len
-        self.path = setup.resolve(config.path)
-        self.renderer = ChatRenderer(setup.resolve(config.tokenizer))
+        # local paths, or hub names read through the Hugging Face caches (kdcore.hub)
+        self.path = resolve_data_path(config.path, setup.base_dir)
+        self.renderer = ChatRenderer(
+            resolve_tokenizer_dir(config.tokenizer, setup.base_dir, "$.data.params.tokenizer")
+        )
         self.tokenizer = self.renderer.tokenizer
         # kd eval passes the run's saved tokenizer: the template's folder must still hold it
         given = getattr(setup, "tokenizer", None)

@@ -11,13 +11,13 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from kdcore.engine.distributed import DataParallel
-from kdcore.errors import SpecError
-from kdcore.protocols import HasRequirements, PreparesVocabularies
+from kdcore.errors import KdError, SpecError
+from kdcore.protocols import HasRequirements, PreparesVocabularies, ReadsTeacherModel
 from kdcore.registry.components import Component
 from kdcore.registry.manager import get_registry
 from kdcore.registry.setup import Setup
-from kdcore.spec.compose import check_composition
-from kdcore.spec.load import loss_labels
+from kdcore.spec.compose import cache_manifests, check_composition, check_parameter_groups
+from kdcore.spec.load import blame_overrides, loss_labels
 from kdcore.spec.schema import RunSpec
 from kdcore.tokenizers.simple import fingerprint
 
@@ -77,8 +77,112 @@ class Parts:
         return bool(TEACHER_NEEDS & self.loss_components[index].requires)
 
 
+def check_run(spec: RunSpec) -> list[str]:
+    """Every problem ``kd distill`` refuses while building the run that can be found without
+    loading weights or data; ``kd validate`` reports exactly these, and :func:`build_parts`
+    runs the same checks (the composition and the initializer's teacher before building
+    anything, :func:`student_problems` once the student is built), so the two agree.
+
+    Not found here, since they need the data tokenized or a teacher's weights loaded: a
+    cache made for other data, a student vocabulary smaller than the tokenizer's, teachers
+    with different vocabularies, an explicit layer map out of the teacher's range."""
+    problems = check_composition(spec) + initializer_problems(spec)
+    student = None
+    if getattr(spec.student.model.config, "path", None) is None:  # a saved one: weights
+        try:
+            student = _make_student(spec, None)
+        except KdError as exc:  # what the run would raise building it, in its own words
+            problems += getattr(exc, "problems", None) or [str(exc)]
+        except Exception:  # noqa: BLE001 - needs the run (its tokenizer...): the run reports it
+            student = None
+    if student is not None:
+        problems += student_problems(spec, student)
+    return problems + check_parameter_groups(spec, student)
+
+
+def initializer_problems(spec: RunSpec) -> list[str]:
+    """The student initializer copies a teacher's weights (``kdcore.ReadsTeacherModel``)
+    from a teacher the spec does not have, or from a top-k cache, which holds no weights."""
+    init = spec.student.init
+    config = init.config
+    if not isinstance(config, ReadsTeacherModel):
+        return []
+    loaded = getattr(spec.student.model.config, "path", None) is not None
+    index = config.teacher_model(loaded)
+    if index is None:
+        return []
+    where = "$.student.init.params.teacher"
+    if not 0 <= index < len(spec.teachers):
+        return blame_overrides(
+            [
+                f"initializer {init.name!r} copies the weights of teachers[{index}], and the "
+                f"spec has {len(spec.teachers)} teacher(s) @ {where}"
+            ],
+            spec.overrides,
+        )
+    ref = spec.teachers[index]
+    if ref.source_name != "cache":
+        return []
+    fix = "give a model teacher (path = ...)"
+    if "teacher_path" in attrs.fields_dict(type(config)):
+        fix = "name the model folder to copy with params.teacher_path"
+        made_from = _cache_teacher_path(spec, ref)
+        if made_from:
+            fix += f' (the cache was made from teacher_path = "{made_from}")'
+    return blame_overrides(
+        [
+            f"initializer {init.name!r} copies the weights of teachers[{index}], a top-k "
+            f"cache, which holds none: {fix} @ {where}"
+        ],
+        spec.overrides,
+    )
+
+
+def _cache_teacher_path(spec: RunSpec, ref: Any) -> str | None:
+    """The model folder a cache says it was made from, when it says so and it still exists."""
+    try:
+        found = cache_manifests(spec, ref)
+    except (KdError, OSError):
+        return None  # the cache teacher source reports a bad cache
+    paths = [((m.get("teacher") or {}).get("path")) for _folder, m in found]
+    path = paths[0] if len(paths) == 1 else None
+    return path if isinstance(path, str) and Path(path).is_dir() else None
+
+
+def student_problems(spec: RunSpec, student: nn.Module) -> list[str]:
+    """What the built student cannot do that the spec asks of it."""
+    if spec.train.checkpoint_layers and not hasattr(student, "checkpoint_layers"):
+        line = (
+            f"model {spec.student.model.name!r} does not support gradient checkpointing "
+            "@ $.train.checkpoint_layers"
+        )
+        return blame_overrides([line], spec.overrides)
+    return []
+
+
+def _student_config(spec: RunSpec, vocab_size: int | None) -> Any:
+    """The student's model config; the tokenizer's size where the spec leaves it unset
+    (``vocab_size`` None: not known yet, a stand-in where the model cannot do without)."""
+    model_ref = spec.student.model
+    config = model_ref.config
+    if "vocab_size" not in model_ref.params and hasattr(config, "vocab_size"):
+        if vocab_size is not None:
+            config = attrs.evolve(config, vocab_size=vocab_size)
+        elif config.vocab_size is None:
+            config = attrs.evolve(config, vocab_size=256)  # names and checks only
+    return config
+
+
+def _make_student(spec: RunSpec, vocab_size: int | None) -> nn.Module:
+    base = Setup(base_dir=Path(spec.base_dir), seed=spec.run.seed, spec=spec)
+    model_ref = spec.student.model
+    component = get_registry().get("model", model_ref.name)
+    return component.factory(_student_config(spec, vocab_size), base)
+
+
 def build_parts(spec: RunSpec) -> Parts:
-    problems = check_composition(spec)
+    # The checks kd validate runs too, before anything is loaded.
+    problems = check_composition(spec) + initializer_problems(spec)
     if problems:
         raise SpecError(problems)
     registry = get_registry()
@@ -99,9 +203,7 @@ def build_parts(spec: RunSpec) -> Parts:
     teacher_tok = next((t.tokenizer for t in teachers if t.tokenizer is not None), None)
 
     model_ref = spec.student.model
-    model_config = model_ref.config
-    if "vocab_size" not in model_ref.params and hasattr(model_config, "vocab_size"):
-        model_config = attrs.evolve(model_config, vocab_size=tokenizer.vocab_size)
+    model_config = _student_config(spec, tokenizer.vocab_size)
     if getattr(model_config, "vocab_size", 1 << 30) < tokenizer.vocab_size:
         raise SpecError(
             f"student vocab_size {model_config.vocab_size} is smaller than the tokenizer's "
@@ -110,12 +212,10 @@ def build_parts(spec: RunSpec) -> Parts:
     mx.random.seed(spec.run.seed)
     student = component("model", model_ref).factory(model_config, base)
     mx.eval(student.parameters())
+    problems = student_problems(spec, student)
+    if problems:
+        raise SpecError(problems)
     if spec.train.checkpoint_layers:
-        if not hasattr(student, "checkpoint_layers"):
-            raise SpecError(
-                f"model {model_ref.name!r} does not support gradient checkpointing "
-                "@ $.train.checkpoint_layers"
-            )
         student.checkpoint_layers = True
     setup = attrs.evolve(
         base,

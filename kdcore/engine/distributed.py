@@ -79,12 +79,17 @@ class DataParallel:
             tree,
         )
 
-    def reduce_step(self, total, terms: dict, metrics: dict, grads: Any, ntok: int):
-        """The engine's step results averaged over the processes (tokens summed)."""
+    def reduce_step(self, total, terms: dict, metrics: dict, grads: Any, ntok: Any):
+        """The engine's step results averaged over the processes (token counts summed:
+        ``ntok`` an int or a tuple of them, such as the engine's ``TokenCounts``)."""
         if self.size == 1:
             return total, terms, metrics, grads, ntok
         total, terms, metrics, grads = self.average((total, terms, metrics, grads))
-        ntok = int(self.all_sum(mx.array(ntok, dtype=mx.float32)).item())
+        if isinstance(ntok, tuple):
+            summed = self.all_sum(mx.array(list(ntok), dtype=mx.float32)).tolist()
+            ntok = type(ntok)(*(int(n) for n in summed))
+        else:
+            ntok = int(self.all_sum(mx.array(ntok, dtype=mx.float32)).item())
         return total, terms, metrics, grads, ntok
 
     def output_dir(self, out: Path, resume: bool = False) -> Path:

@@ -149,9 +149,19 @@ class StopRequest:
         os.write(2, f"\n{name}: saving a checkpoint after this step (again: stop now)\n".encode())
 
 
-def _save(save_checkpoint: SaveCheckpoint, step: int, stage_index: int, optimizer, reason=None):
-    """``save_checkpoint``, a refused non-finite state turned into the run's error."""
+def _save(
+    save_checkpoint: SaveCheckpoint,
+    step: int,
+    stage_index: int,
+    optimizer,
+    reason=None,
+    write: bool = True,
+):
+    """``save_checkpoint``, a refused non-finite state turned into the run's error
+    (``write`` False: only the check, for a final checkpoint the run does not keep)."""
     try:
+        if not write:
+            return save_checkpoint(step, stage_index, optimizer, reason=reason, write=False)
         return save_checkpoint(step, stage_index, optimizer, reason=reason)
     except NonFiniteStateError as exc:
         raise NonFiniteLossError(
@@ -196,10 +206,12 @@ def train(
     emit("on_start", info)
     bar = Progress(total, spec.run.name, parts.dp.log_stream(), enabled=progress)
     last_terms: dict[str, float] = {}
-    tokens_seen, train_seconds = 0, 0.0
+    # every position the student read, and those carrying loss (kdcore.engine.step.TokenCounts)
+    tokens_seen, loss_tokens_seen, train_seconds = 0, 0, 0.0
     step = start_step
     stage_end = 0
     saved = None  # the newest checkpoint this run wrote
+    keep_final = spec.train.final_checkpoint or learns_beside_student(parts)
     with StopRequest() as stop:
         try:
             for stage_index, stage in enumerate(stages(spec)):
@@ -237,7 +249,8 @@ def train(
                             teacher.after_step(parts.student, step, total)
                     step += 1
                     dt = time.perf_counter() - t0
-                    tokens_seen += ntok
+                    tokens_seen += ntok.tokens
+                    loss_tokens_seen += ntok.loss_tokens
                     train_seconds += dt
                     last_terms = {k: v.item() for k, v in terms.items()}
                     if step % spec.train.log_every == 0 or step == total or step == start_step + 1:
@@ -249,17 +262,26 @@ def train(
                             **{k: v.item() for k, v in metrics.items()},
                             "lr": lr,
                             **schedule_values(parts, step - 1),  # the values this step used
-                            "tokens_per_s": ntok / dt,
+                            # both rates, named: all tokens read, and those with a loss
+                            "tokens_per_s": ntok.tokens / dt,
+                            "loss_tokens_per_s": ntok.loss_tokens / dt,
                             "step_s": dt,
                         }
                         emit("on_log", step, record)
-                        bar.update(step, f"loss {record['loss']:.4f} {ntok / dt:,.0f} tok/s", True)
+                        rates = (
+                            f"{ntok.tokens / dt:,.0f} tok/s {ntok.loss_tokens / dt:,.0f} loss_tok/s"
+                        )
+                        bar.update(step, f"loss {record['loss']:.4f} {rates}", True)
                     else:
                         bar.update(step, f"loss {total_loss.item():.4f}")
                     if spec.eval.every and step % spec.eval.every == 0 and step < total:
                         emit("on_eval", step, run_eval(parts))
                     every = spec.train.checkpoint_every
-                    if (every and step % every == 0) or step == stage_end:
+                    due = (every and step % every == 0) or step == stage_end
+                    if due and step == total and not keep_final and stop.signum is None:
+                        # student/ is the product; a non-finite one is still refused
+                        _save(save_checkpoint, step, stage_index, optimizer, write=False)
+                    elif due:
                         saved = _save(save_checkpoint, step, stage_index, optimizer)
                     elif stop.signum is not None:
                         saved = _save(
@@ -281,6 +303,7 @@ def train(
             "eval": eval_record,
             "wall_seconds": train_seconds,
             "tokens_per_s": tokens_seen / train_seconds if train_seconds else None,
+            "loss_tokens_per_s": loss_tokens_seen / train_seconds if train_seconds else None,
             "student_parameters": count_parameters(parts.student),
             "teacher_parameters": [t.num_parameters for t in parts.teachers],
             "trainable_parameters": sum(
@@ -293,6 +316,18 @@ def train(
         }
         emit("on_end", summary)
     return summary
+
+
+def learns_beside_student(parts: Parts) -> bool:
+    """Whether the run has parameters outside the student (a learnable aggregator or loss):
+    student/ does not hold them, so the final checkpoint is kept whatever
+    ``train.final_checkpoint`` says (``kdcore.open_run`` reads them from it)."""
+    aggregator = getattr(parts.trainable, "aggregator", None)
+    fixed = isinstance(aggregator, Learnable) and not aggregator.learnable  # never trains
+    return any(
+        not k.startswith("student.") and not (fixed and k.startswith("aggregator."))
+        for k, _ in tree_flatten(parts.trainable.parameters())
+    )
 
 
 def peak_rss_bytes() -> int:

@@ -20,7 +20,7 @@ from kdcore.engine.build import Parts, build_parts
 from kdcore.engine.loop import stages
 from kdcore.errors import CheckpointError
 from kdcore.io import TEMPORARY, atomic_path, read_json, remove_temporaries, write_json
-from kdcore.models.io import save_model
+from kdcore.models.io import load_model, save_model
 from kdcore.models.quantize import summary as quantize_summary
 from kdcore.models.save import save_student as save_special_student
 from kdcore.protocols import HasState
@@ -43,6 +43,7 @@ _UNHASHED_TRAIN = (
     "steps",
     "checkpoint_every",
     "keep_checkpoints",
+    "final_checkpoint",
     "log_every",
     "fused_loss",
     "checkpoint_layers",
@@ -294,10 +295,24 @@ class RunDir:
         unfinished run stopped before its first checkpoint)."""
         root = out / "checkpoints"
         latest = ckpt.latest_checkpoint(root)
+        finished = self.parts.dp.is_main and (out / "summary.json").exists()
         if latest is not None:
-            return self._restore(latest)
-        if self.parts.dp.is_main and (out / "summary.json").exists():
-            raise CheckpointError(f"--resume: {out} holds a finished run but no checkpoint")
+            restored = self._restore(latest)
+            if finished and restored["step"] < _finished_at(out):
+                # It finished past this checkpoint without a final one: the steps between
+                # are trained again (the same trajectory), so say why it takes longer.
+                print(
+                    f"note: {out} finished without a final checkpoint "
+                    f"(train.final_checkpoint = false); resuming from step {restored['step']}",
+                    file=sys.stderr,
+                )
+            return restored
+        if finished:
+            raise CheckpointError(
+                f"--resume: {out} holds a finished run but no checkpoint to continue from "
+                "(train.final_checkpoint = false keeps none at the end): start a new run, or "
+                "set train.final_checkpoint = true in runs you mean to extend"
+            )
         return None
 
     def _write_start(self, out: Path, resume: bool) -> None:
@@ -374,9 +389,21 @@ class RunDir:
                     extra[f"teacher.{i}.{key}"] = value
         return extra
 
-    def save_checkpoint(self, step: int, stage_index: int, optimizer, reason: str | None = None):
+    def save_checkpoint(
+        self,
+        step: int,
+        stage_index: int,
+        optimizer,
+        reason: str | None = None,
+        write: bool = True,
+    ):
+        """Write the checkpoint of ``step``; ``write`` False only checks that it could be
+        written (every array finite), for the end of a run that keeps no final checkpoint."""
         parts = self.parts
         root = self.out / "checkpoints"
+        if not write:
+            ckpt.check_finite(root, parts.trainable.parameters(), {}, {})
+            return None
         if not parts.dp.is_main:
             # the same refusal on every process, though only rank 0 writes
             ckpt.check_finite(root, parts.trainable.parameters(), optimizer.state, {})
@@ -460,6 +487,12 @@ def open_run(run_dir: str | Path) -> Parts:
     run_dir = Path(run_dir)
     parts = build_parts(load_run_spec(run_dir))
     latest = ckpt.latest_checkpoint(run_dir / "checkpoints")
+    end = _finished_at(run_dir) if (run_dir / "summary.json").exists() else None
+    if end is not None and (latest is None or _step_number(latest) < end):
+        # finished without a final checkpoint (train.final_checkpoint = false, and nothing
+        # learnt beside the student): the trained weights are student/'s
+        _load_saved_student(parts, run_dir / "student")
+        return parts
     if latest is None:
         raise CheckpointError(f"{run_dir}/checkpoints has no checkpoint to read weights from")
     _state, trainable, _opt, _extra = ckpt.load_checkpoint(latest)
@@ -472,6 +505,35 @@ def open_run(run_dir: str | Path) -> Parts:
             module.load_weights(items, strict=True)
     mx.eval(parts.trainable.parameters())
     return parts
+
+
+def _load_saved_student(parts: Parts, folder: Path) -> None:
+    """The run's student given the weights saved in ``folder`` (its ``student/``)."""
+    from mlx.utils import tree_flatten
+
+    try:
+        saved = load_model(folder)[0]
+        parts.student.load_weights(list(tree_flatten(saved.parameters())), strict=True)
+    except (CheckpointError, ValueError) as exc:
+        raise CheckpointError(
+            f"{folder} does not hold the student as the run builds it ({exc}), and the run "
+            "kept no final checkpoint: rerun it with train.final_checkpoint = true to open it"
+        ) from None
+    mx.eval(parts.student.parameters())
+
+
+def _step_number(checkpoint: Path) -> int:
+    match = ckpt.NAME.match(checkpoint.name)  # latest_checkpoint returns step-N folders only
+    return int(match.group(1)) if match else 0
+
+
+def _finished_at(out: Path) -> int:
+    """The step a finished run's ``summary.json`` says it ended at (0 when unreadable)."""
+    try:
+        steps = read_json(out / "summary.json", "run summary").get("steps")
+    except (CheckpointError, AttributeError):
+        return 0
+    return steps if isinstance(steps, int) else 0
 
 
 def _truncate_metrics(path: Path, step: int) -> None:

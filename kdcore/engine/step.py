@@ -4,7 +4,7 @@ terms -> gradients of everything that learns. Plain functions over the built par
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import attrs
 import mlx.core as mx
@@ -148,8 +148,17 @@ def loss_terms(parts: Parts, trainable: Trainable, batch, signals, step: int):
     return total, terms, metrics
 
 
+class TokenCounts(NamedTuple):
+    """What a step ran on: ``tokens``, every position of every row the student read
+    (padding included: the work done), and ``loss_tokens``, the positions that carry loss."""
+
+    tokens: int
+    loss_tokens: int
+
+
 def gradients(parts: Parts, step: int):
-    """(total, terms, metrics, grads, loss tokens) of step ``step``, over its micro-batches."""
+    """(total, terms, metrics, grads, :class:`TokenCounts`) of step ``step``, over its
+    micro-batches."""
     accum = parts.spec.train.grad_accum
 
     def objective(trainable, batch, signals, step):
@@ -157,7 +166,8 @@ def gradients(parts: Parts, step: int):
         return total, (terms, metrics)
 
     loss_and_grad = nn.value_and_grad(parts.trainable, objective)
-    grads_sum, total_sum, terms_sum, metrics_sum, ntok = None, 0.0, {}, {}, 0
+    grads_sum, total_sum, terms_sum, metrics_sum = None, 0.0, {}, {}
+    ntok = TokenCounts(0, 0)
     for micro in range(accum):
         index = step * accum + micro
         rows = parts.dp.shard(parts.dataset.batch(index, parts.spec.train.batch_size))
@@ -167,7 +177,11 @@ def gradients(parts: Parts, step: int):
         evaluate_signals(signals)
         (total, (terms, metrics)), grads = loss_and_grad(parts.trainable, batch, signals, step)
         metrics = {**metrics, **sampling}
-        ntok += int(batch["mask"].sum().item())
+        # the batch as the student read it (on-policy samples included)
+        ntok = TokenCounts(
+            ntok.tokens + int(batch["input_ids"].size),
+            ntok.loss_tokens + int(batch["mask"].sum().item()),
+        )
         if accum == 1:
             return total, terms, metrics, grads, ntok
         mx.eval(total, terms, grads)

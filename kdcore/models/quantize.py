@@ -99,6 +99,13 @@ class QuantizeConfig:
     start: Literal["auto", "teacher", "student"] = "auto"  # what is quantized (module doc)
     teacher: int = attrs.field(default=0, validator=_index)  # for start = "teacher"
 
+    def teacher_model(self, student_loaded: bool) -> int | None:
+        """kdcore.ReadsTeacherModel: the teacher copied before quantizing, as ``_start``
+        decides (``auto`` copies it unless the student was loaded from a folder)."""
+        if self.start == "teacher" or (self.start == "auto" and not student_loaded):
+            return self.teacher
+        return None
+
     @property
     def groups(self) -> int:
         return self.group_size or DEFAULT_GROUP_SIZE[self.mode]

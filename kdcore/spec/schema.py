@@ -165,8 +165,13 @@ class TrainSection:
     stages: list[Stage] = attrs.field(factory=list)
     no_decay: list[str] = attrs.field(factory=lambda: ["norm", "bias"])
     log_every: int = attrs.field(default=10, validator=positive)
-    checkpoint_every: int = attrs.field(default=0, validator=non_negative)  # 0: only at the end
+    checkpoint_every: int = attrs.field(default=0, validator=non_negative)  # 0: none on the way
     keep_checkpoints: int = attrs.field(default=2, validator=positive)
+    # The resumable state (weights and optimizer, ~3x the student) at the last step too:
+    # off, a finished run leaves student/ alone, and --resume cannot extend it past its
+    # newest earlier checkpoint. Kept anyway when the run learns parameters outside the
+    # student (a learnable aggregator or loss): student/ does not hold those.
+    final_checkpoint: bool = False
     # Token losses that declare rows run fused with the output heads, never holding
     # [tokens, vocab] logits; false runs every loss on full logits (the reference path).
     fused_loss: bool = True

@@ -81,6 +81,7 @@ def test_ema_self_distillation_resumes_exactly(spec_for, tmp_path):
     spec = spec_for(losses, steps=4, teachers=[{"source": "ema", "params": {"decay": 0.5}}])
     spec["train"]["checkpoint_every"] = 2
     spec["train"]["keep_checkpoints"] = 5
+    spec["train"]["final_checkpoint"] = True  # the EMA state at the end is compared below
     whole = tmp_path / "whole"
     kdcore.distill(spec, output=whole, progress=False)
 
