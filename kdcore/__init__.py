@@ -13,20 +13,16 @@ from kdcore.data.datasets import Dataset, open_text, read_jsonl, resolve_tokeniz
 from kdcore.engine.distill import distill
 from kdcore.engine.evaluate import evaluate
 from kdcore.engine.loop import RunInfo
+from kdcore.engine.onpolicy import sample_continuations
 from kdcore.engine.rundir import load_run_spec, open_run
 from kdcore.errors import CheckpointError, KdError, NonFiniteLossError, RegistryError, SpecError
 from kdcore.io import atomic_path, load_arrays, read_json, save_arrays, write_json
-from kdcore.kernels.divergence import KINDS as DIVERGENCES
-from kdcore.kernels.divergence import TAILS as TAIL_POLICIES
-from kdcore.kernels.divergence import (
-    chunked_token_mean,
-    dense_divergence,
-    map_rows,
-    sparse_divergence,
-    teacher_support,
-    token_divergence,
-    topk_sorted,
-)
+from kdcore.kernels.chunked import chunked_token_mean, map_rows
+from kdcore.kernels.divergence import dense_divergence, sparse_divergence, token_divergence
+from kdcore.kernels.kinds import KINDS as DIVERGENCES
+from kdcore.kernels.native import install_registered_kernels
+from kdcore.kernels.support import TAILS as TAIL_POLICIES
+from kdcore.kernels.support import teacher_support, topk_sorted
 from kdcore.losses.inputs import LossInputs, StepContext
 from kdcore.losses.rows import RowLoss, Rows, cross_entropy_rows, rows_on_logits, teacher_rows
 from kdcore.losses.tokens import IGNORE_INDEX, log_softmax, masked_mean, token_cross_entropy
@@ -59,6 +55,7 @@ from kdcore.registry.manager import get_registry, hookimpl, use_builtins
 from kdcore.registry.setup import Setup
 from kdcore.signal.mixture import mixture
 from kdcore.signal.teacher import TeacherSignal, dense_signal
+from kdcore.spec import validators
 from kdcore.spec.build import build, make_config
 from kdcore.spec.load import load_spec, read_config, to_plain
 from kdcore.spec.schedules import Schedule, value_at
@@ -133,6 +130,7 @@ __all__ = [
     "load_spec",
     "read_config",
     "to_plain",
+    "validators",
     "value_at",
     # models, tokenizers, data
     "ByteTokenizer",
@@ -142,6 +140,8 @@ __all__ = [
     "count_parameters",
     "fingerprint",
     "generate",
+    "install_registered_kernels",
+    "sample_continuations",
     "load_model",
     "load_tokenizer",
     "open_text",

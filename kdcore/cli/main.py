@@ -17,15 +17,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     registry = get_registry()
     strict = os.environ.get("KD_STRICT_PLUGINS") == "1"
-    # One implementation at a time: a plugin whose hook raises loses its own commands only.
-    for impl in reversed(registry.pm.hook.kd_add_commands.get_hookimpls()):
-        try:
-            impl.function(subparsers=sub)
-        except Exception as exc:
-            dist = registry.distribution_of(impl.plugin)
-            message = f"plugin {impl.plugin_name!r} from {dist}: kd_add_commands raised {exc!r}"
+    # One plugin at a time: a plugin whose hook raises loses its own commands only.
+    for plugin, outcome in registry.each("kd_add_commands", subparsers=sub):
+        if isinstance(outcome, Exception):
+            name, dist = registry.pm.get_name(plugin), registry.distribution_of(plugin)
+            message = f"plugin {name!r} from {dist}: kd_add_commands raised {outcome!r}"
             if strict:
-                raise RegistryError(message) from exc
+                raise RegistryError(message) from outcome
             print(f"warning: {message}; its commands are missing", file=sys.stderr)
     return parser
 

@@ -22,17 +22,8 @@ import numpy as np
 from kdcore.errors import SpecError
 from kdcore.hub import resolve_data_path, resolve_tokenizer_dir
 from kdcore.losses.tokens import IGNORE_INDEX
+from kdcore.spec import validators
 from kdcore.tokenizers.simple import ByteTokenizer, CharTokenizer, load_tokenizer
-
-
-def _fraction(_instance, attribute, value):
-    if not 0.0 <= value < 1.0:
-        raise ValueError(f"{attribute.name} must be in [0, 1), got {value}")
-
-
-def _positive(_instance, attribute, value):
-    if value <= 0:
-        raise ValueError(f"{attribute.name} must be > 0, got {value}")
 
 
 def resolve_tokenizer(
@@ -226,8 +217,10 @@ def _windows(tokens: np.ndarray, seq_len: int) -> dict[str, np.ndarray]:
 class TextConfig:
     path: str
     tokenizer: str = "byte"
-    seq_len: int = attrs.field(default=128, validator=_positive)
-    val_fraction: float = attrs.field(default=0.1, validator=_fraction)
+    seq_len: int = attrs.field(default=128, validator=validators.positive)
+    val_fraction: float = attrs.field(
+        default=0.1, validator=[validators.number, validators.fraction]
+    )
     max_chars: int | None = None
 
 
@@ -257,8 +250,10 @@ class JsonlConfig:
     prompt_key: str = "prompt"
     response_key: str = "response"
     tokenizer: str = "byte"
-    seq_len: int = attrs.field(default=256, validator=_positive)
-    val_fraction: float = attrs.field(default=0.1, validator=_fraction)
+    seq_len: int = attrs.field(default=256, validator=validators.positive)
+    val_fraction: float = attrs.field(
+        default=0.1, validator=[validators.number, validators.fraction]
+    )
     separator: str = ""
     max_records: int | None = None
 

@@ -27,25 +27,16 @@ from mlx.utils import tree_flatten
 
 from kdcore.errors import SpecError
 from kdcore.io import save_arrays, write_json
+from kdcore.spec.validators import fraction, number, positive
 
 ADAPTER_LEAVES = ("lora_a", "lora_b", "m")  # "m": DoRA's magnitude
 
 
-def _positive(_instance, attribute, value):
-    if value <= 0:
-        raise ValueError(f"{attribute.name} must be > 0, got {value}")
-
-
-def _probability(_instance, attribute, value):
-    if not 0.0 <= value < 1.0:
-        raise ValueError(f"{attribute.name} must be in [0, 1), got {value}")
-
-
 @attrs.define
 class LoraConfig:
-    rank: int = attrs.field(default=8, validator=_positive)
+    rank: int = attrs.field(default=8, validator=positive)
     scale: float = 20.0  # mlx-lm's default; the update is scale * (x A) B
-    dropout: float = attrs.field(default=0.0, validator=_probability)
+    dropout: float = attrs.field(default=0.0, validator=[number, fraction])
     num_layers: int = -1  # the last N decoder layers get adapters; -1: all
     keys: list[str] | None = None  # module paths inside a layer; default: every linear
     dora: bool = False  # weight-decomposed LoRA (mlx-lm's DoRALinear)

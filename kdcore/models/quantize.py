@@ -36,6 +36,7 @@ from mlx.utils import tree_flatten, tree_map_with_path
 
 from kdcore.errors import CheckpointError, SpecError
 from kdcore.io import load_arrays, read_json, save_arrays, write_json
+from kdcore.spec.validators import non_negative
 
 MODES = ("affine", "mxfp4", "mxfp8", "nvfp4")
 # The group size each mode defaults to (mx.quantize's table of quantization modes).
@@ -85,11 +86,6 @@ def _patterns(instance, attribute, value) -> None:
             raise ValueError(f"skip must hold regexes: {pattern!r}: {exc}") from None
 
 
-def _index(instance, attribute, value) -> None:
-    if value < 0:
-        raise ValueError(f"{attribute.name} must be >= 0, got {value}")
-
-
 @attrs.define
 class QuantizeConfig:
     bits: int = attrs.field(default=4, validator=_bits)  # 2..8, as the mode allows
@@ -97,7 +93,7 @@ class QuantizeConfig:
     mode: Literal["affine", "mxfp4", "mxfp8", "nvfp4"] = "affine"  # as mx.quantize takes it
     skip: list[str] = attrs.field(factory=list, validator=_patterns)  # re.search on layer paths
     start: Literal["auto", "teacher", "student"] = "auto"  # what is quantized (module doc)
-    teacher: int = attrs.field(default=0, validator=_index)  # for start = "teacher"
+    teacher: int = attrs.field(default=0, validator=non_negative)  # for start = "teacher"
 
     def teacher_model(self, student_loaded: bool) -> int | None:
         """kdcore.ReadsTeacherModel: the teacher copied before quantizing, as ``_start``
@@ -165,9 +161,9 @@ def _dense(layer: nn.Module) -> mx.array:
 
 class TrainQuantizedLinear(nn.QuantizedLinear):
     """``nn.QuantizedLinear`` (same parameters, same saved tensors) whose product runs as
-    ``x @ dequantize(W).T`` on the CPU: there MLX's quantized matmul is about 7x slower
-    than the BLAS product and its gradient with respect to the scales about 10x (MLX 0.32,
-    measured at 1024 x 192 x 512); on a GPU the quantized kernel runs."""
+    ``x @ dequantize(W).T`` on the CPU: there MLX's quantized matmul, and its gradient with
+    respect to the scales, run several times slower than the BLAS product of the dequantized
+    weight; on a GPU the quantized kernel runs."""
 
     def __call__(self, x: mx.array) -> mx.array:
         if not _on_cpu():

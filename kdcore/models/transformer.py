@@ -18,17 +18,13 @@ import mlx.nn as nn
 
 from kdcore.models.checkpoint import checkpointed
 from kdcore.models.output import ModelOutput, plain_head
-from kdcore.spec.schedules import Schedule
-from kdcore.spec.schema import positive
+from kdcore.spec.validators import number, positive
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 
 
-def _size(instance, attribute, value) -> None:
-    """A size: > 0, and a plain number (a model's shape cannot follow a schedule)."""
-    if isinstance(value, Schedule):
-        raise ValueError(f"{attribute.name} must be a number, not a schedule")
-    positive(instance, attribute, value)
+# A size: > 0, and a plain number (a model's shape cannot follow a schedule).
+_size = [number, positive]
 
 
 @attrs.define

@@ -41,12 +41,14 @@ REQUIREMENTS = frozenset(
 )
 
 # Properties a component may declare; the conformance kit tests the ones that are declared.
+# What a component's ``requires`` names when it reads the teachers' signal.
+TEACHER_NEEDS = frozenset({"teacher", "dense_teacher"})
+
 PROPERTIES = frozenset(
     {
         "zero_at_identity",  # loss is 0 when student and teacher distributions are equal
         "shift_invariant",  # loss is unchanged when a constant is added to the logits
         "sparse_ok",  # loss works from a top-k teacher signal
-        "fused",  # loss declares rows: runs fused with the output heads (kdcore.Rows)
         "monotone_increasing",  # scheduler: never decreases with step
         "monotone_decreasing",  # scheduler: never increases with step
     }
@@ -58,6 +60,12 @@ _NAME = re.compile(r"^[a-z][a-z0-9_\-]*$")
 @attrs.define(frozen=True)
 class NoConfig:
     """Config of a component that takes no parameters."""
+
+
+def _properties(values: Any) -> frozenset[str]:
+    """Declared properties; "fused" is dropped: whether a loss runs fused is read from its
+    rows (``kdcore.DeclaresRows``), never declared (older plugins still name it)."""
+    return frozenset(values) - {"fused"}
 
 
 @attrs.frozen
@@ -79,7 +87,7 @@ class Component:
     factory: Callable[..., Any]
     config: type = NoConfig
     requires: frozenset[str] = attrs.field(default=frozenset(), converter=frozenset)
-    properties: frozenset[str] = attrs.field(default=frozenset(), converter=frozenset)
+    properties: frozenset[str] = attrs.field(default=frozenset(), converter=_properties)
     doc: str = ""
 
     @name.validator

@@ -7,17 +7,14 @@ import math
 
 import attrs
 
-
-def _nonneg(_instance, attribute, value):
-    if value is not None and value < 0:
-        raise ValueError(f"{attribute.name} must be >= 0, got {value}")
+from kdcore.spec.validators import non_negative
 
 
 @attrs.define(kw_only=True)
 class _Common:
-    warmup: int = attrs.field(default=0, validator=_nonneg)
+    warmup: int = attrs.field(default=0, validator=non_negative)
     warmup_start: float = 0.0
-    steps: int | None = attrs.field(default=None, validator=_nonneg)  # default: the run's
+    steps: int | None = attrs.field(default=None, validator=non_negative)  # default: the run's
 
 
 @attrs.define(kw_only=True)

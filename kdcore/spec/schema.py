@@ -9,23 +9,11 @@ from typing import Any
 
 import attrs
 
-from kdcore.spec.schedules import Schedule
+from kdcore.spec.validators import fraction, in_range, non_negative, positive, unit_interval
 
-# Range validators. Their errors begin with the field's name ("steps must be > 0"), which
-# kdcore.spec.convert.structure_errors turns into the field's path ($.train.steps). Non-finite
-# floats never get here: the converter refuses them. A schedule is checked where it is used.
-
-
-def positive(_instance, attribute, value) -> None:
-    """``value > 0`` (None and schedules pass)."""
-    if value is not None and not isinstance(value, Schedule) and not value > 0:
-        raise ValueError(f"{attribute.name} must be > 0, got {value}")
-
-
-def non_negative(_instance, attribute, value) -> None:
-    """``value >= 0`` (None and schedules pass)."""
-    if value is not None and not isinstance(value, Schedule) and not value >= 0:
-        raise ValueError(f"{attribute.name} must be >= 0, got {value}")
+# Range validators come from kdcore.spec.validators; their errors begin with the field's name
+# ("steps must be > 0"), which kdcore.spec.convert.structure_errors turns into the field's
+# path ($.train.steps). The ones below are this file's own.
 
 
 def _seed(_instance, attribute, value) -> None:
@@ -113,23 +101,6 @@ class Stage:
     lr: float | None = attrs.field(default=None, validator=non_negative)
 
 
-def _fraction(_instance, attribute, value) -> None:
-    """``0 <= value <= 1`` (schedules pass)."""
-    if not isinstance(value, Schedule) and not 0.0 <= value <= 1.0:
-        raise ValueError(f"{attribute.name} must be in [0, 1], got {value}")
-
-
-def _top_p(_instance, attribute, value) -> None:
-    if not isinstance(value, Schedule) and not 0.0 < value <= 1.0:
-        raise ValueError(f"{attribute.name} must be in (0, 1], got {value}")
-
-
-def _mix(_instance, attribute, value) -> None:
-    # alpha = 1 would sample from the teacher alone: that is sequence-level KD (kd sample)
-    if not isinstance(value, Schedule) and not 0.0 <= value < 1.0:
-        raise ValueError(f"{attribute.name} must be in [0, 1), got {value}")
-
-
 def _token_ids(_instance, attribute, value) -> None:
     if value is not None and any(t < 0 for t in value):
         raise ValueError(f"{attribute.name} must hold token ids >= 0, got {value}")
@@ -141,14 +112,15 @@ class OnPolicySection:
     ``lmbda`` of batches is the student's own continuations of the batch's prompts, which
     the teachers score and every token loss learns from."""
 
-    lmbda: float = attrs.field(default=0.0, validator=_fraction)  # 0: off (the default)
+    lmbda: float = attrs.field(default=0.0, validator=unit_interval)  # 0: off (the default)
     max_new_tokens: int = attrs.field(default=64, validator=positive)
     temperature: float = attrs.field(default=1.0, validator=positive)
-    top_p: float = attrs.field(default=1.0, validator=_top_p)
+    top_p: float = attrs.field(default=1.0, validator=in_range(0.0, 1.0, low_open=True))
     # None: the tokenizer's end-of-sequence token, if it has one; [] never stops early
     stop_tokens: list[int] | None = attrs.field(default=None, validator=_token_ids)
-    # sample from (1 - a) q + a p (MiniLLM's teacher-mixed sampling); 0: the student alone
-    teacher_mix_alpha: float = attrs.field(default=0.0, validator=_mix)
+    # sample from (1 - a) q + a p (MiniLLM's teacher-mixed sampling); 0: the student alone;
+    # a = 1 would sample from the teacher alone: that is sequence-level KD (kd sample)
+    teacher_mix_alpha: float = attrs.field(default=0.0, validator=fraction)
     # the prompt of a row whose dataset has none (every token carries loss): its first tokens
     prompt_length: int = attrs.field(default=16, validator=positive)
 

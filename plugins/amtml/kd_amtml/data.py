@@ -9,17 +9,7 @@ from typing import Any
 import attrs
 import numpy as np
 
-from kdcore import Dataset, open_text, resolve_tokenizer
-
-
-def _fraction(_instance, attribute, value):
-    if not 0.0 <= value < 1.0:
-        raise ValueError(f"{attribute.name} must be in [0, 1), got {value}")
-
-
-def _positive(_instance, attribute, value):
-    if value <= 0:
-        raise ValueError(f"{attribute.name} must be > 0, got {value}")
+from kdcore import Dataset, open_text, resolve_tokenizer, validators
 
 
 @attrs.define
@@ -27,8 +17,10 @@ class MixtureConfig:
     paths: list[str]  # one UTF-8 text file (or .gz) per domain; domain id = position
     names: list[str] = attrs.field(factory=list)  # domain names (default: the file stems)
     tokenizer: str = "byte"
-    seq_len: int = attrs.field(default=128, validator=_positive)
-    val_fraction: float = attrs.field(default=0.1, validator=_fraction)
+    seq_len: int = attrs.field(default=128, validator=validators.positive)
+    val_fraction: float = attrs.field(
+        default=0.1, validator=[validators.number, validators.fraction]
+    )
     max_chars: int | None = None  # per file
     balance: bool = True  # equal number of windows per domain in each split
 

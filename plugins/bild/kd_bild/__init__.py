@@ -19,7 +19,7 @@ __all__ = [
     "plain_bild",
 ]
 
-_PROPERTIES = {"zero_at_identity", "shift_invariant", "sparse_ok", "fused"}
+_PROPERTIES = {"zero_at_identity", "shift_invariant", "sparse_ok"}
 
 
 @kdcore.hookimpl

@@ -28,23 +28,7 @@ import mlx.core as mx
 import numpy as np
 
 import kdcore
-from kdcore import Schedule
-
-
-def _positive_int(_instance, attribute, value) -> None:
-    if value < 1:
-        raise ValueError(f"{attribute.name} must be >= 1, got {value}")
-
-
-def _positive_number(_instance, attribute, value) -> None:
-    if not isinstance(value, Schedule) and value <= 0:
-        raise ValueError(f"{attribute.name} must be > 0, got {value}")
-
-
-def _non_negative(_instance, attribute, value) -> None:
-    if not isinstance(value, Schedule) and value < 0:
-        raise ValueError(f"{attribute.name} must be >= 0, got {value}")
-
+from kdcore import validators
 
 # ---------------------------------------------------------------- BiLD mathematics
 
@@ -217,9 +201,9 @@ class BildConfig:
     """``top_k`` logits per leader (k(k-1)/2 pairs) at ``temperature`` (schedulable);
     ``prompt_kl``: weight of the official code's prompt-token KL (schedulable, 0 = off)."""
 
-    top_k: int = attrs.field(default=8, validator=_positive_int)
-    temperature: float = attrs.field(default=3.0, validator=_positive_number)
-    prompt_kl: float = attrs.field(default=0.0, validator=_non_negative)
+    top_k: int = attrs.field(default=8, validator=validators.at_least(1))
+    temperature: float = attrs.field(default=3.0, validator=validators.positive)
+    prompt_kl: float = attrs.field(default=0.0, validator=validators.non_negative)
 
 
 def prompt_positions(mask: mx.array) -> mx.array:
@@ -285,9 +269,9 @@ def bild(config: BildConfig, setup=None):
 class BidirectionalConfig:
     """``T^2 (forward_weight KL(p||q) + reverse_weight KL(q||p))``; weights schedulable."""
 
-    temperature: float = attrs.field(default=2.0, validator=_positive_number)
-    forward_weight: float = attrs.field(default=0.5, validator=_non_negative)
-    reverse_weight: float = attrs.field(default=0.5, validator=_non_negative)
+    temperature: float = attrs.field(default=2.0, validator=validators.positive)
+    forward_weight: float = attrs.field(default=0.5, validator=validators.non_negative)
+    reverse_weight: float = attrs.field(default=0.5, validator=validators.non_negative)
     tail: Literal["renormalize", "tail-bucket"] = "renormalize"
 
 

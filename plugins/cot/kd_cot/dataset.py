@@ -29,17 +29,7 @@ import numpy as np
 from kd_cot.evaluator import check_annotations
 from kd_cot.records import RationaleRecord, read_records
 from kd_cot.templates import Template, TemplateError, get_template
-from kdcore import IGNORE_INDEX, Dataset, SpecError, resolve_tokenizer
-
-
-def _fraction(_instance, attribute, value):
-    if not 0.0 <= value < 1.0:
-        raise ValueError(f"{attribute.name} must be in [0, 1), got {value}")
-
-
-def _positive_or_none(_instance, attribute, value):
-    if value is not None and value <= 0:
-        raise ValueError(f"{attribute.name} must be > 0, got {value}")
+from kdcore import IGNORE_INDEX, Dataset, SpecError, resolve_tokenizer, validators
 
 
 def _templates(_instance, attribute, value):
@@ -64,8 +54,10 @@ class RationaleConfig:
     program_template: str = "program"  # program-of-thought records in rationale templates
     annotations: Literal["keep", "strip"] = "keep"
     tokenizer: str = "byte"
-    seq_len: int | None = attrs.field(default=None, validator=_positive_or_none)  # None: longest
-    val_fraction: float = attrs.field(default=0.1, validator=_fraction)
+    seq_len: int | None = attrs.field(default=None, validator=validators.positive)  # None: longest
+    val_fraction: float = attrs.field(
+        default=0.1, validator=[validators.number, validators.fraction]
+    )
     max_records: int | None = None
     question_key: str = "question"
     rationale_key: str = "rationale"

@@ -71,28 +71,23 @@ from kdcore import (
     read_config,
     read_jsonl,
     to_plain,
+    validators,
     write_json,
 )
 
-
-def _positive(_instance, attribute, value):
-    if value <= 0:
-        raise ValueError(f"{attribute.name} must be > 0, got {value}")
-
-
-def _unit(_instance, attribute, value):
-    if not 0.0 <= value <= 1.0:
-        raise ValueError(f"{attribute.name} must be in [0, 1], got {value}")
+# Read once, when sampling starts: a schedule is refused.
+_unit = [validators.number, validators.unit_interval]
 
 
 @attrs.define
 class SamplingConfig:
-    n: int = attrs.field(default=4, validator=_positive)
+    n: int = attrs.field(default=4, validator=validators.positive)
     temperature: float = 0.7
     top_p: float = attrs.field(default=0.95, validator=_unit)
-    max_new_tokens: int = attrs.field(default=256, validator=_positive)
-    batch_size: int = attrs.field(default=64, validator=_positive)
-    chunk: int = attrs.field(default=16, validator=_positive)  # tokens between "done?" checks
+    max_new_tokens: int = attrs.field(default=256, validator=validators.positive)
+    batch_size: int = attrs.field(default=64, validator=validators.positive)
+    # tokens between "done?" checks
+    chunk: int = attrs.field(default=16, validator=validators.positive)
 
 
 @attrs.define

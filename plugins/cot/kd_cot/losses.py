@@ -29,7 +29,14 @@ from __future__ import annotations
 import attrs
 import mlx.core as mx
 
-from kdcore import LossInputs, log_softmax, masked_mean, teacher_support, token_cross_entropy
+from kdcore import (
+    LossInputs,
+    log_softmax,
+    masked_mean,
+    teacher_support,
+    token_cross_entropy,
+    validators,
+)
 
 # ---------------------------------------------------------------- cot
 
@@ -106,14 +113,9 @@ def cot_loss(config: CotConfig, setup=None):
 # ---------------------------------------------------------------- step_by_step
 
 
-def _unit(_instance, attribute, value):
-    if isinstance(value, (int, float)) and not 0.0 <= value <= 1.0:
-        raise ValueError(f"{attribute.name} must be in [0, 1], got {value}")
-
-
 @attrs.define
 class StepByStepConfig:
-    alpha: float = attrs.field(default=0.5, validator=_unit)
+    alpha: float = attrs.field(default=0.5, validator=validators.unit_interval)
     predict_task: int = 0
     explain_task: int = 1
 

@@ -6,7 +6,7 @@ from kd_hinton.losses import HintonConfig, SelectiveConfig, hinton, selective
 
 __all__ = ["EmaConfig", "EmaTeacher", "HintonConfig", "SelectiveConfig", "hinton", "selective"]
 
-_PROPERTIES = {"zero_at_identity", "shift_invariant", "sparse_ok", "fused"}
+_PROPERTIES = {"zero_at_identity", "shift_invariant", "sparse_ok"}
 
 
 @kdcore.hookimpl

@@ -16,19 +16,14 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map
 
-from kdcore import Schedule, TeacherSignal, count_parameters, value_at
-
-
-def _decay(_instance, attribute, value) -> None:
-    if not isinstance(value, Schedule) and not 0.0 <= value <= 1.0:
-        raise ValueError(f"{attribute.name} must be in [0, 1], got {value}")
+from kdcore import TeacherSignal, count_parameters, validators, value_at
 
 
 @attrs.define
 class EmaConfig:
     """``decay`` d in [0, 1] (schedulable): 0 copies the student every step, 1 never moves."""
 
-    decay: float = attrs.field(default=0.99, validator=_decay)
+    decay: float = attrs.field(default=0.99, validator=validators.unit_interval)
 
 
 class EmaTeacher:

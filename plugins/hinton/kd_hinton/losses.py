@@ -16,19 +16,9 @@ import mlx.core as mx
 import numpy as np
 
 import kdcore
-from kdcore import Schedule
+from kdcore import validators
 
 Tail = Literal["renormalize", "tail-bucket"]
-
-
-def _non_negative(_instance, attribute, value) -> None:
-    if value < 0:
-        raise ValueError(f"{attribute.name} must be >= 0, got {value}")
-
-
-def _positive_number(_instance, attribute, value) -> None:
-    if not isinstance(value, Schedule) and value <= 0:
-        raise ValueError(f"{attribute.name} must be > 0, got {value}")
 
 
 @attrs.define
@@ -37,8 +27,8 @@ class HintonConfig:
     tokens (``tail`` says how the rest is treated); ``t_squared`` multiplies by T^2 so the
     gradient scale does not shrink as T grows (Hinton et al., section 2)."""
 
-    temperature: float = attrs.field(default=2.0, validator=_positive_number)
-    top_k: int = attrs.field(default=0, validator=_non_negative)
+    temperature: float = attrs.field(default=2.0, validator=validators.positive)
+    top_k: int = attrs.field(default=0, validator=validators.non_negative)
     t_squared: bool = True
     tail: Tail = "renormalize"
 
@@ -82,8 +72,8 @@ class SelectiveConfig:
     """``top_k`` teacher tokens at positions whose teacher entropy (nats, at T = 1) exceeds
     ``min_entropy``; ``temperature``, ``t_squared`` and ``tail`` as in ``hinton``."""
 
-    temperature: float = attrs.field(default=2.0, validator=_positive_number)
-    top_k: int = attrs.field(default=32, validator=_non_negative)
+    temperature: float = attrs.field(default=2.0, validator=validators.positive)
+    top_k: int = attrs.field(default=32, validator=validators.non_negative)
     min_entropy: float = 0.5
     t_squared: bool = True
     tail: Tail = "renormalize"

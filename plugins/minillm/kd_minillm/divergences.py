@@ -26,25 +26,15 @@ from typing import Literal
 import attrs
 
 import kdcore
-from kdcore import Schedule
+from kdcore import validators
 
 Tail = Literal["renormalize", "tail-bucket"]
-_PROPERTIES = {"zero_at_identity", "shift_invariant", "sparse_ok", "fused"}
-
-
-def _positive_number(_instance, attribute, value) -> None:
-    if not isinstance(value, Schedule) and value <= 0:
-        raise ValueError(f"{attribute.name} must be > 0, got {value}")
-
-
-def _unit_interval(_instance, attribute, value) -> None:
-    if not isinstance(value, Schedule) and not 0.0 <= value <= 1.0:
-        raise ValueError(f"{attribute.name} must be in [0, 1], got {value}")
+_PROPERTIES = {"zero_at_identity", "shift_invariant", "sparse_ok"}
 
 
 @attrs.define
 class ReverseKLConfig:
-    temperature: float = attrs.field(default=1.0, validator=_positive_number)
+    temperature: float = attrs.field(default=1.0, validator=validators.positive)
     t_squared: bool = False
     tail: Tail = "tail-bucket"
 
@@ -54,8 +44,8 @@ class SkewKLConfig:
     """``alpha``: the teacher's (``skew_kl``) or student's (``skew_reverse_kl``) share of the
     mixture; DistiLLM's default is 0.1."""
 
-    alpha: float = attrs.field(default=0.1, validator=_unit_interval)
-    temperature: float = attrs.field(default=1.0, validator=_positive_number)
+    alpha: float = attrs.field(default=0.1, validator=validators.unit_interval)
+    temperature: float = attrs.field(default=1.0, validator=validators.positive)
     t_squared: bool = False
     tail: Tail = "tail-bucket"
 
@@ -64,8 +54,8 @@ class SkewKLConfig:
 class GJSDConfig:
     """``beta`` in [0, 1] (schedulable); TRL's GKD default is 0.5."""
 
-    beta: float = attrs.field(default=0.5, validator=_unit_interval)
-    temperature: float = attrs.field(default=1.0, validator=_positive_number)
+    beta: float = attrs.field(default=0.5, validator=validators.unit_interval)
+    temperature: float = attrs.field(default=1.0, validator=validators.positive)
     t_squared: bool = False
     tail: Tail = "tail-bucket"
 

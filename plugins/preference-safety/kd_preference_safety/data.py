@@ -28,19 +28,9 @@ from typing import Any
 import attrs
 import numpy as np
 
-from kdcore import IGNORE_INDEX, Dataset, SpecError, read_jsonl, resolve_tokenizer
+from kdcore import IGNORE_INDEX, Dataset, SpecError, read_jsonl, resolve_tokenizer, validators
 
 HH_MARKER = "\n\nAssistant:"
-
-
-def _positive(_instance: Any, attribute: attrs.Attribute, value: int | None) -> None:
-    if value is not None and value <= 0:
-        raise ValueError(f"{attribute.name} must be > 0, got {value}")
-
-
-def _fraction(_instance: Any, attribute: attrs.Attribute, value: float) -> None:
-    if not 0.0 <= value < 1.0:
-        raise ValueError(f"{attribute.name} must be in [0, 1), got {value}")
 
 
 @attrs.frozen
@@ -200,9 +190,11 @@ def pair_rows(pairs: dict[str, np.ndarray], pair_index: np.ndarray) -> dict[str,
 class PairsConfig:
     path: str
     tokenizer: str = "byte"
-    seq_len: int = attrs.field(default=256, validator=_positive)
-    max_response_tokens: int | None = attrs.field(default=None, validator=_positive)
-    val_fraction: float = attrs.field(default=0.1, validator=_fraction)
+    seq_len: int = attrs.field(default=256, validator=validators.positive)
+    max_response_tokens: int | None = attrs.field(default=None, validator=validators.positive)
+    val_fraction: float = attrs.field(
+        default=0.1, validator=[validators.number, validators.fraction]
+    )
     assistant_marker: str = HH_MARKER
     max_records: int | None = None
 
