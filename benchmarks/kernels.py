@@ -77,19 +77,24 @@ def _mlx(loss: str, part: str, variant: str, tokens: int, vocab: int, repeats: i
     import mlx.core as mx
 
     from kdcore.kernels import divergence as D
+    from kdcore.kernels.chunked import default_chunk_rows
     from kdcore.kernels.fused import cross_entropy_rows
+    from kdcore.kernels.kinds import canonical
+    from kdcore.kernels.native import install_registered_kernels, row_kernel_status
+
+    install_registered_kernels()  # kd-kernels' rows for "native", as a run installs them
 
     s_np, t_np, l_np = _inputs(tokens, vocab)
     s, t, labels = mx.array(s_np), mx.array(t_np), mx.array(l_np)
     del s_np, t_np
     mx.eval(s, t, labels)
-    size = D.default_chunk_rows(vocab)
+    size = default_chunk_rows(vocab)
     if part == "rows":
         if loss == "ce":
             rows_fn, other, factor = cross_entropy_rows(), labels, 1.0
         else:
             kind, temperature, factor = _setting(loss)
-            kind, coef = D.canonical(kind, BETA)
+            kind, coef = canonical(kind, BETA)
             rows_fn, other = D.dense_rows(kind, coef, temperature, temperature), t
         scale = mx.full((tokens, 1), factor / tokens, mx.float32)
 
@@ -116,7 +121,7 @@ def _mlx(loss: str, part: str, variant: str, tokens: int, vocab: int, repeats: i
 
     result = _timed(run, repeats)
     if variant == "native":
-        status = D.row_kernel_status()["cross_entropy" if loss == "ce" else _setting(loss)[0]]
+        status = row_kernel_status()["cross_entropy" if loss == "ce" else _setting(loss)[0]]
         result["kernel"] = status
     return result
 

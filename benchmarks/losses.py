@@ -84,6 +84,9 @@ def _mlx_fn(loss: str, variant: str, t, mask):
     from kd_bild import bild_divergence, plain_bild
 
     from kdcore.kernels import divergence as D
+    from kdcore.kernels.native import install_registered_kernels
+
+    install_registered_kernels()  # "ours" runs kd-kernels' rows where installed, as a run does
 
     T2 = T_KL * T_KL
     if loss == "bild":

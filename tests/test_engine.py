@@ -609,6 +609,7 @@ def test_adam_hands_its_update_to_a_registered_kernel_with_mlxs_roundings(
     import mlx.optimizers as optim
 
     from kdcore.engine.optim import OPTIMIZERS
+    from kdcore.kernels.native import native_kernel
 
     monkeypatch.setenv("KD_DISABLE_PLUGINS", "kd-kernels")  # its "adam" would clash
     monkeypatch.setenv("KD_KERNELS", "native")
@@ -619,13 +620,18 @@ def test_adam_hands_its_update_to_a_registered_kernel_with_mlxs_roundings(
     mlx_class = {"adam": optim.Adam, "adamw": optim.AdamW}[name]
     want = _updated(mlx_class(learning_rate=schedule, **options))
     kernel = _AdamKernel()
+
+    def ours():
+        # built as the engine builds it: with the installed "adam" kernel (None when pure)
+        return OPTIMIZERS[name](learning_rate=schedule, kernel=native_kernel("adam"), **options)
+
     with kdcore.testing.plugins(kernel):
-        got = _updated(OPTIMIZERS[name](learning_rate=schedule, **options))
+        got = _updated(ours())
         assert kernel.calls == 3 * 6  # six float32 parameters, three steps
-        bf16 = _updated(OPTIMIZERS[name](learning_rate=schedule, **options), mx.bfloat16)
+        bf16 = _updated(ours(), mx.bfloat16)
         assert kernel.calls == 3 * 6  # other dtypes: mlx's update
         monkeypatch.setenv("KD_KERNELS", "pure")
-        pure = _updated(OPTIMIZERS[name](learning_rate=schedule, **options))
+        pure = _updated(ours())
         assert kernel.calls == 3 * 6
     assert got.keys() == want.keys()
     for key in want:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-from kdcore.kernels.divergence import KINDS, dense_divergence, plain_divergence
+from kdcore.kernels.divergence import dense_divergence, plain_divergence
 from kdcore.kernels.fused import (
     IGNORE_INDEX,
     Head,
@@ -19,6 +19,7 @@ from kdcore.kernels.fused import (
     fused_token_mean,
     fused_token_terms,
 )
+from kdcore.kernels.kinds import KINDS
 from kdcore.losses.tokens import masked_mean, token_cross_entropy
 from kdcore.models.transformer import Transformer, TransformerConfig
 

@@ -541,6 +541,60 @@ def test_minillm_samples_with_the_core_kv_cached_sampler(corpus, pairs, teacher_
     assert (weights[~sel] == 1).all()
 
 
+def test_the_on_policy_sampler_weighs_prompts_of_different_lengths_as_each_row_alone():
+    """``sample_continuations`` (train.on_policy's and minillm's sampler) with prompts of
+    different lengths, plain (KV cache; one more forward for the weights at top_p < 1) and
+    teacher-mixed (the whole context per token): the layout is ``generate``'s, each
+    generated token's weight ``q_T(y) / b(y)`` is the one read from its row run alone, and
+    the model samples in eval mode and is handed back in its own mode."""
+    from kdcore.engine.onpolicy import sample_continuations
+
+    T, top_p, N, V = 0.7, 0.8, 6, 11
+    mx.random.seed(0)
+    config = kdcore.TransformerConfig(vocab_size=V, dim=16, layers=1, heads=2)
+    student, teacher = kdcore.Transformer(config), kdcore.Transformer(config)
+    prompts = [[1, 2, 3, 4, 5], [6, 7], [8, 9, 10]]
+    W = max(len(p) for p in prompts)
+    modes = []
+
+    def teacher_signal(batch, _student_output):
+        modes.append(student.training)
+        return kdcore.TeacherSignal(vocab_size=V, logits=teacher(batch["input_ids"]).logits)
+
+    def log_softmax(z):
+        z = z - z.max(-1, keepdims=True)
+        return z - np.log(np.exp(z).sum(-1, keepdims=True))
+
+    def top_p_probs(z):
+        filtered = np.array(kdcore.top_p_filter(mx.array(z.astype(np.float32)), top_p))
+        return np.exp(log_softmax(filtered.astype(np.float64)))
+
+    for alpha in (0.0, 0.4):
+        signal = teacher_signal if alpha else None
+        tokens, mask, weights = map(
+            np.array,
+            sample_continuations(
+                student, prompts, N, T, top_p, teacher_signal=signal, teacher_mix_alpha=alpha
+            ),
+        )
+        assert tokens.shape == mask.shape == weights.shape == (len(prompts), W + N)
+        for b, prompt in enumerate(prompts):
+            P = len(prompt)
+            np.testing.assert_array_equal(tokens[b, W - P : W], prompt)
+            assert (mask[b, :W] == 0).all() and (mask[b, W:] == 1).all()  # no stop token
+            assert (weights[b, :W] == 1).all()
+            generated = tokens[b, W:]
+            row = mx.array(np.r_[prompt, generated[:-1]][None].astype(np.int32))
+            s = np.array(student(row).logits, dtype=np.float64)[0, P - 1 :] / T
+            t = np.array(teacher(row).logits, dtype=np.float64)[0, P - 1 :] / T
+            behaviour = (1 - alpha) * top_p_probs(s) + alpha * top_p_probs(t)
+            picked = np.arange(N), generated
+            want = np.exp(log_softmax(s))[picked] / behaviour[picked]
+            np.testing.assert_allclose(weights[b, W:], want, rtol=2e-3)
+    assert len(modes) == N and not any(modes)  # the student sampled in eval mode
+    assert student.training
+
+
 # ---------------------------------------------------------------- docs name what exists
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"

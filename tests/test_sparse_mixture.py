@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kdcore.kernels import divergence
-from kdcore.kernels.divergence import _distinct_support, mixture_support
+from kdcore.kernels.support import _distinct_support, mixture_support
 from kdcore.signal.teacher import TeacherSignal
 
 

@@ -16,7 +16,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from kdcore.kernels.divergence import default_chunk_rows
+from kdcore.kernels.chunked import default_chunk_rows
 from kdcore.losses.tokens import token_cross_entropy
 
 SUMS = ("student_nll", "teacher_nll", "kl", "js", "top1", "top5")

@@ -35,13 +35,14 @@ pads); the rebuilt batch is right-padded instead (pad id 0, mask 0), so that the
 forward, which has no padding mask, sees every row exactly as it would alone: causal
 attention never looks at the pads after a row's last token.
 
-Teacher-mixed sampling (``teacher_mix_alpha = a > 0``, MiniLLM's): each token is drawn from
-``(1 - a) top_p(q_T) + a top_p(p_T)``, with ``p`` the teachers aggregated and aligned as in a
-step. That reads the teachers at every token, on the whole context (one forward of the
-student and of each teacher per token: no KV cache); ``a = 0`` samples with the core sampler
-(:func:`kdcore.models.sampling.generate`, KV-cached for the built-in and mlx-lm models).
-The generated tokens are not importance-weighted: as in GKD, a token loss treats them as
-the data of the step.
+The sampler, :func:`sample_continuations`, is the one ``minillm`` samples with too (in eval
+mode, from the run's MLX random state). Teacher-mixed sampling (``teacher_mix_alpha = a >
+0``, MiniLLM's): each token is drawn from ``(1 - a) top_p(q_T) + a top_p(p_T)``, with ``p``
+the teachers aggregated and aligned as in a step. That reads the teachers at every token, on
+the whole context (one forward of the student and of each teacher per token: no KV cache);
+``a = 0`` samples with the core sampler (:func:`kdcore.models.sampling.generate`, KV-cached
+for the built-in and mlx-lm models). The generated tokens are not importance-weighted here
+(``minillm`` weighs its own): as in GKD, a token loss treats them as the data of the step.
 
 What an on-policy batch holds: ``input_ids``, ``labels`` and ``mask`` only. A loss that needs
 other keys of the dataset's rows (pairs, reasoning masks, ``example_index`` for a top-k
@@ -63,16 +64,18 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Collection, Sequence
+from typing import Any, NamedTuple
 
 import mlx.core as mx
 import numpy as np
 
-from kdcore.errors import SpecError
+from kdcore.errors import KdError, SpecError
 from kdcore.losses.inputs import StepContext
 from kdcore.losses.tokens import IGNORE_INDEX, log_softmax
+from kdcore.models.output import ModelOutput
 from kdcore.models.sampling import generate, top_p_filter
+from kdcore.signal.teacher import TeacherSignal
 from kdcore.spec.schedules import Schedule, value_at
 
 # The key a loss that samples its own batches adds (minillm's SAMPLE_MASK).
@@ -197,6 +200,222 @@ def batch_prompts(parts: Any, rows: dict[str, np.ndarray], index: int, fallback:
 
 # ---------------------------------------------------------------- sampling
 
+# ``StepContext.teacher_signal``: the run's teachers, aggregated and aligned, for a batch.
+TeacherSignalFn = Callable[[dict[str, mx.array], ModelOutput | None], TeacherSignal | None]
+
+
+class Continuations(NamedTuple):
+    """What :func:`sample_continuations` returns, laid out as ``kdcore.generate`` lays out
+    its result (the prompts left-padded to a common width ``P``): ``tokens`` [B, P + N];
+    ``mask`` [B, P + N], 1 on the generated tokens up to and including a row's stop token;
+    ``weights`` [B, P + N], each generated token's importance weight ``q_T(y) / b(y)`` (1
+    elsewhere), or None when not asked for."""
+
+    tokens: mx.array
+    mask: mx.array
+    weights: mx.array | None
+
+
+def sample_continuations(
+    model: Any,
+    prompts: mx.array | Sequence[Sequence[int]],
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    stop_token: int | Collection[int] | None = None,
+    *,
+    teacher_signal: TeacherSignalFn | None = None,
+    teacher_mix_alpha: float = 0.0,
+    weights: bool = True,
+    pad_id: int = PAD_ID,
+    where: str = "",
+) -> Continuations:
+    """The on-policy sampler (``train.on_policy`` and ``minillm``): ``model``'s continuations
+    of ``prompts`` (an array [B, P], or token-id rows of any lengths) by up to
+    ``max_new_tokens`` tokens, ending a row at the first of the ``stop_token`` ids it draws.
+
+    Each token is drawn from ``b = (1 - a) top_p(q_T) + a top_p(p_T)``: ``q_T`` the model at
+    ``temperature``, ``a = teacher_mix_alpha``, ``p_T`` the teachers at ``temperature`` as
+    ``teacher_signal(batch, model_output)`` (``StepContext.teacher_signal``) gives them for
+    the context so far. With ``a = 0`` the tokens come from the core sampler
+    (``kdcore.generate``: KV-cached for the built-in and mlx-lm models); ``a > 0`` reads the
+    teachers at every token, so the model and the teachers run on the whole context per
+    token, the prompts right-padded there, each row reading its own last position (causal
+    attention keeps it blind to the pads after it). ``where``: the spec path that an error
+    about the teachers' vocabulary names.
+
+    ``weights``: ``q_T(y) / b(y)`` with ``q_T`` the whole softmax, read from the sampling
+    forward when mixing, else from one more forward of the result when ``top_p < 1`` (all 1
+    at ``top_p = 1``). The model samples in eval mode (its mode is restored afterwards),
+    with the global MLX random state (the run's).
+    """
+    if teacher_mix_alpha > 0 and teacher_signal is None:
+        raise KdError("teacher-mixed sampling (teacher_mix_alpha > 0) needs a teacher")
+    training = bool(getattr(model, "training", False))
+    if training:
+        model.eval()  # sampling is inference: no dropout (LoRA's, mlx-lm's)
+    try:
+        rows = _prompt_rows(prompts)
+        if teacher_mix_alpha > 0:
+            return _sample_mixed(
+                model,
+                rows,
+                max_new_tokens,
+                temperature,
+                top_p,
+                _stops(stop_token),
+                teacher_signal,
+                teacher_mix_alpha,
+                weights,
+                pad_id,
+                where,
+            )
+        tokens, mask = generate(
+            model, prompts, max_new_tokens, temperature, top_p, stop_token, pad_id=pad_id
+        )
+        if not weights:
+            return Continuations(tokens, mask, None)
+        lengths = [len(r) for r in rows]
+        w = _policy_weights(model, tokens, mask, lengths, temperature, top_p, pad_id)
+        mx.eval(w)
+        return Continuations(tokens, mask, w)
+    finally:
+        if training:
+            model.train()
+
+
+def _prompt_rows(prompts: mx.array | Sequence[Sequence[int]]) -> list[np.ndarray]:
+    if isinstance(prompts, mx.array):
+        return list(np.array(prompts))
+    return [np.asarray(p, dtype=np.int32) for p in prompts]  # as generate pads them
+
+
+def _stops(stop_token: int | Collection[int] | None) -> list[int]:
+    if stop_token is None:
+        return []
+    if isinstance(stop_token, int | np.integer):
+        return [int(stop_token)]
+    return [int(t) for t in stop_token]
+
+
+def _picked(log_probs: mx.array, ids: mx.array) -> mx.array:
+    return mx.take_along_axis(log_probs, ids, axis=-1)
+
+
+def _policy_weights(
+    model: Any,
+    tokens: mx.array,
+    mask: mx.array,
+    lengths: list[int],
+    temperature: float,
+    top_p: float,
+    pad_id: int,
+) -> mx.array:
+    """``q_T(y) / top_p(q_T)(y)`` on the generated tokens of ``tokens`` (left-padded), 1
+    elsewhere: the behaviour of the plain sampler is ``top_p(q_T)``."""
+    ones = mx.ones(tokens.shape, dtype=mx.float32)
+    width = max(lengths)
+    if top_p >= 1.0 or tokens.shape[1] == width:
+        return ones
+    context = tokens[:, :-1]
+    if min(lengths) == width:
+        logits = model(context).logits[:, width - 1 :, :]
+    else:
+        # A plain forward has no padding mask: each row is read right-aligned (its own
+        # positions from 0, the pads after it), where y_j was predicted at len - 1 + j.
+        host = np.array(context)
+        shifted = np.full_like(host, pad_id)
+        for b, n in enumerate(lengths):
+            shifted[b, : host.shape[1] - (width - n)] = host[b, width - n :]
+        at = np.array(lengths)[:, None] - 1 + np.arange(tokens.shape[1] - width)[None, :]
+        logits = model(mx.array(shifted)).logits
+        logits = mx.take_along_axis(logits, mx.array(at)[..., None], axis=1)
+    logits = logits.astype(mx.float32) / temperature
+    y = tokens[:, width:, None]
+    w = mx.exp(
+        _picked(log_softmax(logits), y) - _picked(log_softmax(top_p_filter(logits, top_p)), y)
+    )[..., 0]
+    return mx.concatenate([ones[:, :width], mx.where(mask[:, width:] > 0, w, 1.0)], axis=1)
+
+
+def _sample_mixed(
+    model: Any,
+    rows: list[np.ndarray],
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+    stops: list[int],
+    teacher_signal: TeacherSignalFn,
+    alpha: float,
+    weights: bool,
+    pad_id: int,
+    where: str,
+) -> Continuations:
+    """Teacher-mixed continuations (:func:`sample_continuations` with ``a > 0``)."""
+    B = len(rows)
+    lengths = np.array([len(r) for r in rows])
+    width = int(lengths.max())
+    dtype = rows[0].dtype
+    buffer = np.full((B, width + max(max_new_tokens, 0)), pad_id, dtype)
+    for b, r in enumerate(rows):
+        buffer[b, : len(r)] = r
+    tokens = mx.array(buffer)
+    stop_ids = mx.array(stops, dtype=mx.int32) if stops else None
+    alive = mx.ones((B,), dtype=mx.bool_)
+    made: list[mx.array] = []
+    drawn: list[mx.array] = []
+    mix = (math.log1p(-alpha), math.log(alpha))
+    for n in range(max_new_tokens):
+        ids = tokens[:, : width + n]
+        last = mx.array(lengths - 1 + n)[:, None, None]
+        out = model(ids)
+        logits = mx.take_along_axis(out.logits, last, axis=1)[:, 0, :].astype(mx.float32)
+        logits = logits / temperature
+        log_q = log_softmax(top_p_filter(logits, top_p))
+        batch = {
+            "input_ids": ids,
+            "labels": mx.full(ids.shape, IGNORE_INDEX, dtype=mx.int32),
+            "mask": mx.ones(ids.shape, dtype=mx.float32),
+        }
+        signal = teacher_signal(batch, out)
+        if signal is None:
+            raise KdError("teacher-mixed sampling (teacher_mix_alpha > 0) needs a teacher")
+        teacher = mx.take_along_axis(signal.log_probs(temperature), last, axis=1)[:, 0, :]
+        if teacher.shape[-1] != log_q.shape[-1]:
+            raise SpecError(
+                f"teacher-mixed sampling: the teachers' vocabulary ({teacher.shape[-1]}) is "
+                f"not the student's ({log_q.shape[-1]}); use an aligner that maps them"
+                + (f" @ {where}" if where else "")
+            )
+        log_p = log_softmax(top_p_filter(teacher.astype(mx.float32), top_p))
+        log_b = mx.logaddexp(log_q + mix[0], log_p + mix[1])
+        nxt = mx.random.categorical(log_b, axis=-1)
+        at = mx.array(lengths + n)[:, None]
+        tokens = mx.put_along_axis(tokens, at, nxt[:, None].astype(tokens.dtype), axis=1)
+        made.append(alive)
+        if weights:
+            y = nxt[:, None]
+            w = mx.exp(_picked(log_softmax(logits), y) - _picked(log_b, y))[:, 0]
+            drawn.append(mx.where(alive, w, 1.0))
+        if stop_ids is not None:
+            stopped = (nxt[:, None].astype(mx.int32) == stop_ids[None, :]).any(axis=1)
+            alive = mx.logical_and(alive, mx.logical_not(stopped))
+        mx.eval(tokens, alive, *drawn[-1:])
+        if stop_ids is not None and not alive.any().item():
+            break
+    # back to the plain sampler's layout: prompts left-padded, step j in column width + j
+    steps, host = len(made), np.array(tokens)
+    out_tokens = np.full((B, width + steps), pad_id, dtype)
+    for b, n in enumerate(lengths):
+        out_tokens[b, width - n :] = host[b, : n + steps]
+    gen = mx.zeros((B, width + steps), dtype=mx.float32)
+    w_all = mx.ones((B, width + steps), dtype=mx.float32) if weights else None
+    if steps:
+        gen[:, width:] = mx.stack(made, axis=1).astype(mx.float32)
+        if w_all is not None:
+            w_all[:, width:] = mx.stack(drawn, axis=1)
+    return Continuations(mx.array(out_tokens), gen, w_all)
+
 
 def continue_prompts(
     model: Any,
@@ -205,79 +424,27 @@ def continue_prompts(
     temperature: float = 1.0,
     top_p: float = 1.0,
     stops: Sequence[int] = (),
+    *,
+    teacher_signal: TeacherSignalFn | None = None,
+    teacher_mix_alpha: float = 0.0,
 ) -> list[np.ndarray]:
-    """Each prompt's continuation by ``model`` (the core sampler, KV-cached where the model
-    can): the generated tokens up to and including the first stop token."""
+    """Each prompt's continuation by ``model`` (:func:`sample_continuations`, no importance
+    weights): the generated tokens up to and including the first stop token."""
     width = max(len(p) for p in prompts)
-    tokens, made = generate(
+    tokens, made, _ = sample_continuations(
         model,
         [p.tolist() for p in prompts],
         max_new_tokens,
         temperature,
         top_p,
-        stop_token=list(stops) or None,
-        pad_id=PAD_ID,
+        list(stops) or None,
+        teacher_signal=teacher_signal,
+        teacher_mix_alpha=teacher_mix_alpha,
+        weights=False,
+        where=f"{PATH}.teacher_mix_alpha",
     )
     tokens, made = np.array(tokens)[:, width:], np.array(made)[:, width:]
     return [tokens[b][made[b] > 0].astype(np.int32) for b in range(len(prompts))]
-
-
-def continue_mixed(
-    context: StepContext,
-    prompts: Sequence[np.ndarray],
-    max_new_tokens: int,
-    temperature: float,
-    top_p: float,
-    alpha: float,
-    stops: Sequence[int] = (),
-) -> list[np.ndarray]:
-    """Teacher-mixed continuations: each token from ``(1 - alpha) top_p(q_T) + alpha
-    top_p(p_T)``, the student and the teachers (``context.teacher_signal``: aggregated and
-    aligned) run on the whole right-padded context at every token; each row reads its own
-    last position, which causal attention keeps blind to the pads after it."""
-    B = len(prompts)
-    lengths = np.array([len(p) for p in prompts])
-    buffer = np.full((B, int(lengths.max()) + max_new_tokens), PAD_ID, np.int32)
-    for b, p in enumerate(prompts):
-        buffer[b, : len(p)] = p
-    tokens = mx.array(buffer)
-    stop_ids = mx.array(list(stops), dtype=mx.int32) if stops else None
-    alive = mx.ones((B,), dtype=mx.bool_)
-    made = []
-    mix = (math.log1p(-alpha), math.log(alpha))
-    for n in range(max_new_tokens):
-        ids = tokens[:, : int(lengths.max()) + n]
-        last = mx.array(lengths - 1 + n)[:, None, None]
-        out = context.student(ids)
-        logits = mx.take_along_axis(out.logits, last, axis=1)[:, 0, :].astype(mx.float32)
-        log_q = log_softmax(top_p_filter(logits / temperature, top_p))
-        batch = {
-            "input_ids": ids,
-            "labels": mx.full(ids.shape, IGNORE_INDEX, dtype=mx.int32),
-            "mask": mx.ones(ids.shape, dtype=mx.float32),
-        }
-        signal = context.teacher_signal(batch, out)
-        teacher = mx.take_along_axis(signal.log_probs(temperature), last, axis=1)[:, 0, :]
-        if teacher.shape[-1] != log_q.shape[-1]:
-            raise SpecError(
-                f"teacher-mixed sampling: the teachers' vocabulary ({teacher.shape[-1]}) is "
-                f"not the student's ({log_q.shape[-1]}); use an aligner that maps them "
-                f"@ {PATH}.teacher_mix_alpha"
-            )
-        log_p = log_softmax(top_p_filter(teacher.astype(mx.float32), top_p))
-        nxt = mx.random.categorical(mx.logaddexp(log_q + mix[0], log_p + mix[1]), axis=-1)
-        at = mx.array(lengths + n)[:, None]
-        tokens = mx.put_along_axis(tokens, at, nxt[:, None].astype(tokens.dtype), axis=1)
-        made.append(alive)
-        if stop_ids is not None:
-            stopped = (nxt[:, None].astype(mx.int32) == stop_ids[None, :]).any(axis=1)
-            alive = mx.logical_and(alive, mx.logical_not(stopped))
-        mx.eval(tokens, alive)
-        if stop_ids is not None and not alive.any().item():
-            break
-    counts = np.array(mx.stack(made, axis=1)).sum(axis=1)
-    out_tokens = np.array(tokens)
-    return [out_tokens[b, lengths[b] : lengths[b] + counts[b]].astype(np.int32) for b in range(B)]
 
 
 def assemble(prompts: Sequence[np.ndarray], generated: Sequence[np.ndarray]) -> dict:
@@ -374,16 +541,16 @@ def _sampled(
     max_new = section.max_new_tokens
     prompts = batch_prompts(parts, rows, index, min(section.prompt_length, room), room)
     stops = stop_tokens(section, parts.tokenizer, parts.dataset)
-    student = parts.student
-    training = student.training
-    student.eval()
-    try:
-        if alpha > 0:
-            generated = continue_mixed(context, prompts, max_new, temperature, top_p, alpha, stops)
-        else:
-            generated = continue_prompts(student, prompts, max_new, temperature, top_p, stops)
-    finally:
-        student.train(training)
+    generated = continue_prompts(
+        parts.student,
+        prompts,
+        max_new,
+        temperature,
+        top_p,
+        stops,
+        teacher_signal=context.teacher_signal if alpha > 0 else None,
+        teacher_mix_alpha=alpha,
+    )
     dtype = mx.array(np.asarray(rows["input_ids"])[:1, :1]).dtype
     built = assemble(prompts, generated)
     return {

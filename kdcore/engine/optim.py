@@ -7,19 +7,23 @@ freezes it (no gradient is computed). Parameters whose path matches a ``no_decay
 get no weight decay.
 
 ``adam`` and ``adamw`` are mlx's, with each float32 parameter's update handed to the native
-``"adam"`` kernel where one is registered (hook ``kd_row_kernels``; kd-kernels has it): on a
-Linux CPU mlx's update is ten scalar element-wise passes on one core, 1.2 s of a 14.5 s step
-for an 84M-parameter student at a 152k vocabulary (benchmarks/real_vocab.py), where the
-kernel makes one vectorised pass, in place. The kernel gets eight float32 scalars rounded as
+``"adam"`` kernel they are built with (the engine passes the run's: hook ``kd_row_kernels``,
+``kdcore.kernels.native.native_kernel("adam")``; kd-kernels has it): on a
+Linux CPU mlx's update is ten scalar element-wise passes on one core (its share of a step:
+the real-vocabulary breakdown in docs/performance.md), where the kernel makes one vectorised
+pass, in place. The kernel gets eight float32 scalars rounded as
 mlx rounds them: AdamW's decay ``1 - lr * weight_decay`` (1 for Adam), ``b1``, ``1 - b1``,
 ``b2``, ``1 - b2``, ``eps``, then ``lr`` and 1, or with bias correction ``c1 = lr / (1 -
 b1**step)`` and ``c2 = rsqrt(1 - b2**step)``; the result equals mlx's bit for bit
-(tests/test_engine.py). Other dtypes, ``KD_KERNELS=pure`` and other devices run mlx's.
+(tests/test_engine.py). Other dtypes, no kernel (``KD_KERNELS=pure`` gives none) and other
+devices run mlx's.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
+from typing import Any
 
 import attrs
 import mlx.core as mx
@@ -28,19 +32,22 @@ import mlx.optimizers as optim
 from mlx.utils import tree_flatten
 
 from kdcore.errors import SpecError
-from kdcore.kernels.divergence import native_kernel
+
+# step(gradient, parameter, m, v, scalars, bias_correction) -> (parameter, m, v)
+AdamStep = Callable[..., tuple[mx.array, mx.array, mx.array]]
 
 
 def _native_step(
-    opt: optim.Adam, gradient: mx.array, parameter: mx.array, state: dict, weight_decay: float
+    opt: Adam | AdamW, gradient: mx.array, parameter: mx.array, state: dict, weight_decay: float
 ) -> mx.array | None:
     """The native kernel's new parameter (``state`` takes the new moments), or None where
     mlx's update runs. ``weight_decay`` 0 is Adam (a decay of exactly 1)."""
+    step = opt.kernel
+    # the kernel is a CPU primitive: on another default device mlx's update runs
+    if step is None or mx.default_device().type != mx.cpu:
+        return None
     m, v = state["m"], state["v"]
     if any(x.dtype != mx.float32 for x in (gradient, parameter, m, v)):
-        return None
-    step = native_kernel("adam")
-    if step is None:
         return None
     lr = opt.learning_rate.astype(mx.float32)
     decay = (1 - lr * weight_decay).astype(mx.float32)  # AdamW's factor, as mlx rounds it
@@ -59,7 +66,11 @@ def _native_step(
 
 
 class Adam(optim.Adam):
-    """mlx's Adam; float32 updates in one native pass where a kernel is registered."""
+    """mlx's Adam; float32 updates in one native pass when built with a ``kernel``."""
+
+    def __init__(self, *args: Any, kernel: AdamStep | None = None, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.kernel = kernel
 
     def apply_single(self, gradient: mx.array, parameter: mx.array, state: dict):
         out = _native_step(self, gradient, parameter, state, 0.0)
@@ -67,7 +78,11 @@ class Adam(optim.Adam):
 
 
 class AdamW(optim.AdamW):
-    """mlx's AdamW; float32 updates in one native pass where a kernel is registered."""
+    """mlx's AdamW; float32 updates in one native pass when built with a ``kernel``."""
+
+    def __init__(self, *args: Any, kernel: AdamStep | None = None, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.kernel = kernel
 
     def apply_single(self, gradient: mx.array, parameter: mx.array, state: dict):
         out = _native_step(self, gradient, parameter, state, self.weight_decay)
@@ -143,7 +158,11 @@ def freeze_paths(module: nn.Module, paths: list[str]) -> None:
         node.freeze(recurse=False, keys=[leaf])
 
 
-def build_optimizer(section, plan: GroupPlan, lr: float) -> optim.Optimizer:
+def build_optimizer(
+    section, plan: GroupPlan, lr: float, adam: AdamStep | None = None
+) -> optim.Optimizer:
+    """The spec's optimizer, one member per parameter group; ``adam`` is the native Adam
+    step that ``adam`` and ``adamw`` hand their float32 updates to (None: mlx's update)."""
     name = section.name.lower()
     if name not in OPTIMIZERS:
         raise SpecError(
@@ -156,6 +175,8 @@ def build_optimizer(section, plan: GroupPlan, lr: float) -> optim.Optimizer:
         kwargs = dict(section.params)
         if name in _DECAYING:
             kwargs["weight_decay"] = decay
+        if cls in (Adam, AdamW):
+            kwargs["kernel"] = adam
         try:
             members.append(cls(learning_rate=lr * mult, **kwargs))
         except TypeError as exc:

@@ -23,22 +23,12 @@ over the vocabulary: ``sum_i w_i d_i / max(sum_i w_i, 1)`` with ``w`` the mask, 
 
 No temperature-squared factor is applied here; losses multiply by ``T**2`` explicitly.
 
-How memory stays bounded: the kernels run over the flattened tokens whose mask is non-zero,
-``chunk_rows`` at a time. Each chunk computes its divergences *and* their gradient with
-respect to the student's logits (closed forms below), is evaluated, and its gradient rows are
-written into one preallocated float32 buffer, so forward and backward together hold the
-inputs, that gradient buffer and one chunk of ``[chunk_rows, V]`` temporaries. The work is
-wrapped in ``mx.custom_function`` whose VJP hands back ``cotangent * buffer``.
-
-Two MLX details make this work. Inside a gradient transformation an evaluated array keeps
-its graph when its inputs are traced, and every array keeps its graph while a VJP runs, so
-evaluating chunks there would keep all of them alive. The forward therefore reads the rows of
-each chunk through a NumPy view of the (evaluated) input and copies them into fresh arrays
-outside the trace, and the gradient is computed in the forward, not in the VJP. The price:
-a forward-only call also computes the gradient, and the kernels cannot run under
-``mx.compile``. The teacher is treated as a function too: its cotangent (for learnable
-aggregators) is built lazily from the plain formulation and only evaluated when needed,
-without the memory bound.
+How memory stays bounded: the public entry points run through
+:func:`kdcore.kernels.chunked.chunked_token_mean`, which takes the masked tokens a chunk of
+rows at a time with a row function here (:func:`dense_rows`, :func:`sparse_rows`: per-row
+values and their gradient with respect to the student's logits, in closed form), so forward
+and backward hold one chunk of ``[chunk_rows, V]`` temporaries; a native kernel
+(:mod:`kdcore.kernels.native`) replaces a row function on the CPU.
 
 Gradients, with ``lq = log q`` and ``g = d d / d lq`` (``q`` taken as ``exp(lq)``):
 ``forward_kl``: ``g = -p``; ``reverse_kl``: ``g = q (lq - lp) + q``;
@@ -66,70 +56,20 @@ top-k cache. ``renormalize`` is exact when both put all their mass on ``S``.
 from __future__ import annotations
 
 import math
-import os
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any
 
 import mlx.core as mx
-import numpy as np
 
-from kdcore.errors import KdError
+from kdcore.kernels.chunked import _masked_mean, chunked_token_mean
+from kdcore.kernels.kinds import _temperature, canonical
+from kdcore.kernels.native import RowFn, with_row_kernel
+from kdcore.kernels.support import LOG_TINY, TINY, _complement, check_tail, teacher_support
 from kdcore.signal.teacher import TeacherSignal, stable_log_softmax
 
-KINDS = ("forward_kl", "reverse_kl", "gjsd", "skew_kl", "skew_reverse_kl", "tvd")
-TAILS = ("renormalize", "tail-bucket")
-
-# One chunk holds about this many float32 elements per [rows, V] temporary (16 MiB).
-CHUNK_ELEMENTS = 1 << 22
-# Smallest tail mass we take a log of; keeps k = V and underflowing tails finite.
-TINY = 1e-30
-LOG_TINY = math.log(TINY)
-
-RowFn = Callable[..., tuple[mx.array, mx.array]]
-
-
-# ---------------------------------------------------------------- parameters
-
-
-def canonical(kind: str, beta: float | mx.array = 0.5, alpha: float | mx.array = 0.1):
-    """``(kind, coefficient)`` with the endpoints mapped to plain KLs.
-
-    ``gjsd`` with ``beta`` 0 or 1 becomes ``forward_kl`` / ``reverse_kl``; the skew KLs with
-    ``alpha = 0`` become the plain KL of the same direction.
-    """
-    if kind not in KINDS:
-        raise ValueError(f"unknown divergence {kind!r}; known: {', '.join(KINDS)}")
-    if kind == "gjsd":
-        b = float(beta)
-        if not 0.0 <= b <= 1.0:
-            raise ValueError(f"gjsd: beta must be in [0, 1], got {b}")
-        if b == 0.0:
-            return "forward_kl", 0.0
-        if b == 1.0:
-            return "reverse_kl", 0.0
-        return "gjsd", b
-    if kind in ("skew_kl", "skew_reverse_kl"):
-        a = float(alpha)
-        if not 0.0 <= a <= 1.0:
-            raise ValueError(f"{kind}: alpha must be in [0, 1], got {a}")
-        if a == 0.0:
-            return ("forward_kl" if kind == "skew_kl" else "reverse_kl"), 0.0
-        return kind, a
-    return kind, 0.0
-
-
-def _temperature(value: float | mx.array) -> float:
-    t = float(value)
-    if not t > 0:
-        raise ValueError(f"temperature must be > 0, got {t}")
-    return t
+# ---------------------------------------------------------------- per-row mathematics
 
 
 def _log(x: float) -> float:
     return math.log(x) if x > 0 else -math.inf
-
-
-# ---------------------------------------------------------------- per-row mathematics
 
 
 def _xlogy(a: mx.array, b: mx.array) -> mx.array:
@@ -188,106 +128,6 @@ def _log_softmax(z: mx.array) -> mx.array:
     return stable_log_softmax(z)
 
 
-# ---------------------------------------------------------------- native row kernels
-
-# What a plugin may replace (hook ``kd_row_kernels``): the dense and top-k ("sparse:KIND")
-# divergences here, the fused path's cross-entropy and the Adam(W) step of
-# kdcore.engine.optim ("adam"); KD_KERNELS=pure keeps kdcore's own MLX code everywhere.
-ROW_KERNELS = (*KINDS, *(f"sparse:{kind}" for kind in KINDS), "cross_entropy", "adam")
-_installed: dict[str, tuple[Callable[..., Any], str]] | None = None
-
-
-def use_row_kernels(table: Mapping[str, Callable[..., Any]] | None, source: str = "") -> None:
-    """Use ``table`` (``name -> factory``, what ``kd_row_kernels`` returns) as this process's
-    native row kernels instead of the plugin registry's; None: the registry's again."""
-    global _installed
-    source = source or "use_row_kernels"
-    _installed = None if table is None else {k: (f, source) for k, f in table.items()}
-
-
-def _registered() -> dict[str, tuple[Callable[..., Any], str]]:
-    if _installed is not None:
-        return _installed
-    # kernels sit above the registry in the layers (pyproject's import-linter contract);
-    # asked at the first dispatch, so that importing the kernels loads no plugin.
-    from kdcore.registry.manager import get_registry
-
-    return {
-        name: (kernel.factory, f"{kernel.distribution} {kernel.version}")
-        for name, kernel in get_registry().row_kernels().items()
-    }
-
-
-def kernels_mode() -> str:
-    """``"native"`` (the default: registered kernels) or ``"pure"`` (KD_KERNELS=pure)."""
-    # Crashes seen while kd-kernels was developed came from processes whose extension was
-    # rebuilt in place under them; 40 stress runs and an AddressSanitizer build are clean
-    # (plugins/kernels/tests/test_stress.py runs in the suite).
-    raw = os.environ.get("KD_KERNELS", "")
-    mode = raw.strip().lower() or "native"
-    if mode not in ("native", "pure"):
-        raise KdError(
-            f"KD_KERNELS={raw!r}: use 'native' (the registered native kernels, the default) "
-            "or 'pure' (kdcore's MLX row functions)"
-        )
-    return mode
-
-
-def _on_cpu() -> bool:
-    return mx.default_device().type == mx.cpu
-
-
-def native_kernel(name: str, *args: Any) -> Callable[..., Any] | None:
-    """The native kernel registered for ``name`` built with ``args``, or None (none
-    registered, ``KD_KERNELS=pure``, a default device other than the CPU, or the factory
-    leaves these parameters to kdcore)."""
-    if kernels_mode() == "pure" or not _on_cpu():
-        return None
-    entry = _registered().get(name)
-    return entry[0](*args) if entry is not None else None
-
-
-def with_row_kernel(name: str, pure: RowFn, *args: Any) -> RowFn:
-    """``pure``, or the native kernel registered for ``name`` built with ``args`` (its
-    factory's arguments, see ``kd_row_kernels``), run when the default device is the CPU
-    (the native kernels are CPU primitives; elsewhere ``pure`` runs)."""
-    if kernels_mode() == "pure":
-        return pure
-    entry = _registered().get(name)
-    native = entry[0](*args) if entry is not None else None
-    if native is None:  # none registered, or the factory leaves these parameters to us
-        return pure
-
-    def rows(*inputs: mx.array) -> tuple[mx.array, mx.array]:
-        return native(*inputs) if _on_cpu() else pure(*inputs)
-
-    rows.pure = pure  # the differentiable twin (kdcore.losses.rows.rows_on_logits)
-    return rows
-
-
-def row_kernel_status() -> dict[str, dict[str, str]]:
-    """Per name of :data:`ROW_KERNELS`: ``path`` (``"native"`` or ``"pure"``), ``source``
-    (the distribution that registered the kernel) and ``detail`` (its description, or why
-    the pure rows run), as ``kd doctor`` reports them."""
-    if kernels_mode() == "pure":
-        why = "KD_KERNELS=pure"
-    elif not _on_cpu():
-        why = f"the default device is {mx.default_device()}; the native kernels are CPU only"
-    else:
-        why = ""
-    registered = _registered()
-    status = {}
-    for name in ROW_KERNELS:
-        factory, source = registered.get(name, (None, ""))
-        if why or factory is None:
-            detail = why or "no plugin registers one (kd-kernels builds them)"
-            status[name] = {"path": "pure", "source": source, "detail": detail}
-        else:
-            detail = str(getattr(factory, "description", ""))
-            status[name] = {"path": "native", "source": source, "detail": detail}
-    return status
-
-
 def dense_rows(kind: str, coef: float, temperature: float, teacher_temperature: float) -> RowFn:
     """Row function of the dense kernel: ``(scale [C, 1], s [C, V], t [C, V])`` to
     ``(d [C], scale * dd/ds [C, V])``; a native kernel registered for ``kind`` replaces it
@@ -318,12 +158,6 @@ def dense_rows(kind: str, coef: float, temperature: float, teacher_temperature: 
     return with_row_kernel(kind, rows, coef, temperature, teacher_temperature)
 
 
-def _complement(ids: mx.array, shape: tuple[int, int]) -> mx.array:
-    """1.0 outside ``ids`` (per row), 0.0 on them."""
-    ones = mx.ones(shape, mx.float32)
-    return mx.put_along_axis(ones, ids, mx.zeros(ids.shape, mx.float32), axis=-1)
-
-
 def _student_tail(q: mx.array, outside: mx.array) -> tuple[mx.array, mx.array]:
     """(clamped tail mass [C, 1], q restricted to the complement [C, V])."""
     rest = q * outside
@@ -338,8 +172,7 @@ def sparse_rows(kind: str, coef: float, temperature: float, tail: str) -> RowFn:
     ``tail-bucket``, a last tail class), already at ``temperature``. A native kernel
     registered for ``"sparse:KIND"`` replaces it on the CPU (:func:`with_row_kernel`).
     """
-    if tail not in TAILS:
-        raise ValueError(f"unknown tail policy {tail!r}; use one of {', '.join(TAILS)}")
+    check_tail(tail)
     inv_t = 1.0 / temperature
 
     def rows(scale: mx.array, s: mx.array, ids: mx.array, lp: mx.array):
@@ -375,11 +208,6 @@ def sparse_rows(kind: str, coef: float, temperature: float, tail: str) -> RowFn:
 
 
 # ---------------------------------------------------------------- plain formulations
-
-
-def _masked_mean(values: mx.array, mask: mx.array) -> mx.array:
-    mask = mask.astype(mx.float32)
-    return (values.astype(mx.float32) * mask).sum() / mx.maximum(mask.sum(), 1.0)
 
 
 def plain_dense_rows(
@@ -435,197 +263,6 @@ def plain_divergence(
     kind, coef = canonical(kind, beta, alpha)
     rows = plain_dense_rows(kind, coef, student_logits, teacher_logits, _temperature(temperature))
     return _masked_mean(rows, mask)
-
-
-# ---------------------------------------------------------------- host views and chunks
-
-
-def _host(x: mx.array) -> np.ndarray:
-    """A NumPy view of an (evaluated) array's buffer, no copy; bfloat16 as raw uint16."""
-    if x.dtype == mx.bfloat16:
-        return np.asarray(x.view(mx.uint16))
-    return np.asarray(x)
-
-
-def _device(rows: np.ndarray, dtype: mx.Dtype) -> mx.array:
-    """Fresh (untraced) array from host rows."""
-    out = mx.array(rows)
-    return out.view(mx.bfloat16) if dtype == mx.bfloat16 else out
-
-
-class _Rows:
-    """Reads rows (flattened leading positions) of one array without copying the whole."""
-
-    def __init__(self, x: mx.array, lead: tuple[int, ...]):
-        self.dtype = x.dtype
-        self.lead = lead
-        host = _host(x)
-        n = int(np.prod(lead))
-        self.flat = host.reshape(n, *host.shape[len(lead) :]) if host.flags.c_contiguous else None
-        self.host = host
-
-    def take(self, sub: np.ndarray) -> mx.array:
-        if self.flat is not None:
-            if sub[-1] - sub[0] + 1 == len(sub):
-                return _device(self.flat[sub[0] : sub[-1] + 1], self.dtype)
-            return _device(self.flat[sub], self.dtype)
-        return _device(self.host[np.unravel_index(sub, self.lead)], self.dtype)
-
-
-def _flat(x: mx.array, lead: tuple[int, ...]) -> mx.array:
-    """``x`` with its leading ``lead`` positions flattened into rows, no gradient."""
-    return mx.stop_gradient(x).reshape(int(np.prod(lead)), *x.shape[len(lead) :])
-
-
-def is_native(rows_fn: RowFn) -> bool:
-    """Whether ``rows_fn`` runs a registered native kernel here (see
-    :func:`with_row_kernel`): one primitive per call, no temporaries to bound."""
-    return getattr(rows_fn, "pure", None) is not None and _on_cpu()
-
-
-def scale_own_buffer(buffer: mx.array, cotangent: mx.array) -> mx.array:
-    """``cotangent * buffer`` for a scalar cotangent and an evaluated float32 ``buffer``
-    that nothing else holds (a kernel's own gradient buffer), in place on a CPU device.
-
-    NumPy's vectorised multiply runs at memory speed where MLX's Linux CPU kernel is
-    scalar (measured 25 ms against 177 ms for 512 x 128,000 floats); the product is the
-    same float32 rounding. A cotangent of exactly 1 (an unweighted loss) costs nothing.
-    """
-    if cotangent.size != 1 or buffer.dtype != mx.float32 or not _on_cpu():
-        return buffer * cotangent
-    c = float(mx.stop_gradient(cotangent).astype(mx.float32).item())
-    if c != 1.0:
-        host = np.asarray(buffer)
-        if not host.flags.writeable or not host.flags.c_contiguous:
-            return buffer * cotangent
-        np.multiply(host, np.float32(c), out=host)
-    return buffer
-
-
-def _chunks(rows: np.ndarray, size: int) -> Iterator[np.ndarray]:
-    for start in range(0, len(rows), size):
-        yield rows[start : start + size]
-
-
-def default_chunk_rows(vocab: int) -> int:
-    return max(1, CHUNK_ELEMENTS // max(1, vocab))
-
-
-def map_rows(
-    fn: Callable[..., mx.array | Sequence[mx.array]],
-    arrays: Sequence[mx.array],
-    lead: tuple[int, ...],
-    chunk_rows: int | None = None,
-) -> list[np.ndarray]:
-    """Apply ``fn`` to row chunks of ``arrays`` (leading shape ``lead``), no gradient.
-
-    Returns NumPy arrays with leading shape ``lead``; each chunk is evaluated before the
-    next, so at most one chunk of ``fn``'s temporaries is alive.
-    """
-    n = int(np.prod(lead))
-    width = max(int(a.shape[-1]) if a.ndim > len(lead) else 1 for a in arrays)
-    size = chunk_rows or default_chunk_rows(width)
-    readers = [_Rows(mx.stop_gradient(a), lead) for a in arrays]
-    outs: list[list[np.ndarray]] = []
-    for sub in _chunks(np.arange(n), size):
-        result = fn(*(r.take(sub) for r in readers))
-        result = [result] if isinstance(result, mx.array) else list(result)
-        mx.eval(result)
-        for i, r in enumerate(result):
-            if len(outs) <= i:
-                outs.append([])
-            outs[i].append(np.array(r))
-    return [np.concatenate(o).reshape(*lead, *o[0].shape[1:]) for o in outs]
-
-
-# ---------------------------------------------------------------- the chunked kernel
-
-
-def chunked_token_mean(
-    rows_fn: RowFn,
-    plain_fn: Callable[..., mx.array],
-    student: mx.array,
-    teacher: Sequence[mx.array],
-    mask: mx.array,
-    chunk_rows: int | None = None,
-) -> mx.array:
-    """Masked mean over tokens of ``rows_fn`` with a chunked forward and gradient.
-
-    ``student`` is ``[..., V]`` logits with leading shape ``mask.shape``; every array in
-    ``teacher`` has that leading shape too. ``rows_fn(scale, s_rows, *teacher_rows)``
-    returns the per-row values ``[C]`` and their gradient with respect to ``s_rows``
-    multiplied by ``scale`` ``[C, 1]`` (the rows' weights in the mean), ``[C, V]``
-    float32. ``plain_fn(student, *teacher)`` returns the same per-token values from whole
-    arrays; it is used only for the teacher's cotangent (built lazily, evaluated only if a
-    learnable component upstream of the teacher needs it) and if the VJP is taken twice.
-    """
-    lead = tuple(mask.shape)
-    if tuple(student.shape[:-1]) != lead:
-        raise ValueError(f"student logits {student.shape} do not match the mask {mask.shape}")
-    weights = np.asarray(mx.stop_gradient(mask).astype(mx.float32)).reshape(-1).astype(np.float64)
-    rows = np.flatnonzero(weights != 0)
-    denominator = max(float(weights.sum()), 1.0)
-    size = chunk_rows or default_chunk_rows(student.shape[-1])
-    n, vocab = int(np.prod(lead)), student.shape[-1]
-    held: dict[str, mx.array] = {}
-
-    def plain_mean(s, *t):
-        return _masked_mean(plain_fn(s, *t), mask)
-
-    @mx.custom_function
-    def kernel(s, *t):
-        total = 0.0
-        if len(rows) == n and is_native(rows_fn):
-            # Every row kept and native rows (no temporaries): one call, whose gradient is
-            # the buffer itself (MLX's CPU fill of a zero buffer costs more than the rows).
-            scale = mx.array((weights / denominator).astype(np.float32))[:, None]
-            values, grad = rows_fn(scale, _flat(s, lead), *(_flat(x, lead) for x in t))
-            mx.eval(values, grad)
-            total = float(np.dot(np.asarray(values, dtype=np.float64), weights))
-            held["grad"] = grad
-            return mx.array(total / denominator, dtype=mx.float32)
-        grad = mx.zeros((n, vocab), mx.float32)
-        if len(rows):
-            reader = _Rows(s, lead)
-            t_readers = [_Rows(x, lead) for x in t]
-            for sub in _chunks(rows, size):
-                scale = mx.array((weights[sub] / denominator).astype(np.float32))[:, None]
-                values, g = rows_fn(scale, reader.take(sub), *(r.take(sub) for r in t_readers))
-                if sub[-1] - sub[0] + 1 == len(sub):
-                    grad[int(sub[0]) : int(sub[-1]) + 1] = g
-                else:
-                    grad[mx.array(sub.astype(np.int32))] = g
-                mx.eval(grad, values)
-                total += float(np.dot(np.asarray(values, dtype=np.float64), weights[sub]))
-        held["grad"] = grad
-        return mx.array(total / denominator, dtype=mx.float32)
-
-    @kernel.vjp
-    def kernel_vjp(primals, cotangent, output):
-        s, *t = primals
-        grad = held.pop("grad", None)
-        if grad is None:  # a second VJP of the same call: fall back to the plain form
-            grad = mx.vjp(lambda x: plain_mean(x, *t), [s], [cotangent])[1][0]
-        elif len(rows):
-            grad = scale_own_buffer(grad, cotangent).astype(s.dtype).reshape(s.shape)
-        else:
-            grad = (grad * cotangent).astype(s.dtype).reshape(s.shape)
-        floats = [i for i, x in enumerate(t) if mx.issubdtype(x.dtype, mx.floating)]
-        t_cot = [mx.zeros_like(x) for x in t]
-        if floats:
-
-            def of_teacher(*xs):
-                full = list(t)
-                for i, x in zip(floats, xs):
-                    full[i] = x
-                return plain_mean(s, *full)
-
-            lazy = mx.vjp(of_teacher, [t[i] for i in floats], [cotangent])[1]
-            for i, c in zip(floats, lazy):
-                t_cot[i] = c
-        return (grad, *t_cot)
-
-    return kernel(student, *teacher)
 
 
 # ---------------------------------------------------------------- public entry points
@@ -688,8 +325,7 @@ def sparse_divergence(
     """
     kind, coef = canonical(kind, beta, alpha)
     t = _temperature(temperature)
-    if tail not in TAILS:
-        raise ValueError(f"unknown tail policy {tail!r}; use one of {', '.join(TAILS)}")
+    check_tail(tail)
     want = ids.shape[-1] + (1 if tail == "tail-bucket" else 0)
     if teacher_logprobs.shape[-1] != want:
         raise ValueError(
@@ -725,167 +361,6 @@ def plain_sparse_divergence(
         kind, coef, student_logits, ids, teacher_logprobs, _temperature(temperature), tail
     )
     return _masked_mean(rows, mask)
-
-
-def topk_sorted(z: mx.array, k: int) -> mx.array:
-    """Ids of the ``k`` largest entries per row, largest first (no gradient)."""
-    z = mx.stop_gradient(z)
-    ids = mx.argpartition(-z, kth=k - 1, axis=-1)[..., :k]
-    order = mx.argsort(-mx.take_along_axis(z, ids, axis=-1), axis=-1)
-    return mx.take_along_axis(ids, order, axis=-1)
-
-
-def teacher_support(
-    teacher: TeacherSignal,
-    temperature: float | mx.array,
-    tail: str = "renormalize",
-    top_k: int = 0,
-    chunk_rows: int | None = None,
-) -> tuple[mx.array, mx.array]:
-    """``(ids [..., K], log-probs [..., K or K+1])`` of a teacher at ``temperature``.
-
-    From a sparse signal: its stored top-k re-tempered from the capture temperature ``Tc``
-    (``z = log p * Tc / T``, renormalised; the tail class is re-tempered as one token, exact
-    at ``T = Tc``), keeping the ``top_k`` largest when ``0 < top_k < K`` (the dropped ones
-    join the tail). From a dense or mixture signal: its ``top_k`` ids (``top_k > 0``
-    required) with exact log-probabilities and tail at ``temperature``; computed in chunks and
-    treated as constant (no gradient reaches a learnable teacher through the top-k path).
-    From a mixture with a top-k member: :func:`mixture_support`.
-    """
-    t = _temperature(temperature)
-    if tail not in TAILS:
-        raise ValueError(f"unknown tail policy {tail!r}; use one of {', '.join(TAILS)}")
-    if teacher.topk_ids is not None:
-        ids = teacher.topk_ids.astype(mx.int32)
-        lp = teacher.topk_logprobs.astype(mx.float32)
-        tl = teacher.tail_logmass.astype(mx.float32)
-        if 0 < top_k < ids.shape[-1]:
-            order = mx.argsort(-lp, axis=-1)
-            keep, drop = order[..., :top_k], order[..., top_k:]
-            dropped = mx.logsumexp(mx.take_along_axis(lp, drop, axis=-1), axis=-1)
-            tl = mx.logaddexp(tl, dropped)
-            ids = mx.take_along_axis(ids, keep, axis=-1)
-            lp = mx.take_along_axis(lp, keep, axis=-1)
-        if tail == "tail-bucket":
-            lp = mx.concatenate([lp, tl[..., None]], axis=-1)
-        z = lp * (teacher.capture_temperature / t)
-        return ids, mx.stop_gradient(_log_softmax(z))
-    if teacher.members is not None and teacher.is_sparse:
-        return mixture_support(teacher, t, tail, top_k, chunk_rows)
-    if top_k <= 0:
-        raise ValueError("teacher_support from a dense teacher needs top_k > 0")
-    logits, tt = (teacher.logits, t) if teacher.logits is not None else (teacher.log_probs(t), 1.0)
-    support = support_rows(min(top_k, logits.shape[-1]), tail, tt)
-    ids, lp = map_rows(support, [logits], tuple(logits.shape[:-1]), chunk_rows)
-    return mx.array(ids.astype(np.int32)), mx.array(lp)
-
-
-def support_rows(k: int, tail: str, temperature: float) -> Callable[[mx.array], tuple]:
-    """``rows [C, V] -> (ids [C, k], log-probs [C, k or k+1])``: the top-k support of dense
-    teacher rows at ``temperature``, as :func:`teacher_support` reads it (no gradient)."""
-    inv = 1.0 / temperature
-
-    def support(x: mx.array):
-        lp_full = _log_softmax(mx.stop_gradient(x).astype(mx.float32) * inv)
-        ids = topk_sorted(lp_full, k)
-        lp = mx.take_along_axis(lp_full, ids, axis=-1)
-        if tail == "renormalize":
-            return ids, _log_softmax(lp)
-        rest = (mx.exp(lp_full) * _complement(ids, lp_full.shape)).sum(-1, keepdims=True)
-        return ids, mx.concatenate([lp, mx.log(mx.maximum(rest, TINY))], axis=-1)
-
-    return support
-
-
-def _distinct_support(ids: np.ndarray, vocab: int) -> np.ndarray:
-    """``ids`` [rows, S] with every repeat of an id in its row replaced by the smallest ids
-    that the row does not hold (so a row's S ids are distinct; needs S < vocab)."""
-    rows, size = ids.shape
-    order = np.argsort(ids, axis=1, kind="stable")
-    ranked = np.take_along_axis(ids, order, axis=1)
-    repeat_ranked = np.zeros(ids.shape, bool)
-    repeat_ranked[:, 1:] = ranked[:, 1:] == ranked[:, :-1]
-    repeat = np.empty_like(repeat_ranked)
-    np.put_along_axis(repeat, order, repeat_ranked, axis=1)
-    if not repeat.any():
-        return ids
-    # 2S candidates always hold at least S free ids (and V - S >= repeats when 2S > V)
-    candidates = min(vocab, 2 * size)
-    present = np.zeros((rows, candidates), bool)
-    r, c = np.nonzero(ids < candidates)
-    present[r, ids[r, c]] = True
-    free = np.argsort(present, axis=1, kind="stable")  # free ids first, ascending
-    nth = np.cumsum(repeat, axis=1) - 1
-    out = ids.copy()
-    r, c = np.nonzero(repeat)
-    out[r, c] = free[r, nth[r, c]]
-    return out
-
-
-def mixture_support(
-    teacher: TeacherSignal,
-    temperature: float | mx.array,
-    tail: str = "renormalize",
-    top_k: int = 0,
-    chunk_rows: int | None = None,
-) -> tuple[mx.array, mx.array]:
-    """``(ids [..., S], log-probs [..., S or S+1])`` of a mixture with top-k members.
-
-    Each member ``m`` is read at ``temperature`` as its top-k ids plus a tail class
-    (:func:`teacher_support` with ``tail-bucket``; a dense member contributes its ``top_k``,
-    or the largest cached k). A member says nothing about single tokens outside its top-k, so
-    its tail mass is spread evenly over them: ``p_m(v) = tail_m / (V - k_m)``. The support is
-    the union of the members' ids, padded to ``S = sum k_m`` distinct ids with the smallest
-    ids outside it (which get exactly that spread probability, so padding only refines the
-    tail), or all ``V`` ids when ``S >= V``. Then ``p(v) = sum_m w_m p_m(v)`` on the support
-    and ``sum_m w_m (1 - sum_support p_m)`` for the tail. When every member holds the whole
-    vocabulary this is the exact dense mixture. Gradients reach the weights (a learnable
-    aggregator), not the members.
-    """
-    vocab = teacher.vocab_size
-    cached = [m.topk_ids.shape[-1] for m in teacher.members if m.topk_ids is not None]
-    member_k = top_k if top_k > 0 else max(cached, default=0)
-    parts = [
-        teacher_support(m, temperature, "tail-bucket", member_k, chunk_rows)
-        for m in teacher.members
-    ]
-    lead = tuple(parts[0][0].shape[:-1])
-    member_ids = [np.asarray(i, dtype=np.int64).reshape(-1, i.shape[-1]) for i, _ in parts]
-    member_p = [
-        np.exp(np.asarray(lp, dtype=np.float64)).reshape(-1, lp.shape[-1]) for _, lp in parts
-    ]
-    rows = member_ids[0].shape[0]
-    size = sum(i.shape[-1] for i in member_ids)
-    if size >= vocab:
-        ids = np.broadcast_to(np.arange(vocab), (rows, vocab))
-    else:
-        ids = _distinct_support(np.concatenate(member_ids, axis=-1), vocab)
-    step = max(1, (1 << 22) // max(ids.shape[1] * max(i.shape[1] for i in member_ids), 1))
-    columns = []
-    for m_ids, p in zip(member_ids, member_p):
-        k = m_ids.shape[-1]
-        spread = p[:, k] / max(vocab - k, 1)
-        at = np.repeat(spread[:, None], ids.shape[1], axis=1)
-        for start in range(0, rows, step):  # bounded [step, S, k] comparisons
-            part = slice(start, start + step)
-            hit = ids[part, :, None] == m_ids[part, None, :]
-            found = hit.any(-1)
-            at[part] = np.where(found, (hit * p[part, None, :k]).sum(-1), at[part])
-        columns.append(at)
-    member_at = np.stack(columns, axis=-1)  # [rows, S, M]
-    outside = np.clip(1.0 - member_at.sum(axis=1), 0.0, 1.0)  # [rows, M]
-    count = len(columns)
-    weights = teacher.weights.astype(mx.float32)
-    if weights.ndim == 2:  # per instance -> per token
-        weights = mx.broadcast_to(weights[:, None, :], lead + (count,))
-    at_mx = mx.array(member_at.reshape(lead + member_at.shape[1:]).astype(np.float32))
-    mixed = (at_mx * weights[..., None, :]).sum(-1)
-    log_mixed = mx.log(mx.maximum(mixed, TINY))
-    ids_mx = mx.array(ids.reshape(lead + (ids.shape[1],)).astype(np.int32))
-    if tail == "renormalize":
-        return ids_mx, _log_softmax(log_mixed)
-    rest = (mx.array(outside.reshape(lead + (count,)).astype(np.float32)) * weights).sum(-1)
-    return ids_mx, mx.concatenate([log_mixed, mx.log(mx.maximum(rest, TINY))[..., None]], -1)
 
 
 def token_divergence(

@@ -58,17 +58,10 @@ import attrs
 import mlx.core as mx
 import numpy as np
 
-from kdcore.kernels.divergence import (
-    RowFn,
-    _device,
-    _host,
-    _Rows,
-    _temperature,
-    canonical,
-    dense_rows,
-    scale_own_buffer,
-    with_row_kernel,
-)
+from kdcore.kernels.chunked import _device, _host, _Rows, scale_own_buffer
+from kdcore.kernels.divergence import dense_rows
+from kdcore.kernels.kinds import _temperature, canonical
+from kdcore.kernels.native import RowFn, with_row_kernel
 from kdcore.signal.teacher import stable_log_softmax
 
 # kdcore.losses.tokens.IGNORE_INDEX; kernels and losses are sibling layers, so not imported.

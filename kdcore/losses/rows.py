@@ -30,17 +30,12 @@ import attrs
 import mlx.core as mx
 import numpy as np
 
-from kdcore.kernels.divergence import (
-    RowFn,
-    _temperature,
-    canonical,
-    chunked_token_mean,
-    dense_rows,
-    sparse_rows,
-    support_rows,
-    teacher_support,
-)
+from kdcore.kernels.chunked import chunked_token_mean
+from kdcore.kernels.divergence import dense_rows, sparse_rows
 from kdcore.kernels.fused import cross_entropy_rows as ce_row_fn
+from kdcore.kernels.kinds import _temperature, canonical
+from kdcore.kernels.native import RowFn
+from kdcore.kernels.support import support_rows, teacher_support
 from kdcore.signal.teacher import TeacherSignal, stable_log_softmax
 
 TEACHER = "teacher"

@@ -28,6 +28,14 @@ if kd_kernels.unavailable_reason() is not None:
 KINDS = kd_kernels.NATIVE_KINDS
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _registered_kernels():
+    """The registry's native kernels installed, as a run installs them (kdcore's kernels
+    never look them up themselves); the previous table is restored afterwards."""
+    with testing.plugins():
+        yield
+
+
 @pytest.fixture(autouse=True)
 def _native_on(monkeypatch):
     """The native kernels are opt-in (KD_KERNELS=native); these tests compare them, so on

@@ -45,6 +45,7 @@ CHILD = textwrap.dedent(
     from kdcore import testing
 
     faulthandler.enable()
+    kdcore.install_registered_kernels()  # kd-kernels' rows for dense_divergence, as a run has
     seed, iterations = int(sys.argv[1]), int(sys.argv[2])
     rng = np.random.default_rng(seed)
     DTYPES = (mx.float32, mx.bfloat16, mx.float16)

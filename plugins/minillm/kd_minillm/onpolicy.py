@@ -29,7 +29,8 @@ by the mean sample length (tokens are averaged); ``tests/test_onpolicy.py`` chec
 Batches. ``prepare_batch`` draws ``u ~ U[0, 1)`` from the run's random state; when
 ``u < lmbda`` (schedulable, as in TRL's GKD) the batch is on-policy: the first
 ``prompt_length`` tokens of each row are continued by the student (``max_new_tokens``,
-``temperature``, ``top_p``, teacher mixing ``teacher_mix_alpha``), and the sampled rows are
+``temperature``, ``top_p``, teacher mixing ``teacher_mix_alpha``; ``kdcore.sample_continuations``,
+the core's on-policy sampler: eval mode, the run's MLX random state), and the sampled rows are
 appended below the data rows, as the official trainer concatenates its PPO and LM batches
 into one forward. Data rows keep ``labels``/``mask`` (so ``ce`` and other losses see only the
 data); sample rows carry ``sample_targets``, ``sample_mask`` and ``sample_weights`` and have
@@ -52,16 +53,14 @@ from kdcore import (
     IGNORE_INDEX,
     Component,
     LossInputs,
-    ModelOutput,
     Rows,
     StepContext,
     cross_entropy_rows,
-    generate,
     log_softmax,
     masked_mean,
+    sample_continuations,
     teacher_rows,
     token_cross_entropy,
-    top_p_filter,
     value_at,
 )
 
@@ -194,93 +193,7 @@ def clipped_surrogate(
     return mx.maximum(plain, clipped)
 
 
-# ---------------------------------------------------------------- sampling
-
-
-def sample_continuations(
-    student,
-    prompts: mx.array,
-    max_new_tokens: int,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
-    stop_token: int | None = None,
-    teacher_log_probs=None,
-    alpha: float = 0.0,
-) -> tuple[mx.array, mx.array, mx.array]:
-    """Continue ``prompts`` [B, P]: (tokens [B, P+N], generated mask, importance weights).
-
-    Each token is drawn from ``b = (1 - alpha) q~ + alpha p~`` (``q~``: the student at
-    ``temperature`` with top-p; ``p~``: ``teacher_log_probs(tokens, student_output)`` [B, V]
-    with top-p), and
-    its weight is ``q_T(y) / b(y)`` with ``q_T`` the full student softmax at ``temperature``.
-    The mask is 1 on generated tokens up to and including ``stop_token``; weights are 1
-    elsewhere. Uses the global MLX random state (the run's).
-
-    Without teacher mixing (``alpha = 0``) the tokens come from the core sampler
-    (``kdcore.generate``: KV-cached for the built-in and mlx-lm models) and the weights
-    ``q_T(y) / top_p(q_T)(y)`` from one forward of the result (all 1 when ``top_p = 1``);
-    teacher mixing needs the teacher at every token, so it keeps the loop below.
-    """
-    if alpha <= 0.0:
-        return _sample_from_student(
-            student, prompts, max_new_tokens, temperature, top_p, stop_token
-        )
-    tokens = prompts
-    batch = prompts.shape[0]
-    alive = mx.ones((batch,), dtype=mx.bool_)
-    made, weights = [], []
-    for _ in range(max_new_tokens):
-        out = student(tokens)
-        logits = out.logits[:, -1, :].astype(mx.float32) / temperature
-        log_q = log_softmax(logits)
-        log_b = log_softmax(top_p_filter(logits, top_p))
-        if alpha > 0.0:
-            log_t = log_softmax(top_p_filter(teacher_log_probs(tokens, out), top_p))
-            if log_t.shape[-1] != log_b.shape[-1]:
-                raise ValueError(
-                    f"teacher-mixed sampling: teacher vocabulary {log_t.shape[-1]} differs from "
-                    f"the student's {log_b.shape[-1]}; use an aligner that maps them"
-                )
-            log_b = mx.logaddexp(log_b + math.log(1.0 - alpha), log_t + math.log(alpha))
-        nxt = mx.random.categorical(log_b, axis=-1)
-        picked = nxt[:, None]
-        w = mx.exp(
-            mx.take_along_axis(log_q, picked, axis=-1) - mx.take_along_axis(log_b, picked, axis=-1)
-        )[:, 0]
-        made.append(alive)
-        weights.append(mx.where(alive, w, 1.0))
-        tokens = mx.concatenate([tokens, nxt[:, None].astype(tokens.dtype)], axis=1)
-        if stop_token is not None:
-            alive = mx.logical_and(alive, nxt != stop_token)
-        mx.eval(tokens, alive, weights[-1])
-        if stop_token is not None and not alive.any().item():
-            break
-    prompt_zeros = mx.zeros(prompts.shape, dtype=mx.float32)
-    gen_mask = mx.concatenate([prompt_zeros, mx.stack(made, axis=1).astype(mx.float32)], axis=1)
-    gen_w = mx.concatenate([prompt_zeros + 1.0, mx.stack(weights, axis=1)], axis=1)
-    return tokens, gen_mask, gen_w
-
-
-def _sample_from_student(
-    student, prompts: mx.array, max_new_tokens: int, temperature: float, top_p: float, stop_token
-) -> tuple[mx.array, mx.array, mx.array]:
-    tokens, gen_mask = generate(
-        student, prompts, max_new_tokens, temperature, top_p, stop_token=stop_token
-    )
-    P = prompts.shape[1]
-    weights = mx.ones(tokens.shape, dtype=mx.float32)
-    if top_p < 1.0:
-        # the behaviour is top_p(q_T): w = q_T(y) / top_p(q_T)(y), read where y was drawn
-        logits = student(tokens[:, :-1]).logits[:, P - 1 :, :].astype(mx.float32) / temperature
-        picked = tokens[:, P:, None]
-        w = mx.exp(
-            mx.take_along_axis(log_softmax(logits), picked, axis=-1)
-            - mx.take_along_axis(log_softmax(top_p_filter(logits, top_p)), picked, axis=-1)
-        )[..., 0]
-        generated = gen_mask[:, P:] > 0
-        weights = mx.concatenate([weights[:, :P], mx.where(generated, w, 1.0)], axis=1)
-    mx.eval(tokens, gen_mask, weights)
-    return tokens, gen_mask, weights
+# ---------------------------------------------------------------- the sampled rows
 
 
 def _pad(array: mx.array, length: int, value: float | int) -> mx.array:
@@ -366,7 +279,7 @@ class MiniLLM:
         top_p = value_at(config.top_p, step, total)
         alpha = value_at(config.teacher_mix_alpha, step, total)
         prompts = batch["input_ids"][:, : config.prompt_length]
-        teacher = _teacher_log_probs(context, temperature) if alpha > 0.0 else None
+        # the core's on-policy sampler (train.on_policy's), with the importance weights
         tokens, gen_mask, weights = sample_continuations(
             context.student,
             prompts,
@@ -374,8 +287,8 @@ class MiniLLM:
             temperature,
             top_p,
             config.stop_token,
-            teacher,
-            alpha,
+            teacher_signal=context.teacher_signal if alpha > 0.0 else None,
+            teacher_mix_alpha=alpha,
         )
         return append_samples(batch, tokens, gen_mask, weights)
 
@@ -435,24 +348,6 @@ class MiniLLM:
         return p.pg_weight * pg + p.reg_weight * reg + p.lm_weight * lm, metrics
 
 
-def _teacher_log_probs(context: StepContext, temperature: float):
-    """``(ids [B, L], student output) -> [B, V]``: the run's teachers, aggregated and aligned
-    as in a step (``context.teacher_signal``), at the last position and ``temperature``."""
-
-    def last(ids: mx.array, student: ModelOutput) -> mx.array:
-        batch = {
-            "input_ids": ids,
-            "labels": mx.full(ids.shape, IGNORE_INDEX, dtype=mx.int32),
-            "mask": mx.ones(ids.shape, dtype=mx.float32),
-        }
-        signal = context.teacher_signal(batch, student)
-        if signal is None:
-            raise ValueError("teacher-mixed sampling (teacher_mix_alpha > 0) needs a teacher")
-        return signal.log_probs(temperature)[:, -1, :]
-
-    return last
-
-
 def components() -> list[Component]:
     return [
         Component(
@@ -460,7 +355,7 @@ def components() -> list[Component]:
             MiniLLM,
             MiniLLMConfig,
             requires={"dense_teacher", "student_samples"},
-            properties={"shift_invariant", "fused"},
+            properties={"shift_invariant"},
             doc="MiniLLM on-policy reverse-KL distillation: policy gradient on student samples "
             "+ single-step reverse KL (+ LM term); lmbda = share of on-policy batches",
         )

@@ -420,7 +420,7 @@ def test_samples_layout_and_importance_weights(spec_for, teacher_dir):
         teacher_mix_alpha=alpha,
     )
     run = testing.build_run(spec)
-    assert isinstance(run.losses[0], kdcore.PreparesBatch)
+    assert isinstance(run.losses[0].loss, kdcore.PreparesBatch)
     data = run.dataset.batch(0, 4)
     B, L = data["input_ids"].shape
     mx.random.seed(11)
