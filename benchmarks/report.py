@@ -26,6 +26,7 @@ SECTIONS = [
     "scaling",
     "blas",
     "quantization",
+    "dtype_policy",
 ]
 # The loss kernels at three vocabulary sizes (tokens, vocab); fewer tokens at 128k keep the
 # plain formulations within memory and the section within its budget.
@@ -268,7 +269,9 @@ def main() -> None:
         start = time.perf_counter()
         print(f"[benchmarks] {section} ...", file=sys.stderr, flush=True)
         if section == "losses":
-            from kdcore.kernels.divergence import row_kernel_status
+            from kdcore.kernels.native import install_registered_kernels, row_kernel_status
+
+            install_registered_kernels()  # the kernels the "ours" variants install
 
             # which rows the measured "ours" variants ran (the tables say when it is unknown)
             results[section] = {"sizes": [], "kernels": row_kernel_status()["forward_kl"]}
@@ -426,23 +429,51 @@ def quantization_lines(q: dict) -> list[str]:
     ]
 
 
+def provenance_lines(r: dict) -> list[str]:
+    """Which run each section comes from, with that run's wall time for the section.
+
+    ``--only`` replaces its sections in results.json and keeps the rest (and the last full
+    run's ``total_wall_s``), so the page can combine runs. A full run's total covers every
+    section it measured: a total below the sections' sum means some were measured since."""
+    measured = [(s, r[s]["wall_s"]) for s in SECTIONS if "wall_s" in r.get(s, {})]
+    if not measured:
+        return []
+    together = sum(wall for _, wall in measured)
+    if r.get("total_wall_s", 0) >= together:
+        head = (
+            f"All sections come from one run of `benchmarks/run`, "
+            f"{r['total_wall_s'] / 60:.1f} minutes; each section's part of it:"
+        )
+    else:
+        head = (
+            "The sections come from separate runs: `benchmarks/run --only SECTION` measures "
+            "one and replaces it in results.json, leaving the others as they were. The wall "
+            f"time of each section in the run that measured it ({together / 60:.0f} minutes "
+            "in all):"
+        )
+    return [
+        head,
+        "",
+        "| section | command | wall time |",
+        "| --- | --- | ---: |",
+        *[f"| {s} | `benchmarks/run --only {s}` | {wall / 60:.1f} min |" for s, wall in measured],
+        "",
+    ]
+
+
 def render(r: dict, figures: Path) -> str:
     m = r["machine"]
     lines = [
         "# Performance",
         "",
-        "Every figure on this page comes from one command, `benchmarks/run`, which writes",
+        "Every figure on this page comes from `benchmarks/run`, which writes",
         "`benchmarks/results.json` and this page. Each section runs in its own process; within",
         "a section the variants run side by side, and figures are ratios between them.",
         "",
         f"Machine: {m['platform']}, {m['cpus']} CPUs, MLX {m['mlx']} on {m['device']}, "
-        f"OpenBLAS fast path {'on' if m['fast_path_active'] else 'off'}."
-        + (
-            f" The whole run took {r['total_wall_s'] / 60:.1f} minutes."
-            if "total_wall_s" in r
-            else ""
-        ),
+        f"OpenBLAS fast path {'on' if m['fast_path_active'] else 'off'}.",
         "",
+        *provenance_lines(r),
     ]
     if "bandwidth" in r:
         b = r["bandwidth"]
@@ -548,6 +579,29 @@ def render(r: dict, figures: Path) -> str:
             f"{bl['fast']['matmul_512_s'] * 1e3:.2f} ms | **{bl['matmul_speedup']:.1f}x** |",
             f"| student train step (16x128) | {bl['bundled']['train_step_s']:.3f} s | "
             f"{bl['fast']['train_step_s']:.3f} s | **{bl['train_step_speedup']:.1f}x** |",
+            "",
+        ]
+    if "dtype_policy" in r:
+        d = r["dtype_policy"]
+        rows = [
+            ("float16 folder, the CPU dtype policy (float32 compute)", "float16_folder_policy"),
+            ("float16 folder, teacher in float16 (`params.dtype`)", "float16_folder_as_float16"),
+            ("float32 folder", "float32_folder"),
+        ]
+        lines += [
+            "## A float16 checkpoint on a CPU: the dtype policy",
+            "",
+            "`benchmarks/run --only dtype_policy`: SmolLM2-135M-Instruct imported from its GGUF"
+            f" with `--dtype float16` (and float32), teacher and full-depth student, "
+            f"{d['tokens_per_step']} tokens a step, median of steps 2-{d['steps']}.",
+            "",
+            "| | step | val loss |",
+            "| --- | ---: | ---: |",
+            *[f"| {name} | {d[k]['step_s']:.2f} s | {d[k]['val_loss']:.4f} |" for name, k in rows],
+            "",
+            f"The policy's step is {d['policy_vs_float32_folder']:.2f}x the float32 folder's; "
+            f"a teacher computed in float16 takes {d['float16_compute_vs_policy']:.1f}x the "
+            "policy's step.",
             "",
         ]
     if "cuda" in r:

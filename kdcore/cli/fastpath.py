@@ -1,7 +1,8 @@
 """Linux: run MLX with OpenBLAS instead of the reference BLAS its CPU wheel carries.
 
 MLX's Linux wheel links ``libblas.so.3``; preloading Debian's OpenBLAS build of that
-library makes matrix products ~30x faster here. ``kd`` re-executes itself once with
+library makes matrix products many times faster (``docs/performance.md``, the BLAS section:
+``benchmarks/run --only blas``). ``kd`` re-executes itself once with
 ``LD_PRELOAD`` set when the library exists (set ``KD_NO_FASTPATH=1`` to opt out). This
 module is the one place that names the library; for what does not start through ``kd``:
 
@@ -81,8 +82,9 @@ def coretype_override(lib: str) -> str | None:
     OpenBLAS picks its kernels from the CPU model; a model it does not know (a VM's
     "Intel(R) Xeon(R) Processor" with OpenBLAS 0.3.21) gets the SSE3 ``Prescott`` kernels.
     When it chose such a generic family and the CPU's flags allow better, this names the
-    best family they allow (``SkylakeX`` for AVX-512, ``Haswell`` for AVX2 + FMA): sgemm at
-    kdcore's head shapes measured 2.5-4x faster here. None where its detection did well."""
+    best family they allow (``SkylakeX`` for AVX-512, ``Haswell`` for AVX2 + FMA), whose sgemm
+    kernels use the wide vector units that the SSE3 ones leave idle. None where its detection
+    did well."""
     flags = _cpu_flags()
     if {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512cd"} <= flags:
         best = "SkylakeX"

@@ -1,1 +1,2 @@
-"""Datasets: text and prompt/response JSONL, building from a spec, inspecting."""
+"""Datasets: text, prompt/response and chat JSONL (``chat`` names the modules it is made of),
+building from a spec, inspecting."""

@@ -8,9 +8,10 @@ fault per 4 KiB, every chunk, every step, in system time that varies with the ho
 faults are dear). :func:`reuse_freed_memory` asks glibc to serve large blocks from its heap
 (``M_MMAP_MAX = 0``) and never to give freed heap memory back (``M_TRIM_THRESHOLD``
 unbounded): after the first steps the same memory is reused without a fault.
-``benchmarks/run --only real_vocab`` measures it on its 2-core VM: ``kd distill``'s step
-13.5 s, 18.5 s with ``KD_HEAP=system``; PyTorch's loop, whose allocator is glibc's too,
-23.2 s, 13.9 s with the same settings made through glibc's ``MALLOC_`` variables.
+``benchmarks/run --only real_vocab`` measures it (``docs/performance.md``, real
+vocabulary): ``kd distill``'s step with and without ``KD_HEAP=system``, and PyTorch's loop,
+whose allocator is glibc's too, with and without the same settings made through glibc's
+``MALLOC_`` variables.
 
 The cost: the process keeps its high-water mark of memory until it exits (freed blocks
 stay with it, for reuse). Training runs in ``kd`` and ``kdcore.distill`` turn it on;

@@ -1,57 +1,19 @@
-"""Conformance kit for plugin authors: run your component through the contracts of its kind.
-
-Usage in a plugin's tests::
-
-    from kdcore import testing
-
-    def test_my_loss_conforms():
-        testing.check_loss("cosine", temperature=2.0)
-
-    def test_my_scheduler_conforms():
-        testing.check_scheduler("half", start=3.0)
-
-Each ``check_*`` draws inputs with hypothesis (set ``KD_HYPOTHESIS_PROFILE=thorough`` for
-more examples) and raises ``AssertionError`` naming the contract that failed.
-
-Loss contracts: the value is a finite scalar; gradients with respect to the student's
-logits are finite for logits up to +/-``bound``; adding a constant to every logit of the
-student or teacher at a position changes nothing; changing masked positions changes
-nothing; and, when the component declares ``zero_at_identity``, the loss is 0 when the
-student's logits equal the teacher's.
-
-The module is also a pytest plugin (it is not registered automatically: it imports
-hypothesis). Its fixtures: ``corpus`` (a small text file), ``teacher_dir`` (a tiny teacher
-trained on it, once per session), ``spec_for`` (``spec_for(losses, **kw)``: :func:`tiny_spec`
-on the corpus) and ``random_model_dir`` (an untrained byte-level model directory). Enable
-them with ``pytest_plugins = ["kdcore.testing"]`` in a top-level conftest.py; in a conftest
-below the rootdir (pytest refuses ``pytest_plugins`` there) import them instead::
-
-    from kdcore.testing import corpus, spec_for, teacher_dir  # noqa: F401
-
-Helpers for tests that drive the engine: :func:`run_kd` (the ``kd`` command in-process),
-:func:`plugins` (a registry with in-process plugin objects, restored afterwards),
-:func:`build_run` and :func:`prepare_batch` (a run's built parts, and a batch after its
-losses' ``prepare_batch``); and the plain reference formulations of the divergence kernels
-(:func:`plain_divergence`, :func:`plain_sparse_divergence`, :func:`row_terms`).
-"""
+"""The conformance checks of ``kdcore.testing``: hypothesis strategies for logits and the
+contracts of losses, schedulers and teacher aggregators (see the package docstring)."""
 
 from __future__ import annotations
 
-import contextlib
 import os
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import attrs
 import mlx.core as mx
 import numpy as np
-import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from kdcore.kernels.divergence import plain_divergence, plain_sparse_divergence, row_terms
 from kdcore.losses.inputs import LossInputs
 from kdcore.losses.tokens import IGNORE_INDEX
 from kdcore.models.output import ModelOutput
@@ -72,35 +34,6 @@ settings.register_profile(
     "thorough", max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow]
 )
 PROFILE = os.environ.get("KD_HYPOTHESIS_PROFILE", "fast")
-
-__all__ = [
-    # conformance
-    "PROFILE",
-    "check_aggregator",
-    "check_loss",
-    "check_scheduler",
-    "default_batch",
-    "floats",
-    "logit_pairs",
-    "shapes",
-    # tiny runs
-    "build_run",
-    "plugins",
-    "prepare_batch",
-    "run_kd",
-    "save_random_model",
-    "tiny_spec",
-    "train_tiny_teacher",
-    # references
-    "plain_divergence",
-    "plain_sparse_divergence",
-    "row_terms",
-    # fixtures
-    "corpus",
-    "random_model_dir",
-    "spec_for",
-    "teacher_dir",
-]
 
 
 # ---------------------------------------------------------------- strategies
@@ -453,184 +386,3 @@ def check_aggregator(
             assert np.allclose(w.sum(-1), 1.0, atol=1e-5), f"{name}: weights do not sum to 1"
 
     prop()
-
-
-# ---------------------------------------------------------------- tiny runs
-
-
-def tiny_spec(
-    corpus: str | os.PathLike,
-    losses: list[dict] | None = None,
-    *,
-    steps: int = 20,
-    dim: int = 32,
-    teachers: list[dict] | None = None,
-    **sections: Any,
-) -> dict:
-    """A spec (as a dict) for a run of a few seconds on the text file ``corpus``: 32-byte
-    rows, batches of 4, a 2-layer student of width ``dim``; ``losses`` default to ``ce``.
-    Each keyword in ``sections`` replaces that whole top-level table::
-
-        spec = testing.tiny_spec(corpus, [{"name": "hinton"}], teachers=[{"path": str(t)}])
-        kdcore.distill(spec, output=tmp_path / "run", progress=False)
-    """
-    spec = {
-        "run": {"name": "tiny", "seed": 0},
-        "data": {
-            "name": "text",
-            "params": {"path": str(corpus), "seq_len": 32, "val_fraction": 0.1},
-        },
-        "student": {
-            "model": {
-                "name": "transformer",
-                "params": {"dim": dim, "layers": 2, "heads": 2, "max_seq_len": 32},
-            }
-        },
-        "losses": losses if losses is not None else [{"name": "ce"}],
-        "train": {
-            "steps": steps,
-            "batch_size": 4,
-            "log_every": 1,
-            "optimizer": {"name": "adamw", "lr": 3e-3},
-        },
-        "eval": {"batches": 2},
-    }
-    if teachers is not None:
-        spec["teachers"] = teachers
-    spec.update(sections)
-    return spec
-
-
-def train_tiny_teacher(
-    corpus: str | os.PathLike,
-    output: str | os.PathLike,
-    *,
-    steps: int = 40,
-    dim: int = 48,
-    heads: int = 2,
-    log_every: int = 1,
-) -> os.PathLike:
-    """Train a small teacher on ``corpus`` with the project itself (cross-entropy, a few
-    seconds); returns its model directory ``output/student``."""
-    import kdcore
-
-    spec = tiny_spec(corpus, steps=steps, dim=dim)
-    spec["student"]["model"]["params"]["heads"] = heads
-    spec["train"]["log_every"] = log_every
-    kdcore.distill(spec, output=output, progress=False)
-    return Path(output) / "student"
-
-
-def save_random_model(
-    output: str | os.PathLike,
-    *,
-    dim: int = 16,
-    layers: int = 1,
-    heads: int = 2,
-    max_seq_len: int = 64,
-    seed: int = 3,
-) -> Path:
-    """An untrained byte-level transformer saved as a model directory (config, weights and
-    tokenizer) at ``output``; returns ``output``."""
-    from kdcore.models.io import save_model
-    from kdcore.models.transformer import Transformer, TransformerConfig
-    from kdcore.tokenizers.simple import ByteTokenizer, save_tokenizer
-
-    mx.random.seed(seed)
-    config = TransformerConfig(
-        vocab_size=256, dim=dim, layers=layers, heads=heads, max_seq_len=max_seq_len
-    )
-    model = Transformer(config)
-    mx.eval(model.parameters())
-    save_model(model, output, "transformer", config)
-    save_tokenizer(ByteTokenizer(), output)
-    return Path(output)
-
-
-# ---------------------------------------------------------------- driving the engine
-
-
-def run_kd(*args: Any) -> int:
-    """``kd ARGS...`` in this process (each argument through ``str``); its exit status."""
-    from kdcore.cli.main import main
-
-    return main([str(a) for a in args])
-
-
-@contextlib.contextmanager
-def plugins(*objects: object, distribution: str = "kdcore-testing") -> Iterator[Any]:
-    """The process-wide registry rebuilt from the built-ins, the installed plugins and
-    ``objects`` (modules or objects with ``kd_*`` hook implementations, recorded as coming
-    from ``distribution``); yields it and restores the previous registry on exit. With no
-    objects: the installed plugins only::
-
-        with testing.plugins(MyPlugin()):
-            kdcore.distill(spec, output=tmp_path / "run", progress=False)
-    """
-    from kdcore.registry import manager
-
-    saved = manager._registry
-    try:
-        yield manager.reset_registry([(obj, distribution) for obj in objects])
-    finally:
-        manager._registry = saved
-
-
-def build_run(spec: Any) -> Any:
-    """A run's built parts from a spec (a dict, a path or a ``kdcore.RunSpec``), as
-    ``kd distill`` builds them, without training: ``dataset``, ``student``, ``teachers``,
-    ``aggregator``, ``aligner``, ``losses``, ``total``..."""
-    from kdcore.engine.build import build_parts
-    from kdcore.spec.load import load_spec
-    from kdcore.spec.schema import RunSpec
-
-    return build_parts(spec if isinstance(spec, RunSpec) else load_spec(spec))
-
-
-def prepare_batch(parts: Any, rows: dict[str, np.ndarray], step: int) -> dict[str, mx.array]:
-    """The batch of step ``step`` from dataset ``rows``, as MLX arrays after every loss's
-    ``prepare_batch`` (what the engine's step does before the teachers run)."""
-    from kdcore.engine.step import prepare_batch as engine_prepare_batch
-
-    return engine_prepare_batch(parts, rows, step)
-
-
-# ---------------------------------------------------------------- fixtures
-
-CORPUS = Path(__file__).resolve().parents[1] / "examples" / "shakespeare" / "data"
-CORPUS = CORPUS / "tinyshakespeare.txt"
-CORPUS_CHARS = 20_000
-
-
-@pytest.fixture(scope="session")
-def corpus(tmp_path_factory) -> Path:
-    """The first 20k characters of the bundled tiny Shakespeare (``$KD_TEST_CORPUS``, when
-    set, names another text file)."""
-    source = Path(os.environ.get("KD_TEST_CORPUS", CORPUS))
-    if not source.exists():
-        pytest.fail(f"no test corpus at {source}: set KD_TEST_CORPUS to a text file")
-    path = tmp_path_factory.mktemp("data") / "tiny.txt"
-    path.write_text(source.read_text(encoding="utf-8")[:CORPUS_CHARS], encoding="utf-8")
-    return path
-
-
-@pytest.fixture(scope="session")
-def teacher_dir(tmp_path_factory, corpus) -> Path:
-    """A tiny teacher trained on ``corpus`` (:func:`train_tiny_teacher`), once a session."""
-    return train_tiny_teacher(corpus, tmp_path_factory.mktemp("teacher-run"))
-
-
-@pytest.fixture
-def spec_for(corpus) -> Callable[..., dict]:
-    """``spec_for(losses=None, **kw)``: :func:`tiny_spec` on ``corpus``."""
-
-    def make(losses: list[dict] | None = None, **kw: Any) -> dict:
-        return tiny_spec(corpus, losses, **kw)
-
-    return make
-
-
-@pytest.fixture(scope="session")
-def random_model_dir(tmp_path_factory) -> Path:
-    """An untrained byte-level model directory (:func:`save_random_model`)."""
-    return save_random_model(tmp_path_factory.mktemp("random-model") / "model")

@@ -1,0 +1,93 @@
+"""Conformance kit for plugin authors: run your component through the contracts of its kind.
+
+Usage in a plugin's tests::
+
+    from kdcore import testing
+
+    def test_my_loss_conforms():
+        testing.check_loss("cosine", temperature=2.0)
+
+    def test_my_scheduler_conforms():
+        testing.check_scheduler("half", start=3.0)
+
+Each ``check_*`` draws inputs with hypothesis (set ``KD_HYPOTHESIS_PROFILE=thorough`` for
+more examples) and raises ``AssertionError`` naming the contract that failed.
+
+Loss contracts: the value is a finite scalar; gradients with respect to the student's
+logits are finite for logits up to +/-``bound``; adding a constant to every logit of the
+student or teacher at a position changes nothing; changing masked positions changes
+nothing; and, when the component declares ``zero_at_identity``, the loss is 0 when the
+student's logits equal the teacher's.
+
+The package is also a pytest plugin (it is not registered automatically: it imports
+hypothesis). Its fixtures: ``corpus`` (a small text file), ``teacher_dir`` (a tiny teacher
+trained on it, once per session), ``spec_for`` (``spec_for(losses, **kw)``: :func:`tiny_spec`
+on the corpus) and ``random_model_dir`` (an untrained byte-level model directory). Enable
+them with ``pytest_plugins = ["kdcore.testing"]`` in a top-level conftest.py; in a conftest
+below the rootdir (pytest refuses ``pytest_plugins`` there) import them instead::
+
+    from kdcore.testing import corpus, spec_for, teacher_dir  # noqa: F401
+
+Helpers for tests that drive the engine: :func:`run_kd` (the ``kd`` command in-process),
+:func:`plugins` (a registry with in-process plugin objects, restored afterwards),
+:func:`build_run` and :func:`prepare_batch` (a run's built parts, and a batch after its
+losses' ``prepare_batch``); and the plain reference formulations of the divergence kernels
+(:func:`plain_divergence`, :func:`plain_sparse_divergence`, :func:`row_terms`).
+"""
+
+from __future__ import annotations
+
+# The references live with the kernels they check; a plugin author reaches them here.
+from kdcore.kernels.divergence import plain_divergence, plain_sparse_divergence, row_terms
+from kdcore.testing._kit import (
+    PROFILE,
+    check_aggregator,
+    check_loss,
+    check_scheduler,
+    default_batch,
+    floats,
+    logit_pairs,
+    shapes,
+)
+from kdcore.testing._runs import (
+    build_run,
+    corpus,
+    plugins,
+    prepare_batch,
+    random_model_dir,
+    run_kd,
+    save_random_model,
+    spec_for,
+    teacher_dir,
+    tiny_spec,
+    train_tiny_teacher,
+)
+
+__all__ = [
+    # conformance
+    "PROFILE",
+    "check_aggregator",
+    "check_loss",
+    "check_scheduler",
+    "default_batch",
+    "floats",
+    "logit_pairs",
+    "shapes",
+    # tiny runs
+    "build_run",
+    "plugins",
+    "prepare_batch",
+    "run_kd",
+    "save_random_model",
+    "tiny_spec",
+    "train_tiny_teacher",
+    # references
+    "plain_divergence",
+    "plain_sparse_divergence",
+    "row_terms",
+    # fixtures
+    "corpus",
+    "random_model_dir",
+    "spec_for",
+    "teacher_dir",
+]
