@@ -25,6 +25,7 @@ from kdcore.io import kd_cache_root, save_arrays, sha256_file, write_json
 
 # GGML types mx.load returns as MLX affine triples (weight, scales, biases).
 MLX_NATIVE = {"Q4_0": 4, "Q4_1": 4, "Q8_0": 8}
+MLX_READS = set(MLX_NATIVE) | {"F32", "F16", "BF16"}  # every type mx.load takes
 GGUF_GROUP_SIZE = 32
 FLOAT_DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 # The marker an imported folder carries: provenance, licence, what was done to the weights.
@@ -151,17 +152,17 @@ def mlx_name(gguf_name: str, layer_names: dict, where: str) -> str:
     return f"{TOP_NAMES[stem]}.{leaf}"
 
 
-def _dequantized(reader, where: str) -> dict[str, np.ndarray]:
-    """The tensors MLX cannot read as they are, dequantized to float32 by ``gguf``."""
+def _dequantized(reader, where: str, every: bool) -> dict[str, np.ndarray]:
+    """Tensors as float32 through ``gguf``: those MLX cannot read as they are, or
+    ``every`` one (MLX's GGUF reader refuses a whole file over one type it lacks)."""
     gguf = require_gguf()
-    native = set(MLX_NATIVE) | {"F32", "F16", "BF16"}
     out = {}
     for tensor in reader.tensors:
-        if tensor.tensor_type.name in native:
+        if not every and tensor.tensor_type.name in MLX_READS:
             continue
         try:
             values = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
-        except NotImplementedError as exc:
+        except (NotImplementedError, ValueError) as exc:
             raise CheckpointError(
                 f"{where}: tensor {tensor.name} has GGML type {tensor.tensor_type.name}, which "
                 f"the gguf package cannot dequantize ({exc})"
@@ -175,17 +176,14 @@ def _load_tensors(path: Path, reader, where: str) -> tuple[dict[str, mx.array], 
     """``{gguf name: array}`` (quantized triples as ``NAME.weight/.scales/.biases``) and
     ``{gguf tensor stem: bits}`` of the tensors kept quantized."""
     types = {t.name: t.tensor_type.name for t in reader.tensors}
-    dense = _dequantized(reader, where)
-    mlx_types = set(MLX_NATIVE) | {"F32", "F16", "BF16"}
-    if any(t in mlx_types for t in types.values()):
+    loaded: dict[str, mx.array] = {}
+    if set(types.values()) <= MLX_READS:
         try:
             loaded = mx.load(str(path))
         except (RuntimeError, ValueError) as exc:
-            if not dense:
-                raise CheckpointError(f"{where}: MLX could not read the GGUF ({exc})") from exc
-            loaded = {}
-    else:
-        loaded = {}
+            raise CheckpointError(f"{where}: MLX could not read the GGUF ({exc})") from exc
+    # with k-quants in the file every tensor comes through gguf (then nothing stays quantized)
+    dense = _dequantized(reader, where, every=not loaded)
     # a dequantized matrix is stored as float16 unless a dtype is asked for: half the size
     # of float32, and the originals these files were made from are 16-bit
     tensors = {
@@ -203,8 +201,10 @@ def _load_tensors(path: Path, reader, where: str) -> tuple[dict[str, mx.array], 
                     raise CheckpointError(f"{where}: MLX returned no {stem}.{leaf} for {kind}")
                 tensors[f"{stem}.{leaf}"] = loaded[f"{stem}.{leaf}"]
             bits[stem] = MLX_NATIVE[kind]
-        else:
+        elif name in loaded:
             tensors[name] = loaded[name]
+        else:
+            raise CheckpointError(f"{where}: MLX returned no tensor {name} ({kind})")
     return tensors, bits
 
 
