@@ -75,6 +75,11 @@ def schedule_keys(run_dir: Path) -> set[str]:
     is read, not the spec built, so a report works without the run's plugins installed."""
     keys = {"lr"}
     try:
+        losses = json.loads((run_dir / "summary.json").read_text())["losses"]
+        return keys.union(*(loss["schedules"] for loss in losses))
+    except (OSError, ValueError, KeyError, TypeError):
+        pass  # a run from before summary.json listed its losses: read its spec
+    try:
         data = read_spec_file(run_dir / "spec.toml")
     except (SpecError, OSError, UnicodeDecodeError):
         return keys

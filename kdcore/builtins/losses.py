@@ -13,7 +13,7 @@ def kd_losses():
             "ce",
             cross_entropy,
             CrossEntropyConfig,
-            properties={"shift_invariant", "fused"},
+            properties={"shift_invariant"},
             doc="cross-entropy on the hard labels, masked mean over tokens",
         ),
         Component(

@@ -119,9 +119,9 @@ def cmd_validate(args) -> int:
     problems = check_run(spec)  # the checks kd distill runs while building, shared
     if problems:
         raise SpecError(problems, source=args.spec)
-    from kdcore.engine.fused import spec_loss_paths
+    from kdcore.engine.terms import spec_losses
 
-    paths = spec_loss_paths(spec)
+    paths = [(built.label, built.path) for built in spec_losses(spec)]
     dtypes = model_dtypes(spec)
     if args.json:
         from kdcore.spec.load import spec_to_dict
@@ -319,7 +319,9 @@ def cmd_doctor(args) -> int:
 
     from kdcore.cli import fastpath
     from kdcore.engine.heap import heap_status
-    from kdcore.kernels.divergence import row_kernel_status
+    from kdcore.kernels.native import install_registered_kernels, row_kernel_status
+
+    install_registered_kernels()  # the kernels a run would install: the registry's
 
     info = {
         "python": platform.python_version(),

@@ -11,18 +11,19 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from kdcore.engine.distributed import DataParallel
+from kdcore.engine.terms import BuiltLoss, build_losses, learnable_teacher
 from kdcore.errors import KdError, SpecError
+from kdcore.kernels.native import use_row_kernels
 from kdcore.protocols import HasRequirements, PreparesVocabularies, ReadsTeacherModel
 from kdcore.registry.components import Component
 from kdcore.registry.manager import get_registry
 from kdcore.registry.setup import Setup
 from kdcore.spec.compose import cache_manifests, check_composition, check_parameter_groups
-from kdcore.spec.load import blame_overrides, loss_labels
+from kdcore.spec.load import blame_overrides
 from kdcore.spec.schema import RunSpec
 from kdcore.tokenizers.simple import fingerprint
 
 CAPTURABLE = ("hidden_states", "attentions")
-TEACHER_NEEDS = frozenset({"teacher", "dense_teacher"})
 
 
 def total_steps(spec: RunSpec) -> int:
@@ -32,15 +33,13 @@ def total_steps(spec: RunSpec) -> int:
 class Trainable(nn.Module):
     """Everything that learns: the student and any learnable aggregator or loss."""
 
-    def __init__(self, student: nn.Module, aggregator: Any, losses: list[Any]):
+    def __init__(self, student: nn.Module, aggregator: Any, losses: list[BuiltLoss]):
         super().__init__()
         self.student = student
         if isinstance(aggregator, nn.Module):
             self.aggregator = aggregator
         # Keys must not be numbers: MLX rebuilds numeric paths as lists.
-        self.losses = {
-            f"loss{i}": loss for i, loss in enumerate(losses) if isinstance(loss, nn.Module)
-        }
+        self.losses = {b.key: b.loss for b in losses if isinstance(b.loss, nn.Module)}
 
 
 @attrs.define(eq=False)
@@ -60,9 +59,7 @@ class Parts:
     init_report: dict
     aggregator: Any
     aligner: Any
-    loss_components: list[Component]
-    losses: list[Any]
-    labels: list[str]
+    losses: list[BuiltLoss]
     capture: frozenset[str]
     callbacks: list[Any]
     trainable: Trainable
@@ -71,10 +68,6 @@ class Parts:
         """Each teacher's signal for ``batch`` (spec order), capturing what the run's
         components need (``capture``)."""
         return [t.signal(batch, self.capture, self.student) for t in self.teachers]
-
-    def uses_teacher(self, index: int) -> bool:
-        """Whether loss ``index`` reads the teacher signal (and so its aligned mask)."""
-        return bool(TEACHER_NEEDS & self.loss_components[index].requires)
 
 
 def check_run(spec: RunSpec) -> list[str]:
@@ -186,6 +179,7 @@ def build_parts(spec: RunSpec) -> Parts:
     if problems:
         raise SpecError(problems)
     registry = get_registry()
+    use_row_kernels(registry.row_kernels())  # the run's native kernels, read by the kernels
 
     def component(kind: str, ref) -> Component:
         return registry.get(kind, ref.name)
@@ -236,9 +230,8 @@ def build_parts(spec: RunSpec) -> Parts:
     if teachers:
         _check_vocabularies(teachers, aligner, teacher_tok, tokenizer)
 
-    loss_components = [component("loss", ref) for ref in spec.losses]
-    losses = [c.factory(ref.config, setup) for c, ref in zip(loss_components, spec.losses)]
-    requires = set().union(*(c.requires for c in loss_components))
+    losses = build_losses(spec, setup, learnable_teacher(aggregator))
+    requires = set().union(*(b.component.requires for b in losses))
     if isinstance(aggregator, HasRequirements):
         requires |= aggregator.requires
     callbacks = [
@@ -258,9 +251,7 @@ def build_parts(spec: RunSpec) -> Parts:
         init_report=init_report,
         aggregator=aggregator,
         aligner=aligner,
-        loss_components=loss_components,
         losses=losses,
-        labels=loss_labels(spec),
         capture=frozenset(r for r in CAPTURABLE if r in requires),
         callbacks=callbacks,
         trainable=Trainable(student, aggregator, losses),

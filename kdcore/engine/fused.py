@@ -1,17 +1,7 @@
-"""Which losses of a step run fused with the output heads, and that one fused pass.
-
-A loss runs fused (``kdcore.kernels.fused``: logits one chunk of tokens at a time, never
-``[tokens, vocab]``) when all of these hold, else it is called on full logits (the
-fallback, exact and unchanged):
-
-- ``train.fused_loss`` is true (the default);
-- the loss declares rows (``kdcore.DeclaresRows``) and returns some for this step;
-- the loss has no parameters of its own to train (the kernel differentiates only the
-  student's hidden states and head);
-- the student's output is hidden states and a plain head (``ModelOutput.head_weight``:
-  the built-in transformer and mlx-lm's plain-head families; not a quantized head);
-- for a loss that reads the teacher: no learnable aggregator (the kernel treats the
-  teacher as a constant).
+"""The fused pass: every loss of a step that runs fused with the output heads, over token
+chunks (``kdcore.kernels.fused``), so neither model's ``[tokens, vocab]`` logits exist.
+Which losses run fused is decided once per run, in ``kdcore.engine.terms``; the student's
+own output is checked here at each step (``student_reason``).
 
 The teacher side is always possible: a live teacher gives hidden states and its head (any
 head, quantized too: it runs per chunk without gradient), a top-k cache its small support,
@@ -21,7 +11,6 @@ an aligner's or cache's dense output its logits rows.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import attrs
@@ -29,19 +18,10 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from kdcore.io import read_json
 from kdcore.kernels.fused import Head, Term, fused_token_terms
 from kdcore.losses.rows import LABELS, TEACHER, Rows
-from kdcore.models.mlxlm import PLAIN_HEAD_TYPES
 from kdcore.models.output import ModelOutput
-from kdcore.protocols import DeclaresRows
-from kdcore.registry.manager import get_registry
-from kdcore.registry.setup import Setup
 from kdcore.signal.teacher import TeacherSignal
-from kdcore.spec.compose import TEACHER_NEEDS
-from kdcore.spec.load import loss_labels
-
-FUSED = "fused"
 
 
 @attrs.frozen(eq=False)
@@ -60,17 +40,6 @@ def student_reason(out: ModelOutput) -> str | None:
         return "the student model returns logits, not hidden states and a head"
     if out.head_weight is None:
         return "the student's head is not a plain matrix (quantized?)"
-    return None
-
-
-def loss_reason(loss: Any, reads_teacher: bool, learnable_teacher: bool) -> str | None:
-    """Why this loss cannot run fused (None: it can, if its rows are not None)."""
-    if not isinstance(loss, DeclaresRows):
-        return "the loss declares no rows"
-    if isinstance(loss, nn.Module) and tree_flatten(loss.trainable_parameters()):
-        return "the loss has parameters of its own to train"
-    if reads_teacher and learnable_teacher:
-        return "a learnable aggregator needs gradients through the teacher"
     return None
 
 
@@ -145,69 +114,3 @@ def fused_pass(
         head_grad=head_grad,
     )
     return total, list(values)
-
-
-# ---------------------------------------------------------------- what a spec will do
-
-
-def model_head_reason(spec_model: Any, init_name: str | None, base_dir: str = ".") -> str | None:
-    """Why a student built from this model spec will not run fused (None: it will), read
-    from the spec alone (``kd validate`` / ``kd explain``)."""
-    if init_name == "quantize":
-        return "a quantized student's head is not a plain matrix"
-    if spec_model.name == "transformer":
-        return None
-    if spec_model.name == "mlx-lm":
-        params = spec_model.params or {}
-        config = params.get("config") or {}
-        if not config and params.get("path"):
-            try:
-                config = read_json(Path(base_dir) / params["path"] / "config.json")
-            except Exception:
-                return None  # unreadable here: decided when the run builds
-        model_type = config.get("model_type")
-        if model_type and model_type not in PLAIN_HEAD_TYPES:
-            return f"mlx-lm model type {model_type!r} has no plain head kdcore can split off"
-        return None
-    return f"model {spec_model.name!r}: decided when the run builds"
-
-
-def _learnable_aggregator(spec: Any) -> bool:
-    """Whether the spec's aggregator has parameters to train (it is built, cheaply)."""
-    if len(spec.teachers) < 2:
-        return False
-    component = get_registry().get("teacher_aggregator", spec.aggregator.name)
-    setup = Setup(base_dir=Path(spec.base_dir), seed=spec.run.seed, spec=spec)
-    setup = attrs.evolve(setup, num_teachers=len(spec.teachers))
-    try:
-        aggregator = component.factory(spec.aggregator.config, setup)
-    except Exception:
-        return False  # it fails again, with its own message, when the run builds
-    return isinstance(aggregator, nn.Module) and bool(
-        tree_flatten(aggregator.trainable_parameters())
-    )
-
-
-def spec_loss_paths(spec: Any) -> list[tuple[str, str]]:
-    """``[(loss label, "fused" or "full logits (why)")]`` as a run of ``spec`` will take
-    them, from the spec and the registry alone (``kd validate`` prints it). A loss whose
-    rows depend on the batch (minillm's on-policy batches) is "fused" when it may be."""
-    registry = get_registry()
-    head = model_head_reason(spec.student.model, spec.student.init.name, spec.base_dir)
-    learnable = _learnable_aggregator(spec)
-    paths = []
-    for ref, label in zip(spec.losses, loss_labels(spec)):
-        component = registry.get("loss", ref.name)
-        if not spec.train.fused_loss:
-            why = "train.fused_loss is false"
-        elif "fused" not in component.properties:
-            why = "the loss declares no rows"
-        elif head is not None:
-            why = head
-        elif learnable and TEACHER_NEEDS & component.requires:
-            why = "a learnable aggregator needs gradients through the teacher"
-        else:
-            paths.append((label, FUSED))
-            continue
-        paths.append((label, f"full logits ({why})"))
-    return paths

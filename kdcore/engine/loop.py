@@ -29,6 +29,7 @@ from kdcore.engine.optim import build_optimizer, freeze_paths, plan_groups, set_
 from kdcore.engine.progress import Progress
 from kdcore.engine.step import first_non_finite, gradients
 from kdcore.errors import NonFiniteLossError, NonFiniteStateError, RunInterrupted
+from kdcore.kernels.native import native_kernel
 from kdcore.models import lora, quantize
 from kdcore.models.io import count_parameters
 from kdcore.protocols import AfterStep, Learnable
@@ -81,7 +82,8 @@ def stage_optimizer(parts: Parts, stage: Stage):
     freeze_paths(trainable, plan.frozen)
     # Re-plan over what is trainable now (frozen modules such as fixed weights drop out).
     plan = plan_groups(_TrainableView(trainable), stage.param_groups, spec.train.no_decay, decay)
-    optimizer = build_optimizer(section, plan, value_at(section.lr, 0, parts.total))
+    adam = native_kernel("adam")  # the run's (build_parts installed it); None if pure
+    optimizer = build_optimizer(section, plan, value_at(section.lr, 0, parts.total), adam)
     optimizer.init(trainable.trainable_parameters())
     return optimizer, plan
 
@@ -96,13 +98,21 @@ class _TrainableView:
         return self.module.trainable_parameters()
 
 
+def loss_record(built) -> dict:
+    """A loss as summary.json lists it: what it is, its path, and the keys of its scheduled
+    weight and parameters in metrics.jsonl (``kd report`` plots those as schedules)."""
+    schedules = [] if isinstance(built.weight, (int, float)) else [f"weight/{built.label}"]
+    schedules += [f"{built.label}/{name}" for name in scheduled_fields(built.config)]
+    return {"label": built.label, "name": built.name, "path": built.path, "schedules": schedules}
+
+
 def schedule_values(parts: Parts, step: int) -> dict[str, float]:
     values = {}
-    for ref, label in zip(parts.spec.losses, parts.labels):
-        if not isinstance(ref.weight, (int, float)):
-            values[f"weight/{label}"] = value_at(ref.weight, step, parts.total)
-        for name, sched in scheduled_fields(ref.config).items():
-            values[f"{label}/{name}"] = value_at(sched, step, parts.total)
+    for built in parts.losses:
+        if not isinstance(built.weight, (int, float)):
+            values[f"weight/{built.label}"] = built.weight_at(step, parts.total)
+        for name, sched in scheduled_fields(built.config).items():
+            values[f"{built.label}/{name}"] = value_at(sched, step, parts.total)
     return values
 
 
@@ -310,6 +320,7 @@ def train(
                 v.size for _, v in tree_flatten(parts.trainable.trainable_parameters())
             ),
             "init": parts.init_report,
+            "losses": [loss_record(b) for b in parts.losses],
             # MLX's allocator peak and the process's peak resident memory, whole run
             "peak_memory_bytes": mx.get_peak_memory(),
             "peak_rss_bytes": peak_rss_bytes(),

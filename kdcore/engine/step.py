@@ -14,25 +14,13 @@ from mlx.utils import tree_flatten, tree_map
 
 from kdcore.engine import onpolicy
 from kdcore.engine.build import Parts, Trainable
-from kdcore.engine.fused import FusedTerm, fused_pass, head_trains, loss_reason, student_reason
+from kdcore.engine.fused import FusedTerm, fused_pass, head_trains, student_reason
 from kdcore.losses.inputs import LossInputs, StepContext
 from kdcore.losses.rows import as_list
 from kdcore.models.output import ModelOutput
 from kdcore.protocols import PreparesBatch
 from kdcore.signal.aligned import position_mask
 from kdcore.signal.teacher import TeacherSignal
-from kdcore.spec.schedules import scheduled_fields, value_at
-
-
-def resolved_params(config: Any, step: int, total: int) -> Any:
-    """The config at ``step``: every scheduled float replaced by its value (a 0-d array)."""
-    fields = scheduled_fields(config)
-    if not fields:
-        return config
-    return attrs.evolve(
-        config,
-        **{k: mx.array(value_at(v, step, total), dtype=mx.float32) for k, v in fields.items()},
-    )
 
 
 def combined_signal(
@@ -77,19 +65,13 @@ def prepare_batch(
     (``kdcore.engine.onpolicy``; ``index``: the batch's number, by default the step's first
     micro-batch; ``info`` receives the on-policy metrics)."""
     batch = {k: mx.array(v) for k, v in rows.items()}
-    preparers = [loss for loss in parts.losses if isinstance(loss, PreparesBatch)]
+    preparers = [b.loss for b in parts.losses if isinstance(b.loss, PreparesBatch)]
     context = step_context(parts, step)
     for loss in preparers:
         batch = loss.prepare_batch(batch, context)
     if index is None:
         index = step * parts.spec.train.grad_accum
     return onpolicy.sample_batch(parts, rows, batch, context, index, info)
-
-
-def learnable_teacher(trainable: Trainable | None) -> bool:
-    """Whether gradients must reach the teacher signal (a learnable aggregator)."""
-    aggregator = getattr(trainable, "aggregator", None)
-    return aggregator is not None and bool(tree_flatten(aggregator.trainable_parameters()))
 
 
 def loss_terms(parts: Parts, trainable: Trainable, batch, signals, step: int):
@@ -106,18 +88,17 @@ def loss_terms(parts: Parts, trainable: Trainable, batch, signals, step: int):
         aligned = position_mask(teacher)
         if aligned is not None:
             teacher_batch = {**batch, "mask": batch["mask"] * aligned}
-    fusing = parts.spec.train.fused_loss and student_reason(out) is None
-    trains_teacher = learnable_teacher(trainable)
+    fusing = student_reason(out) is None  # each loss's own reason was decided at build
     total = mx.array(0.0)
     terms, metrics, fused = {}, {}, []
-    for i, (ref, loss, label) in enumerate(zip(parts.spec.losses, parts.losses, parts.labels)):
-        loss = trainable.losses.get(f"loss{i}", loss) if isinstance(loss, nn.Module) else loss
-        params = resolved_params(ref.config, step, parts.total)
-        reads_teacher = parts.uses_teacher(i)
-        loss_batch = teacher_batch if reads_teacher else batch
+    for built in parts.losses:
+        loss = trainable.losses.get(built.key, built.loss)
+        label = built.label
+        loss_batch = teacher_batch if built.reads_teacher else batch
+        params = built.params_at(step, parts.total)
         loss_inputs = attrs.evolve(inputs, teacher=teacher, params=params, batch=loss_batch)
-        weight = value_at(ref.weight, step, parts.total)
-        if fusing and loss_reason(loss, reads_teacher, trains_teacher) is None:
+        weight = built.weight_at(step, parts.total)
+        if fusing and built.reason is None:
             declared = as_list(loss.rows(loss_inputs))
             if declared is not None:
                 for rows in declared:
@@ -140,7 +121,7 @@ def loss_terms(parts: Parts, trainable: Trainable, batch, signals, step: int):
             terms[term.label] = terms.get(term.label, 0.0) + value * float(term.rows.weight)
             if term.rows.name:
                 metrics[f"{term.label}/{term.rows.name}"] = value
-        terms = {label: terms[label] for label in parts.labels}
+        terms = {b.label: terms[b.label] for b in parts.losses}
     if teacher is not None and teacher.weights is not None:
         mean_w = teacher.weights.reshape(-1, teacher.weights.shape[-1]).mean(0)
         for k in range(mean_w.shape[0]):

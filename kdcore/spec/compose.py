@@ -17,6 +17,7 @@ from typing import Any
 
 from kdcore.errors import CheckpointError
 from kdcore.io import read_json
+from kdcore.registry.components import TEACHER_NEEDS
 from kdcore.registry.manager import get_registry
 from kdcore.registry.setup import Setup
 from kdcore.spec.load import blame_overrides
@@ -26,8 +27,6 @@ from kdcore.spec.schema import RunSpec
 # The cache manifest formats (kdcore/cache/format.py; that layer sits above this one).
 CACHE_FORMAT = "kd-teacher-cache"
 CACHE_SET_FORMAT = "kd-teacher-cache-set"
-
-TEACHER_NEEDS = frozenset({"teacher", "dense_teacher"})
 
 
 def check_composition(spec: RunSpec) -> list[str]:
