@@ -43,10 +43,9 @@ def make_spec(corpus):
     return make
 
 
-@pytest.fixture(scope="session")
-def smollm2_gguf() -> Path:
-    """SmolLM2-135M-Instruct's Q4_1 GGUF (the real-model tier, ``tests/real_models.py``).
-    Loaded by path: under ``--import-mode=importlib`` tests/ is not on ``sys.path``."""
+def _real_models():
+    """tests/real_models.py, loaded by path: under ``--import-mode=importlib`` tests/ is
+    not on ``sys.path``."""
     import importlib.util
     import sys
 
@@ -58,7 +57,19 @@ def smollm2_gguf() -> Path:
         module = importlib.util.module_from_spec(spec)
         sys.modules["real_models"] = module
         spec.loader.exec_module(module)
-    return module.smollm2_gguf()
+    return module
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """SmolLM2-135M-Instruct's Q4_1 GGUF (the real-model tier, ``tests/real_models.py``)."""
+    return _real_models().smollm2_gguf()
+
+
+@pytest.fixture(scope="session")
+def gemma3_gguf() -> Path:
+    """Gemma 3 270M's Q4_K_M GGUF (the real-model tier, ``tests/real_models.py``)."""
+    return _real_models().gemma3_gguf()
 
 
 @pytest.fixture(scope="session")

@@ -186,3 +186,52 @@ def test_the_real_model_tier_fails_loudly_without_network_unless_opted_out(monke
     monkeypatch.setenv("KD_SKIP_REAL_MODELS", "1")
     with pytest.raises(pytest.skip.Exception, match="opted out"):
         tier.smollm2_gguf()
+
+
+def test_gemma3_k_quants_import_and_match_transformers(gemma3_gguf, tmp_path, monkeypatch):
+    """Gemma 3 270M (Q4_K_M: k-quants, read whole through gguf; Gemma's 1 + w norms) against
+    transformers' GGUF loader. mlx-lm's Gemma 3 multiplies the embeddings by sqrt(hidden)
+    rounded to bfloat16 (as the bf16 originals compute it); transformers in float32 does not
+    round it: with that one scale made the same, every token's loss agrees to 1e-2 nats."""
+    torch = pytest.importorskip("torch", reason="torch==2.13.0 is in kdcore[test]")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = convert.import_gguf(gemma3_gguf, tmp_path / "gemma")
+    record = json.loads((folder / convert.IMPORT_RECORD).read_text())
+    assert record["license"] == "gemma" and "Q4_K" in record["tensor_types"]
+    config = json.loads((folder / "config.json").read_text())
+    assert config["model_type"] == "gemma3_text" and "quantization" not in config
+    kwargs = {"gguf_file": gemma3_gguf.name}
+    tok = AutoTokenizer.from_pretrained(gemma3_gguf.parent, **kwargs)
+    ref = AutoModelForCausalLM.from_pretrained(gemma3_gguf.parent, dtype=torch.float32, **kwargs)
+    text = SHAKESPEARE.read_text(encoding="utf-8")[:3000]
+    ids = tok(text)["input_ids"][:256]
+    from mlx_lm import load as mlx_lm_load
+
+    _, ours = mlx_lm_load(str(folder))
+    assert (
+        ours.encode(text[:800], add_special_tokens=False)
+        == tok(text[:800], add_special_tokens=False)["input_ids"]
+    )
+    with torch.no_grad():
+        logits = ref.eval()(torch.tensor([ids])).logits[0, :-1].float().numpy()
+    want = token_nll(logits, np.array(ids[1:]))
+    lm, _ = load_mlxlm(folder)
+    got = token_nll(np.array(lm(mx.array([ids[:-1]])).astype(mx.float32)[0]), np.array(ids[1:]))
+    assert abs(got.mean() - want.mean()) < 2e-3  # 3.7620 against 3.7626 when measured
+
+    class FloatScale:  # the lookup times the rounding's inverse; the tied head unchanged
+        def __init__(self, embed):
+            self.embed = embed
+            self.ratio = 640**0.5 / mx.array(640**0.5, mx.bfloat16).astype(mx.float32).item()
+
+        def __call__(self, x):
+            return self.embed(x) * self.ratio
+
+        def as_linear(self, x):
+            return self.embed.as_linear(x)
+
+    monkeypatch.setattr(lm.model, "embed_tokens", FloatScale(lm.model.embed_tokens))
+    same_scale = np.array(lm(mx.array([ids[:-1]])).astype(mx.float32)[0])
+    diff = np.abs(token_nll(same_scale, np.array(ids[1:])) - want)
+    assert diff.max() < 1e-2 and diff.mean() < 2e-3, (diff.max(), diff.mean())
