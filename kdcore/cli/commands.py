@@ -143,25 +143,30 @@ def model_dtypes(spec) -> dict[str, str]:
     (the dtype policy of ``kdcore.models.dtype``; no weights are read)."""
     from pathlib import Path
 
+    from kdcore.hub import local_path
     from kdcore.models.dtype import choose_dtype, planned
     from kdcore.models.mlxlm import locate_model
 
-    out: dict[str, str] = {}
     base = Path(spec.base_dir)
+
+    def headers(named: str) -> Path:
+        # a .gguf file is read where it is: validate never imports it
+        if str(named).lower().endswith(".gguf"):
+            return local_path(named, base)
+        return locate_model(named, base)
+
+    out: dict[str, str] = {}
     for i, ref in enumerate(spec.teachers):
         if ref.path and ref.source_name in ("model", "mlx-lm"):
-            where = f"$.teachers[{i}].params.dtype"
-            path = ref.path if str(ref.path).endswith(".gguf") else locate_model(ref.path, base)
-            path = Path(path) if Path(path).is_absolute() else base / path
-            out[f"teachers[{i}]"] = planned(path, (ref.params or {}).get("dtype"), where)
+            dtype = (ref.params or {}).get("dtype")
+            out[f"teachers[{i}]"] = planned(
+                headers(ref.path), dtype, f"$.teachers[{i}].params.dtype"
+            )
     model = spec.student.model
     params = model.params or {}
     where = "$.student.model.params.dtype"
     if model.name == "mlx-lm" and params.get("path"):
-        named = params["path"]
-        path = named if str(named).endswith(".gguf") else locate_model(named, base)
-        path = Path(path) if Path(path).is_absolute() else base / path
-        out["student"] = planned(path, params.get("dtype"), where)
+        out["student"] = planned(headers(params["path"]), params.get("dtype"), where)
     else:  # a fresh model is made in float32
         out["student"] = choose_dtype(params.get("dtype"), {"float32"}, 0, where).describe(
             {"float32"}
