@@ -17,6 +17,7 @@ import mlx.optimizers as optim
 
 import kdcore
 from benchmarks.common import median_time
+from kdcore import testing
 from kdcore.losses.inputs import LossInputs
 from kdcore.models.transformer import Transformer, TransformerConfig
 
@@ -30,8 +31,8 @@ def step_seconds(batch: int, length: int, vocab: int) -> float:
         TransformerConfig(vocab_size=vocab, dim=64, layers=2, heads=4, max_seq_len=length)
     )
     teacher.freeze()
-    ce = kdcore.build("loss", "ce")
-    hinton = kdcore.build("loss", "hinton", temperature=2.0)
+    ce = testing.build_loss("ce")
+    hinton = testing.build_loss("hinton", temperature=2.0)
     config = kdcore.make_config("loss", "hinton", temperature=2.0)
     optimizer = optim.AdamW(learning_rate=1e-3)
     ids = mx.random.randint(0, vocab, (batch, length))

@@ -18,13 +18,20 @@ from kdcore.engine.rundir import load_run_spec, open_run
 from kdcore.errors import CheckpointError, KdError, NonFiniteLossError, RegistryError, SpecError
 from kdcore.io import atomic_path, load_arrays, read_json, save_arrays, write_json
 from kdcore.kernels.chunked import chunked_token_mean, map_rows
-from kdcore.kernels.divergence import dense_divergence, sparse_divergence, token_divergence
+from kdcore.kernels.divergence import dense_divergence, sparse_divergence
 from kdcore.kernels.kinds import KINDS as DIVERGENCES
 from kdcore.kernels.native import install_registered_kernels
 from kdcore.kernels.support import TAILS as TAIL_POLICIES
 from kdcore.kernels.support import teacher_support, topk_sorted
 from kdcore.losses.inputs import LossInputs, StepContext
-from kdcore.losses.rows import RowLoss, Rows, cross_entropy_rows, rows_on_logits, teacher_rows
+from kdcore.losses.rows import (
+    RowLoss,
+    Rows,
+    cross_entropy_rows,
+    rows_on_logits,
+    teacher_rows,
+    token_divergence,
+)
 from kdcore.losses.tokens import IGNORE_INDEX, log_softmax, masked_mean, token_cross_entropy
 from kdcore.models.io import count_parameters, load_model, save_model
 from kdcore.models.output import ModelOutput

@@ -160,10 +160,12 @@ class PreparesBatch(Protocol):
 @runtime_checkable
 class DeclaresRows(Protocol):
     """A token loss that says what it computes per token row: ``rows(inputs) -> Rows |
-    [Rows] | None`` (``kdcore.Rows``; ``kdcore.teacher_rows`` builds one for a divergence). The
-    engine then runs it fused with the output heads, chunk by chunk, without ``[tokens,
-    vocab]`` logits; None means "use my ``__call__`` on full logits for these inputs".
-    ``kdcore.RowLoss`` makes a loss with both from one ``rows`` function."""
+    [Rows] | None`` (``kdcore.Rows``; ``kdcore.teacher_rows`` builds one for a divergence).
+    The engine runs the rows fused with the output heads, chunk by chunk, without
+    ``[tokens, vocab]`` logits, or on the full logits where it cannot fuse: the loss is
+    written once. None means "these inputs are not rows": the engine calls the loss's
+    ``__call__`` (e.g. a policy gradient on sampled batches). ``kdcore.RowLoss`` makes a
+    whole loss from one ``rows`` function."""
 
     def rows(self, inputs: LossInputs) -> Rows | list[Rows] | None: ...
 

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 import kdcore
+from kdcore import testing
 from kdcore.cache import format as kc_format
 from kdcore.cache import read as kc_read
 from kdcore.cache import write as kc_write
@@ -271,7 +272,7 @@ def test_hinton_from_a_full_cache_equals_online_hinton(world, tmp_path, dtype, r
     dataset = build_dataset(spec)
     for tail in ("renormalize", "tail-bucket"):
         params = kdcore.make_config("loss", "hinton", temperature=2.0, tail=tail)
-        loss = kdcore.build("loss", "hinton", temperature=2.0, tail=tail)
+        loss = testing.build_loss("hinton", temperature=2.0, tail=tail)
         for index in range(3):
             batch = dataset.batch(index, 6)
             dense = online.signal(to_mx(batch))

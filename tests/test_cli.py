@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-import kdcore
+from kdcore import testing
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -115,7 +115,7 @@ def test_eval_on_a_missing_run_is_an_error(tmp_path):
 
 
 def test_python_api_composes_by_name():
-    loss = kdcore.build("loss", "ce")
+    loss = testing.build_loss("ce")
     assert callable(loss)
     with pytest.raises(KeyError, match="did you mean"):
-        kdcore.build("loss", "cee")
+        testing.build_loss("cee")

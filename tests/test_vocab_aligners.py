@@ -220,7 +220,7 @@ def _uld_reference(ps: np.ndarray, pt: np.ndarray) -> np.ndarray:
 
 
 def _uld(student_logits, teacher: TeacherSignal, mask=None, **params):
-    loss = build("loss", "uld", **params)
+    loss = testing.build_loss("uld", **params)
     config = kdcore.make_config("loss", "uld", **params)
     B, L, _ = student_logits.shape
     batch = {"mask": mx.array(np.ones((B, L), np.float32) if mask is None else mask)}

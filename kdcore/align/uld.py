@@ -91,7 +91,7 @@ def uld_loss(config: UldLossConfig, setup=None):
     """
 
     def loss(inputs: LossInputs):
-        T = inputs.params.temperature if inputs.params is not None else config.temperature
+        T = inputs.params.temperature
         ps = sorted_probs(inputs.student.logits, T)
         teacher = inputs.teacher
         if teacher.topk_ids is not None:

@@ -49,9 +49,14 @@ def _source(signal: TeacherSignal) -> tuple[mx.array, Any]:
     return signal.logits, None
 
 
+def reads_teacher(name: str) -> bool:
+    """Whether a read name is the teacher's logits (``"teacher"``) or a member's."""
+    return name == TEACHER or name.startswith(f"{TEACHER}:")
+
+
 def teacher_sources(teacher: TeacherSignal | None, terms: Sequence[FusedTerm]) -> dict:
     """``{read name: (hidden states or logits, head or None)}`` for every teacher read."""
-    wanted = {name for t in terms for name in t.rows.reads if name.startswith(TEACHER)}
+    wanted = {name for t in terms for name in t.rows.reads if reads_teacher(name)}
     if not wanted:
         return {}
     if teacher is None:
@@ -85,7 +90,7 @@ def fused_pass(
         rows = term.rows
         names = []
         for name in rows.reads:
-            if name.startswith(TEACHER):
+            if reads_teacher(name):
                 names.append(name)
             elif name in rows.extras:
                 extras[f"{i}/{name}"] = rows.extras[name]

@@ -16,9 +16,9 @@ from kdcore.engine import onpolicy
 from kdcore.engine.build import Parts, Trainable
 from kdcore.engine.fused import FusedTerm, fused_pass, head_trains, student_reason
 from kdcore.losses.inputs import LossInputs, StepContext
-from kdcore.losses.rows import as_list
+from kdcore.losses.rows import as_list, rows_on_logits
 from kdcore.models.output import ModelOutput
-from kdcore.protocols import PreparesBatch
+from kdcore.protocols import DeclaresRows, PreparesBatch
 from kdcore.signal.aligned import position_mask
 from kdcore.signal.teacher import TeacherSignal
 
@@ -98,16 +98,18 @@ def loss_terms(parts: Parts, trainable: Trainable, batch, signals, step: int):
         params = built.params_at(step, parts.total)
         loss_inputs = attrs.evolve(inputs, teacher=teacher, params=params, batch=loss_batch)
         weight = built.weight_at(step, parts.total)
-        if fusing and built.reason is None:
-            declared = as_list(loss.rows(loss_inputs))
-            if declared is not None:
-                for rows in declared:
-                    mask = loss_batch["mask"] if rows.mask is None else rows.mask
-                    fused.append(FusedTerm(label, rows, float(weight), mask))
-                    for key, metric in rows.metrics.items():
-                        metrics[f"{label}/{key}"] = metric
-                continue
-        value, extra = loss(loss_inputs)
+        declared = as_list(loss.rows(loss_inputs)) if isinstance(loss, DeclaresRows) else None
+        if declared is not None and fusing and built.reason is None:
+            for rows in declared:
+                mask = loss_batch["mask"] if rows.mask is None else rows.mask
+                fused.append(FusedTerm(label, rows, float(weight), mask))
+                for key, metric in rows.metrics.items():
+                    metrics[f"{label}/{key}"] = metric
+            continue
+        if declared is not None:  # the same rows, on the student's full logits
+            value, extra = rows_on_logits(declared, out.logits, teacher, loss_batch)
+        else:
+            value, extra = loss(loss_inputs)
         terms[label] = value
         for key, metric in (extra or {}).items():
             metrics[f"{label}/{key}"] = metric

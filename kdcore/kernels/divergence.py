@@ -62,8 +62,8 @@ import mlx.core as mx
 from kdcore.kernels.chunked import _masked_mean, chunked_token_mean
 from kdcore.kernels.kinds import _temperature, canonical
 from kdcore.kernels.native import RowFn, with_row_kernel
-from kdcore.kernels.support import LOG_TINY, TINY, _complement, check_tail, teacher_support
-from kdcore.signal.teacher import TeacherSignal, stable_log_softmax
+from kdcore.kernels.support import LOG_TINY, TINY, _complement, check_tail
+from kdcore.signal.teacher import stable_log_softmax
 
 # ---------------------------------------------------------------- per-row mathematics
 
@@ -361,56 +361,3 @@ def plain_sparse_divergence(
         kind, coef, student_logits, ids, teacher_logprobs, _temperature(temperature), tail
     )
     return _masked_mean(rows, mask)
-
-
-def token_divergence(
-    student_logits: mx.array,
-    teacher: TeacherSignal | mx.array,
-    mask: mx.array,
-    kind: str = "forward_kl",
-    *,
-    temperature: float | mx.array = 1.0,
-    beta: float | mx.array = 0.5,
-    alpha: float | mx.array = 0.1,
-    tail: str = "renormalize",
-    top_k: int = 0,
-    chunk_rows: int | None = None,
-) -> mx.array:
-    """The divergence of ``kind`` between student logits and any teacher signal.
-
-    Dense logits use the dense kernel; a mixture of dense teachers uses its ``log_probs(T)``;
-    a top-k signal, a mixture with a top-k member (:func:`mixture_support`), or
-    ``0 < top_k < V``, uses the sparse kernel with the ``tail`` policy.
-    """
-    if isinstance(teacher, mx.array):
-        teacher = TeacherSignal(vocab_size=teacher.shape[-1], logits=teacher)
-    vocab = student_logits.shape[-1]
-    if teacher.is_sparse or (0 < top_k < vocab):
-        ids, lp = teacher_support(teacher, temperature, tail, top_k, chunk_rows)
-        return sparse_divergence(
-            student_logits,
-            ids,
-            lp,
-            mask,
-            kind,
-            tail=tail,
-            temperature=temperature,
-            beta=beta,
-            alpha=alpha,
-            chunk_rows=chunk_rows,
-        )
-    if teacher.logits is not None:
-        t_logits, tt = teacher.logits, None
-    else:
-        t_logits, tt = teacher.log_probs(temperature), 1.0
-    return dense_divergence(
-        student_logits,
-        t_logits,
-        mask,
-        kind,
-        temperature=temperature,
-        teacher_temperature=tt,
-        beta=beta,
-        alpha=alpha,
-        chunk_rows=chunk_rows,
-    )

@@ -94,6 +94,7 @@ def with_row_kernel(name: str, pure: RowFn, *args: Any) -> RowFn:
     def rows(*inputs: mx.array) -> tuple[mx.array, mx.array]:
         return native(*inputs) if _on_cpu() else pure(*inputs)
 
+    rows.native = True
     rows.pure = pure  # the differentiable twin (kdcore.losses.rows.rows_on_logits)
     return rows
 
@@ -101,7 +102,7 @@ def with_row_kernel(name: str, pure: RowFn, *args: Any) -> RowFn:
 def is_native(rows_fn: RowFn) -> bool:
     """Whether ``rows_fn`` runs a native kernel here (see :func:`with_row_kernel`): one
     primitive per call, no temporaries to bound."""
-    return getattr(rows_fn, "pure", None) is not None and _on_cpu()
+    return getattr(rows_fn, "native", False) and _on_cpu()
 
 
 def row_kernel_status() -> dict[str, dict[str, str]]:

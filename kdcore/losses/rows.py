@@ -90,15 +90,17 @@ def teacher_rows(
     weight: float | mx.array = 1.0,
     mask: mx.array | None = None,
     name: str | None = None,
-) -> Rows | None:
-    """The :class:`Rows` of ``kdcore.token_divergence(..., kind, ...)`` against ``teacher``.
+) -> Rows:
+    """The :class:`Rows` of the divergence ``kind`` (``kdcore.DIVERGENCES``) between the
+    student and ``teacher`` at ``temperature``: the one definition behind
+    :func:`token_divergence` and every divergence loss, fused or on full logits.
 
-    Same maths and arguments as ``token_divergence``: a dense teacher gives dense rows
-    (``0 < top_k < V``: its top-k support is taken per chunk); a top-k cache, or a mixture
-    with a top-k member, gives sparse rows over its (small) support; a mixture of dense
-    teachers reads every member's logits per chunk and mixes their probabilities there.
-    None for a signal the fused path does not cover (a mixture of mixtures). ``weight``,
-    ``mask`` and ``name`` are the :class:`Rows` fields.
+    A dense teacher gives dense rows (``0 < top_k < V``: its top-k support is taken per
+    chunk, with the ``tail`` policy); a top-k cache, or a mixture with a top-k member, gives
+    sparse rows over its (small) support; a mixture of dense teachers reads every member's
+    logits per chunk and mixes their probabilities there. A mixture of mixtures, or the
+    top-k of a dense mixture, reads the mixture's whole ``log_probs`` (``[B, L, V]``, made
+    once). ``weight``, ``mask`` and ``name`` are the :class:`Rows` fields.
 
     Example::
 
@@ -116,22 +118,41 @@ def teacher_rows(
             extras={"topk_ids": ids, "topk_logprobs": lp},
             **common,
         )
+    top = 0 < top_k < teacher.vocab_size
     if teacher.members is not None:
-        if any(m.members is not None or not m.is_dense for m in teacher.members):
-            return None
-        if 0 < top_k < teacher.vocab_size:
-            return None  # the top-k of a dense mixture is taken over the whole mixture
-        return _mixture_rows(teacher, kind, coef, t, common)
-    if 0 < top_k < teacher.vocab_size:
-        support = support_rows(top_k, tail, t)
-        sparse = sparse_rows(kind, coef, t, tail)
-
-        def topk(scale: mx.array, s: mx.array, z: mx.array):
-            ids, lp = support(z)
-            return sparse(scale, s, ids, lp)
-
-        return Rows(topk, (TEACHER,), **common)
+        nested = any(m.members is not None or not m.is_dense for m in teacher.members)
+        if not nested and not top:
+            return _mixture_rows(teacher, kind, coef, t, common)
+        # The mixture's log-probabilities at T, whole: its rows are then a dense teacher's
+        # at temperature 1 (the gradient reaches a learnable aggregator through them).
+        log_probs = {LOG_PROBS: teacher.log_probs(t)}
+        if top:
+            return Rows(
+                _topk_rows(kind, coef, t, top_k, tail, 1.0),
+                (LOG_PROBS,),
+                extras=log_probs,
+                **common,
+            )
+        return Rows(dense_rows(kind, coef, t, 1.0), (LOG_PROBS,), extras=log_probs, **common)
+    if top:
+        return Rows(_topk_rows(kind, coef, t, top_k, tail, t), (TEACHER,), **common)
     return Rows(dense_rows(kind, coef, t, t), (TEACHER,), **common)
+
+
+LOG_PROBS = "mixture_log_probs"
+
+
+def _topk_rows(kind: str, coef: float, t: float, k: int, tail: str, teacher_t: float) -> RowFn:
+    """Rows against the top-``k`` support of dense teacher rows, taken per chunk (as
+    constants: no gradient reaches a learnable teacher through a top-k)."""
+    support = support_rows(k, tail, teacher_t)
+    sparse = sparse_rows(kind, coef, t, tail)
+
+    def topk(scale: mx.array, s: mx.array, z: mx.array):
+        ids, lp = support(z)
+        return sparse(scale, s, ids, lp)
+
+    return topk
 
 
 def _mixture_rows(teacher: TeacherSignal, kind: str, coef: float, t: float, common) -> Rows:
@@ -143,13 +164,20 @@ def _mixture_rows(teacher: TeacherSignal, kind: str, coef: float, t: float, comm
     dense = dense_rows(kind, coef, t, 1.0)
     inv = 1.0 / t
 
-    def mixed(scale: mx.array, s: mx.array, *args: mx.array):
-        *logits, w = args
-        # As TeacherSignal.log_probs: log sum_m w_m softmax(z_m / T), per chunk.
-        stacked = mx.stack([stable_log_softmax(z.astype(mx.float32) * inv) for z in logits], -1)
-        log_w = mx.log(mx.maximum(w.astype(mx.float32), 1e-30))[:, None, :]
-        return dense(scale, s, mx.logsumexp(stacked + log_w, axis=-1))
+    def mixer(rows: RowFn) -> RowFn:
+        def mixed(scale: mx.array, s: mx.array, *args: mx.array):
+            *logits, w = args
+            # As TeacherSignal.log_probs: log sum_m w_m softmax(z_m / T), per chunk.
+            stacked = mx.stack([stable_log_softmax(z.astype(mx.float32) * inv) for z in logits], -1)
+            log_w = mx.log(mx.maximum(w.astype(mx.float32), 1e-30))[:, None, :]
+            return rows(scale, s, mx.logsumexp(stacked + log_w, axis=-1))
 
+        return mixed
+
+    mixed = mixer(dense)
+    # The differentiable form (a native kernel is not): what carries a learnable
+    # aggregator's gradient to the weights on the full-logit path.
+    mixed.pure = mixer(getattr(dense, "pure", dense))
     reads = tuple(member(i) for i in range(count)) + ("mixture_weights",)
     return Rows(mixed, reads, extras={"mixture_weights": weights}, **common)
 
@@ -223,12 +251,11 @@ def _term_on_logits(rows: Rows, student_logits, teacher, batch) -> mx.array:
 
 
 class RowLoss:
-    """A token loss given by its :class:`Rows`: fused when the engine can, on full logits
-    otherwise.
+    """A token loss written once, as its :class:`Rows`: the engine runs them fused with the
+    output heads when it can, and on full logits otherwise; called directly (tests, other
+    losses), it evaluates them on ``inputs.student.logits``.
 
-    ``rows(inputs) -> Rows | [Rows] | None`` is the declaration; ``call(inputs) -> (value,
-    metrics)``, when given, is the full-logit path (e.g. a hand-written form that also
-    sends gradients to a learnable teacher), else the rows are evaluated on full logits.
+    ``rows(inputs) -> Rows | [Rows]`` declares the loss for one step's inputs.
 
     Example::
 
@@ -238,21 +265,45 @@ class RowLoss:
             )
     """
 
-    def __init__(
-        self,
-        rows: Callable[[Any], Rows | Sequence[Rows] | None],
-        call: Callable[[Any], tuple[mx.array, dict]] | None = None,
-    ):
+    def __init__(self, rows: Callable[[Any], Rows | Sequence[Rows] | None]):
         self._rows = rows
-        self._call = call
 
     def rows(self, inputs: Any) -> Rows | Sequence[Rows] | None:
         return self._rows(inputs)
 
     def __call__(self, inputs: Any) -> tuple[mx.array, dict]:
-        if self._call is not None:
-            return self._call(inputs)
         rows = self._rows(inputs)
         if rows is None:
-            raise ValueError("this loss declared no rows for these inputs and has no call")
+            raise ValueError("this loss declared no rows for these inputs")
         return rows_on_logits(rows, inputs.student.logits, inputs.teacher, inputs.batch)
+
+
+def token_divergence(
+    student_logits: mx.array,
+    teacher: TeacherSignal | mx.array,
+    mask: mx.array,
+    kind: str = "forward_kl",
+    *,
+    temperature: float | mx.array = 1.0,
+    beta: float | mx.array = 0.5,
+    alpha: float | mx.array = 0.1,
+    tail: str = "renormalize",
+    top_k: int = 0,
+) -> mx.array:
+    """The masked mean over tokens of the divergence ``kind`` between student logits and
+    any teacher signal (or teacher logits): :func:`teacher_rows` evaluated on the whole
+    logits, chunked so at most one chunk of ``[rows, V]`` temporaries is alive.
+
+    Example::
+
+        value = kdcore.token_divergence(logits, inputs.teacher, mask, "tvd")
+    """
+    if isinstance(teacher, mx.array):
+        teacher = TeacherSignal(vocab_size=teacher.shape[-1], logits=teacher)
+    rows = teacher_rows(
+        teacher, kind, temperature=temperature, beta=beta, alpha=alpha, tail=tail, top_k=top_k
+    )
+    value, _ = rows_on_logits(
+        attrs.evolve(rows, mask=mask), student_logits, teacher, {"mask": mask}
+    )
+    return value

@@ -16,8 +16,12 @@ more examples) and raises ``AssertionError`` naming the contract that failed.
 Loss contracts: the value is a finite scalar; gradients with respect to the student's
 logits are finite for logits up to +/-``bound``; adding a constant to every logit of the
 student or teacher at a position changes nothing; changing masked positions changes
-nothing; and, when the component declares ``zero_at_identity``, the loss is 0 when the
-student's logits equal the teacher's.
+nothing; when the component declares ``zero_at_identity``, the loss is 0 when the
+student's logits equal the teacher's; and a loss that declares rows gives the same value
+and gradient on both of its paths, fused with the output head and on full logits.
+
+:func:`build_loss` builds a registered loss to call as the step calls it (its params
+resolved into ``inputs.params``), with ``.fused(inputs)`` for the fused path.
 
 The package is also a pytest plugin (it is not registered automatically: it imports
 hypothesis). Its fixtures: ``corpus`` (a small text file), ``teacher_dir`` (a tiny teacher
@@ -49,6 +53,7 @@ from kdcore.testing._kit import (
     logit_pairs,
     shapes,
 )
+from kdcore.testing._loss import LossUnderTest, build_loss
 from kdcore.testing._runs import (
     build_run,
     corpus,
@@ -66,6 +71,8 @@ from kdcore.testing._runs import (
 __all__ = [
     # conformance
     "PROFILE",
+    "LossUnderTest",
+    "build_loss",
     "check_aggregator",
     "check_loss",
     "check_scheduler",

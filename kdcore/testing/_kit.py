@@ -22,6 +22,7 @@ from kdcore.registry.setup import Setup
 from kdcore.signal.teacher import TeacherSignal
 from kdcore.spec.build import make_config
 from kdcore.spec.schedules import value_at
+from kdcore.testing._loss import LossUnderTest
 
 settings.register_profile(
     "fast",
@@ -242,6 +243,32 @@ def check_loss(
             f"with plain numbers {plain}; {_READ_PARAMS}"
         )
 
+    under_test = LossUnderTest(name, config, loss)
+
+    def check_both_paths(case: LossCase, plain: float) -> None:
+        """A row loss: the fused path (an identity head over the logits) equals the full-
+        logit path, value and gradient."""
+        if not under_test.declares_rows:
+            return
+        logits = mx.array(case.student)
+        if loss.rows(_inputs(component, config, case, logits)) is None:
+            return
+
+        def fused(x):
+            return under_test.fused(_inputs(component, config, case, x))[0]
+
+        got, g_fused = mx.value_and_grad(fused)(logits)
+        assert abs(got.item() - plain) <= atol * max(1.0, abs(plain)) * 10, (
+            f"{name}: its rows give {got.item()} fused with the head and {plain} on full "
+            "logits; the two paths must compute one loss"
+        )
+        g_full = np.array(grad(case))
+        scale = max(1.0, float(np.abs(g_full).max()))
+        assert np.allclose(np.array(g_fused), g_full, atol=atol * 10 * scale), (
+            f"{name}: its gradient differs between the fused and the full-logit path "
+            f"(max difference {float(np.abs(np.array(g_fused) - g_full).max()):.3g})"
+        )
+
     profile = settings.get_profile(PROFILE)
     limit = max_examples or profile.max_examples
 
@@ -279,6 +306,7 @@ def check_loss(
         if "zero_at_identity" in component.properties:
             same = run(case, teacher=student).item()
             assert abs(same) <= atol * 10, f"{name}: loss is {same} at identical inputs, not 0"
+        check_both_paths(case, v)
 
     @settings(profile, max_examples=max(3, limit // 3))
     @given(logit_pairs(bound=bound), st.integers(0, 2**31 - 1))

@@ -127,7 +127,7 @@ def amtml_loss(config: AmtmlLossConfig, setup: Any = None):
     with ``ce`` through the spec's loss weights (the paper: 0.7 and 0.3)."""
 
     def loss(inputs: LossInputs):
-        params = inputs.params if inputs.params is not None else config
+        params = inputs.params
         T = params.temperature
         teacher = inputs.teacher
         kl = soft_target_kl(inputs.student.logits, teacher, T)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import attrs
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
@@ -10,7 +11,7 @@ from kd_amtml.aggregator import REGULARIZER_KEY
 from kd_amtml.losses import align_heads, linear_cka, uniform_pairs
 
 import kdcore
-from kdcore import ModelOutput, Setup, TransformerConfig, mixture
+from kdcore import ModelOutput, Setup, TransformerConfig, mixture, testing
 
 RNG = np.random.default_rng(7)
 
@@ -74,7 +75,7 @@ def test_one_teacher_amtml_is_hinton(T):
     base = inputs_for(student, None, mask, hidden=hidden_states(3, 5, 8))
     merged = aggregate([signal(teacher)], base)
     assert merged.members is None and merged.weights is None
-    loss = kdcore.build("loss", "amtml", temperature=T, l2=0.0)
+    loss = testing.build_loss("amtml", temperature=T, l2=0.0)
     value, _ = loss(
         inputs_for(
             student, merged, mask, params=kdcore.make_config("loss", "amtml", temperature=T, l2=0.0)
@@ -83,7 +84,7 @@ def test_one_teacher_amtml_is_hinton(T):
     expected = np_soft_target_loss(student, [teacher], np.ones((3, 1)), mask, T)
     assert value.item() == pytest.approx(expected, rel=1e-4)
     if "hinton" in kdcore.get_registry().names("loss"):
-        hinton = kdcore.build("loss", "hinton", temperature=T)
+        hinton = testing.build_loss("hinton", temperature=T)
         h_value, _ = hinton(
             inputs_for(
                 student, merged, mask, params=kdcore.make_config("loss", "hinton", temperature=T)
@@ -97,7 +98,7 @@ def test_amtml_loss_matches_reference_for_a_weighted_mixture():
     weights = RNG.dirichlet(np.ones(3), size=3).astype(np.float32)
     merged = mixture([signal(z) for z in teachers], mx.array(weights))
     params = kdcore.make_config("loss", "amtml", temperature=2.0)
-    value, metrics = kdcore.build("loss", "amtml", temperature=2.0)(
+    value, metrics = testing.build_loss("amtml", temperature=2.0)(
         inputs_for(student, merged, mask, params=params)
     )
     expected = np_soft_target_loss(student, teachers, weights, mask, 2.0)
@@ -114,7 +115,7 @@ def test_amtml_loss_adds_the_aggregator_regulariser():
     reg = base.extras[REGULARIZER_KEY].item()
     manual = float((np.array(aggregate.theta) ** 2).sum() + (np.array(aggregate.w) ** 2).sum())
     assert reg == pytest.approx(manual, rel=1e-5) and reg > 0
-    loss = kdcore.build("loss", "amtml", l2=0.5)
+    loss = testing.build_loss("amtml", l2=0.5)
     with_reg, m = loss(
         kdcore.LossInputs(
             student=base.student,
@@ -218,7 +219,7 @@ def test_aggregator_gradients_reach_its_parameters_only_when_it_should():
     hidden = hidden_states(4, 5, 8)
     signals = [signal(z) for z in teachers]
     aggregate = kdcore.build("teacher_aggregator", "amtml", Setup(num_teachers=3), input_dim=8)
-    loss = kdcore.build("loss", "amtml")
+    loss = testing.build_loss("amtml")
     params = kdcore.make_config("loss", "amtml")
 
     def objective(module, h):
@@ -249,8 +250,7 @@ def test_hint_is_zero_when_projected_features_match():
     B, L, Ds, Dt = 2, 4, 6, 10
     mask = np.ones((B, L), np.float32)
     student_h = hidden_states(B, L, Ds, layers=2, seed=1)
-    loss = kdcore.build(
-        "loss",
+    loss = testing.build_loss(
         "hint",
         student_dim=Ds,
         teacher_dims=[Dt],
@@ -258,7 +258,7 @@ def test_hint_is_zero_when_projected_features_match():
         teacher_layers=[1],
         normalize=False,
     )
-    proj = loss.proj[0]
+    proj = loss.loss.proj[0]
     teacher_h = (mx.zeros((B, L, Dt)), proj(student_h[2]), mx.zeros((B, L, Dt)))
     teacher = signal(RNG.standard_normal((B, L, 5)).astype(np.float32), hidden=teacher_h)
     value, _ = loss(inputs_for(np.zeros((B, L, 5), np.float32), teacher, mask, hidden=student_h))
@@ -274,10 +274,10 @@ def test_normalised_hint_compares_unit_vectors():
     B, L, D = 2, 3, 4
     mask = np.ones((B, L), np.float32)
     student_h = hidden_states(B, L, D, layers=1, seed=2)
-    loss = kdcore.build(
-        "loss", "hint", student_dim=D, teacher_dims=[D], student_layers=[1], teacher_layers=[1]
+    loss = testing.build_loss(
+        "hint", student_dim=D, teacher_dims=[D], student_layers=[1], teacher_layers=[1]
     )
-    loss.proj[0].weight = mx.eye(D)
+    loss.loss.proj[0].weight = mx.eye(D)
     # The teacher's features are the student's, rescaled per token: zero after normalising.
     scale = mx.array(RNG.uniform(0.5, 3.0, size=(B, L, 1)).astype(np.float32))
     teacher = signal(np.zeros((B, L, 5), np.float32), hidden=(student_h[0], student_h[1] * scale))
@@ -403,7 +403,7 @@ def test_attention_transfer_matches_reference_with_head_grouping():
         teacher=teacher,
         batch={"mask": mx.array(mask)},
     )
-    value, _ = kdcore.build("loss", "attention_transfer")(inputs)
+    value, _ = testing.build_loss("attention_transfer")(inputs)
     tg = t.reshape(B, 2, 2, L, L).mean(2)
     with np.errstate(divide="ignore", invalid="ignore"):
         kl = np.where(tg > 0, tg * (np.log(tg) - np.log(s)), 0.0).sum(-1)
@@ -482,7 +482,7 @@ def test_cka_loss_between_different_widths():
     t_h = tuple(2.0 * h @ rows + 1.0 for h in s_h)
     mask = np.ones((B, L), np.float32)
     teacher = signal(np.zeros((B, L, 3), np.float32), hidden=t_h)
-    loss = kdcore.build("loss", "cka")
+    loss = testing.build_loss("cka")
     value, _ = loss(inputs_for(np.zeros((B, L, 3), np.float32), teacher, mask, hidden=s_h))
     assert abs(value.item()) < 1e-4  # an isometry, scale and offset keep CKA at 1
     other = signal(np.zeros((B, L, 3), np.float32), hidden=hidden_states(B, L, 12, 2, seed=9))
@@ -527,7 +527,7 @@ def test_gate_ce_adds_the_mixture_nll_and_trains_only_the_aggregator():
         "teacher_aggregator", "amtml", Setup(num_teachers=3), input_dim=8, init_scale=2.0
     )
     params = kdcore.make_config("loss", "amtml", gate_ce=0.5, l2=0.0)
-    loss = kdcore.build("loss", "amtml", gate_ce=0.5, l2=0.0)
+    loss = testing.build_loss("amtml", gate_ce=0.5, l2=0.0)
 
     def run(module, s_logits):
         base = kdcore.LossInputs(
@@ -551,7 +551,7 @@ def test_gate_ce_adds_the_mixture_nll_and_trains_only_the_aggregator():
     assert value.item() == pytest.approx(kd + 0.5 * nll, rel=1e-4)
     # The extra term moves the aggregator, not the student.
     g_student_with = mx.grad(lambda s: run(aggregate, s)[0])(mx.array(student))
-    plain = kdcore.build("loss", "amtml", l2=0.0)
+    plain = testing.build_loss("amtml", l2=0.0)
     plain_params = kdcore.make_config("loss", "amtml", l2=0.0)
 
     def run_plain(s_logits):
@@ -619,3 +619,66 @@ def test_kd_explain_attention_transfer_says_what_it_is(capsys):
     text = " ".join(capsys.readouterr().out.split())
     assert "Zagoruyko" in text and "not" in text, text
     assert "attention probabilities" in text and "activation" in text, text
+
+
+@pytest.mark.parametrize("mode", ["native", "pure"])
+@pytest.mark.parametrize("top_k", [0, 4])
+def test_a_row_loss_sends_the_learnable_aggregator_its_gradients(mode, top_k, monkeypatch):
+    """hinton is written once, as rows; with a learnable aggregator the engine runs those
+    rows on full logits, and the aggregator's gradient must equal the gradient of the plain
+    formula KL(sum_k mu_k p_k || q) differentiated by MLX (with a top-k teacher: none
+    reaches it through the support, which is taken as a constant)."""
+    monkeypatch.setenv("KD_KERNELS", mode)
+    student, teachers, mask = random_case(B=4)
+    hidden = hidden_states(4, 5, 8)
+    signals = [signal(z) for z in teachers]
+    aggregate = kdcore.build("teacher_aggregator", "amtml", Setup(num_teachers=3), input_dim=8)
+    T = 2.0
+    hinton = testing.build_loss("hinton", temperature=T, top_k=top_k)
+
+    def objective(module, how):
+        base = inputs_for(student, None, mask, hidden=hidden)
+        merged = module(signals, base)
+        if how == "rows":
+            return hinton(attrs.evolve(base, teacher=merged))[0]
+        lq = kdcore.log_softmax(mx.array(student), T)
+        lp = merged.log_probs(T)
+        kl = (mx.exp(lp) * (lp - lq)).sum(-1)
+        return T * T * kdcore.masked_mean(kl, mx.array(mask))
+
+    value, grads = nn.value_and_grad(aggregate, lambda m: objective(m, "rows"))(aggregate)
+    theta, w = np.array(grads["theta"]), np.array(grads["w"])
+    if top_k:
+        assert np.abs(theta).sum() == 0 and np.abs(w).sum() == 0
+        return
+    want_value, want = nn.value_and_grad(aggregate, lambda m: objective(m, "plain"))(aggregate)
+    assert value.item() == pytest.approx(want_value.item(), rel=1e-5)
+    assert np.abs(theta).sum() > 0
+    np.testing.assert_allclose(theta, np.array(want["theta"]), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(w, np.array(want["w"]), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["native", "pure"])
+def test_a_mixture_of_mixtures_runs_as_rows_on_both_paths(mode, monkeypatch):
+    """A mixture whose member is itself a mixture: the rows read its whole log_probs, and
+    the fused path, the full-logit path and the plain formula agree."""
+    monkeypatch.setenv("KD_KERNELS", mode)
+    student, teachers, mask = random_case(B=2, K=3)
+    inner = kdcore.TeacherSignal(
+        vocab_size=teachers[0].shape[-1],
+        members=(signal(teachers[0]), signal(teachers[1])),
+        weights=mx.array([0.3, 0.7]),
+    )
+    outer = kdcore.TeacherSignal(
+        vocab_size=teachers[0].shape[-1],
+        members=(inner, signal(teachers[2])),
+        weights=mx.array([0.6, 0.4]),
+    )
+    hinton = testing.build_loss("hinton", temperature=2.0)
+    inputs = inputs_for(student, outer, mask)
+    full = hinton(inputs)[0].item()
+    fused = hinton.fused(inputs)[0].item()
+    weights = np.array([[0.18, 0.42, 0.4]] * student.shape[0])
+    want = np_soft_target_loss(student, teachers, weights, mask, 2.0)
+    assert full == pytest.approx(want, rel=1e-4)
+    assert fused == pytest.approx(want, rel=1e-4)

@@ -149,48 +149,51 @@ def _sparse_teacher(teacher: kdcore.TeacherSignal, k: int):
     return [teacher.topk_ids.astype(mx.int32), lp * tc, rest * tc]
 
 
+def _no_pairs(scale: mx.array, s: mx.array, *teacher: mx.array):
+    return mx.zeros(s.shape[:1], mx.float32), mx.zeros(s.shape, mx.float32)
+
+
+def ld_rows(teacher: kdcore.TeacherSignal, k: int = 8, temperature: float = 3.0) -> kdcore.Rows:
+    """The :class:`kdcore.Rows` of BiLD's ``t-LD + s-LD`` against any teacher signal.
+
+    A dense teacher is read per chunk; a mixture through its ``log_probs`` (pairwise
+    differences do not see a row's constant); from a top-k cache (k <= cached k) t-LD is
+    exact (logit differences are log-probability differences times the capture
+    temperature), and in s-LD a student top-k token missing from the cache gets the teacher
+    value ``min(log(tail / (V - K')), min cached log p)``. ``k < 2``: no pairs, 0.
+    """
+    temperature = float(temperature)
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    k = min(int(k), teacher.vocab_size)
+    if k < 2:
+        return kdcore.Rows(_no_pairs, (), name="ld")
+    if teacher.topk_ids is not None:
+        names = ("ids", "z", "rest")
+        arrays = dict(zip(names, _sparse_teacher(teacher, k)))
+        return kdcore.Rows(bild_rows(k, temperature, True), names, extras=arrays, name="ld")
+    if teacher.is_dense:
+        return kdcore.Rows(bild_rows(k, temperature, False), name="ld")
+    log_probs = {"log_probs": teacher.log_probs(1.0)}
+    return kdcore.Rows(
+        bild_rows(k, temperature, False), ("log_probs",), extras=log_probs, name="ld"
+    )
+
+
 def bild_divergence(
     student_logits: mx.array,
     teacher: kdcore.TeacherSignal | mx.array,
     mask: mx.array,
     k: int = 8,
     temperature: float = 3.0,
-    chunk_rows: int | None = None,
 ) -> mx.array:
-    """BiLD ``t-LD + s-LD``, masked mean over tokens, chunked over rows.
-
-    From a top-k cache (k <= cached k): t-LD is exact (logit differences are log-probability
-    differences times the capture temperature); in s-LD a student top-k token missing from
-    the cache gets the teacher value ``min(log(tail / (V - K')), min cached log p)``.
-    """
+    """BiLD ``t-LD + s-LD``, masked mean over tokens (:func:`ld_rows` on full logits)."""
     if isinstance(teacher, mx.array):
         teacher = kdcore.TeacherSignal(vocab_size=teacher.shape[-1], logits=teacher)
-    temperature = float(temperature)
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    vocab = student_logits.shape[-1]
-    k = min(int(k), vocab)
-    if k < 2:  # no pairs: the loss is identically 0
-        return (student_logits * 0.0).sum()
-    sparse = teacher.topk_ids is not None
-    if sparse:
-        arrays = _sparse_teacher(teacher, k)
-    elif teacher.logits is not None:
-        arrays = [teacher.logits]
-    else:
-        arrays = [teacher.log_probs(1.0)]
-
-    def plain_rows(s, *t):
-        if not sparse:
-            return plain_bild_rows(s, t[0], k, temperature)
-        flat = s.reshape(-1, vocab)
-        rest = (x.reshape(-1, *x.shape[mask.ndim :]) for x in t)
-        ones = mx.ones((flat.shape[0], 1))
-        return bild_rows(k, temperature, True)(ones, flat, *rest)[0].reshape(mask.shape)
-
-    return kdcore.chunked_token_mean(
-        bild_rows(k, temperature, sparse), plain_rows, student_logits, arrays, mask, chunk_rows
+    inputs = kdcore.LossInputs(
+        student=kdcore.ModelOutput(logits=student_logits), teacher=teacher, batch={"mask": mask}
     )
+    return kdcore.RowLoss(lambda _: ld_rows(teacher, k, temperature))(inputs)[0]
 
 
 # ---------------------------------------------------------------- components
@@ -221,48 +224,22 @@ def bild(config: BildConfig, setup=None):
     every distillation loss with w = 1, not in the paper. It reads positions outside the
     loss mask by design; the metrics then log ``ld`` and ``prompt_kl``."""
 
-    def loss(inputs: kdcore.LossInputs):
-        params = inputs.params if inputs.params is not None else config
-        mask = inputs.batch["mask"]
-        value = bild_divergence(
-            inputs.student.logits,
-            inputs.teacher,
-            mask,
-            k=params.top_k,
-            temperature=float(params.temperature),
-        )
-        weight = params.prompt_kl
-        if not isinstance(weight, mx.array) and not weight:
-            return value, {}
-        prompt = kdcore.token_divergence(
-            inputs.student.logits, inputs.teacher, prompt_positions(mask), "forward_kl"
-        )
-        return value + weight * prompt, {"ld": value, "prompt_kl": prompt}
-
     def rows(inputs: kdcore.LossInputs):
-        params = inputs.params if inputs.params is not None else config
-        teacher = inputs.teacher
-        k = min(int(params.top_k), teacher.vocab_size)
-        if k < 2 or not (teacher.is_dense or teacher.topk_ids is not None):
-            return None  # no pairs, or a mixture: the full-logit path
-        temperature = float(params.temperature)
-        if teacher.topk_ids is not None:
-            arrays = _sparse_teacher(teacher, k)
-            names = ("ids", "z", "rest")
-            ld = kdcore.Rows(
-                bild_rows(k, temperature, True), names, extras=dict(zip(names, arrays)), name="ld"
-            )
-        else:
-            ld = kdcore.Rows(bild_rows(k, temperature, False), name="ld")
+        params = inputs.params
+        ld = ld_rows(inputs.teacher, params.top_k, float(params.temperature))
         weight = params.prompt_kl
         if not isinstance(weight, mx.array) and not weight:
-            return ld
+            return attrs.evolve(ld, name=None)
         prompt = kdcore.teacher_rows(
-            teacher, "forward_kl", weight=weight, mask=prompt_positions(inputs.batch["mask"])
+            inputs.teacher,
+            "forward_kl",
+            weight=weight,
+            mask=prompt_positions(inputs.batch["mask"]),
+            name="prompt_kl",
         )
-        return [ld, attrs.evolve(prompt, name="prompt_kl")]
+        return [ld, prompt]
 
-    return kdcore.RowLoss(rows, loss)
+    return kdcore.RowLoss(rows)
 
 
 @attrs.define
@@ -278,43 +255,22 @@ class BidirectionalConfig:
 def bidirectional_kl(config: BidirectionalConfig, setup=None):
     """Weighted forward plus reverse KL times T^2; logs both KLs."""
 
-    def loss(inputs: kdcore.LossInputs):
-        params = inputs.params if inputs.params is not None else config
-        temperature = float(params.temperature)
-        terms = {}
-        for kind in ("forward_kl", "reverse_kl"):
-            terms[kind] = kdcore.token_divergence(
-                inputs.student.logits,
-                inputs.teacher,
-                inputs.batch["mask"],
-                kind,
-                temperature=temperature,
-                tail=params.tail,
-            )
-        mix = (
-            params.forward_weight * terms["forward_kl"]
-            + params.reverse_weight * terms["reverse_kl"]
-        )
-        return mix * (temperature * temperature), terms
-
     def rows(inputs: kdcore.LossInputs):
-        params = inputs.params if inputs.params is not None else config
+        params = inputs.params
         temperature = float(params.temperature)
-        declared = []
-        for kind, weight in (
-            ("forward_kl", params.forward_weight),
-            ("reverse_kl", params.reverse_weight),
-        ):
-            term = kdcore.teacher_rows(
+        return [
+            kdcore.teacher_rows(
                 inputs.teacher,
                 kind,
                 temperature=temperature,
                 tail=params.tail,
-                weight=float(weight) * temperature * temperature,
+                weight=weight * temperature * temperature,
+                name=kind,
             )
-            if term is None:
-                return None
-            declared.append(attrs.evolve(term, name=kind))
-        return declared
+            for kind, weight in (
+                ("forward_kl", params.forward_weight),
+                ("reverse_kl", params.reverse_weight),
+            )
+        ]
 
-    return kdcore.RowLoss(rows, loss)
+    return kdcore.RowLoss(rows)

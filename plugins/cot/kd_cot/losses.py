@@ -95,11 +95,11 @@ def cot_loss(config: CotConfig, setup=None):
     each term a masked mean over its own positions."""
 
     def loss(inputs: LossInputs):
-        params = inputs.params if inputs.params is not None else config
+        params = inputs.params
         T = params.temperature
         mask, reasoning, answer = _masks(inputs.batch)
         logits = inputs.student.logits
-        kl = token_kl(logits, inputs.teacher, T, config.tail)
+        kl = token_kl(logits, inputs.teacher, T, params.tail)
         kl_r = masked_mean(kl, reasoning)
         kl_a = masked_mean(kl, answer)
         ce = masked_mean(token_cross_entropy(logits, inputs.batch["labels"]), mask)
@@ -126,7 +126,7 @@ def step_by_step_loss(config: StepByStepConfig, setup=None):
         raise ValueError("predict_task and explain_task must differ")
 
     def loss(inputs: LossInputs):
-        params = inputs.params if inputs.params is not None else config
+        params = inputs.params
         batch = inputs.batch
         if "task" not in batch:
             raise KeyError(

@@ -6,7 +6,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from kdcore import IGNORE_INDEX, LossInputs, ModelOutput, TeacherSignal, build, testing
+from kdcore import IGNORE_INDEX, LossInputs, ModelOutput, TeacherSignal, testing
 
 
 def reasoning_batch(B, L, V, mask, rng):
@@ -63,7 +63,7 @@ def _case(seed=0, B=2, L=5, V=7):
 
 def test_cot_is_zero_at_identity_without_ce():
     student, _, batch = _case()
-    loss = build("loss", "cot", ce_weight=0.0, temperature=3.0)
+    loss = testing.build_loss("cot", ce_weight=0.0, temperature=3.0)
     value, metrics = loss(_inputs(student, student, batch))
     assert abs(value.item()) < 1e-6
     assert abs(metrics["kl_answer"].item()) < 1e-6
@@ -72,7 +72,9 @@ def test_cot_is_zero_at_identity_without_ce():
 def test_cot_matches_hand_computed_terms():
     student, teacher, batch = _case(1)
     T, wr, wa, wce = 2.0, 0.7, 3.0, 0.5
-    loss = build("loss", "cot", temperature=T, reasoning_weight=wr, answer_weight=wa, ce_weight=wce)
+    loss = testing.build_loss(
+        "cot", temperature=T, reasoning_weight=wr, answer_weight=wa, ce_weight=wce
+    )
     value, metrics = loss(_inputs(student, teacher, batch))
 
     def log_softmax(z):
@@ -97,8 +99,8 @@ def test_cot_matches_hand_computed_terms():
 
 def test_cot_weights_reasoning_and_answer_apart():
     student, teacher, batch = _case(2)
-    answer_only = build("loss", "cot", reasoning_weight=0.0, ce_weight=0.0)
-    reasoning_only = build("loss", "cot", answer_weight=0.0, ce_weight=0.0)
+    answer_only = testing.build_loss("cot", reasoning_weight=0.0, ce_weight=0.0)
+    reasoning_only = testing.build_loss("cot", answer_weight=0.0, ce_weight=0.0)
     at_answer = batch["answer_mask"][..., None] > 0
     moved = np.where(
         at_answer, teacher + np.random.default_rng(0).normal(size=teacher.shape) * 5, teacher
@@ -121,7 +123,7 @@ def test_cot_from_a_top_k_cache_equals_dense_when_k_is_the_vocabulary():
         topk_logprobs=mx.array(np.take_along_axis(logp, order, -1)),
         tail_logmass=mx.full(teacher.shape[:2], -30.0),
     )
-    loss = build("loss", "cot", temperature=2.0)
+    loss = testing.build_loss("cot", temperature=2.0)
     dense_inputs = _inputs(student, teacher, batch)
     dense = loss(dense_inputs)[0].item()
     from_cache = loss(LossInputs(dense_inputs.student, sparse, dense_inputs.batch))[0].item()
@@ -132,7 +134,7 @@ def test_cot_says_which_dataset_gives_the_masks():
     student, teacher, batch = _case()
     del batch["reasoning_mask"]
     with pytest.raises(KeyError, match="rationale"):
-        build("loss", "cot")(_inputs(student, teacher, batch))
+        testing.build_loss("cot")(_inputs(student, teacher, batch))
 
 
 def test_step_by_step_alpha_endpoints_select_one_task():
@@ -143,9 +145,9 @@ def test_step_by_step_alpha_endpoints_select_one_task():
     batch = testing.default_batch(B, L, V, mask, rng)
     batch["task"] = np.array([0, 1, 0, 1], np.int32)
     inputs = _inputs(student, student, batch)
-    predict_only = build("loss", "step_by_step", alpha=1.0)(inputs)
-    explain_only = build("loss", "step_by_step", alpha=0.0)(inputs)
-    half = build("loss", "step_by_step", alpha=0.5)(inputs)
+    predict_only = testing.build_loss("step_by_step", alpha=1.0)(inputs)
+    explain_only = testing.build_loss("step_by_step", alpha=0.0)(inputs)
+    half = testing.build_loss("step_by_step", alpha=0.5)(inputs)
     ce_p, ce_e = predict_only[1]["ce_predict"].item(), predict_only[1]["ce_explain"].item()
     assert predict_only[0].item() == pytest.approx(ce_p)
     assert explain_only[0].item() == pytest.approx(ce_e)
@@ -153,7 +155,7 @@ def test_step_by_step_alpha_endpoints_select_one_task():
     # each term depends only on its own rows
     changed = student.copy()
     changed[1] += rng.standard_normal((L, V)).astype(np.float32) * 5  # an explain row
-    again = build("loss", "step_by_step", alpha=1.0)(_inputs(changed, changed, batch))
+    again = testing.build_loss("step_by_step", alpha=1.0)(_inputs(changed, changed, batch))
     assert again[0].item() == pytest.approx(ce_p)
     assert again[1]["ce_explain"].item() != pytest.approx(ce_e)
 
@@ -163,6 +165,6 @@ def test_step_by_step_needs_task_rows():
     batch = testing.default_batch(1, 3, 5, np.ones((1, 3), np.float32), rng)
     logits = rng.standard_normal((1, 3, 5)).astype(np.float32)
     with pytest.raises(KeyError, match="predict"):
-        build("loss", "step_by_step")(_inputs(logits, logits, batch))
+        testing.build_loss("step_by_step")(_inputs(logits, logits, batch))
     with pytest.raises(Exception, match="alpha"):
-        build("loss", "step_by_step", alpha=1.5)
+        testing.build_loss("step_by_step", alpha=1.5)

@@ -36,24 +36,8 @@ class HintonConfig:
 def hinton(config: HintonConfig, setup=None):
     """Soft-target KD loss: ``T^2 KL(p_T || q_T)``, dense, mixture or top-k teachers."""
 
-    def loss(inputs: kdcore.LossInputs):
-        params = inputs.params if inputs.params is not None else config
-        temperature = float(params.temperature)
-        value = kdcore.token_divergence(
-            inputs.student.logits,
-            inputs.teacher,
-            inputs.batch["mask"],
-            "forward_kl",
-            temperature=temperature,
-            tail=params.tail,
-            top_k=params.top_k,
-        )
-        if params.t_squared:
-            value = value * (temperature * temperature)
-        return value, {}
-
     def rows(inputs: kdcore.LossInputs):
-        params = inputs.params if inputs.params is not None else config
+        params = inputs.params
         temperature = float(params.temperature)
         return kdcore.teacher_rows(
             inputs.teacher,
@@ -64,7 +48,7 @@ def hinton(config: HintonConfig, setup=None):
             weight=temperature * temperature if params.t_squared else 1.0,
         )
 
-    return kdcore.RowLoss(rows, loss)
+    return kdcore.RowLoss(rows)
 
 
 @attrs.define
@@ -118,26 +102,8 @@ def _kept_positions(inputs: kdcore.LossInputs, params) -> tuple[mx.array, mx.arr
 def selective(config: SelectiveConfig, setup=None):
     """Top-k KL at high-entropy positions; logs ``kept``, the share of positions distilled."""
 
-    def loss(inputs: kdcore.LossInputs):
-        params = inputs.params if inputs.params is not None else config
-        temperature = float(params.temperature)
-        mask, kept_mask = _kept_positions(inputs, params)
-        value = kdcore.token_divergence(
-            inputs.student.logits,
-            inputs.teacher,
-            kept_mask,
-            "forward_kl",
-            temperature=temperature,
-            tail=params.tail,
-            top_k=params.top_k,
-        )
-        if params.t_squared:
-            value = value * (temperature * temperature)
-        kept = kept_mask.sum() / mx.maximum(mask.sum(), 1.0)
-        return value, {"kept": kept}
-
     def rows(inputs: kdcore.LossInputs):
-        params = inputs.params if inputs.params is not None else config
+        params = inputs.params
         temperature = float(params.temperature)
         mask, kept_mask = _kept_positions(inputs, params)
         declared = kdcore.teacher_rows(
@@ -149,9 +115,7 @@ def selective(config: SelectiveConfig, setup=None):
             weight=temperature * temperature if params.t_squared else 1.0,
             mask=kept_mask,
         )
-        if declared is None:
-            return None
         kept = kept_mask.sum() / mx.maximum(mask.sum(), 1.0)
         return attrs.evolve(declared, metrics={"kept": kept})
 
-    return kdcore.RowLoss(rows, loss)
+    return kdcore.RowLoss(rows)

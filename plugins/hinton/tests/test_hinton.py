@@ -65,7 +65,7 @@ def inputs_for(s, teacher, mask, name, **params):
 
 
 def run(name, s, teacher, mask, **params):
-    loss = kdcore.build("loss", name, **params)
+    loss = testing.build_loss(name, **params)
     return loss(inputs_for(s, teacher, mask, name, **params))
 
 
@@ -267,7 +267,7 @@ def test_hinton_gradient_matches_finite_differences(params):
     s = rng.standard_normal((1, 3, 7)).astype(np.float32) * 2
     t = distinct(rng.standard_normal((1, 3, 7)).astype(np.float32) * 2)
     mask = np.array([[1.0, 1.0, 0.0]], np.float32)
-    loss = kdcore.build("loss", "hinton", **params)
+    loss = testing.build_loss("hinton", **params)
     grad = mx.grad(lambda x: loss(inputs_for(x, t, mask, "hinton", **params))[0])(mx.array(s))
     fd = _finite_difference(
         lambda x: hinton64(

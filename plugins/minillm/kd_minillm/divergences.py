@@ -79,25 +79,8 @@ def divergence_loss(kind: str):
     """A loss factory for one of ``kdcore.DIVERGENCES``."""
 
     def factory(config, setup=None):
-        def loss(inputs: kdcore.LossInputs):
-            params = inputs.params if inputs.params is not None else config
-            temperature = float(params.temperature)
-            value = kdcore.token_divergence(
-                inputs.student.logits,
-                inputs.teacher,
-                inputs.batch["mask"],
-                kind,
-                temperature=temperature,
-                beta=getattr(params, "beta", 0.5),
-                alpha=getattr(params, "alpha", 0.1),
-                tail=params.tail,
-            )
-            if params.t_squared:
-                value = value * (temperature * temperature)
-            return value, {}
-
         def rows(inputs: kdcore.LossInputs):
-            params = inputs.params if inputs.params is not None else config
+            params = inputs.params
             temperature = float(params.temperature)
             return kdcore.teacher_rows(
                 inputs.teacher,
@@ -109,7 +92,7 @@ def divergence_loss(kind: str):
                 weight=temperature * temperature if params.t_squared else 1.0,
             )
 
-        return kdcore.RowLoss(rows, loss)
+        return kdcore.RowLoss(rows)
 
     factory.__name__ = kind
     factory.__doc__ = f"Loss: masked mean of the {kind} divergence (kdcore.token_divergence)."

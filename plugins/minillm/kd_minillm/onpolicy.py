@@ -53,6 +53,7 @@ from kdcore import (
     IGNORE_INDEX,
     Component,
     LossInputs,
+    RowLoss,
     Rows,
     StepContext,
     cross_entropy_rows,
@@ -293,35 +294,29 @@ class MiniLLM:
         return append_samples(batch, tokens, gen_mask, weights)
 
     def rows(self, inputs: LossInputs) -> list[Rows] | None:
-        """Off-policy batches run fused: ``reg_weight * KL(q_T || p_T) + lm_weight * CE``;
-        on-policy ones (the policy gradient over sampled tokens) take the full logits."""
-        p = inputs.params if inputs.params is not None else self.config
-        if SAMPLE_MASK in inputs.batch or inputs.teacher.is_sparse:
+        """Off-policy batches are rows: ``reg_weight * KL(q_T || p_T) + lm_weight * CE``;
+        on-policy ones (the policy gradient over sampled tokens) are not (None)."""
+        if SAMPLE_MASK in inputs.batch:
             return None
-        temperature = float(p.temperature)
-        reg = teacher_rows(inputs.teacher, "reverse_kl", temperature=temperature)
-        if reg is None:
-            return None
-        lm = cross_entropy_rows()
+        p = inputs.params
+        reg = teacher_rows(inputs.teacher, "reverse_kl", temperature=float(p.temperature))
         return [
             attrs.evolve(
                 reg, weight=p.reg_weight, name="reg", metrics={"on_policy": mx.array(0.0)}
             ),
-            attrs.evolve(lm, weight=p.lm_weight, name="lm"),
+            attrs.evolve(cross_entropy_rows(), weight=p.lm_weight, name="lm"),
         ]
 
     def __call__(self, inputs: LossInputs) -> tuple[mx.array, dict[str, mx.array]]:
-        p = inputs.params if inputs.params is not None else self.config
+        """The on-policy loss (the engine calls it where :meth:`rows` gives None)."""
+        if SAMPLE_MASK not in inputs.batch:
+            return RowLoss(self.rows)(inputs)
+        p = inputs.params
         batch = inputs.batch
         logits = inputs.student.logits
         log_q = log_softmax(logits, p.temperature)
         log_p = inputs.teacher.log_probs(p.temperature)
         lm = masked_mean(token_cross_entropy(logits, batch["labels"]), batch["mask"])
-        if SAMPLE_MASK not in batch:
-            reg = masked_mean(reverse_kl(log_q, log_p), batch["mask"])
-            metrics = {"on_policy": mx.array(0.0), "reg": reg, "lm": lm}
-            return p.reg_weight * reg + p.lm_weight * lm, metrics
-
         mask = batch[SAMPLE_MASK].astype(mx.float32)
         targets = batch[SAMPLE_TARGETS]
         picked_q = token_log_probs(log_q, targets)

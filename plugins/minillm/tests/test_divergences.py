@@ -143,7 +143,7 @@ def test_losses_match_the_reference_with_t_squared(kind):
         params["beta"] = 0.3
     if kind.startswith("skew"):
         params["alpha"] = 0.3
-    loss = kdcore.build("loss", name, **params)
+    loss = testing.build_loss(name, **params)
     inputs = kdcore.LossInputs(
         student=ModelOutput(logits=mx.array(s)),
         teacher=kdcore.TeacherSignal(vocab_size=9, logits=mx.array(t)),

@@ -109,7 +109,7 @@ def test_zero_loss_and_gradient_when_student_equals_teacher(on_policy):
     mask = (rng.random((B, L)) < 0.7).astype(np.float32)
     mask[0, 0] = 1
     batch = (sampled_batch if on_policy else testing.default_batch)(B, L, V, mask, rng)
-    loss = kdcore.build("loss", "minillm", whiten=False)
+    loss = testing.build_loss("minillm", whiten=False)
 
     def f(z):
         return call(loss, z, logits, batch)[0]
@@ -130,7 +130,7 @@ def test_off_policy_branch_matches_numpy():
     mask = (rng.random((B, L)) < 0.6).astype(np.float32)
     mask[0, 0] = 1
     batch = testing.default_batch(B, L, V, mask, rng)
-    loss = kdcore.build("loss", "minillm", temperature=T, reg_weight=0.7, lm_weight=0.3)
+    loss = testing.build_loss("minillm", temperature=T, reg_weight=0.7, lm_weight=0.3)
     value, metrics = call(loss, s, t, batch)
 
     lq, lp = np_log_softmax(s / T), np_log_softmax(t / T)
@@ -185,7 +185,7 @@ def test_on_policy_branch_matches_numpy(params):
     batch = sampled_batch(B, L, V, mask, rng)
     batch[SAMPLE_WEIGHTS] = rng.uniform(0.3, 2.0, size=(B, L)).astype(np.float32)
     config = kdcore.make_config("loss", "minillm", **params)
-    loss = kdcore.build("loss", "minillm", **params)
+    loss = testing.build_loss("minillm", **params)
     value, metrics = call(loss, s, t, batch)
 
     T, m = config.temperature, batch[SAMPLE_MASK].astype(np.float64)
@@ -220,7 +220,7 @@ def test_on_policy_branch_matches_numpy(params):
     coeff = np.where(active, -adv * w, 0.0) * m / n
     onehot = np.eye(V)[y]
     want = coeff[..., None] * (onehot - np.exp(lq)) / T
-    pg_only = kdcore.build("loss", "minillm", **{**params, "reg_weight": 0.0, "lm_weight": 0.0})
+    pg_only = testing.build_loss("minillm", **{**params, "reg_weight": 0.0, "lm_weight": 0.0})
     got = mx.grad(lambda z: call(pg_only, z, t, batch)[0])(mx.array(s.astype(np.float32)))
     np.testing.assert_allclose(np.array(got), want, atol=1e-5)
     assert (~active & (m > 0)).any(), "the case must exercise the clip"
@@ -265,8 +265,7 @@ def test_policy_gradient_matches_exact_reverse_kl_gradient_single_step():
         SAMPLE_MASK: np.ones((N, 1), np.float32),
         SAMPLE_WEIGHTS: np.ones((N, 1), np.float32),
     }
-    loss = kdcore.build(
-        "loss",
+    loss = testing.build_loss(
         "minillm",
         returns_from="current",
         whiten=False,
@@ -315,8 +314,7 @@ def test_two_step_gradient_against_enumeration(variant):
     th1, th2, te1, te2, lq1, lq2, lp1, lp2, y1, y2 = two_step_case(rng, V, N)
     from_next = variant.startswith("paper")
     with_reg = "single-step" in variant
-    loss = kdcore.build(
-        "loss",
+    loss = testing.build_loss(
         "minillm",
         returns_from="next" if from_next else "current",
         whiten=False,

@@ -85,7 +85,7 @@ def make_case(seed=0, B=6, L=7, V=11):
 
 
 def call(name, student, teacher, batch, setup=None, **params):
-    loss = kdcore.build("loss", name, setup, **params)
+    loss = testing.build_loss(name, setup, **params)
     config = kdcore.make_config("loss", name, **params)
     signal = (
         teacher
@@ -211,7 +211,7 @@ def test_dpo_without_reference_or_teacher_is_a_spec_error():
         {"data": {"name": "text", "params": {"path": "x"}}, "losses": [{"name": "dpo"}]}
     )
     with pytest.raises(kdcore.SpecError, match="reference"):
-        kdcore.build("loss", "dpo", kdcore.Setup(spec=spec))
+        testing.build_loss("dpo", kdcore.Setup(spec=spec))
 
 
 def test_several_teachers_combine_margins_with_the_aggregator_weights():
