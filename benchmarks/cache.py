@@ -32,6 +32,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from kdcore import app
+
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "shakespeare"
 
@@ -145,12 +147,11 @@ def find_teacher(args: argparse.Namespace, work: Path) -> Path:
     bundled = EXAMPLE / "teacher"
     if (bundled / "model.safetensors").exists():
         return bundled
-    import kdcore
 
     out = work / "teacher-run"
     if not (out / "student" / "model.safetensors").exists():
         print(f"training a teacher for {args.teacher_steps} steps in {out}", file=sys.stderr)
-        kdcore.distill(
+        app.distill(
             EXAMPLE / "teacher.toml",
             overrides=[f"train.steps={args.teacher_steps}"],
             output=out,
@@ -218,9 +219,8 @@ def main() -> int:
     reused = (cache_dir / "teacher-0" / "manifest.json").exists()
     print(f"writing the cache to {cache_dir}", file=sys.stderr)
     t0 = time.perf_counter()
-    import kdcore
 
-    write_cache(kdcore.load_spec(online), cache_dir, top_k=args.top_k, dtype=args.dtype)
+    write_cache(app.load_spec(online), cache_dir, top_k=args.top_k, dtype=args.dtype)
     cache_seconds = time.perf_counter() - t0
     report = verify_cache(cache_dir)["teacher-0"]
     manifest = read_json(cache_dir / "teacher-0" / "manifest.json")

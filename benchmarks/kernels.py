@@ -7,7 +7,7 @@ cross-entropy ce) at N = 512 token rows x V = 128,000, float32, forward and back
   the student's logits: the whole forward + backward of the loss) over the N rows in chunks
   of kdcore's default size (32 rows at this V), ``native`` (kd-kernels, through kdcore's
   dispatch) and ``pure`` (``KD_KERNELS=pure``);
-- ``loss``: ``mx.value_and_grad`` of the loss through ``kdcore.dense_divergence``, which
+- ``loss``: ``mx.value_and_grad`` of the loss through ``testing.dense_divergence``, which
   adds ``chunked_token_mean``'s work around the rows (each chunk copied from a NumPy view
   of the input, the gradient buffer, the VJP's cotangent multiply), native and pure; not
   for ce, whose chunked form is the fused head + loss pass;

@@ -17,7 +17,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 
-import kdcore
+from kdcore import app
 from kdcore.engine.build import build_parts
 from kdcore.engine.distill import train_parts
 from kdcore.losses.tokens import masked_mean, token_cross_entropy
@@ -62,7 +62,7 @@ def spec_dict(steps: int) -> dict:
 
 def engine_seconds(steps: int) -> float:
     with tempfile.TemporaryDirectory() as tmp:
-        parts = build_parts(kdcore.load_spec(spec_dict(steps)))
+        parts = build_parts(app.load_spec(spec_dict(steps)))
         start = time.perf_counter()
         train_parts(parts, Path(tmp) / "run", progress=False)
         return time.perf_counter() - start
@@ -70,7 +70,7 @@ def engine_seconds(steps: int) -> float:
 
 def minimal_seconds(steps: int) -> float:
     """The loop a user would write by hand with MLX alone."""
-    dataset = build_parts(kdcore.load_spec(spec_dict(steps))).dataset
+    dataset = build_parts(app.load_spec(spec_dict(steps))).dataset
     mx.random.seed(0)
     from kdcore.models.transformer import Transformer, TransformerConfig
 

@@ -6,7 +6,7 @@ download): teacher hidden 1024, 2 layers; student hidden 512, 2 layers; tied emb
 the small Qwen3 models have. One step: batch 4 x 512 tokens, ``0.5 CE + 0.5 KL(teacher ||
 student)`` at T = 1, AdamW. Each contender runs in its own process (clean peak memory):
 
-- ``kd``: ``kdcore.distill`` on a spec (the fused path; step time from the run's own
+- ``kd``: ``app.distill`` on a spec (the fused path; step time from the run's own
   ``step_s`` records, MLX peak memory at the end, process peak RSS); once more with
   ``KD_HEAP=system`` (``kd_system_heap``: glibc's default heap, kdcore.engine.heap off);
 - ``mlx``: the loop a user writes with mlx-lm models and full ``[B, L, V]`` logits;
@@ -42,6 +42,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from kdcore import app
 
 ROOT = Path(__file__).resolve().parents[1]
 CORPUS = ROOT / "examples" / "shakespeare" / "data" / "tinyshakespeare.txt"
@@ -146,12 +148,10 @@ def kd_spec(models: dict, s: dict, batch: int, fused: bool = True, steps: int = 
 def run_kd(models: dict, s: dict, batch: int, fused: bool = True, steps: int = 0) -> dict:
     import mlx.core as mx
 
-    import kdcore
-
     spec = kd_spec(models, s, batch, fused, steps)
     with tempfile.TemporaryDirectory() as out:
         mx.reset_peak_memory()
-        kdcore.distill(spec, output=Path(out) / "run", progress=False)
+        app.distill(spec, output=Path(out) / "run", progress=False)
         peak = mx.get_peak_memory()
         text = (Path(out) / "run" / "metrics.jsonl").read_text()
     records = [json.loads(line) for line in text.splitlines() if line.strip()]

@@ -223,7 +223,7 @@ def generation_lines(g: dict) -> list[str]:
     return [
         "## Generation",
         "",
-        f"`kdcore.generate`, batch {g['batch']}, greedy, {g['prompt_tokens']}-token prompt and "
+        f"`app.generate`, batch {g['batch']}, greedy, {g['prompt_tokens']}-token prompt and "
         f"{g['new_tokens']} new tokens; tokens per second over the whole call (prompt "
         f"included), medians of {g['rounds']} interleaved runs. KV cache against the full "
         f"recompute (`cache=False`) on the bundled teacher ({g['teacher_parameters']:,} "

@@ -17,7 +17,7 @@ import mlx.optimizers as optim
 
 import kdcore
 from benchmarks.common import median_time
-from kdcore import testing
+from kdcore import app, testing
 from kdcore.losses.inputs import LossInputs
 from kdcore.models.transformer import Transformer, TransformerConfig
 
@@ -33,7 +33,7 @@ def step_seconds(batch: int, length: int, vocab: int) -> float:
     teacher.freeze()
     ce = testing.build_loss("ce")
     hinton = testing.build_loss("hinton", temperature=2.0)
-    config = kdcore.make_config("loss", "hinton", temperature=2.0)
+    config = app.make_config("loss", "hinton", temperature=2.0)
     optimizer = optim.AdamW(learning_rate=1e-3)
     ids = mx.random.randint(0, vocab, (batch, length))
     batch_arrays = {

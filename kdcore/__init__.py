@@ -1,47 +1,27 @@
 """kdcore: knowledge distillation for language models on MLX, composed from plugins.
 
-The names below are the whole plugin API: a plugin imports these (and ``kdcore.testing``)
-and nothing else; every other module of kdcore is private and may change. A plugin's
-entry point (group ``kdcore``) is a module with ``kd_*`` hook implementations
-(``kdcore.registry.hookspecs`` documents each hook; ``kdcore.protocols`` what the engine
-calls on a component; docs/authoring-plugins.md walks through both).
+The names below are the plugin API: what a plugin implements and the helpers a loss
+needs. A plugin imports these, ``kdcore.testing`` for its tests and, when it adds ``kd``
+commands or datasets, ``kdcore.app`` (the application API); every other module is private
+and may change. A plugin's entry point (group ``kdcore``) is a module with ``kd_*`` hook
+implementations (``kdcore.registry.hookspecs`` documents each hook);
+docs/authoring-plugins.md walks through a loss in one file first.
 """
 
 from kdcore import builtins
-from kdcore.analysis.report import write_report
-from kdcore.data.datasets import Dataset, open_text, read_jsonl, resolve_tokenizer
-from kdcore.engine.distill import distill
-from kdcore.engine.evaluate import evaluate
-from kdcore.engine.loop import RunInfo
-from kdcore.engine.onpolicy import sample_continuations
-from kdcore.engine.rundir import load_run_spec, open_run
-from kdcore.errors import CheckpointError, KdError, NonFiniteLossError, RegistryError, SpecError
-from kdcore.io import atomic_path, load_arrays, read_json, save_arrays, write_json
-from kdcore.kernels.chunked import chunked_token_mean, map_rows
-from kdcore.kernels.divergence import dense_divergence, sparse_divergence
+from kdcore.data.datasets import Dataset
+from kdcore.errors import SpecError
+from kdcore.kernels.chunked import map_rows
 from kdcore.kernels.kinds import KINDS as DIVERGENCES
-from kdcore.kernels.native import install_registered_kernels
-from kdcore.kernels.support import TAILS as TAIL_POLICIES
-from kdcore.kernels.support import teacher_support, topk_sorted
+from kdcore.kernels.support import teacher_support
 from kdcore.losses.inputs import LossInputs, StepContext
-from kdcore.losses.rows import (
-    RowLoss,
-    Rows,
-    cross_entropy_rows,
-    rows_on_logits,
-    teacher_rows,
-    token_divergence,
-)
+from kdcore.losses.rows import RowLoss, Rows, cross_entropy_rows, teacher_rows, token_divergence
 from kdcore.losses.tokens import IGNORE_INDEX, log_softmax, masked_mean, token_cross_entropy
-from kdcore.models.io import count_parameters, load_model, save_model
 from kdcore.models.output import ModelOutput
-from kdcore.models.sampling import generate, top_p_filter
-from kdcore.models.transformer import Transformer, TransformerConfig
 from kdcore.protocols import (
     AfterStep,
     Aggregator,
     Aligner,
-    DeclaresRows,
     HasRequirements,
     HasState,
     Initializer,
@@ -56,41 +36,31 @@ from kdcore.protocols import (
     Scheduler,
     TeacherSource,
 )
-from kdcore.protocols import Dataset as DatasetProtocol
-from kdcore.registry.components import KINDS, PROPERTIES, REQUIREMENTS, Component, NoConfig
-from kdcore.registry.manager import get_registry, hookimpl, use_builtins
+from kdcore.registry.components import Component
+from kdcore.registry.manager import hookimpl, use_builtins
 from kdcore.registry.setup import Setup
 from kdcore.signal.mixture import mixture
-from kdcore.signal.teacher import TeacherSignal, dense_signal
+from kdcore.signal.teacher import TeacherSignal
 from kdcore.spec import validators
-from kdcore.spec.build import build, make_config
-from kdcore.spec.load import load_spec, read_config, to_plain
-from kdcore.spec.schedules import Schedule, value_at
-from kdcore.spec.schema import RunSpec
-from kdcore.tokenizers.simple import ByteTokenizer, fingerprint, load_tokenizer, save_tokenizer
+from kdcore.spec.schedules import value_at
 
 __version__ = "0.1.0"
 
 use_builtins(builtins.MODULES)  # the core's own components, through the plugin hooks
 
 __all__ = [
-    # plugins: hooks, records, registry
-    "KINDS",
-    "PROPERTIES",
-    "REQUIREMENTS",
+    # registering components
     "Component",
-    "NoConfig",
     "Setup",
-    "build",
-    "get_registry",
+    "SpecError",
     "hookimpl",
-    "make_config",
-    # what the engine calls on components
+    "validators",
+    "value_at",
+    # the kinds of component, and what the engine may call on one
     "AfterStep",
     "Aggregator",
     "Aligner",
-    "DatasetProtocol",
-    "DeclaresRows",
+    "Dataset",
     "HasRequirements",
     "HasState",
     "Initializer",
@@ -104,75 +74,24 @@ __all__ = [
     "RunCallback",
     "Scheduler",
     "TeacherSource",
-    # what components receive
+    # what a component receives
     "IGNORE_INDEX",
     "LossInputs",
     "ModelOutput",
-    "RunInfo",
     "StepContext",
     "TeacherSignal",
-    "dense_signal",
-    "mixture",
-    # loss maths
-    "DIVERGENCES",
-    "TAIL_POLICIES",
+    # a loss as rows
     "RowLoss",
     "Rows",
-    "chunked_token_mean",
     "cross_entropy_rows",
-    "dense_divergence",
+    "teacher_rows",
+    # loss maths
+    "DIVERGENCES",
     "log_softmax",
     "map_rows",
     "masked_mean",
-    "sparse_divergence",
+    "mixture",
     "teacher_support",
     "token_cross_entropy",
-    "teacher_rows",
-    "rows_on_logits",
     "token_divergence",
-    "topk_sorted",
-    # specs and schedules
-    "RunSpec",
-    "Schedule",
-    "load_spec",
-    "read_config",
-    "to_plain",
-    "validators",
-    "value_at",
-    # models, tokenizers, data
-    "ByteTokenizer",
-    "Dataset",
-    "Transformer",
-    "TransformerConfig",
-    "count_parameters",
-    "fingerprint",
-    "generate",
-    "install_registered_kernels",
-    "sample_continuations",
-    "load_model",
-    "load_tokenizer",
-    "open_text",
-    "read_jsonl",
-    "resolve_tokenizer",
-    "save_model",
-    "save_tokenizer",
-    "top_p_filter",
-    # runs
-    "distill",
-    "evaluate",
-    "load_run_spec",
-    "open_run",
-    "write_report",
-    # files
-    "atomic_path",
-    "load_arrays",
-    "read_json",
-    "save_arrays",
-    "write_json",
-    # errors
-    "CheckpointError",
-    "KdError",
-    "NonFiniteLossError",
-    "RegistryError",
-    "SpecError",
 ]

@@ -138,7 +138,7 @@ class Metric(Protocol):
 
 class RunCallback(Protocol):
     """Any subset of ``on_start(info)``, ``on_log(step, record)``, ``on_eval(step, record)``
-    and ``on_end(summary)``; ``info`` is a :class:`kdcore.RunInfo` (``output``: the run
+    and ``on_end(summary)``; ``info`` is a :class:`kdcore.app.RunInfo` (``output``: the run
     folder, ``spec``, ``total_steps``). Every method is optional (the engine calls those
     present)."""
 
@@ -199,7 +199,7 @@ class Learnable(Protocol):
 @runtime_checkable
 class HasRequirements(Protocol):
     """An aggregator whose needs depend on its config: ``requires`` is a frozenset of
-    :data:`kdcore.REQUIREMENTS` (``{"hidden_states"}``), added to the component's own."""
+    :data:`kdcore.app.REQUIREMENTS` (``{"hidden_states"}``), added to the component's own."""
 
     requires: frozenset[str]
 

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 import kdcore
+from kdcore import app
 from kdcore.analysis import pareto_front
 from kdcore.cli.main import main
 from kdcore.engine.rundir import load_run_spec
@@ -100,10 +101,10 @@ def runs(tmp_path_factory, corpus, teacher_dir):
             {"name": "test_fkl", "weight": 0.5, "params": {"temperature": 2.0}},
         ],
     )
-    kdcore.distill(kdcore.load_spec(kd), output=root / "kd", progress=False)
+    app.distill(app.load_spec(kd), output=root / "kd", progress=False)
     ce = _spec(corpus, run={"name": "ce", "seed": 0})
     ce["student"]["model"]["params"].update(dim=16, layers=1)
-    kdcore.distill(kdcore.load_spec(ce), output=root / "ce", progress=False)
+    app.distill(app.load_spec(ce), output=root / "ce", progress=False)
     yield {"kd": root / "kd", "ce": root / "ce", "teacher": teacher_dir.parent, "root": root}
     reset_registry()
 
@@ -146,7 +147,7 @@ def test_design_counts_the_instantiated_model_and_prints_a_usable_spec(
         assert d["compression"] == pytest.approx(teacher_params / d["student"]["parameters"])
         # The printed snippet is a [student] table the engine accepts as it is.
         student = tomllib.loads(d["toml"])["student"]
-        spec = kdcore.load_spec(_spec(corpus, student=student))
+        spec = app.load_spec(_spec(corpus, student=student))
         assert spec.student.model.config.dim == params["dim"]
     assert (
         designs["depth"]["student"]["shape"]["layers"]
@@ -230,7 +231,7 @@ def test_design_mlxlm_llama_and_qwen3(capsys, tmp_path, corpus):
         assert cfg["num_attention_heads"] == group * cfg["num_key_value_heads"]
         assert cfg["model_type"] == name and cfg["rms_norm_eps"] == config["rms_norm_eps"]
         assert abs(d["relative_error"]) <= 0.11
-        kdcore.load_spec(_spec(corpus, student=student))  # the engine accepts the snippet
+        app.load_spec(_spec(corpus, student=student))  # the engine accepts the snippet
     assert cfg["head_dim"] == 64  # qwen3 keeps its head size
     assert cfg["hidden_size"] < 256
 

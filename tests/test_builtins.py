@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import kdcore
-from kdcore import testing
+from kdcore import app, testing
 from kdcore.losses.tokens import token_cross_entropy
 from kdcore.signal.mixture import mixture
 from kdcore.signal.teacher import TeacherSignal
@@ -39,13 +39,13 @@ def test_schedulers_conform(name, params):
 
 
 def test_scheduler_values_match_their_formulas():
-    cos = kdcore.build("scheduler", "cosine", start=4.0, end=1.0)
+    cos = app.build("scheduler", "cosine", start=4.0, end=1.0)
     assert cos(50, 100) == pytest.approx(1.0 + 3.0 * 0.5 * (1 + math.cos(math.pi * 0.5)))
-    exp = kdcore.build("scheduler", "exponential", start=1.0, end=0.01)
+    exp = app.build("scheduler", "exponential", start=1.0, end=0.01)
     assert exp(50, 100) == pytest.approx(0.1)
-    step = kdcore.build("scheduler", "step", start=1.0, gamma=0.5, milestones=[30, 60])
+    step = app.build("scheduler", "step", start=1.0, gamma=0.5, milestones=[30, 60])
     assert [step(s, 100) for s in (0, 29, 30, 60)] == [1.0, 1.0, 0.5, 0.25]
-    warm = kdcore.build("scheduler", "linear", start=1.0, end=0.0, warmup=10)
+    warm = app.build("scheduler", "linear", start=1.0, end=0.0, warmup=10)
     assert warm(5, 110) == pytest.approx(0.5) and warm(10, 110) == pytest.approx(1.0)
     assert warm(110, 110) == pytest.approx(0.0)
 
@@ -62,7 +62,7 @@ def test_mean_is_the_average_of_probabilities_not_logits(seed, temperature):
     rng = np.random.default_rng(seed)
     z = [rng.standard_normal((2, 3, 7)).astype(np.float32) * 3 for _ in range(2)]
     signals = [TeacherSignal(vocab_size=7, logits=mx.array(x)) for x in z]
-    out = kdcore.build("teacher_aggregator", "mean")(signals)
+    out = app.build("teacher_aggregator", "mean")(signals)
 
     def softmax(x):
         e = np.exp(x / temperature - (x / temperature).max(-1, keepdims=True))
@@ -80,9 +80,7 @@ def test_one_teacher_passes_through():
 def test_learnable_weights_get_gradients():
     import mlx.nn as nn
 
-    agg = kdcore.build(
-        "teacher_aggregator", "weighted", kdcore.Setup(num_teachers=2), learnable=True
-    )
+    agg = app.build("teacher_aggregator", "weighted", kdcore.Setup(num_teachers=2), learnable=True)
     signals = [
         TeacherSignal(vocab_size=4, logits=mx.array(np.eye(4, dtype=np.float32)[None] * 5)),
         TeacherSignal(vocab_size=4, logits=mx.zeros((1, 4, 4))),

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import kdcore
-from kdcore import testing
+from kdcore import app, testing
 from kdcore.cache import format as kc_format
 from kdcore.cache import read as kc_read
 from kdcore.cache import write as kc_write
@@ -86,8 +86,8 @@ def spec_dict(
 
 def open_cache(spec: dict, directory: Path, **params) -> kc_read.CacheTeacher:
     """The ``cache`` teacher source as a run builds it."""
-    run_spec = kdcore.load_spec(spec)
-    config = kdcore.make_config("teacher_source", "cache", **params)
+    run_spec = app.load_spec(spec)
+    config = app.make_config("teacher_source", "cache", **params)
     setup = Setup(
         base_dir=Path("."),
         seed=run_spec.run.seed,
@@ -98,7 +98,7 @@ def open_cache(spec: dict, directory: Path, **params) -> kc_read.CacheTeacher:
 
 
 def train_rows(spec: dict) -> np.ndarray:
-    dataset = build_dataset(kdcore.load_spec(spec))
+    dataset = build_dataset(app.load_spec(spec))
     return next(dataset.batches(10_000, "train"))["input_ids"]
 
 
@@ -126,9 +126,7 @@ def world(tmp_path_factory):
     spec = spec_dict([{"path": str(teacher)}])
     logits = teacher_logits64(teacher, train_rows(spec))
     cache = root / "cache"
-    kc_write.write_cache(
-        kdcore.load_spec(spec), cache, top_k=8, shard_tokens=40 * SEQ, progress=False
-    )
+    kc_write.write_cache(app.load_spec(spec), cache, top_k=8, shard_tokens=40 * SEQ, progress=False)
     return {"root": root, "teacher": teacher, "spec": spec, "logits": logits, "cache": cache}
 
 
@@ -146,7 +144,7 @@ def cache_copy(world, tmp_path) -> Path:
 def test_round_trip_gives_the_teachers_top_k(world, tmp_path, dtype, eps):
     out = tmp_path / "c"
     kc_write.write_cache(
-        kdcore.load_spec(world["spec"]),
+        app.load_spec(world["spec"]),
         out,
         top_k=8,
         dtype=dtype,
@@ -156,7 +154,7 @@ def test_round_trip_gives_the_teachers_top_k(world, tmp_path, dtype, eps):
     )
     teacher = open_cache(world["spec"], out)
     assert teacher.model is None and teacher.reader.k == 8
-    dataset = build_dataset(kdcore.load_spec(world["spec"]))
+    dataset = build_dataset(app.load_spec(world["spec"]))
     batch = dataset.batch(5, 12)  # a permuted draw spanning several shards
     assert (
         len(
@@ -213,7 +211,7 @@ def test_retempering_matches_float64(world, tmp_path, target):
     capture = 2.0
     out = tmp_path / "c"
     kc_write.write_cache(
-        kdcore.load_spec(world["spec"]),
+        app.load_spec(world["spec"]),
         out,
         top_k=16,
         dtype="float32",
@@ -258,20 +256,20 @@ def _hinton_inputs(signal: TeacherSignal, batch: dict, seed: int = 0) -> kdcore.
 @pytest.mark.parametrize("dtype,rtol", [("float32", 1e-5), ("float16", 3e-3)])
 def test_hinton_from_a_full_cache_equals_online_hinton(world, tmp_path, dtype, rtol):
     out = tmp_path / "c"
-    spec = kdcore.load_spec(world["spec"])
+    spec = app.load_spec(world["spec"])
     kc_write.write_cache(spec, out, top_k=256, dtype=dtype, shard_tokens=64 * SEQ, progress=False)
     cached = open_cache(world["spec"], out)
     online = (
         get_registry()
         .get("teacher_source", "model")
         .factory(
-            kdcore.make_config("teacher_source", "model"),
+            app.make_config("teacher_source", "model"),
             Setup(teacher=TeacherRef(path=str(world["teacher"]))),
         )
     )
     dataset = build_dataset(spec)
     for tail in ("renormalize", "tail-bucket"):
-        params = kdcore.make_config("loss", "hinton", temperature=2.0, tail=tail)
+        params = app.make_config("loss", "hinton", temperature=2.0, tail=tail)
         loss = testing.build_loss("hinton", temperature=2.0, tail=tail)
         for index in range(3):
             batch = dataset.batch(index, 6)
@@ -286,7 +284,7 @@ def test_hinton_from_a_full_cache_equals_online_hinton(world, tmp_path, dtype, r
 def test_a_run_from_a_full_cache_follows_the_online_run(world, tmp_path):
     """Through the engine: rows are found by example_index under the shuffled order."""
     kc_write.write_cache(
-        kdcore.load_spec(world["spec"]),
+        app.load_spec(world["spec"]),
         tmp_path / "c",
         top_k=256,
         dtype="float32",
@@ -298,8 +296,8 @@ def test_a_run_from_a_full_cache_follows_the_online_run(world, tmp_path):
         ("online", {"path": str(world["teacher"])}),
         ("cached", {"cache": str(tmp_path / "c")}),
     ):
-        kdcore.distill(
-            kdcore.load_spec(spec_dict([teacher], losses=losses)),
+        app.distill(
+            app.load_spec(spec_dict([teacher], losses=losses)),
             output=tmp_path / name,
             progress=False,
         )
@@ -313,7 +311,7 @@ def test_a_run_from_a_full_cache_follows_the_online_run(world, tmp_path):
 
 
 def test_an_interrupted_write_resumes_where_it_stopped(world, tmp_path):
-    spec = kdcore.load_spec(world["spec"])
+    spec = app.load_spec(world["spec"])
     out = tmp_path / "c"
 
     def interrupt(teacher, shard):
@@ -446,7 +444,7 @@ def test_data_fingerprint_mismatch_names_both(world, tmp_path):
     other.write_text(CORPUS.read_text(encoding="utf-8")[CHARS : 2 * CHARS], encoding="utf-8")
     spec = spec_dict([{"cache": str(world["cache"])}], data_path=other)
     expected = read_json(world["cache"] / "teacher-0" / "manifest.json")["data"]["fingerprint"]
-    run_fp = build_dataset(kdcore.load_spec(spec)).fingerprint()
+    run_fp = build_dataset(app.load_spec(spec)).fingerprint()
     assert run_fp != expected
     with pytest.raises(CheckpointError, match=f"data fingerprint {run_fp}.*{expected}") as info:
         open_cache(spec, world["cache"])
@@ -463,10 +461,10 @@ def test_tokenizer_mismatch_names_both(tmp_path):
         save_tokenizer(CharTokenizer(chars + [extra]), folders[extra])
     teacher = make_teacher(tmp_path / "teacher", CharTokenizer(chars + ["@"]))
     made = spec_dict([{"path": str(teacher)}], tokenizer=str(folders["@"]))
-    kc_write.write_cache(kdcore.load_spec(made), tmp_path / "c", top_k=4, progress=False)
+    kc_write.write_cache(app.load_spec(made), tmp_path / "c", top_k=4, progress=False)
     used = spec_dict([{"cache": str(tmp_path / "c")}], tokenizer=str(folders["#"]))
     manifest = read_json(tmp_path / "c" / "teacher-0" / "manifest.json")
-    run_tok = kdcore.fingerprint(CharTokenizer(chars + ["#"]))
+    run_tok = app.fingerprint(CharTokenizer(chars + ["#"]))
     with pytest.raises(
         CheckpointError, match=f"tokenizer hash {run_tok}.*{manifest['data']['tokenizer_hash']}"
     ) as info:
@@ -563,10 +561,9 @@ def test_kd_cache_command_writes_and_verifies(world, tmp_path, capsys):
     }
     assert manifest["vocab_size"] == 256 and manifest["seq_len"] == SEQ
     assert manifest["teacher"]["identity"] == kc_write.teacher_identity(world["teacher"])
-    assert manifest["tokenizer_hash"] == kdcore.fingerprint(ByteTokenizer())
+    assert manifest["tokenizer_hash"] == app.fingerprint(ByteTokenizer())
     assert (
-        manifest["data"]["fingerprint"]
-        == build_dataset(kdcore.load_spec(world["spec"])).fingerprint()
+        manifest["data"]["fingerprint"] == build_dataset(app.load_spec(world["spec"])).fingerprint()
     )
     assert manifest["token_count"] == 202 * SEQ and manifest["complete"]
     assert kd_main(["cache", "--verify", str(out)]) == 0
@@ -591,12 +588,12 @@ def test_training_from_the_cache_never_loads_the_teacher(world, tmp_path):
     spec = spec_dict([{"path": str(moved)}])
     # captured at the temperature hinton reads it at: a tail-bucket is exact only there
     kc_write.write_cache(
-        kdcore.load_spec(spec), tmp_path / "c", top_k=8, temperature=2.0, progress=False
+        app.load_spec(spec), tmp_path / "c", top_k=8, temperature=2.0, progress=False
     )
     shutil.rmtree(moved)  # the run below cannot load it even if it tried
     hinton = {"name": "hinton", "params": {"temperature": 2.0, "tail": "tail-bucket"}}
     run_spec = spec_dict([{"cache": str(tmp_path / "c")}], losses=[hinton, {"name": "ce"}])
-    summary = kdcore.distill(kdcore.load_spec(run_spec), output=tmp_path / "run", progress=False)
+    summary = app.distill(app.load_spec(run_spec), output=tmp_path / "run", progress=False)
     assert summary["steps"] == 3 and summary["final_losses"]["hinton"] > 0
     manifest = read_json(tmp_path / "c" / "teacher-0" / "manifest.json")
     assert summary["teacher_parameters"] == [manifest["teacher"]["num_parameters"]]
@@ -604,7 +601,7 @@ def test_training_from_the_cache_never_loads_the_teacher(world, tmp_path):
 
 def test_a_teacher_that_needs_hidden_states_cannot_come_from_the_cache(world):
     teacher = open_cache(world["spec"], world["cache"])
-    batch = to_mx(build_dataset(kdcore.load_spec(world["spec"])).batch(0, 2))
+    batch = to_mx(build_dataset(app.load_spec(world["spec"])).batch(0, 2))
     with pytest.raises(kdcore.SpecError, match="no hidden_states"):
         teacher.signal(batch, frozenset({"hidden_states"}))
 
@@ -613,13 +610,13 @@ def test_multi_teacher_cache_has_one_sub_cache_each(world, tmp_path):
     second = make_teacher(tmp_path / "t1", ByteTokenizer(), seed=1)
     spec = spec_dict([{"path": str(world["teacher"])}, {"path": str(second)}])
     out = tmp_path / "c"
-    kc_write.write_cache(kdcore.load_spec(spec), out, top_k=4, progress=False)
+    kc_write.write_cache(app.load_spec(spec), out, top_k=4, progress=False)
     assert [p.name for p in kc_format.teacher_dirs(out)] == ["teacher-0", "teacher-1"]
     report = kc_format.verify_cache(out)
     assert set(report) == {"teacher-0", "teacher-1"}
     with pytest.raises(kdcore.SpecError, match="holds 2 teacher caches"):
         open_cache(spec, out)
-    batch = to_mx(build_dataset(kdcore.load_spec(spec)).batch(1, 3))
+    batch = to_mx(build_dataset(app.load_spec(spec)).batch(1, 3))
     a = open_cache(spec, out, teacher=0).signal(batch)
     b = open_cache(spec, out / "teacher-1").signal(batch)
     ids = np.array(b.topk_ids)
@@ -643,7 +640,7 @@ def test_a_run_from_two_full_caches_follows_the_online_multi_teacher_run(
     second = make_teacher(tmp_path / "t1", ByteTokenizer(), seed=1)
     live = [{"path": str(world["teacher"])}, {"path": str(second)}]
     kc_write.write_cache(
-        kdcore.load_spec(spec_dict(live)),
+        app.load_spec(spec_dict(live)),
         tmp_path / "c",
         top_k=256,
         dtype="float32",
@@ -658,7 +655,7 @@ def test_a_run_from_two_full_caches_follows_the_online_multi_teacher_run(
     for name, teachers in (("online", live), ("cached", cached)):
         spec = spec_dict(teachers, losses=losses)
         spec["aggregator"] = aggregator
-        kdcore.distill(kdcore.load_spec(spec), output=tmp_path / name, progress=False)
+        app.distill(app.load_spec(spec), output=tmp_path / name, progress=False)
         lines = (tmp_path / name / "metrics.jsonl").read_text().splitlines()
         curves[name] = [json.loads(x)["loss/hinton"] for x in lines if "loss/hinton" in x]
     assert len(curves["online"]) == 3
@@ -668,13 +665,13 @@ def test_a_run_from_two_full_caches_follows_the_online_multi_teacher_run(
 def test_a_run_from_two_top_k_caches_trains(world, tmp_path):
     second = make_teacher(tmp_path / "t1", ByteTokenizer(), seed=1)
     live = [{"path": str(world["teacher"])}, {"path": str(second)}]
-    kc_write.write_cache(kdcore.load_spec(spec_dict(live)), tmp_path / "c", top_k=8, progress=False)
+    kc_write.write_cache(app.load_spec(spec_dict(live)), tmp_path / "c", top_k=8, progress=False)
     spec = spec_dict(
         [{"cache": str(tmp_path / "c"), "params": {"teacher": i}} for i in range(2)],
         losses=[{"name": "hinton", "params": {"temperature": 1.0}}],
     )
     spec["train"]["steps"] = 12
-    kdcore.distill(kdcore.load_spec(spec), output=tmp_path / "run", progress=False)
+    app.distill(app.load_spec(spec), output=tmp_path / "run", progress=False)
     lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     values = [x["loss/hinton"] for x in lines if "loss/hinton" in x]
     assert all(np.isfinite(values)) and values[-1] < values[0]
@@ -777,11 +774,11 @@ def test_kd_eval_of_a_cached_run_has_teacher_figures_when_its_folder_is_known(wo
     losses = [{"name": "ce"}, {"name": "hinton"}]
     run = tmp_path / "run"
     spec = spec_dict([{"cache": str(world["cache"])}], losses=losses)
-    kdcore.distill(kdcore.load_spec(spec), output=run, progress=False)
+    app.distill(app.load_spec(spec), output=run, progress=False)
     cached = evaluate_run(run)
     online_spec = spec_dict([{"path": str(world["teacher"])}], losses=losses)
     online = tmp_path / "online"
-    kdcore.distill(kdcore.load_spec(online_spec), output=online, progress=False)
+    app.distill(app.load_spec(online_spec), output=online, progress=False)
     reference = evaluate_run(online)
     assert cached["teacher"] == str(world["teacher"])
     # the same teacher as the online run's (the students differ: k = 8 against all logits)

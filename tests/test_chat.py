@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 import kdcore
-from kdcore import testing
+from kdcore import app, testing
 from kdcore.io import write_json
 from kdcore.tokenizers.hf import train_bpe_tokenizer_json, write_hf_tokenizer
 
@@ -181,7 +181,7 @@ def write_jsonl(path: Path, records: list) -> Path:
 
 
 def chat(path: Path, tokenizer: Path, **params):
-    return kdcore.build("dataset", "chat", path=str(path), tokenizer=str(tokenizer), **params)
+    return app.build("dataset", "chat", path=str(path), tokenizer=str(tokenizer), **params)
 
 
 # ---------------------------------------------------------------- oracles
@@ -442,7 +442,7 @@ def test_batches_are_a_pure_function_of_seed_and_index(tmp_path, tok):
         for key in one:
             np.testing.assert_array_equal(one[key], two[key])
     assert a.fingerprint() == b.fingerprint()
-    other = kdcore.build(
+    other = app.build(
         "dataset", "chat", kdcore.Setup(seed=1), path=str(path), tokenizer=str(tok), seq_len=64
     )
     assert other.fingerprint() == a.fingerprint()  # the rows do not depend on the seed
@@ -625,7 +625,7 @@ def test_kd_eval_scores_chat_jsonl_on_the_assistant_tokens(tmp_path, tok, mlx_to
 
 def test_kd_eval_says_when_chat_records_have_no_template_to_render_them(tmp_path, corpus, capsys):
     run = tmp_path / "run"
-    kdcore.distill(testing.tiny_spec(corpus, steps=1), output=run, progress=False)  # bytes
+    app.distill(testing.tiny_spec(corpus, steps=1), output=run, progress=False)  # bytes
     path = write_jsonl(tmp_path / "chat.jsonl", chat_records(2))
     capsys.readouterr()
     assert testing.run_kd("eval", run, "--data", path) == 2

@@ -14,11 +14,12 @@ from pathlib import Path
 import pytest
 
 import kdcore
+from kdcore import app
 from kdcore.data.datasets import open_text, read_jsonl
 
 
 def _text_dataset(path: Path, **params):
-    return kdcore.build("dataset", "text", path=str(path), seq_len=8, **params)
+    return app.build("dataset", "text", path=str(path), seq_len=8, **params)
 
 
 def test_text_that_is_not_utf8_names_its_line(tmp_path):
@@ -60,14 +61,14 @@ def test_a_gz_file_that_is_not_gzip_or_cut_short_is_an_error(tmp_path, reader):
             if reader == "text":
                 _text_dataset(path)
             else:
-                kdcore.build("dataset", "jsonl", path=str(path))
+                app.build("dataset", "jsonl", path=str(path))
         assert str(path) in str(err.value)
 
 
 @pytest.mark.parametrize("reader", ["text", "jsonl"])
 def test_a_directory_is_not_a_data_file(tmp_path, reader):
     with pytest.raises(kdcore.SpecError, match="is a directory"):
-        kdcore.build("dataset", reader, path=str(tmp_path))
+        app.build("dataset", reader, path=str(tmp_path))
 
 
 def test_jsonl_rejects_a_line_that_is_not_utf8_and_reads_the_rest(tmp_path):
@@ -143,12 +144,12 @@ def test_a_device_without_max_chars_is_refused_not_read_to_exhaustion(tmp_path):
     code = (
         "import resource, sys\n"
         "resource.setrlimit(resource.RLIMIT_AS, (6 << 30, 6 << 30))\n"
-        "import kdcore\n"
+        "import kdcore\nfrom kdcore import app\n"
         "try:\n"
-        "    kdcore.build('dataset', 'text', path='/dev/zero', seq_len=8)\n"
+        "    app.build('dataset', 'text', path='/dev/zero', seq_len=8)\n"
         "except kdcore.SpecError as exc:\n"
         "    print('refused:', exc)\n"
-        "ds = kdcore.build('dataset', 'text', path='/dev/zero', seq_len=8, max_chars=1000)\n"
+        "ds = app.build('dataset', 'text', path='/dev/zero', seq_len=8, max_chars=1000)\n"
         "print('read', ds.num_examples('train') + ds.num_examples('val'))\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-import kdcore
+from kdcore import app
 from kdcore.engine.distributed import DataParallel, barrier, my_items
 from kdcore.errors import CheckpointError, SpecError
 from kdcore.io import load_arrays
@@ -149,7 +149,7 @@ def test_two_processes_match_one(corpus, tmp_path):
     assert worst < 1e-6, worst
     from kdcore.engine.build import build_parts
 
-    start = dict(tree_flatten(build_parts(kdcore.load_spec(spec)).student.parameters()))
+    start = dict(tree_flatten(build_parts(app.load_spec(spec)).student.parameters()))
     moved = max(float(mx.abs(a[k] - start[k]).max()) for k in a)
     assert moved > 0  # training moved the weights (the comparison is not vacuous)
     # one progress line per step: only rank 0 reports

@@ -150,7 +150,7 @@ def reads_params(config, setup):
 
 
 def reads_config(config, setup):
-    # wrong: with temperature scheduled, config.temperature is a kdcore.Schedule
+    # wrong: with temperature scheduled, config.temperature is a app.Schedule
     return lambda inputs: _tempered_ce(inputs.student.logits, inputs, config.temperature)
 
 

@@ -15,6 +15,7 @@ import pytest
 from mlx.utils import tree_flatten
 
 import kdcore
+from kdcore import app
 from kdcore.engine import loop
 from kdcore.engine.build import build_parts
 from kdcore.engine.checkpoint import latest_checkpoint, load_checkpoint
@@ -49,8 +50,8 @@ def _distill_spec(make_spec, teacher_dir, steps=8, **train):
 
 
 def test_outputs_of_a_run(tmp_path, make_spec, teacher_dir):
-    summary = kdcore.distill(
-        kdcore.load_spec(_distill_spec(make_spec, teacher_dir)),
+    summary = app.distill(
+        app.load_spec(_distill_spec(make_spec, teacher_dir)),
         output=tmp_path / "run",
         progress=False,
     )
@@ -75,13 +76,14 @@ def test_outputs_of_a_run(tmp_path, make_spec, teacher_dir):
     model, arch, _ = load_model(run / "student")
     assert arch == "transformer"
     # the saved student is the trained one: its val loss matches the summary
-    again = kdcore.load_spec(run / "spec.toml")
+    again = app.load_spec(run / "spec.toml")
     assert again.train.steps == 8
 
 
 KILLER = textwrap.dedent("""
     import os, sys
     import kdcore
+    from kdcore import app
     from kdcore.registry.manager import reset_registry
 
     class Killer:
@@ -97,8 +99,8 @@ KILLER = textwrap.dedent("""
             return [kdcore.Component("killer", Killer, doc="dies")]
 
     reset_registry([(Plugin(), "test-killer")])
-    spec = kdcore.load_spec(sys.argv[1])
-    kdcore.distill(spec, output=sys.argv[2], resume=sys.argv[3] == "1", progress=False)
+    spec = app.load_spec(sys.argv[1])
+    app.distill(spec, output=sys.argv[2], resume=sys.argv[3] == "1", progress=False)
 """)
 
 
@@ -153,6 +155,7 @@ def test_resume_after_kill_gives_the_same_losses(tmp_path, make_spec, teacher_di
 WRITE_KILLER = textwrap.dedent("""
     import os, sys
     import kdcore
+    from kdcore import app
     import kdcore.engine.checkpoint as ckpt
 
     real = ckpt.save_arrays
@@ -167,8 +170,8 @@ WRITE_KILLER = textwrap.dedent("""
         real(path, arrays, metadata)
 
     ckpt.save_arrays = dying_save
-    spec = kdcore.load_spec(sys.argv[1])
-    kdcore.distill(spec, output=sys.argv[2], progress=False)
+    spec = app.load_spec(sys.argv[1])
+    app.distill(spec, output=sys.argv[2], progress=False)
 """)
 
 
@@ -189,41 +192,37 @@ def test_kill_during_checkpoint_write_keeps_the_previous_one(tmp_path, make_spec
     state, weights, _, _ = load_checkpoint(latest)  # checksums verified
     assert state["step"] == 4 and weights
     assert not (root / "step-0000008").exists()
-    summary = kdcore.distill(
-        kdcore.load_spec(spec), output=tmp_path / "run", resume=True, progress=False
-    )
+    summary = app.distill(app.load_spec(spec), output=tmp_path / "run", resume=True, progress=False)
     assert summary["steps"] == 8
 
 
 def test_corrupt_checkpoint_is_a_clear_error(tmp_path, make_spec, teacher_dir):
-    spec = kdcore.load_spec(_distill_spec(make_spec, teacher_dir))
-    kdcore.distill(spec, output=tmp_path / "run", progress=False)
+    spec = app.load_spec(_distill_spec(make_spec, teacher_dir))
+    app.distill(spec, output=tmp_path / "run", progress=False)
     latest = latest_checkpoint(tmp_path / "run" / "checkpoints")
     target = latest / "trainable.safetensors"
     blob = bytearray(target.read_bytes())
     blob[-10] ^= 0xFF
     target.write_bytes(bytes(blob))
-    with pytest.raises(kdcore.CheckpointError, match="trainable.safetensors"):
-        kdcore.distill(spec, output=tmp_path / "run", resume=True, progress=False)
+    with pytest.raises(app.CheckpointError, match="trainable.safetensors"):
+        app.distill(spec, output=tmp_path / "run", resume=True, progress=False)
 
 
 def test_resume_with_another_spec_is_refused(tmp_path, make_spec, teacher_dir):
-    spec = kdcore.load_spec(_distill_spec(make_spec, teacher_dir))
-    kdcore.distill(spec, output=tmp_path / "run", progress=False)
+    spec = app.load_spec(_distill_spec(make_spec, teacher_dir))
+    app.distill(spec, output=tmp_path / "run", progress=False)
     other = _distill_spec(make_spec, teacher_dir)
     other["train"]["optimizer"]["lr"] = 1e-2
-    with pytest.raises(kdcore.CheckpointError, match="different spec"):
-        kdcore.distill(
-            kdcore.load_spec(other), output=tmp_path / "run", resume=True, progress=False
-        )
+    with pytest.raises(app.CheckpointError, match="different spec"):
+        app.distill(app.load_spec(other), output=tmp_path / "run", resume=True, progress=False)
 
 
 def test_existing_run_is_not_overwritten(tmp_path, make_spec):
-    spec = kdcore.load_spec(make_spec())
-    kdcore.distill(spec, output=tmp_path / "run", progress=False)
+    spec = app.load_spec(make_spec())
+    app.distill(spec, output=tmp_path / "run", progress=False)
     before = (tmp_path / "run" / "metrics.jsonl").read_text()
-    with pytest.raises(kdcore.CheckpointError, match="--resume"):
-        kdcore.distill(spec, output=tmp_path / "run", progress=False)
+    with pytest.raises(app.CheckpointError, match="--resume"):
+        app.distill(spec, output=tmp_path / "run", progress=False)
     assert (tmp_path / "run" / "metrics.jsonl").read_text() == before
 
 
@@ -252,9 +251,9 @@ def test_nan_loss_stops_with_step_and_term_after_saving(tmp_path, make_spec):
 
     reset_registry([(_NanAt(3), "test-nan")])
     try:
-        spec = kdcore.load_spec(make_spec(losses=[{"name": "ce"}, {"name": "nan-at"}]))
-        with pytest.raises(kdcore.NonFiniteLossError) as err:
-            kdcore.distill(spec, output=tmp_path / "run", progress=False)
+        spec = app.load_spec(make_spec(losses=[{"name": "ce"}, {"name": "nan-at"}]))
+        with pytest.raises(app.NonFiniteLossError) as err:
+            app.distill(spec, output=tmp_path / "run", progress=False)
     finally:
         reset_registry()
     assert err.value.step == 4  # steps count from 1 in logs; inputs.step 3 is the 4th
@@ -269,7 +268,7 @@ def test_nan_loss_stops_with_step_and_term_after_saving(tmp_path, make_spec):
 
 
 def test_zero_lr_group_freezes_and_others_train(tmp_path, make_spec):
-    spec = kdcore.load_spec(
+    spec = app.load_spec(
         make_spec(
             train={
                 "steps": 3,
@@ -289,7 +288,7 @@ def test_zero_lr_group_freezes_and_others_train(tmp_path, make_spec):
 
 
 def test_stages_rebuild_the_optimizer_with_their_groups(tmp_path, make_spec, monkeypatch):
-    spec = kdcore.load_spec(
+    spec = app.load_spec(
         make_spec(
             train={
                 "batch_size": 4,
@@ -336,7 +335,7 @@ def test_stages_rebuild_the_optimizer_with_their_groups(tmp_path, make_spec, mon
 
 def test_gradient_accumulation_equals_the_larger_batch(tmp_path, make_spec):
     def params_after(batch, accum, name):
-        spec = kdcore.load_spec(
+        spec = app.load_spec(
             make_spec(
                 train={
                     "steps": 1,
@@ -358,7 +357,7 @@ def test_gradient_accumulation_equals_the_larger_batch(tmp_path, make_spec):
 
 
 def test_from_teacher_initializer_copies_through_a_layer_map(tmp_path, make_spec, teacher_dir):
-    spec = kdcore.load_spec(
+    spec = app.load_spec(
         make_spec(
             teachers=[{"path": str(teacher_dir)}],
             student={
@@ -392,7 +391,7 @@ def test_ends_layer_map_keeps_the_first_and_last_layers():
 
 def test_from_teacher_truncates_and_interpolates_other_widths(tmp_path, make_spec, teacher_dir):
     for mode in ("truncate", "interpolate"):
-        spec = kdcore.load_spec(
+        spec = app.load_spec(
             make_spec(
                 teachers=[{"path": str(teacher_dir)}],
                 student={
@@ -418,7 +417,7 @@ def test_from_teacher_truncates_and_interpolates_other_widths(tmp_path, make_spe
 
 def test_identity_aligner_checks_token_strings_not_sizes(tmp_path, make_spec, teacher_dir):
     (tmp_path / "chars.txt").write_text("".join(chr(0x4E00 + i) for i in range(255)) + "a" * 2000)
-    spec = kdcore.load_spec(
+    spec = app.load_spec(
         make_spec(
             teachers=[{"path": str(teacher_dir)}],
             data={
@@ -442,7 +441,7 @@ def test_a_loss_that_needs_a_teacher_without_one_is_rejected(make_spec):
 
     reset_registry([(NeedsTeacher(), "test-needy")])
     try:
-        spec = kdcore.load_spec(make_spec(losses=[{"name": "needy"}]))
+        spec = app.load_spec(make_spec(losses=[{"name": "needy"}]))
         problems = check_composition(spec)
     finally:
         reset_registry()
@@ -450,14 +449,14 @@ def test_a_loss_that_needs_a_teacher_without_one_is_rejected(make_spec):
 
 
 def test_same_seed_same_run(tmp_path, make_spec):
-    spec = kdcore.load_spec(make_spec())
-    kdcore.distill(spec, output=tmp_path / "a", progress=False)
-    kdcore.distill(spec, output=tmp_path / "b", progress=False)
+    spec = app.load_spec(make_spec())
+    app.distill(spec, output=tmp_path / "a", progress=False)
+    app.distill(spec, output=tmp_path / "b", progress=False)
     assert _losses(tmp_path / "a") == _losses(tmp_path / "b")
 
 
 def test_mx_array_scheduled_params_reach_the_loss(tmp_path, make_spec):
-    spec = kdcore.load_spec(
+    spec = app.load_spec(
         make_spec(
             losses=[
                 {
@@ -467,7 +466,7 @@ def test_mx_array_scheduled_params_reach_the_loss(tmp_path, make_spec):
             ]
         )
     )
-    kdcore.distill(spec, output=tmp_path / "run", progress=False)
+    app.distill(spec, output=tmp_path / "run", progress=False)
     records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     values = [r["ce/label_smoothing"] for r in records if "ce/label_smoothing" in r]
     assert values[0] == pytest.approx(0.0) and values[-1] > values[0]
@@ -492,7 +491,7 @@ def test_a_cache_teacher_cannot_feed_losses_that_need_features(make_spec, tmp_pa
 
     reset_registry([(WantsFeatures(), "test-features")])
     try:
-        spec = kdcore.load_spec(
+        spec = app.load_spec(
             make_spec(teachers=[{"cache": str(tmp_path)}], losses=[{"name": "wants-features"}])
         )
         problems = check_composition(spec)
@@ -535,7 +534,7 @@ def test_learnable_loss_trains_resumes_and_stays_out_of_the_student(tmp_path, ma
                 "optimizer": {"name": "adamw", "lr": 1e-2, "weight_decay": 0.1},
             },
         )
-        kdcore.distill(kdcore.load_spec(data), output=tmp_path / "run", progress=False)
+        app.distill(app.load_spec(data), output=tmp_path / "run", progress=False)
         _, weights, _, _ = load_checkpoint(latest_checkpoint(tmp_path / "run" / "checkpoints"))
         assert "losses.loss1.scale" in weights
         assert weights["losses.loss1.scale"].item() != 0.5
@@ -543,8 +542,8 @@ def test_learnable_loss_trains_resumes_and_stays_out_of_the_student(tmp_path, ma
         assert not any("scale" in k for k, _ in tree_flatten(model.parameters()))
         # resuming from the step-2 checkpoint reloads the loss's parameter too
         (tmp_path / "run" / "checkpoints" / "latest").write_text("step-0000002\n")
-        summary = kdcore.distill(
-            kdcore.load_spec(data), output=tmp_path / "run", resume=True, progress=False
+        summary = app.distill(
+            app.load_spec(data), output=tmp_path / "run", resume=True, progress=False
         )
         assert summary["steps"] == 4
     finally:

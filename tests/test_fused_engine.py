@@ -17,7 +17,7 @@ import pytest
 from mlx.utils import tree_flatten
 
 import kdcore
-from kdcore import testing
+from kdcore import app, testing
 from kdcore.cache import write as kc_write
 from kdcore.engine.step import loss_terms
 from kdcore.models.mlxlm import create_mlxlm_dir
@@ -235,7 +235,7 @@ def test_a_loss_without_rows_falls_back_and_still_trains(corpus, teachers, tmp_p
 
                 return loss
 
-            return [kdcore.Component("max_logprob", factory, kdcore.NoConfig)]
+            return [kdcore.Component("max_logprob", factory, app.NoConfig)]
 
     with testing.plugins(Plain()):
         spec = testing.tiny_spec(
@@ -254,13 +254,13 @@ def test_kd_validate_says_which_path_each_loss_takes(corpus, teachers, tmp_path,
         aggregator={"name": "weighted", "params": {"learnable": True}},
     )
     path = Path(tmp_path) / "spec.json"
-    kdcore.write_json(path, spec)
+    app.write_json(path, spec)
     assert testing.run_kd("validate", path) == 0
     out = capsys.readouterr().out
     assert "ce: fused" in out
     assert "hinton: full logits (a learnable aggregator" in out
     spec["train"]["fused_loss"] = False
-    kdcore.write_json(path, spec)
+    app.write_json(path, spec)
     assert testing.run_kd("validate", path) == 0
     assert "ce: full logits (train.fused_loss is false)" in capsys.readouterr().out
 
@@ -320,7 +320,7 @@ def test_bfloat16_models_train_fused_with_float32_loss_maths(corpus, teachers, t
     for k in plain:
         close(fused[k], plain[k], k, tol=2e-2)
     spec["train"].update(fused_loss=True, steps=15)
-    summary = kdcore.distill(spec, output=tmp_path / "run", progress=False)
+    summary = app.distill(spec, output=tmp_path / "run", progress=False)
     text = (tmp_path / "run" / "metrics.jsonl").read_text()
     records = [json.loads(line) for line in text.splitlines() if line.strip()]
     losses = [r["loss"] for r in records if "loss" in r]
@@ -336,7 +336,7 @@ def test_a_quantized_mlxlm_teacher_runs_fused(tmp_path, corpus):
     source = create_mlxlm_dir(tmp_path / "fp", {**QWEN3, "tie_word_embeddings": True}, seed=4)
     quantized = tmp_path / "q4"
     convert(str(source), mlx_path=str(quantized), quantize=True, q_bits=4, q_group_size=32)
-    config = kdcore.read_json(quantized / "config.json")
+    config = app.read_json(quantized / "config.json")
     assert config["quantization"]["bits"] == 4
     spec = testing.tiny_spec(
         corpus,

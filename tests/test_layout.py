@@ -4,9 +4,12 @@ against the public API alone (``kdcore``'s ``__all__`` and ``kdcore.testing``)."
 from __future__ import annotations
 
 import ast
+import inspect
+import re
 from pathlib import Path
 
 import kdcore
+import kdcore.app
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "kdcore"
@@ -89,12 +92,18 @@ def test_at_most_twelve_modules_sit_flat_in_kdcore():
 
 def _private_uses(path: Path) -> list[str]:
     """Each import or attribute use of kdcore in ``path`` that is not public API."""
-    public = set(kdcore.__all__) | {"testing"}
+    public = set(kdcore.__all__) | {"testing", "app"}
     tree = ast.parse(path.read_text(encoding="utf-8"))
     problems = []
     for module, names, line in _imports(path):
         if module == "kdcore":
             problems += [f"{path}:{line}: from kdcore import {n}" for n in names if n not in public]
+        elif module == "kdcore.app":
+            problems += [
+                f"{path}:{line}: from kdcore.app import {n}"
+                for n in names
+                if n not in kdcore.app.__all__
+            ]
         elif module.startswith("kdcore.") and module != "kdcore.testing":
             problems.append(f"{path}:{line}: {module}")
     for node in ast.walk(tree):
@@ -130,7 +139,57 @@ def test_plugins_and_the_third_party_example_use_only_the_public_api():
 
 def test_every_public_name_exists():
     missing = [name for name in kdcore.__all__ if not hasattr(kdcore, name)]
+    missing += [name for name in kdcore.app.__all__ if not hasattr(kdcore.app, name)]
     assert not missing
+
+
+def test_the_plugin_api_is_short_and_documented_where_defined():
+    """At most 40 names; every class, function and module among them has its own
+    docstring (what a plugin author reads with help())."""
+    assert len(kdcore.__all__) <= 40, len(kdcore.__all__)
+    undocumented = []
+    for name in kdcore.__all__:
+        obj = getattr(kdcore, name)
+        if inspect.isclass(obj) or inspect.isfunction(obj) or inspect.ismodule(obj):
+            if not (obj.__doc__ or "").strip():
+                undocumented.append(name)
+    assert not undocumented, undocumented
+    # the application API is its own module, and not part of the plugin API
+    assert not set(kdcore.__all__) & {"distill", "evaluate", "open_run", "load_spec"}
+    assert {"distill", "evaluate", "open_run", "load_spec"} <= set(kdcore.app.__all__)
+
+
+def test_no_module_is_too_big_for_one_concept():
+    sizes = {
+        str(p.relative_to(ROOT)): len(p.read_text(encoding="utf-8").splitlines())
+        for p in PACKAGE.rglob("*.py")
+    }
+    assert {p: n for p, n in sizes.items() if n > 600} == {}
+    assert sizes["kdcore/registry/manager.py"] <= 300
+
+
+def test_one_on_policy_sampler():
+    """``train.on_policy`` and minillm draw from the same function."""
+    defined = [
+        p
+        for p in [*PACKAGE.rglob("*.py"), *(ROOT / "plugins").glob("*/kd_*/*.py")]
+        if re.search(r"^def sample_continuations\(", p.read_text(encoding="utf-8"), re.M)
+    ]
+    assert [str(p.relative_to(ROOT)) for p in defined] == ["kdcore/engine/onpolicy.py"]
+
+
+def test_no_plugin_keeps_a_full_logit_twin_of_a_row_loss():
+    """A loss written as rows is not written again on full logits in the same module."""
+    twins = []
+    for path in (ROOT / "plugins").glob("*/kd_*/*.py"):
+        text = path.read_text(encoding="utf-8")
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "RowLoss":
+                if len(node.args) + len(node.keywords) != 1:
+                    twins.append(f"{path}:{node.lineno}: RowLoss with a second form")
+        if "teacher_rows(" in text and "token_divergence(" in text:
+            twins.append(f"{path}: a divergence both as rows and on full logits")
+    assert not twins, twins
 
 
 def test_the_layers_contract_holds():

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-import kdcore
+from kdcore import app
 from kdcore.errors import SpecError
 from kdcore.io import load_arrays
 from kdcore.models import lora
@@ -129,7 +129,7 @@ def test_lora_run_saves_adapters_mlx_lm_loads(base_dir, corpus, tmp_path):
         rank=4,
         keys=["self_attn.q_proj", "self_attn.v_proj"],
     )
-    run = build_parts(kdcore.load_spec(spec))
+    run = build_parts(app.load_spec(spec))
     summary = train_parts(run, tmp_path / "run", progress=False)
     adapters = lora.adapter_weights(run.student)
     assert summary["trainable_parameters"] == sum(v.size for v in adapters.values()) == 3 * 448
@@ -172,7 +172,7 @@ def test_lora_run_on_the_builtin_transformer(corpus, tmp_path, base_dir):
     )
     spec["teachers"] = []
     spec["losses"] = [{"name": "ce"}]
-    run = build_parts(kdcore.load_spec(spec))
+    run = build_parts(app.load_spec(spec))
     summary = train_parts(run, tmp_path / "run", progress=False)
     assert summary["trainable_parameters"] == 2 * (2 * (32 + 32) + 32)  # A, B and DoRA's m
     out = tmp_path / "run" / "student"

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-import kdcore
+from kdcore import app
 from kdcore.errors import SpecError
 from kdcore.models.mlxlm import (
     MlxLmModel,
@@ -240,7 +240,7 @@ def test_full_student_is_an_mlx_lm_directory(family_dirs, corpus, tmp_path):
         "num_attention_heads": 2,
         "num_key_value_heads": 1,
     }
-    spec = kdcore.load_spec(
+    spec = app.load_spec(
         _run_spec(
             corpus,
             family_dirs["llama"],

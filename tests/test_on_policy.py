@@ -16,7 +16,9 @@ import pytest
 from mlx.utils import tree_flatten
 
 import kdcore
-from kdcore import IGNORE_INDEX, testing
+from kdcore import IGNORE_INDEX, app, testing
+from kdcore.engine.onpolicy import sample_continuations
+from kdcore.models.transformer import Transformer, TransformerConfig
 
 NEWLINE = 10
 MAX_NEW = 8
@@ -87,8 +89,8 @@ def test_lmbda_0_never_samples_and_is_the_off_policy_run_bit_for_bit(
 ):
     off = on_policy_spec(corpus, pairs, teacher_dir)
     zero = on_policy_spec(corpus, pairs, teacher_dir, lmbda=0.0)
-    kdcore.distill(kdcore.load_spec(off), output=tmp_path / "off", progress=False)
-    kdcore.distill(kdcore.load_spec(zero), output=tmp_path / "zero", progress=False)
+    app.distill(app.load_spec(off), output=tmp_path / "off", progress=False)
+    app.distill(app.load_spec(zero), output=tmp_path / "zero", progress=False)
     assert _train_records(tmp_path / "zero") == _train_records(tmp_path / "off")
     assert all("on_policy" not in r for r in _train_records(tmp_path / "zero"))
     a, b = _weights(tmp_path / "off"), _weights(tmp_path / "zero")
@@ -106,7 +108,7 @@ def test_lmbda_1_samples_every_batch_and_the_loss_is_on_the_generated_tokens(
     from kdcore.engine.step import gradients
 
     spec = on_policy_spec(corpus, pairs, teacher_dir, lmbda=1.0)
-    run = testing.build_run(kdcore.load_spec(spec))
+    run = testing.build_run(app.load_spec(spec))
     rows = run.dataset.batch(0, 4)
     mx.random.seed(5)
     batch = {k: np.array(v) for k, v in testing.prepare_batch(run, rows, 0).items()}
@@ -116,7 +118,7 @@ def test_lmbda_1_samples_every_batch_and_the_loss_is_on_the_generated_tokens(
     prompts = [rows["input_ids"][b, : _first_loss(rows["mask"][b]) + 1] for b in range(4)]
     assert len({len(p) for p in prompts}) > 1  # prompts of different lengths in one batch
     mx.random.seed(5)
-    tokens, made = kdcore.generate(
+    tokens, made = app.generate(
         run.student, [p.tolist() for p in prompts], MAX_NEW, stop_token=[NEWLINE]
     )
     tokens, made = np.array(tokens), np.array(made)
@@ -172,7 +174,7 @@ def test_a_batch_a_loss_already_sampled_is_not_sampled_again(corpus, pairs, teac
         losses=[{"name": "minillm", "params": {"lmbda": 1.0, "max_new_tokens": 2}}],
         lmbda=1.0,
     )
-    run = testing.build_run(kdcore.load_spec(spec))
+    run = testing.build_run(app.load_spec(spec))
     rows = run.dataset.batch(0, 4)
     batch = testing.prepare_batch(run, rows, 0)
     assert "sample_mask" in batch
@@ -192,7 +194,7 @@ def test_lmbda_is_schedulable(tmp_path, corpus, pairs, teacher_dir):
         lmbda={"schedule": "linear", "start": 0.0, "end": 1.0},
         max_new_tokens=1,
     )
-    kdcore.distill(kdcore.load_spec(spec), output=tmp_path / "run", progress=False)
+    app.distill(app.load_spec(spec), output=tmp_path / "run", progress=False)
     train = _train_records(tmp_path / "run")
     assert len(train) == 40
     lmbdas = [r["on_policy/lmbda"] for r in train]
@@ -228,9 +230,9 @@ def test_a_resumed_run_draws_the_same_samples(tmp_path, corpus, pairs, teacher_d
 @pytest.mark.parametrize("loss", ["gjsd", "reverse_kl", "hinton", "tvd"])
 def test_token_losses_train_on_policy(tmp_path, corpus, pairs, teacher_dir, loss):
     spec = on_policy_spec(corpus, pairs, teacher_dir, [{"name": loss}], steps=3, lmbda=1.0)
-    before = testing.build_run(kdcore.load_spec(spec))
+    before = testing.build_run(app.load_spec(spec))
     initial = {k: np.array(v) for k, v in tree_flatten(before.student.parameters())}
-    kdcore.distill(kdcore.load_spec(spec), output=tmp_path / "run", progress=False)
+    app.distill(app.load_spec(spec), output=tmp_path / "run", progress=False)
     train = _train_records(tmp_path / "run")
     assert [r["on_policy"] for r in train] == [1.0, 1.0, 1.0]
     assert all(math.isfinite(r["loss"]) and r["sample_length"] > 0 for r in train)
@@ -276,19 +278,19 @@ def test_what_only_the_run_can_check_is_an_error_naming_the_field(tmp_path, corp
     spec.pop("teachers")
     spec["train"]["on_policy"]["teacher_mix_alpha"] = 0.5
     with pytest.raises(kdcore.SpecError, match=r"\$\.train\.on_policy\.teacher_mix_alpha"):
-        kdcore.distill(kdcore.load_spec(spec), output=tmp_path / "a", progress=False)
+        app.distill(app.load_spec(spec), output=tmp_path / "a", progress=False)
     # no room for a prompt in 32-token rows
     spec = on_policy_spec(corpus, pairs, Path("unused"), [{"name": "ce"}], lmbda=1.0)
     spec.pop("teachers")
     spec["train"]["on_policy"]["max_new_tokens"] = 40
     with pytest.raises(kdcore.SpecError, match=r"\$\.train\.on_policy\.max_new_tokens"):
-        kdcore.distill(kdcore.load_spec(spec), output=tmp_path / "b", progress=False)
+        app.distill(app.load_spec(spec), output=tmp_path / "b", progress=False)
     # a schedule that leaves [0, 1]
     spec = on_policy_spec(corpus, pairs, Path("unused"), [{"name": "ce"}], steps=4)
     spec.pop("teachers")
     spec["train"]["on_policy"] = {"lmbda": {"schedule": "linear", "start": 0.0, "end": 2.0}}
     with pytest.raises(kdcore.SpecError, match=r"1\.5 at step 3 .*\$\.train\.on_policy\.lmbda"):
-        kdcore.distill(kdcore.load_spec(spec), output=tmp_path / "c", progress=False)
+        app.distill(app.load_spec(spec), output=tmp_path / "c", progress=False)
     assert not (tmp_path / "c" / "checkpoints").exists()  # stopped before the first step
     # a temperature schedule that reaches 0, read at the first batch (not sampled: lmbda 0
     # there)
@@ -297,7 +299,7 @@ def test_what_only_the_run_can_check_is_an_error_naming_the_field(tmp_path, corp
         "temperature": {"schedule": "linear", "start": 1.0, "end": -1.0},
     }
     with pytest.raises(kdcore.SpecError, match=r"\$\.train\.on_policy\.temperature"):
-        kdcore.distill(kdcore.load_spec(spec), output=tmp_path / "d", progress=False)
+        app.distill(app.load_spec(spec), output=tmp_path / "d", progress=False)
     assert not (tmp_path / "d" / "checkpoints").exists()
 
 
@@ -305,7 +307,7 @@ def test_teacher_mixed_sampling_trains(tmp_path, corpus, pairs, teacher_dir):
     spec = on_policy_spec(
         corpus, pairs, teacher_dir, steps=2, lmbda=1.0, teacher_mix_alpha=0.5, top_p=0.9
     )
-    run = testing.build_run(kdcore.load_spec(spec))
+    run = testing.build_run(app.load_spec(spec))
     rows = run.dataset.batch(0, 4)
     batch = {k: np.array(v) for k, v in testing.prepare_batch(run, rows, 0).items()}
     for b in range(4):
@@ -313,14 +315,14 @@ def test_teacher_mixed_sampling_trains(tmp_path, corpus, pairs, teacher_dir):
         np.testing.assert_array_equal(batch["input_ids"][b, :P], rows["input_ids"][b, :P])
         n = int(batch["mask"][b].sum())
         assert 1 <= n <= MAX_NEW and batch["mask"][b, P - 1 : P - 1 + n].all()
-    kdcore.distill(kdcore.load_spec(spec), output=tmp_path / "run", progress=False)
+    app.distill(app.load_spec(spec), output=tmp_path / "run", progress=False)
     assert [r["on_policy"] for r in _train_records(tmp_path / "run")] == [1.0, 1.0]
 
 
 def test_a_text_dataset_uses_the_prompt_length(corpus, teacher_dir):
     spec = testing.tiny_spec(corpus, [{"name": "gjsd"}], teachers=[{"path": str(teacher_dir)}])
     spec["train"]["on_policy"] = {"lmbda": 1.0, "max_new_tokens": 5, "prompt_length": 7}
-    run = testing.build_run(kdcore.load_spec(spec))
+    run = testing.build_run(app.load_spec(spec))
     rows = run.dataset.batch(0, 4)
     batch = {k: np.array(v) for k, v in testing.prepare_batch(run, rows, 0).items()}
     np.testing.assert_array_equal(batch["input_ids"][:, :7], rows["input_ids"][:, :7])
@@ -348,8 +350,8 @@ def _byte_chat_tokenizer(folder: Path) -> Path:
 
 
 def _dataset(name: str, **params):
-    component = kdcore.get_registry().get("dataset", name)
-    return component.factory(kdcore.make_config("dataset", name, **params), kdcore.Setup())
+    component = app.get_registry().get("dataset", name)
+    return component.factory(app.make_config("dataset", name, **params), kdcore.Setup())
 
 
 @pytest.mark.parametrize("fmt", ["completion", "messages"])
@@ -499,7 +501,7 @@ def test_kd_sample_errors_name_the_place(tmp_path, capsys, corpus, pairs):
 
 
 def test_minillm_samples_with_the_core_kv_cached_sampler(corpus, pairs, teacher_dir):
-    """Without teacher mixing, minillm's continuations come from ``kdcore.generate`` (the
+    """Without teacher mixing, minillm's continuations come from ``app.generate`` (the
     KV cache), with its importance weights ``q_T(y) / top_p(q_T)(y)`` from one forward."""
     T, top_p, P, N = 0.8, 0.9, 6, 5
     params = {"lmbda": 1.0, "prompt_length": P, "max_new_tokens": N}
@@ -509,7 +511,7 @@ def test_minillm_samples_with_the_core_kv_cached_sampler(corpus, pairs, teacher_
         teacher_dir,
         losses=[{"name": "minillm", "params": {**params, "temperature": T, "top_p": top_p}}],
     )
-    run = testing.build_run(kdcore.load_spec(spec))
+    run = testing.build_run(app.load_spec(spec))
     caches = []
     make_cache = run.student.make_cache
 
@@ -529,7 +531,7 @@ def test_minillm_samples_with_the_core_kv_cached_sampler(corpus, pairs, teacher_
         z = z - z.max(-1, keepdims=True)
         return z - np.log(np.exp(z).sum(-1, keepdims=True))
 
-    filtered = np.array(kdcore.top_p_filter(mx.array(logits.astype(np.float32)), top_p))
+    filtered = np.array(app.top_p_filter(mx.array(logits.astype(np.float32)), top_p))
     y = np.where(targets == IGNORE_INDEX, 0, targets)[..., None]
     want = np.exp(
         np.take_along_axis(log_softmax(logits), y, -1)
@@ -551,8 +553,8 @@ def test_the_on_policy_sampler_weighs_prompts_of_different_lengths_as_each_row_a
 
     T, top_p, N, V = 0.7, 0.8, 6, 11
     mx.random.seed(0)
-    config = kdcore.TransformerConfig(vocab_size=V, dim=16, layers=1, heads=2)
-    student, teacher = kdcore.Transformer(config), kdcore.Transformer(config)
+    config = app.TransformerConfig(vocab_size=V, dim=16, layers=1, heads=2)
+    student, teacher = app.Transformer(config), app.Transformer(config)
     prompts = [[1, 2, 3, 4, 5], [6, 7], [8, 9, 10]]
     W = max(len(p) for p in prompts)
     modes = []
@@ -566,7 +568,7 @@ def test_the_on_policy_sampler_weighs_prompts_of_different_lengths_as_each_row_a
         return z - np.log(np.exp(z).sum(-1, keepdims=True))
 
     def top_p_probs(z):
-        filtered = np.array(kdcore.top_p_filter(mx.array(z.astype(np.float32)), top_p))
+        filtered = np.array(app.top_p_filter(mx.array(z.astype(np.float32)), top_p))
         return np.exp(log_softmax(filtered.astype(np.float64)))
 
     for alpha in (0.0, 0.4):
@@ -628,7 +630,7 @@ def unresolved_names(text: str) -> list[str]:
 
 def test_the_scan_finds_a_name_that_is_gone():
     text = (
-        "with `kd_cot.decoding.IncrementalDecoder`, `kdcore.generate`, `kdcore.nothing` and "
+        "with `kd_cot.decoding.IncrementalDecoder`, `app.generate`, `kdcore.nothing` and "
         "`kdcore.testing.check_*`"
     )
     assert unresolved_names(text) == ["kd_cot.decoding.IncrementalDecoder", "kdcore.nothing"]
@@ -637,3 +639,23 @@ def test_the_scan_finds_a_name_that_is_gone():
 @pytest.mark.parametrize("page", sorted(p.name for p in DOCS.glob("*.md")))
 def test_the_docs_name_only_modules_and_functions_that_exist(page):
     assert unresolved_names((DOCS / page).read_text(encoding="utf-8")) == []
+
+
+def test_sampler_stops_at_the_stop_token_and_weighs_plain_samples_one():
+    mx.random.seed(0)
+    model = Transformer(TransformerConfig(vocab_size=6, dim=16, layers=1, heads=2))
+    prompts = mx.array(np.arange(12).reshape(4, 3) % 6, dtype=mx.int32)
+    tokens, gen_mask, weights = sample_continuations(model, prompts, 25, 2.0, 1.0, stop_token=3)
+    tokens, gen_mask, weights = np.array(tokens), np.array(gen_mask), np.array(weights)
+    np.testing.assert_array_equal(tokens[:, :3], np.array(prompts))
+    assert (gen_mask[:, :3] == 0).all()
+    stopped = 0
+    for row in range(4):
+        new = tokens[row, 3:]
+        hits = np.flatnonzero(new == 3)
+        end = hits[0] + 1 if hits.size else len(new)
+        stopped += bool(hits.size)
+        np.testing.assert_array_equal(gen_mask[row, 3:], np.arange(len(new)) < end)
+    assert stopped >= 1
+    # no teacher mixing and no top-p: the behaviour is the policy, every weight is 1
+    np.testing.assert_allclose(weights, 1.0, rtol=1e-5)

@@ -13,7 +13,7 @@ import attrs
 import pytest
 
 import kdcore
-from kdcore import testing
+from kdcore import app, testing
 from kdcore.registry.manager import build_registry
 from kdcore.spec.load import load_spec
 
@@ -156,7 +156,7 @@ def test_misspelt_hook_is_an_error(monkeypatch):
     assert "typo" not in registry.distributions()
 
     monkeypatch.setenv("KD_STRICT_PLUGINS", "1")
-    with pytest.raises(kdcore.RegistryError, match="typo.*kd_loss"):
+    with pytest.raises(app.RegistryError, match="typo.*kd_loss"):
         build_registry(extra_plugins=[(Typo(), "typo")])
 
 
@@ -174,7 +174,7 @@ def test_non_component_record_is_an_error(monkeypatch):
     assert "still_here" in registry.names("loss")
 
     monkeypatch.setenv("KD_STRICT_PLUGINS", "1")
-    with pytest.raises(kdcore.RegistryError, match="bad-dist"):
+    with pytest.raises(app.RegistryError, match="bad-dist"):
         build_registry(extra_plugins=[(Bad(), "bad-dist")])
 
 
@@ -199,7 +199,7 @@ def test_raising_hook_is_a_load_failure_of_that_plugin(monkeypatch):
     assert raising not in registry.pm.get_plugins()
 
     monkeypatch.setenv("KD_STRICT_PLUGINS", "1")
-    with pytest.raises(kdcore.RegistryError, match="kd-raising.*no weights here"):
+    with pytest.raises(app.RegistryError, match="kd-raising.*no weights here"):
         build_registry(extra_plugins=[(Raising(), "kd-raising")])
 
 
@@ -331,7 +331,7 @@ def test_component_validates_its_fields():
 
 
 def test_builtins_come_through_the_hooks():
-    registry = kdcore.get_registry()
+    registry = app.get_registry()
     builtin_plugins = [
         p
         for p in registry.pm.get_plugins()
@@ -420,5 +420,5 @@ def test_a_raising_kd_add_commands_loses_only_that_plugins_commands(monkeypatch,
         assert parser.parse_args(["components"]).func is not None
         assert "kd-broken-cli" in capsys.readouterr().err
         monkeypatch.setenv("KD_STRICT_PLUGINS", "1")
-        with pytest.raises(kdcore.RegistryError, match="no parser for you"):
+        with pytest.raises(app.RegistryError, match="no parser for you"):
             build_parser()

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-import kdcore
+from kdcore import app
 from kdcore.errors import SpecError
 from kdcore.io import load_arrays
 from kdcore.models.mlxlm import MlxLmModelConfig, create_mlxlm_dir, load_mlxlm, mlxlm_model
@@ -55,7 +55,7 @@ def trained_dir(tmp_path_factory, corpus):
     spec = _spec(corpus, None, {"name": "mlx-lm", "params": {"config": LLAMA}}, None, steps=60)
     spec["losses"] = [{"name": "ce"}]
     spec["train"]["optimizer"]["lr"] = 3e-3
-    kdcore.distill(spec, output=out, progress=False)
+    app.distill(spec, output=out, progress=False)
     return out / "student"
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 import kdcore
-from kdcore import testing
+from kdcore import app, testing
 from kdcore.analysis.report import write_report
 from kdcore.cli.main import main
 from kdcore.errors import RegistryError
@@ -143,7 +143,7 @@ def test_every_plot_is_labelled_with_its_metric_and_schedules_are_apart(
         corpus, losses, steps=4, teachers=[{"path": str(random_model_dir)}], eval={"batches": 1}
     )
     run = tmp_path / "run"
-    kdcore.distill(spec, output=run, progress=False)
+    app.distill(spec, output=run, progress=False)
     text = write_report(run).read_text()
 
     for name, fig in figures.items():

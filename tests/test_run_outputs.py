@@ -13,7 +13,7 @@ import pytest
 from mlx.utils import tree_flatten
 
 import kdcore
-from kdcore import testing
+from kdcore import app, testing
 from kdcore.engine.checkpoint import latest_checkpoint
 from kdcore.engine.distill import train_parts
 
@@ -92,33 +92,33 @@ def _pairs(tmp_path: Path) -> Path:
 def test_a_finished_run_keeps_no_final_checkpoint_unless_asked(corpus, tmp_path):
     spec = testing.tiny_spec(corpus, steps=4)
     spec["train"]["checkpoint_every"] = 2
-    assert kdcore.load_spec(spec).train.final_checkpoint is False  # the default, stated
-    kdcore.distill(spec, output=tmp_path / "lean", progress=False)
+    assert app.load_spec(spec).train.final_checkpoint is False  # the default, stated
+    app.distill(spec, output=tmp_path / "lean", progress=False)
     assert (tmp_path / "lean" / "student" / "model.safetensors").exists()
     assert latest_checkpoint(tmp_path / "lean" / "checkpoints").name == "step-0000002"
     assert not (tmp_path / "lean" / "checkpoints" / "step-0000004").exists()
     # the run still opens, with the trained student (student/'s weights, not step 2's)
-    opened = kdcore.open_run(tmp_path / "lean")
-    saved, _arch, _config = kdcore.load_model(tmp_path / "lean" / "student")
+    opened = app.open_run(tmp_path / "lean")
+    saved, _arch, _config = app.load_model(tmp_path / "lean" / "student")
     trained = dict(tree_flatten(saved.parameters()))
     for name, value in tree_flatten(opened.student.parameters()):
         assert mx.array_equal(value, trained[name]).item(), name
     # asked for: the resumable state at the end, which a longer resume continues from
     spec["train"]["final_checkpoint"] = True
-    kdcore.distill(spec, output=tmp_path / "full", progress=False)
+    app.distill(spec, output=tmp_path / "full", progress=False)
     assert latest_checkpoint(tmp_path / "full" / "checkpoints").name == "step-0000004"
     spec["train"]["steps"] = 6
-    summary = kdcore.distill(spec, output=tmp_path / "full", resume=True, progress=False)
+    summary = app.distill(spec, output=tmp_path / "full", resume=True, progress=False)
     assert summary["steps"] == 6
 
 
 def test_a_finished_run_without_any_checkpoint_cannot_be_extended(corpus, tmp_path):
     spec = testing.tiny_spec(corpus, steps=2)
-    kdcore.distill(spec, output=tmp_path / "run", progress=False)
+    app.distill(spec, output=tmp_path / "run", progress=False)
     assert not (tmp_path / "run" / "checkpoints").exists()
     spec["train"]["steps"] = 3
-    with pytest.raises(kdcore.CheckpointError, match="final_checkpoint = true"):
-        kdcore.distill(spec, output=tmp_path / "run", resume=True, progress=False)
+    with pytest.raises(app.CheckpointError, match="final_checkpoint = true"):
+        app.distill(spec, output=tmp_path / "run", resume=True, progress=False)
 
 
 def test_a_run_that_learns_beside_the_student_keeps_its_final_checkpoint(
@@ -127,11 +127,11 @@ def test_a_run_that_learns_beside_the_student_keeps_its_final_checkpoint(
     spec = testing.tiny_spec(corpus, [{"name": "ce"}, {"name": "hinton"}], steps=2)
     spec["teachers"] = [{"path": str(teacher_dir)}, {"path": str(teacher_dir)}]
     spec["aggregator"] = {"name": "weighted", "params": {"learnable": True}}
-    kdcore.distill(spec, output=tmp_path / "run", progress=False)
+    app.distill(spec, output=tmp_path / "run", progress=False)
     assert latest_checkpoint(tmp_path / "run" / "checkpoints").name == "step-0000002"
     # fixed weights learn nothing: student/ is all there is to keep
     spec["aggregator"]["params"]["learnable"] = False
-    kdcore.distill(spec, output=tmp_path / "fixed", progress=False)
+    app.distill(spec, output=tmp_path / "fixed", progress=False)
     assert not (tmp_path / "fixed" / "checkpoints").exists()
 
 
@@ -160,7 +160,7 @@ def test_without_a_final_checkpoint_a_non_finite_student_is_still_refused(
     spec["teachers"] = [{"source": "poisoning", "path": str(teacher_dir)}]
     spec["train"]["checkpoint_every"] = 2
     with testing.plugins(_PoisonAtEnd()):
-        with pytest.raises(kdcore.NonFiniteLossError) as err:
-            kdcore.distill(spec, output=tmp_path / "run", progress=False)
+        with pytest.raises(app.NonFiniteLossError) as err:
+            app.distill(spec, output=tmp_path / "run", progress=False)
     assert err.value.term == "parameters" and "step-0000002" in str(err.value)
     assert not (tmp_path / "run" / "student").exists()

@@ -17,7 +17,7 @@ import pytest
 from mlx.utils import tree_map
 
 import kdcore
-from kdcore import testing
+from kdcore import app, testing
 from kdcore.engine import checkpoint as ckpt
 from kdcore.engine.checkpoint import latest_checkpoint, load_checkpoint
 from kdcore.io import load_arrays
@@ -110,8 +110,8 @@ def _guarded_run(make_spec, tmp_path, loss: str):
     try:
         data = make_spec(losses=[{"name": "ce"}, {"name": loss}])
         data["train"].update(checkpoint_every=2, keep_checkpoints=1)
-        with pytest.raises(kdcore.NonFiniteLossError) as err:
-            kdcore.distill(kdcore.load_spec(data), output=tmp_path / "run", progress=False)
+        with pytest.raises(app.NonFiniteLossError) as err:
+            app.distill(app.load_spec(data), output=tmp_path / "run", progress=False)
     finally:
         reset_registry()
     return err.value
@@ -145,7 +145,7 @@ def test_non_finite_parameters_are_never_saved_and_the_error_names_the_last_fini
 def test_the_checkpoint_writer_refuses_non_finite_arrays(tmp_path):
     good = {"w": mx.ones((2, 2))}
     ckpt.save_checkpoint(tmp_path, 4, good, {}, {}, {"spec_hash": "x"}, keep=1)
-    with pytest.raises(kdcore.CheckpointError, match="non-finite.*'w'"):
+    with pytest.raises(app.CheckpointError, match="non-finite.*'w'"):
         ckpt.save_checkpoint(
             tmp_path, 5, {"w": mx.array([1.0, float("inf")])}, {}, {}, {"spec_hash": "x"}, keep=1
         )
@@ -217,8 +217,8 @@ def test_sigint_saves_a_checkpoint_prints_the_resume_command_and_resumes_exactly
     # Resume and train two steps more; an uninterrupted run of as many steps agrees exactly.
     total = stopped_at + 2
     data["train"]["steps"] = total
-    kdcore.distill(kdcore.load_spec(data), output=out, resume=True, progress=False)
-    kdcore.distill(kdcore.load_spec(data), output=tmp_path / "whole", progress=False)
+    app.distill(app.load_spec(data), output=out, resume=True, progress=False)
+    app.distill(app.load_spec(data), output=tmp_path / "whole", progress=False)
     cut, whole = _losses(out), _losses(tmp_path / "whole")
     assert sorted(cut) == sorted(whole) == list(range(1, total + 1))
     assert cut == whole
@@ -235,8 +235,8 @@ def test_sigterm_saves_a_checkpoint_and_the_running_folder_is_locked(tmp_path, m
     out = tmp_path / "run"
     proc = _start_and_wait_for_a_metrics_line(spec, out)
     try:
-        with pytest.raises(kdcore.CheckpointError, match="another kd distill"):
-            kdcore.distill(kdcore.load_spec(data), output=out, resume=True, progress=False)
+        with pytest.raises(app.CheckpointError, match="another kd distill"):
+            app.distill(app.load_spec(data), output=out, resume=True, progress=False)
     finally:
         code, stderr = _stopped(proc, signal.SIGTERM)
     assert code == 143, stderr
@@ -270,27 +270,25 @@ def test_an_unfinished_run_is_refused_or_resumed_never_mixed(tmp_path, make_spec
     try:
         failing = make_spec(callbacks=[{"name": "fail-at"}])
         with pytest.raises(RuntimeError, match="crash"):
-            kdcore.distill(kdcore.load_spec(failing), output=tmp_path / "run", progress=False)
+            app.distill(app.load_spec(failing), output=tmp_path / "run", progress=False)
     finally:
         reset_registry()
     run = tmp_path / "run"
     before = (run / "metrics.jsonl").read_text()
-    spec = kdcore.load_spec(make_spec())
-    with pytest.raises(
-        kdcore.CheckpointError, match=r"already holds a run \(unfinished\).*--resume"
-    ):
-        kdcore.distill(spec, output=run, progress=False)
+    spec = app.load_spec(make_spec())
+    with pytest.raises(app.CheckpointError, match=r"already holds a run \(unfinished\).*--resume"):
+        app.distill(spec, output=run, progress=False)
     assert (run / "metrics.jsonl").read_text() == before
-    kdcore.distill(spec, output=run, resume=True, progress=False)  # from step 0: no checkpoint
+    app.distill(spec, output=run, resume=True, progress=False)  # from step 0: no checkpoint
     records = _records(run)
     assert [r["step"] for r in records if "loss" in r] == list(range(1, 7))
     assert [r["step"] for r in records if "eval" in r] == [6]
 
 
 def test_resuming_a_finished_run_cleans_orphans_and_writes_the_final_eval_once(tmp_path, make_spec):
-    spec = kdcore.load_spec(make_spec())
+    spec = app.load_spec(make_spec())
     run = tmp_path / "run"
-    kdcore.distill(spec, output=run, progress=False)
+    app.distill(spec, output=run, progress=False)
     # what a kill leaves: a half-written checkpoint folder with a shard, temporary files
     orphan = run / "checkpoints" / ".step-0000007.k2j4h5g6"
     orphan.mkdir()
@@ -298,7 +296,7 @@ def test_resuming_a_finished_run_cleans_orphans_and_writes_the_final_eval_once(t
     (run / "checkpoints" / ".latest.q1w2e3r4.tmp").write_text("step-0000007\n")
     (run / ".summary.json.z9x8c7v6.tmp").write_text("{")
     (run / "student.tmp").mkdir()
-    kdcore.distill(spec, output=run, resume=True, progress=False)
+    app.distill(spec, output=run, resume=True, progress=False)
     assert not orphan.exists()
     assert not list(run.glob(".*.tmp")) and not list((run / "checkpoints").glob(".*"))
     assert not (run / "student.tmp").exists()
@@ -320,30 +318,28 @@ def test_output_into_a_folder_that_is_not_a_run_is_refused(tmp_path, make_spec, 
     else:  # a saved model's folder
         testing.save_random_model(folder)
     before = _snapshot(folder)
-    with pytest.raises(kdcore.CheckpointError, match="not a kd run"):
-        kdcore.distill(kdcore.load_spec(data), output=folder, progress=False)
-    with pytest.raises(kdcore.CheckpointError, match="not a kd run"):
-        kdcore.distill(kdcore.load_spec(data), output=folder, resume=True, progress=False)
+    with pytest.raises(app.CheckpointError, match="not a kd run"):
+        app.distill(app.load_spec(data), output=folder, progress=False)
+    with pytest.raises(app.CheckpointError, match="not a kd run"):
+        app.distill(app.load_spec(data), output=folder, resume=True, progress=False)
     assert _snapshot(folder) == before
 
 
 def test_an_empty_existing_folder_is_a_fine_output(tmp_path, make_spec):
     (tmp_path / "empty").mkdir()
-    summary = kdcore.distill(
-        kdcore.load_spec(make_spec()), output=tmp_path / "empty", progress=False
-    )
+    summary = app.distill(app.load_spec(make_spec()), output=tmp_path / "empty", progress=False)
     assert summary["steps"] == 6
 
 
 def test_a_refused_resume_writes_nothing_and_names_the_fields_that_differ(tmp_path, make_spec):
     run = tmp_path / "run"
-    kdcore.distill(kdcore.load_spec(make_spec()), output=run, progress=False)
+    app.distill(app.load_spec(make_spec()), output=run, progress=False)
     before = _snapshot(run)
     other = make_spec()
     other["train"]["optimizer"]["lr"] = 1e-2
     other["train"]["batch_size"] = 2
-    with pytest.raises(kdcore.CheckpointError, match="different spec") as err:
-        kdcore.distill(kdcore.load_spec(other), output=run, resume=True, progress=False)
+    with pytest.raises(app.CheckpointError, match="different spec") as err:
+        app.distill(app.load_spec(other), output=run, resume=True, progress=False)
     assert "train.optimizer.lr: 0.003 -> 0.01" in str(err.value)
     assert "train.batch_size: 4 -> 2" in str(err.value)
     assert _snapshot(run) == before
@@ -351,25 +347,25 @@ def test_a_refused_resume_writes_nothing_and_names_the_fields_that_differ(tmp_pa
 
 def test_growing_train_steps_is_a_normal_resume(tmp_path, make_spec):
     run = tmp_path / "run"
-    kdcore.distill(kdcore.load_spec(make_spec()), output=run, progress=False)
+    app.distill(app.load_spec(make_spec()), output=run, progress=False)
     longer = make_spec()
     longer["train"]["steps"] = 9
-    summary = kdcore.distill(kdcore.load_spec(longer), output=run, resume=True, progress=False)
+    summary = app.distill(app.load_spec(longer), output=run, resume=True, progress=False)
     assert summary["steps"] == 9
-    kdcore.distill(kdcore.load_spec(longer), output=tmp_path / "whole", progress=False)
+    app.distill(app.load_spec(longer), output=tmp_path / "whole", progress=False)
     assert _losses(run) == _losses(tmp_path / "whole")
     assert [r["step"] for r in _records(run) if "eval" in r] == [9]
-    assert kdcore.load_run_spec(run).train.steps == 9
+    assert app.load_run_spec(run).train.steps == 9
 
 
 def test_steps_below_the_checkpoint_are_refused(tmp_path, make_spec):
     run = tmp_path / "run"
-    kdcore.distill(kdcore.load_spec(make_spec()), output=run, progress=False)
+    app.distill(app.load_spec(make_spec()), output=run, progress=False)
     before = _snapshot(run)
     shorter = make_spec()
     shorter["train"]["steps"] = 3
-    with pytest.raises(kdcore.CheckpointError, match=r"step 6 .*train\.steps"):
-        kdcore.distill(kdcore.load_spec(shorter), output=run, resume=True, progress=False)
+    with pytest.raises(app.CheckpointError, match=r"step 6 .*train\.steps"):
+        app.distill(app.load_spec(shorter), output=run, resume=True, progress=False)
     assert _snapshot(run) == before
 
 
@@ -377,16 +373,16 @@ def test_steps_below_the_checkpoint_are_refused(tmp_path, make_spec):
 
 
 def test_latest_must_name_a_checkpoint_inside_its_folder(tmp_path, make_spec):
-    spec = kdcore.load_spec(make_spec())
+    spec = app.load_spec(make_spec())
     run = tmp_path / "run"
-    kdcore.distill(spec, output=run, progress=False)
+    app.distill(spec, output=run, progress=False)
     outside = tmp_path / "elsewhere"
     latest_checkpoint(run / "checkpoints").rename(outside)
     (run / "checkpoints" / "latest").write_text("../../elsewhere\n")
-    with pytest.raises(kdcore.CheckpointError, match="latest"):
+    with pytest.raises(app.CheckpointError, match="latest"):
         latest_checkpoint(run / "checkpoints")
-    with pytest.raises(kdcore.CheckpointError, match="latest"):
-        kdcore.distill(spec, output=run, resume=True, progress=False)
+    with pytest.raises(app.CheckpointError, match="latest"):
+        app.distill(spec, output=run, resume=True, progress=False)
 
 
 def _rewrite_state(path: Path, change) -> None:
@@ -410,10 +406,10 @@ def _rewrite_state(path: Path, change) -> None:
 )
 def test_state_json_is_validated(tmp_path, make_spec, change, words):
     run = tmp_path / "run"
-    kdcore.distill(kdcore.load_spec(make_spec()), output=run, progress=False)
+    app.distill(app.load_spec(make_spec()), output=run, progress=False)
     latest = latest_checkpoint(run / "checkpoints")
     _rewrite_state(latest, change)
-    with pytest.raises(kdcore.CheckpointError, match=words):
+    with pytest.raises(app.CheckpointError, match=words):
         load_checkpoint(latest)
 
 
@@ -435,7 +431,7 @@ def _safetensors(path: Path, header: dict, body: bytes, length: int | None = Non
 )
 def test_a_bad_shard_header_is_refused(tmp_path, tensor, length, words):
     path = _safetensors(tmp_path / "x.safetensors", {"w": tensor}, bytes(24), length)
-    with pytest.raises(kdcore.CheckpointError, match=words):
+    with pytest.raises(app.CheckpointError, match=words):
         load_arrays(path, "checkpoint weights")
 
 

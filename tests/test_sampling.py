@@ -7,7 +7,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from kdcore import Transformer, TransformerConfig, generate
+from kdcore.app import Transformer, TransformerConfig, generate
 from kdcore.errors import KdError
 from kdcore.models.mlxlm import MlxLmModel, create_mlxlm_dir, load_mlxlm
 

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-import kdcore
+from kdcore import app
 from kdcore.engine.sinks import MissingExtraError, read_event_scalars, scalars
 from kdcore.errors import KdError
 
@@ -40,7 +40,7 @@ def test_tensorboard_events_hold_every_logged_value(tmp_path, make_spec):
     spec = make_spec(callbacks=[{"name": "tensorboard"}])
     spec["train"].update(steps=6, log_every=2)
     spec["eval"].update(every=3)
-    summary = kdcore.distill(kdcore.load_spec(spec), output=tmp_path / "run", progress=False)
+    summary = app.distill(app.load_spec(spec), output=tmp_path / "run", progress=False)
     logdir = tmp_path / "run" / "tensorboard"
     files = list(logdir.glob("events.out.tfevents.*"))
     assert len(files) == 1
@@ -70,7 +70,7 @@ def test_tensorboard_spec_text_is_recorded(tmp_path, make_spec):
 
     spec = make_spec(callbacks=[{"name": "tensorboard", "params": {"logdir": "tb"}}])
     spec["train"]["steps"] = 2
-    kdcore.distill(kdcore.load_spec(spec), output=tmp_path / "run", progress=False)
+    app.distill(app.load_spec(spec), output=tmp_path / "run", progress=False)
     (events_file,) = (tmp_path / "run" / "tb").glob("events.out.tfevents.*")
     data = events_file.read_bytes()
     texts, pos = [], 0
@@ -87,10 +87,10 @@ def test_tensorboard_spec_text_is_recorded(tmp_path, make_spec):
 def test_tensorboard_without_the_extra_names_it(tmp_path, make_spec, monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorboardX", None)  # import fails as if absent
     with pytest.raises(MissingExtraError, match=r"kdcore\[tensorboard\]"):
-        kdcore.build("run_callback", "tensorboard")
+        app.build("run_callback", "tensorboard")
     spec = make_spec(callbacks=[{"name": "tensorboard"}])
     with pytest.raises(MissingExtraError, match=r"pip install 'kdcore\[tensorboard\]'"):
-        kdcore.distill(kdcore.load_spec(spec), output=tmp_path / "run", progress=False)
+        app.distill(app.load_spec(spec), output=tmp_path / "run", progress=False)
     assert not (tmp_path / "run" / "metrics.jsonl").exists()  # failed before training
 
 
@@ -100,7 +100,7 @@ def test_jsonl_sink_gathers_runs_in_one_file(tmp_path, make_spec):
         spec = make_spec(callbacks=[{"name": "jsonl", "params": {"path": str(shared)}}])
         spec["run"]["name"] = name
         spec["train"].update(steps=3, log_every=1)
-        kdcore.distill(kdcore.load_spec(spec), output=tmp_path / name, progress=False)
+        app.distill(app.load_spec(spec), output=tmp_path / name, progress=False)
     lines = [json.loads(x) for x in shared.read_text().splitlines()]
     assert [(x["run"], x["step"], x["kind"]) for x in lines] == [
         (run, step, kind)

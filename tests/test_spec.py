@@ -9,7 +9,7 @@ import sys
 import pytest
 
 import kdcore
-from kdcore import testing
+from kdcore import app, testing
 from kdcore.spec.load import apply_overrides, parse_override, spec_to_dict
 from kdcore.spec.schedules import Schedule
 from kdcore.spec.tomlwrite import dumps
@@ -57,21 +57,21 @@ def test_good_spec_validates(tmp_path, make_spec):
 
 
 def test_params_structured_into_component_config(make_spec):
-    spec = kdcore.load_spec(make_spec(losses=[{"name": "ce", "params": {"label_smoothing": 0.1}}]))
+    spec = app.load_spec(make_spec(losses=[{"name": "ce", "params": {"label_smoothing": 0.1}}]))
     assert spec.losses[0].config.label_smoothing == pytest.approx(0.1)
 
 
 def test_params_errors_carry_the_entry_path(make_spec):
     bad = make_spec(losses=[{"name": "ce", "params": {"label_smoothing": "lots", "extra": 1}}])
     with pytest.raises(kdcore.SpecError) as err:
-        kdcore.load_spec(bad)
+        app.load_spec(bad)
     text = str(err.value)
     assert "$.losses[0].params.label_smoothing" in text
     assert "unknown key @ $.losses[0].params.extra" in text
 
 
 def test_any_float_may_be_a_schedule(make_spec):
-    spec = kdcore.load_spec(
+    spec = app.load_spec(
         make_spec(
             losses=[
                 {"name": "ce", "weight": {"schedule": "cosine", "start": 4.0, "end": 1.0}},
@@ -87,14 +87,14 @@ def test_any_float_may_be_a_schedule(make_spec):
 def test_schedule_errors_are_reported(make_spec):
     bad = make_spec(losses=[{"name": "ce", "weight": {"schedule": "cosin", "start": 1.0}}])
     with pytest.raises(kdcore.SpecError) as err:
-        kdcore.load_spec(bad)
+        app.load_spec(bad)
     assert "did you mean 'cosine'" in str(err.value)
     assert "$.losses[0].weight" in str(err.value)
 
 
 def test_unknown_component_lists_installed_names(make_spec):
     with pytest.raises(kdcore.SpecError) as err:
-        kdcore.load_spec(make_spec(aggregator={"name": "meen"}))
+        app.load_spec(make_spec(aggregator={"name": "meen"}))
     assert "did you mean 'mean'" in str(err.value)
     assert "installed:" in str(err.value)
     assert "$.aggregator.name" in str(err.value)
@@ -102,7 +102,7 @@ def test_unknown_component_lists_installed_names(make_spec):
 
 def test_bool_is_not_a_number(make_spec):
     with pytest.raises(kdcore.SpecError) as err:
-        kdcore.load_spec(make_spec(train={"steps": True}))
+        app.load_spec(make_spec(train={"steps": True}))
     assert "$.train.steps" in str(err.value)
 
 
@@ -123,7 +123,7 @@ def test_override_past_list_end_is_an_error():
 
 
 def test_resolved_spec_round_trips_through_toml(tmp_path, make_spec):
-    spec = kdcore.load_spec(
+    spec = app.load_spec(
         make_spec(
             losses=[
                 {"name": "ce", "weight": {"schedule": "linear", "start": 1.0, "end": 0.5}},
@@ -133,13 +133,13 @@ def test_resolved_spec_round_trips_through_toml(tmp_path, make_spec):
     text = dumps(spec_to_dict(spec))
     path = tmp_path / "spec.toml"
     path.write_text(text)
-    again = kdcore.load_spec(path)
+    again = app.load_spec(path)
     assert spec_to_dict(again) == spec_to_dict(spec)
 
 
 def test_missing_spec_file_is_named(tmp_path):
     with pytest.raises(kdcore.SpecError) as err:
-        kdcore.load_spec(tmp_path / "nope.toml")
+        app.load_spec(tmp_path / "nope.toml")
     assert "nope.toml" in str(err.value)
 
 
@@ -189,4 +189,4 @@ def test_a_directory_is_not_a_spec(tmp_path, capsys):
 
 def test_a_deep_override_is_an_error(make_spec):
     with pytest.raises(kdcore.SpecError, match="--set"):
-        kdcore.load_spec(make_spec(), ["run.name=" + "[" * 50_000 + "]" * 50_000])
+        app.load_spec(make_spec(), ["run.name=" + "[" * 50_000 + "]" * 50_000])

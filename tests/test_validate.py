@@ -9,6 +9,7 @@ import mlx.core as mx
 import pytest
 
 import kdcore
+from kdcore import app
 from kdcore.cli.main import main as kd_main
 from kdcore.spec.tomlwrite import dumps as toml_dumps
 
@@ -168,7 +169,7 @@ def test_distill_refuses_a_missing_data_file_before_writing(make_spec, tmp_path)
     spec = make_spec()
     spec["data"]["params"]["path"] = str(tmp_path / "gone.txt")
     with pytest.raises(kdcore.SpecError, match=r"\$\.data\.params\.path"):
-        kdcore.distill(kdcore.load_spec(spec), output=tmp_path / "run", progress=False)
+        app.distill(app.load_spec(spec), output=tmp_path / "run", progress=False)
     assert not (tmp_path / "run").exists()
 
 
@@ -230,7 +231,7 @@ def cache_world(tmp_path_factory):
     base = cache_spec(data, [{"path": str(root / "teacher")}])
     for k, tc in ((8, 1.0), (256, 1.0)):
         out = root / f"cache-k{k}"
-        write_cache(kdcore.load_spec(base), out, top_k=k, temperature=tc, progress=False)
+        write_cache(app.load_spec(base), out, top_k=k, temperature=tc, progress=False)
     return {"data": data, "root": root}
 
 
@@ -261,7 +262,7 @@ def test_tail_bucket_at_another_temperature_than_the_capture_is_refused(validate
     assert code == 2, lines
     assert _problem(lines, "$.losses[0].params.temperature", "tail-bucket", "1", "2"), lines
     with pytest.raises(kdcore.SpecError, match="tail-bucket"):
-        kdcore.distill(kdcore.load_spec(spec), output=cache_world["root"] / "r", progress=False)
+        app.distill(app.load_spec(spec), output=cache_world["root"] / "r", progress=False)
     assert not (cache_world["root"] / "r").exists()
 
 
@@ -310,7 +311,7 @@ def _bare(lines: list[str]) -> list[str]:
 def _distill_problems(spec: dict, out: Path) -> list[str]:
     """The problem lines ``kd distill`` refuses ``spec`` with (it must write nothing)."""
     with pytest.raises(kdcore.SpecError) as err:
-        kdcore.distill(kdcore.load_spec(spec), output=out, progress=False)
+        app.distill(app.load_spec(spec), output=out, progress=False)
     assert not out.exists()
     return err.value.problems
 
@@ -418,7 +419,7 @@ def test_from_teacher_beside_a_cache_trains_from_the_named_folder(validate, cach
     taught = dict(tree_flatten(load_model(teacher)[0].parameters()))
     for name, value in tree_flatten(run.student.parameters()):
         assert mx.array_equal(value, taught[name]).item(), name
-    summary = kdcore.distill(kdcore.load_spec(spec), output=tmp_path / "run", progress=False)
+    summary = app.distill(app.load_spec(spec), output=tmp_path / "run", progress=False)
     assert summary["steps"] == 4 and summary["eval"]["val_loss"] > 0
     assert summary["init"]["from"] == "teacher"
     assert summary["init"]["teacher_path"] == str(teacher)

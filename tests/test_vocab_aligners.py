@@ -18,7 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import kdcore
-from kdcore import testing
+from kdcore import app, testing
 from kdcore.align.retokenize import Retokenizer
 from kdcore.errors import SpecError
 from kdcore.losses.inputs import LossInputs
@@ -221,7 +221,7 @@ def _uld_reference(ps: np.ndarray, pt: np.ndarray) -> np.ndarray:
 
 def _uld(student_logits, teacher: TeacherSignal, mask=None, **params):
     loss = testing.build_loss("uld", **params)
-    config = kdcore.make_config("loss", "uld", **params)
+    config = app.make_config("loss", "uld", **params)
     B, L, _ = student_logits.shape
     batch = {"mask": mx.array(np.ones((B, L), np.float32) if mask is None else mask)}
     inputs = LossInputs(
@@ -372,7 +372,7 @@ def test_cross_tokenizer_run_with_token_map(corpus, bpe_teacher, kl_loss, tmp_pa
         {"name": "token-map", "params": {"match": "prefix"}},
         [{"name": "ce"}, {"name": "test-kl"}],
     )
-    summary = kdcore.distill(kdcore.load_spec(spec), output=tmp_path / "run", progress=False)
+    summary = app.distill(app.load_spec(spec), output=tmp_path / "run", progress=False)
     assert np.isfinite(summary["final_losses"]["test-kl"])
     records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     tokens = [r["test-kl/tokens"] for r in records if "test-kl/tokens" in r]
@@ -381,7 +381,7 @@ def test_cross_tokenizer_run_with_token_map(corpus, bpe_teacher, kl_loss, tmp_pa
     # the identity aligner refuses the pair outright
     spec["aligner"] = {"name": "identity"}
     with pytest.raises(SpecError, match="vocabularies differ"):
-        kdcore.distill(kdcore.load_spec(spec), output=tmp_path / "run2", progress=False)
+        app.distill(app.load_spec(spec), output=tmp_path / "run2", progress=False)
 
 
 def test_cross_tokenizer_run_with_uld(corpus, bpe_teacher, tmp_path):
@@ -391,7 +391,7 @@ def test_cross_tokenizer_run_with_uld(corpus, bpe_teacher, tmp_path):
             corpus, bpe_teacher, {"name": "uld"}, [{"name": "ce"}, {"name": "uld"}], alignment
         )
         out = tmp_path / alignment
-        summary = kdcore.distill(kdcore.load_spec(spec), output=out, progress=False)
+        summary = app.distill(app.load_spec(spec), output=out, progress=False)
         value = summary["final_losses"]["uld"]
         assert 0.0 < value < 2.0  # an L1 distance between two distributions
 

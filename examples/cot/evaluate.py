@@ -18,7 +18,7 @@ from kd_cot.generate import answer_accuracy
 from kd_cot.records import read_records
 from kd_cot.templates import get_template
 
-from kdcore import count_parameters, load_model, load_tokenizer
+from kdcore.app import count_parameters, load_model, load_tokenizer
 
 COT = "Q:{question}\n{rationale}\nA:{answer}\n"
 ANSWER = "Q:{question}\nA:{answer}\n"

@@ -19,7 +19,8 @@ import numpy as np
 from kd_amtml.heatmap import instance_weights, plot_heatmap, summary_json
 
 import kdcore
-from kdcore import count_parameters, load_model, token_cross_entropy
+from kdcore import app, token_cross_entropy
+from kdcore.app import count_parameters, load_model
 
 HERE = Path(__file__).resolve().parent
 RUNS = HERE / "runs"
@@ -36,9 +37,9 @@ STUDENTS = [
 
 
 def mixture_dataset():
-    spec = kdcore.load_spec(HERE / "student_mean.toml")
+    spec = app.load_spec(HERE / "student_mean.toml")
     setup = kdcore.Setup(base_dir=HERE, seed=spec.run.seed)
-    return kdcore.build("dataset", "mixture", setup, **spec.data.params)
+    return app.build("dataset", "mixture", setup, **spec.data.params)
 
 
 def per_domain_loss(model, dataset, batch_size: int = 32) -> dict[str, float]:

@@ -43,6 +43,7 @@ import mlx.core as mx
 import numpy as np
 
 import kdcore
+from kdcore import app
 from kdcore.cli.main import main as kd
 from kdcore.engine import onpolicy
 from kdcore.losses.tokens import log_softmax
@@ -89,7 +90,7 @@ def train_teacher(out: Path, steps: int | None) -> Path:
         spec["train"]["steps"] = steps
         spec["train"]["log_every"] = 1
     started = time.perf_counter()
-    summary = kdcore.distill(spec, output=folder, progress=False)
+    summary = app.distill(spec, output=folder, progress=False)
     print(
         f"teacher: {summary['steps']} steps, val loss {summary['eval']['val_loss']:.4f} "
         f"({time.perf_counter() - started:.0f}s)",
@@ -136,8 +137,8 @@ def student_spec(name: str, seed: int, teacher: Path, samples: Path, quick: bool
 
 def held_out_prompts(limit: int | None) -> tuple[object, list[np.ndarray]]:
     """The held-out split of the chat data (as the students read it) and its prompts."""
-    spec = kdcore.load_spec(read_spec("student.toml") | {"teachers": []})
-    data = kdcore.get_registry().get("dataset", spec.data.name)
+    spec = app.load_spec(read_spec("student.toml") | {"teachers": []})
+    data = app.get_registry().get("dataset", spec.data.name)
     dataset = data.factory(spec.data.config, kdcore.Setup(seed=0))
     n = dataset.num_prompts("val") if limit is None else limit
     prompts = [np.asarray(p, np.int32) for p in dataset.prompts(0, n, "val")]
@@ -148,10 +149,10 @@ def score(
     student_dir: Path, teacher, dataset, prompts: list[np.ndarray], new: int, eval_batches: int
 ) -> dict:
     """The held-out loss, and the teacher's per-token NLL of the student's own replies."""
-    student, _, _ = kdcore.load_model(student_dir)
+    student, _, _ = app.load_model(student_dir)
     student.eval()
     batches = dataset.batches(8, "val", eval_batches)
-    held_out = kdcore.evaluate(student, teacher, batches)
+    held_out = app.evaluate(student, teacher, batches)
     stops = onpolicy.default_stops(dataset.tokenizer, dataset)
     mx.random.seed(EVAL_SEED)  # every student samples from the same random state
     replies = []
@@ -225,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
 
     teacher_dir = train_teacher(out, quick and quick["teacher_steps"])
     samples = sample_teacher(out, teacher_dir, quick and quick["sample_limit"], new)
-    teacher, _, _ = kdcore.load_model(teacher_dir)
+    teacher, _, _ = app.load_model(teacher_dir)
     teacher.eval()
     dataset, prompts = held_out_prompts(quick and quick["prompts"])
     eval_batches = 1 if quick else 8
@@ -236,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
             run = out / f"seed{seed}" / name.split(" (")[0].replace(", ", "-").replace(" ", "_")
             shutil.rmtree(run, ignore_errors=True)  # a student is always trained afresh
             spec = student_spec(name, seed, teacher_dir, samples, bool(quick))
-            summary = kdcore.distill(spec, output=run, progress=False)
+            summary = app.distill(spec, output=run, progress=False)
             figures = score(run / "student", teacher, dataset, prompts, new, eval_batches)
             figures["seconds_per_step"] = summary["wall_seconds"] / summary["steps"]
             per_student[name].append(figures)
@@ -256,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
         "max_new_tokens": new,
         "held_out_prompts": len(prompts),
         "student_parameters": student_summary["student_parameters"],
-        "teacher_parameters": kdcore.count_parameters(teacher),
+        "teacher_parameters": app.count_parameters(teacher),
         "teacher": teacher_figures,
         "students": {
             name: {key: spread([f[key] for f in runs]) for key in runs[0]}

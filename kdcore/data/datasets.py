@@ -119,9 +119,19 @@ def open_text(path: Path, max_chars: int | None = None) -> str:
 
 
 class Dataset:
-    """Fixed-length examples split into train and val; subclasses fill ``_examples``.
+    """The base of a dataset component: fixed-length examples split into train and val;
+    subclasses fill ``_examples``. It satisfies the dataset protocol the engine reads
+    (``kdcore.protocols.Dataset``: ``tokenizer``, ``num_examples``, ``num_tokens``,
+    ``batch``).
 
     ``_examples[split]`` is a dict of equal-length NumPy arrays, first axis = examples.
+
+    Example::
+
+        class Lines(kdcore.Dataset):
+            def __init__(self, config, setup):
+                self.tokenizer = app.resolve_tokenizer(config.tokenizer, setup.base_dir)
+                self._examples = {"train": ..., "val": ...}
     """
 
     tokenizer: Any

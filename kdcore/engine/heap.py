@@ -14,7 +14,7 @@ whose allocator is glibc's too, with and without the same settings made through 
 ``MALLOC_`` variables.
 
 The cost: the process keeps its high-water mark of memory until it exits (freed blocks
-stay with it, for reuse). Training runs in ``kd`` and ``kdcore.distill`` turn it on;
+stay with it, for reuse). Training runs in ``kd`` and ``kdcore.app.distill`` turn it on;
 ``KD_HEAP=system`` leaves glibc's defaults. A no-op off glibc (macOS, musl), where MLX's
 own allocator caches buffers, and on a GPU default device.
 """

@@ -332,7 +332,7 @@ def train(
 def learns_beside_student(parts: Parts) -> bool:
     """Whether the run has parameters outside the student (a learnable aggregator or loss):
     student/ does not hold them, so the final checkpoint is kept whatever
-    ``train.final_checkpoint`` says (``kdcore.open_run`` reads them from it)."""
+    ``train.final_checkpoint`` says (``kdcore.app.open_run`` reads them from it)."""
     aggregator = getattr(parts.trainable, "aggregator", None)
     fixed = isinstance(aggregator, Learnable) and not aggregator.learnable  # never trains
     return any(

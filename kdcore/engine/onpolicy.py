@@ -205,7 +205,7 @@ TeacherSignalFn = Callable[[dict[str, mx.array], ModelOutput | None], TeacherSig
 
 
 class Continuations(NamedTuple):
-    """What :func:`sample_continuations` returns, laid out as ``kdcore.generate`` lays out
+    """What :func:`sample_continuations` returns, laid out as ``kdcore.app.generate`` lays out
     its result (the prompts left-padded to a common width ``P``): ``tokens`` [B, P + N];
     ``mask`` [B, P + N], 1 on the generated tokens up to and including a row's stop token;
     ``weights`` [B, P + N], each generated token's importance weight ``q_T(y) / b(y)`` (1
@@ -238,7 +238,7 @@ def sample_continuations(
     ``temperature``, ``a = teacher_mix_alpha``, ``p_T`` the teachers at ``temperature`` as
     ``teacher_signal(batch, model_output)`` (``StepContext.teacher_signal``) gives them for
     the context so far. With ``a = 0`` the tokens come from the core sampler
-    (``kdcore.generate``: KV-cached for the built-in and mlx-lm models); ``a > 0`` reads the
+    (``kdcore.app.generate``: KV-cached for the built-in and mlx-lm models); ``a > 0`` reads the
     teachers at every token, so the model and the teachers run on the whole context per
     token, the prompts right-padded there, each row reading its own last position (causal
     attention keeps it blind to the pads after it). ``where``: the spec path that an error

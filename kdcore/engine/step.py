@@ -43,6 +43,19 @@ def step_context(parts: Parts, step: int) -> StepContext:
         inputs = LossInputs(student=student_output, teacher=None, batch=batch)
         return combined_signal(parts, signals, inputs, None)
 
+    def sample(prompts, max_new_tokens, temperature=1.0, top_p=1.0, stop_token=None, **kw):
+        mixing = kw.get("teacher_mix_alpha", 0.0) > 0.0
+        return onpolicy.sample_continuations(
+            parts.student,
+            prompts,
+            max_new_tokens,
+            temperature,
+            top_p,
+            stop_token,
+            teacher_signal=teacher_signal if mixing else None,
+            **kw,
+        )
+
     return StepContext(
         step=step,
         total_steps=parts.total,
@@ -50,6 +63,7 @@ def step_context(parts: Parts, step: int) -> StepContext:
         student=parts.student,
         num_teachers=len(parts.teachers),
         teacher_signal=teacher_signal,
+        sample_continuations=sample,
     )
 
 

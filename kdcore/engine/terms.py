@@ -8,7 +8,7 @@ A loss runs fused (``kdcore.kernels.fused``: logits one chunk of tokens at a tim
 fallback, exact and unchanged):
 
 - ``train.fused_loss`` is true (the default);
-- the loss declares rows (``kdcore.DeclaresRows``) and returns some for the step;
+- the loss declares rows (``kdcore.protocols.DeclaresRows``) and returns some for the step;
 - the loss has no parameters of its own to train (the kernel differentiates only the
   student's hidden states and head);
 - the student's output is hidden states and a plain head (the built-in transformer and

@@ -30,8 +30,8 @@ cannot run under ``mx.compile``.
 
 Reading rows without keeping the graph: inside a gradient transformation every array
 derived from a traced input keeps its graph after evaluation, so chunks computed from the
-traced inputs would all stay alive (measured: 530 MiB instead of 81 MiB at N = 1024,
-V = 32768, D = 64). Two readers break that link, chosen by ``reader``:
+traced inputs would all stay alive (memory would grow with the tokens, not with one
+chunk). Two readers break that link, chosen by ``reader``:
 
 - ``"host"`` (the default on a CPU device): rows are read through NumPy views of the
   evaluated inputs and copied into fresh arrays, as in ``chunked_token_mean``;
@@ -157,10 +157,8 @@ def fused_chunk_rows(vocab: int) -> int:
     """Rows per chunk of the fused kernel: about ``FUSED_CHUNK_ELEMENTS`` logits (128 MiB of
     float32 per ``[C, V]`` temporary), so that the head's matrix products have enough rows
     to run at BLAS speed: 220 rows at V = 151,936. The head gradient ``dW += g.T @ h`` is a
-    rank-C update of the whole ``[V, D]``; measured on 2 cores with OpenBLAS (SkylakeX
-    kernels) it ran at 36 GF/s with 55 rows, 105 with 220, and the real-vocabulary step
-    (benchmarks/real_vocab.py) took 18.8 s at 55 rows, 19.0 at 110, 13.1 at 220 and 18.1
-    at 441, for 3.34, 3.43, 3.70 and 4.24 GB of MLX peak memory."""
+    rank-C update of the whole ``[V, D]``, slow with few rows; the size was chosen with
+    ``benchmarks/real_vocab.py`` (docs/performance.md)."""
     return max(1, FUSED_CHUNK_ELEMENTS // max(vocab, 1))
 
 

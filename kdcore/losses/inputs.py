@@ -51,6 +51,12 @@ class StepContext:
         teacher_signal: ``teacher_signal(batch, student_output=None)`` runs the run's
             teachers on ``batch`` and returns their signal aggregated and aligned, exactly
             as the step does (None without teachers).
+        sample_continuations: ``sample_continuations(prompts, max_new_tokens,
+            temperature=1.0, top_p=1.0, stop_token=None, *, teacher_mix_alpha=0.0)`` is
+            the run's on-policy sampler (the one ``train.on_policy`` uses): the student's
+            continuations of ``prompts`` [B, P], each token drawn from
+            ``(1 - a) top_p(q_T) + a top_p(p_T)`` with ``a = teacher_mix_alpha``; returns
+            ``(tokens [B, P + N], generated mask [B, P + N], importance weights [B, P + N])``.
     """
 
     step: int
@@ -61,3 +67,12 @@ class StepContext:
     teacher_signal: Callable[[dict[str, mx.array], ModelOutput | None], TeacherSignal | None] = (
         attrs.field(default=lambda batch, student_output=None: None)
     )
+    sample_continuations: Callable[..., Any] = attrs.field(default=None)
+
+    def __attrs_post_init__(self) -> None:
+        if self.sample_continuations is None:
+
+            def unavailable(*args: Any, **kwargs: Any) -> Any:
+                raise ValueError("this step context has no sampler (built outside a run)")
+
+            object.__setattr__(self, "sample_continuations", unavailable)

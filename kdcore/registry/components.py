@@ -64,7 +64,7 @@ class NoConfig:
 
 def _properties(values: Any) -> frozenset[str]:
     """Declared properties; "fused" is dropped: whether a loss runs fused is read from its
-    rows (``kdcore.DeclaresRows``), never declared (older plugins still name it)."""
+    rows (``kdcore.protocols.DeclaresRows``), never declared (older plugins still name it)."""
     return frozenset(values) - {"fused"}
 
 
@@ -75,7 +75,7 @@ class Component:
     Attributes:
         name: lower-case identifier used in specs (``[[losses]] name = "hinton"``).
         factory: ``factory(config, setup) -> object``; what the object must do depends on
-            the kind (see ``kdcore.hookspecs``).
+            the kind (see ``kdcore.registry.hookspecs``).
         config: an attrs class of the component's parameters; spec ``params`` are
             structured into it by cattrs, so unknown keys and wrong types are errors.
         requires: what the engine must compute for it (see ``REQUIREMENTS``).

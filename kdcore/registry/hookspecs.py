@@ -66,8 +66,8 @@ def kd_losses() -> Iterable[Any]:
     Optional: :class:`kdcore.PreparesBatch` (``prepare_batch(batch, context)`` outside
     autodiff, ``context`` a :class:`kdcore.StepContext`). A loss that is an
     ``mlx.nn.Module`` trains its parameters with the student; they are saved in checkpoints,
-    never inside ``student/``. Declare ``requires`` from :data:`kdcore.REQUIREMENTS` and
-    ``properties`` from :data:`kdcore.PROPERTIES`; ``sparse_ok`` (the loss works from a
+    never inside ``student/``. Declare ``requires`` from :data:`app.REQUIREMENTS` and
+    ``properties`` from :data:`app.PROPERTIES`; ``sparse_ok`` (the loss works from a
     top-k cache) is honest only when the loss reads the teacher through
     :func:`kdcore.token_divergence` or ``TeacherSignal.sparse_log_probs``.
 
@@ -106,7 +106,7 @@ def kd_teacher_aggregators() -> Iterable[Any]:
     ``setup.num_teachers`` says how many teachers the spec names.
 
     Optional: :class:`kdcore.HasRequirements` (``requires``, a frozenset of
-    :data:`kdcore.REQUIREMENTS` that depends on the config) and, for an ``nn.Module``
+    :data:`app.REQUIREMENTS` that depends on the config) and, for an ``nn.Module``
     aggregator whose parameters train with the student, :class:`kdcore.Learnable`
     (``learnable = False`` keeps it frozen).
 
@@ -200,8 +200,8 @@ def kd_models() -> Iterable[Any]:
 
         @kdcore.hookimpl
         def kd_models():
-            return [kdcore.Component("transformer", kdcore.Transformer,
-                                     kdcore.TransformerConfig, doc="decoder-only transformer")]
+            return [kdcore.Component("transformer", app.Transformer,
+                                     app.TransformerConfig, doc="decoder-only transformer")]
     """
 
 
@@ -209,7 +209,7 @@ def kd_models() -> Iterable[Any]:
 def kd_datasets() -> Iterable[Any]:
     """Contribute dataset formats.
 
-    ``factory(config, setup)`` returns a :class:`kdcore.DatasetProtocol`: ``tokenizer``,
+    ``factory(config, setup)`` returns a :class:`kdcore.Dataset`: ``tokenizer``,
     ``batch(index, batch_size, split)`` and ``batches(batch_size, split, limit)`` of NumPy
     arrays ``input_ids``, ``labels`` (``kdcore.IGNORE_INDEX`` where no loss), ``mask`` and
     any extra arrays its losses need, and ``inspect(limit)`` for ``kd data inspect``.
@@ -270,7 +270,7 @@ def kd_run_callbacks() -> Iterable[Any]:
     """Contribute run callbacks: sinks for metrics and events during ``kd distill``.
 
     ``factory(config, setup)`` returns a :class:`kdcore.RunCallback`: an object with any of
-    ``on_start(info)`` (``info`` a :class:`kdcore.RunInfo`: ``output``, ``spec``,
+    ``on_start(info)`` (``info`` a :class:`app.RunInfo`: ``output``, ``spec``,
     ``total_steps``), ``on_log(step, record)``, ``on_eval(step, record)`` and
     ``on_end(summary)``; the engine calls those present. A spec lists callbacks under
     ``[[callbacks]]``.
@@ -296,7 +296,7 @@ def kd_row_kernels() -> Mapping[str, Callable[..., Any]] | None:
       ``factory(coef, temperature, teacher_temperature)`` where ``coef`` is the ``beta`` or
       ``alpha`` of the kind (0.0 for the others), replacing ``dense_rows``;
     - ``"sparse:KIND"`` for each of those: ``factory(coef, temperature, tail)`` (``tail`` one
-      of :data:`kdcore.TAIL_POLICIES`), replacing ``sparse_rows`` (a top-k teacher);
+      of :data:`testing.TAIL_POLICIES`), replacing ``sparse_rows`` (a top-k teacher);
     - ``"cross_entropy"``: ``factory(label_smoothing)``, replacing the fused path's
       ``cross_entropy_rows``;
     - ``"adam"``: ``factory()`` returning ``step(gradient, parameter, m, v, scalars,

@@ -1,4 +1,4 @@
-"""``kdcore.build`` and ``kdcore.make_config``: a component or its config by name, with
+"""``kdcore.app.build`` and ``kdcore.app.make_config``: a component or its config by name, with
 params validated exactly as a spec's."""
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ Use them as ``attrs.field(validator=...)``; a list chains them (attrs runs each 
 Every error begins with the field's name ("temperature must be > 0, got -1.0"), which
 ``kdcore.spec.convert.structure_errors`` turns into the field's path ($.losses[0].params.
 temperature). ``None`` passes (for ``int | None`` fields), and so does a
-:class:`kdcore.Schedule`: any float of a spec may be one, and a schedule's values are
+:class:`kdcore.app.Schedule`: any float of a spec may be one, and a schedule's values are
 checked where they are used. A field read once, when the component is built, adds
 :func:`number` to refuse a schedule. Non-finite floats never get here: the converter
 refuses them.

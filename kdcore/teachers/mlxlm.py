@@ -50,7 +50,7 @@ class MlxLmTeacher:
 
     When its tokenizer is not the run's (``retokenize`` unset), every batch is decoded to
     text, re-encoded with the teacher's tokenizer, and the teacher's outputs are read at
-    the aligned positions (:class:`kdcore.vocab.Retokenizer`); the signal then carries a
+    the aligned positions (:class:`kdcore.align.retokenize.Retokenizer`); the signal then carries a
     ``position_mask`` and is still in the teacher's vocabulary (an aligner maps it).
     ``model`` is None for such a teacher, since its ids are not the run's.
     """

@@ -35,14 +35,26 @@ below the rootdir (pytest refuses ``pytest_plugins`` there) import them instead:
 Helpers for tests that drive the engine: :func:`run_kd` (the ``kd`` command in-process),
 :func:`plugins` (a registry with in-process plugin objects, restored afterwards),
 :func:`build_run` and :func:`prepare_batch` (a run's built parts, and a batch after its
-losses' ``prepare_batch``); and the plain reference formulations of the divergence kernels
-(:func:`plain_divergence`, :func:`plain_sparse_divergence`, :func:`row_terms`).
+losses' ``prepare_batch``); the divergence kernels (:func:`dense_divergence`,
+:func:`sparse_divergence`, :func:`chunked_token_mean`, :func:`rows_on_logits`) and their
+plain reference formulations (:func:`plain_divergence`, :func:`plain_sparse_divergence`,
+:func:`row_terms`).
 """
 
 from __future__ import annotations
 
-# The references live with the kernels they check; a plugin author reaches them here.
-from kdcore.kernels.divergence import plain_divergence, plain_sparse_divergence, row_terms
+# The references and kernels live with the code they check; a plugin author reaches them
+# here, to compare a loss against them.
+from kdcore.kernels.chunked import chunked_token_mean
+from kdcore.kernels.divergence import (
+    dense_divergence,
+    plain_divergence,
+    plain_sparse_divergence,
+    row_terms,
+    sparse_divergence,
+)
+from kdcore.kernels.support import TAILS as TAIL_POLICIES
+from kdcore.losses.rows import rows_on_logits
 from kdcore.testing._kit import (
     PROFILE,
     check_aggregator,
@@ -89,6 +101,11 @@ __all__ = [
     "tiny_spec",
     "train_tiny_teacher",
     # references
+    "TAIL_POLICIES",
+    "chunked_token_mean",
+    "dense_divergence",
+    "rows_on_logits",
+    "sparse_divergence",
     "plain_divergence",
     "plain_sparse_divergence",
     "row_terms",

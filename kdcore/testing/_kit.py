@@ -137,7 +137,7 @@ def _resolved(config):
 
 
 _READ_PARAMS = (
-    "in a run, a scheduled float is a kdcore.Schedule in the config the factory receives; "
+    "in a run, a scheduled float is a app.Schedule in the config the factory receives; "
     "read its value at each step from inputs.params, where it is a 0-d array"
 )
 

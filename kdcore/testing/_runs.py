@@ -13,6 +13,8 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
+from kdcore import app
+
 # ---------------------------------------------------------------- tiny runs
 
 
@@ -30,7 +32,7 @@ def tiny_spec(
     Each keyword in ``sections`` replaces that whole top-level table::
 
         spec = testing.tiny_spec(corpus, [{"name": "hinton"}], teachers=[{"path": str(t)}])
-        kdcore.distill(spec, output=tmp_path / "run", progress=False)
+        app.distill(spec, output=tmp_path / "run", progress=False)
     """
     spec = {
         "run": {"name": "tiny", "seed": 0},
@@ -70,12 +72,11 @@ def train_tiny_teacher(
 ) -> os.PathLike:
     """Train a small teacher on ``corpus`` with the project itself (cross-entropy, a few
     seconds); returns its model directory ``output/student``."""
-    import kdcore
 
     spec = tiny_spec(corpus, steps=steps, dim=dim)
     spec["student"]["model"]["params"]["heads"] = heads
     spec["train"]["log_every"] = log_every
-    kdcore.distill(spec, output=output, progress=False)
+    app.distill(spec, output=output, progress=False)
     return Path(output) / "student"
 
 
@@ -124,7 +125,7 @@ def plugins(*objects: object, distribution: str = "kdcore-testing") -> Iterator[
     (as a run installs its registry's), the previous ones restored on exit::
 
         with testing.plugins(MyPlugin()):
-            kdcore.distill(spec, output=tmp_path / "run", progress=False)
+            app.distill(spec, output=tmp_path / "run", progress=False)
     """
     from kdcore.kernels.native import use_row_kernels
     from kdcore.registry import manager
@@ -142,7 +143,7 @@ def plugins(*objects: object, distribution: str = "kdcore-testing") -> Iterator[
 
 
 def build_run(spec: Any) -> Any:
-    """A run's built parts from a spec (a dict, a path or a ``kdcore.RunSpec``), as
+    """A run's built parts from a spec (a dict, a path or a ``app.RunSpec``), as
     ``kd distill`` builds them, without training: ``dataset``, ``student``, ``teachers``,
     ``aggregator``, ``aligner``, ``losses``, ``total``..."""
     from kdcore.engine.build import build_parts

@@ -8,15 +8,14 @@ from pathlib import Path
 
 import pytest
 
-import kdcore
-from kdcore import testing
+from kdcore import app, testing
 
 SOURCE = Path(__file__).resolve().parents[1] / "kd_cosine_hint" / "__init__.py"
 
 
 @pytest.fixture(autouse=True, scope="session")
 def cosine_hint_plugin():
-    if "cosine_hint" in kdcore.get_registry().names("loss"):
+    if "cosine_hint" in app.get_registry().names("loss"):
         yield  # installed
         return
     spec = importlib.util.spec_from_file_location("kd_cosine_hint", SOURCE)

@@ -9,7 +9,8 @@ from typing import Any
 import attrs
 import numpy as np
 
-from kdcore import Dataset, open_text, resolve_tokenizer, validators
+from kdcore import Dataset, validators
+from kdcore.app import open_text, resolve_tokenizer
 
 
 @attrs.define

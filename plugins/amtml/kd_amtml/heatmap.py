@@ -1,7 +1,7 @@
 """``kd amtml-heatmap RUN_DIR``: the aggregator's instance weights against data domains.
 
 The run is rebuilt from its resolved spec with its last checkpoint (student and aggregator
-parameters) loaded (``kdcore.open_run``), and every val example is scored by the
+parameters) loaded (``app.open_run``), and every val example is scored by the
 aggregator. The result is the mean weight of each teacher over the examples of each domain
 (a heatmap PNG and a JSON file under ``RUN_DIR/report/``) and the routing accuracy: how
 often the largest weight goes to the teacher of the example's domain. Teacher k belongs to
@@ -22,8 +22,8 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
-import kdcore
-from kdcore import CheckpointError, LossInputs, SpecError, write_json
+from kdcore import LossInputs, SpecError, app
+from kdcore.app import CheckpointError, write_json
 
 
 def teacher_labels(spec) -> list[str]:
@@ -52,7 +52,7 @@ def instance_weights(
 ) -> dict[str, Any]:
     """Per-example teacher weights [N, K] and domains [N] of a finished multi-teacher run,
     with the per-domain mean matrix and the routing accuracy."""
-    run = kdcore.open_run(run_dir)  # rebuilt, with the last checkpoint's weights
+    run = app.open_run(run_dir)  # rebuilt, with the last checkpoint's weights
     if not run.teachers:
         raise SpecError("the run has no teachers: nothing was aggregated")
     aggregator = getattr(run.trainable, "aggregator", run.aggregator)
@@ -166,7 +166,7 @@ def report_section(run_dir: str | Path, figures_dir: str | Path) -> list[str] | 
     spec_file = run_dir / "spec.toml"
     if not spec_file.exists() or not (run_dir / "run.json").exists():
         return None
-    spec = kdcore.read_config(spec_file, dict)  # the plain tables: no components built
+    spec = app.read_config(spec_file, dict)  # the plain tables: no components built
     if spec.get("aggregator", {}).get("name") != "amtml":
         return None
     lines = ["## AMTML instance weights", ""]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from kdcore import testing
+from kdcore import app, testing
 
 
 @pytest.mark.parametrize(
@@ -75,7 +75,7 @@ def test_amtml_aggregator_logit_source():
     from kdcore import ModelOutput, Setup
 
     V = 12
-    aggregate = kdcore.build(
+    aggregate = app.build(
         "teacher_aggregator", "amtml", Setup(num_teachers=3), source="student_logits", input_dim=V
     )
     assert aggregate.requires == frozenset()

@@ -11,7 +11,8 @@ import pytest
 from mlx.utils import tree_flatten
 
 import kdcore
-from kdcore import Transformer, TransformerConfig, load_arrays, testing
+from kdcore import app, testing
+from kdcore.app import Transformer, TransformerConfig, load_arrays
 
 
 def _trainable(run: Path, step: int) -> dict:
@@ -72,7 +73,7 @@ def amtml_run(tmp_path_factory, domains, teachers):
         "eval": {"batches": 2},
     }
     out = tmp_path_factory.mktemp("amtml-run")
-    summary = kdcore.distill(kdcore.load_spec(spec), output=out, progress=False)
+    summary = app.distill(app.load_spec(spec), output=out, progress=False)
     return out, summary
 
 
@@ -115,7 +116,7 @@ def test_frozen_stage_keeps_the_aggregator_fixed(amtml_run, teachers):
     ]
     assert moved, "the student should keep training in the frozen stage"
     # The joint stage did train the aggregator (theta differs from its seeded start).
-    start = kdcore.build(
+    start = app.build(
         "teacher_aggregator", "amtml", kdcore.Setup(num_teachers=2), latent_dim=8, input_dim=16
     )
     assert not np.allclose(np.array(start.theta), np.array(first["aggregator.theta"]))
@@ -143,7 +144,7 @@ def test_report_includes_the_heatmap(amtml_run):
     png = out / "report" / "amtml_weights.png"
     png.unlink(missing_ok=True)  # made by the report, not left over from the command's test
     with testing.plugins():  # the installed plugins only
-        text = kdcore.write_report(out).read_text()
+        text = app.write_report(out).read_text()
     assert "## AMTML instance weights" in text
     assert "![amtml instance weights](report/amtml_weights.png)" in text
     assert png.stat().st_size > 1000

@@ -11,7 +11,8 @@ from kd_amtml.aggregator import REGULARIZER_KEY
 from kd_amtml.losses import align_heads, linear_cka, uniform_pairs
 
 import kdcore
-from kdcore import ModelOutput, Setup, TransformerConfig, mixture, testing
+from kdcore import ModelOutput, Setup, app, mixture, testing
+from kdcore.app import TransformerConfig
 
 RNG = np.random.default_rng(7)
 
@@ -71,23 +72,23 @@ def test_one_teacher_amtml_is_hinton(T):
     """With one teacher the amtml aggregator passes the signal through and the loss is
     Hinton's T^2 KL(p_T || q_T) (NumPy reference; and the hinton plugin when installed)."""
     student, (teacher,), mask = random_case(K=1)
-    aggregate = kdcore.build("teacher_aggregator", "amtml", Setup(num_teachers=1), input_dim=8)
+    aggregate = app.build("teacher_aggregator", "amtml", Setup(num_teachers=1), input_dim=8)
     base = inputs_for(student, None, mask, hidden=hidden_states(3, 5, 8))
     merged = aggregate([signal(teacher)], base)
     assert merged.members is None and merged.weights is None
     loss = testing.build_loss("amtml", temperature=T, l2=0.0)
     value, _ = loss(
         inputs_for(
-            student, merged, mask, params=kdcore.make_config("loss", "amtml", temperature=T, l2=0.0)
+            student, merged, mask, params=app.make_config("loss", "amtml", temperature=T, l2=0.0)
         )
     )
     expected = np_soft_target_loss(student, [teacher], np.ones((3, 1)), mask, T)
     assert value.item() == pytest.approx(expected, rel=1e-4)
-    if "hinton" in kdcore.get_registry().names("loss"):
+    if "hinton" in app.get_registry().names("loss"):
         hinton = testing.build_loss("hinton", temperature=T)
         h_value, _ = hinton(
             inputs_for(
-                student, merged, mask, params=kdcore.make_config("loss", "hinton", temperature=T)
+                student, merged, mask, params=app.make_config("loss", "hinton", temperature=T)
             )
         )
         assert value.item() == pytest.approx(h_value.item(), rel=1e-4)
@@ -97,7 +98,7 @@ def test_amtml_loss_matches_reference_for_a_weighted_mixture():
     student, teachers, mask = random_case()
     weights = RNG.dirichlet(np.ones(3), size=3).astype(np.float32)
     merged = mixture([signal(z) for z in teachers], mx.array(weights))
-    params = kdcore.make_config("loss", "amtml", temperature=2.0)
+    params = app.make_config("loss", "amtml", temperature=2.0)
     value, metrics = testing.build_loss("amtml", temperature=2.0)(
         inputs_for(student, merged, mask, params=params)
     )
@@ -109,7 +110,7 @@ def test_amtml_loss_matches_reference_for_a_weighted_mixture():
 
 def test_amtml_loss_adds_the_aggregator_regulariser():
     student, teachers, mask = random_case()
-    aggregate = kdcore.build("teacher_aggregator", "amtml", Setup(num_teachers=3), input_dim=8)
+    aggregate = app.build("teacher_aggregator", "amtml", Setup(num_teachers=3), input_dim=8)
     base = inputs_for(student, None, mask, hidden=hidden_states(3, 5, 8))
     merged = aggregate([signal(z) for z in teachers], base)
     reg = base.extras[REGULARIZER_KEY].item()
@@ -122,7 +123,7 @@ def test_amtml_loss_adds_the_aggregator_regulariser():
             teacher=merged,
             batch=base.batch,
             extras=base.extras,
-            params=kdcore.make_config("loss", "amtml", l2=0.5),
+            params=app.make_config("loss", "amtml", l2=0.5),
         )
     )
     without, _ = loss(
@@ -130,7 +131,7 @@ def test_amtml_loss_adds_the_aggregator_regulariser():
             student=base.student,
             teacher=merged,
             batch=base.batch,
-            params=kdcore.make_config("loss", "amtml", l2=0.5),
+            params=app.make_config("loss", "amtml", l2=0.5),
         )
     )
     assert with_reg.item() == pytest.approx(without.item() + 0.5 * reg, rel=1e-5)
@@ -143,7 +144,7 @@ def test_amtml_loss_adds_the_aggregator_regulariser():
 @pytest.mark.parametrize("scorer", ["latent", "attention"])
 def test_weights_are_a_distribution_per_instance(scorer):
     student, teachers, mask = random_case(B=6)
-    aggregate = kdcore.build(
+    aggregate = app.build(
         "teacher_aggregator",
         "amtml",
         Setup(num_teachers=3),
@@ -166,7 +167,7 @@ def test_weights_are_a_distribution_per_instance(scorer):
 @pytest.mark.parametrize("scorer", ["latent", "attention"])
 def test_equal_latents_give_equal_weights(scorer):
     student, teachers, mask = random_case(B=4)
-    aggregate = kdcore.build(
+    aggregate = app.build(
         "teacher_aggregator", "amtml", Setup(num_teachers=3), scorer=scorer, input_dim=8
     )
     aggregate.theta = mx.broadcast_to(aggregate.theta[:1], aggregate.theta.shape)
@@ -180,7 +181,7 @@ def test_equal_latents_give_equal_weights(scorer):
 def test_latent_scorer_matches_the_official_formula():
     """score_k = (e * theta_k) . W with e the encoded, RMS-normalised, mean-pooled state."""
     student, teachers, mask = random_case(B=4)
-    aggregate = kdcore.build(
+    aggregate = app.build(
         "teacher_aggregator",
         "amtml",
         Setup(num_teachers=3),
@@ -202,7 +203,7 @@ def test_latent_scorer_matches_the_official_formula():
 
 def test_aggregator_reads_its_width_from_the_run_and_declares_requirements():
     config = TransformerConfig(vocab_size=256, dim=16, layers=2, heads=2)
-    agg = kdcore.build(
+    agg = app.build(
         "teacher_aggregator",
         "amtml",
         Setup(num_teachers=2, student_config=config, teacher_configs=[config] * 2),
@@ -211,16 +212,16 @@ def test_aggregator_reads_its_width_from_the_run_and_declares_requirements():
     assert agg.requires == frozenset({"hidden_states"})
     assert isinstance(agg, kdcore.HasRequirements)  # how the engine reads it
     with pytest.raises(ValueError, match="input_dim"):
-        kdcore.build("teacher_aggregator", "amtml", Setup(num_teachers=2))
+        app.build("teacher_aggregator", "amtml", Setup(num_teachers=2))
 
 
 def test_aggregator_gradients_reach_its_parameters_only_when_it_should():
     student, teachers, mask = random_case(B=4)
     hidden = hidden_states(4, 5, 8)
     signals = [signal(z) for z in teachers]
-    aggregate = kdcore.build("teacher_aggregator", "amtml", Setup(num_teachers=3), input_dim=8)
+    aggregate = app.build("teacher_aggregator", "amtml", Setup(num_teachers=3), input_dim=8)
     loss = testing.build_loss("amtml")
-    params = kdcore.make_config("loss", "amtml")
+    params = app.make_config("loss", "amtml")
 
     def objective(module, h):
         base = inputs_for(student, None, mask, hidden=(*hidden[:-1], h))
@@ -297,7 +298,7 @@ def _three_teacher_hint_case(**params):
         )
         for j, d in enumerate(dims)
     ]
-    loss = kdcore.build("loss", "hint", student_dim=Ds, teacher_dims=dims, **params)
+    loss = app.build("loss", "hint", student_dim=Ds, teacher_dims=dims, **params)
     return loss, student_h, members, mask
 
 
@@ -343,9 +344,9 @@ def test_all_teachers_uniform_map_and_groups_need_the_run_layout():
     config = TransformerConfig(vocab_size=256, dim=8, layers=3, heads=2)
     teacher_configs = [TransformerConfig(vocab_size=256, dim=d, layers=2, heads=2) for d in (4, 8)]
     setup = Setup(num_teachers=2, student_config=config, teacher_configs=teacher_configs)
-    hint = kdcore.build("loss", "hint", setup, strategy="all")
+    hint = app.build("loss", "hint", setup, strategy="all")
     assert [p.weight.shape for p in hint.proj] == [(4, 8), (8, 8)] * 3
-    groups = kdcore.build("loss", "hint", setup, strategy="groups")
+    groups = app.build("loss", "hint", setup, strategy="groups")
     assert groups.group_layers == (2, 3)  # the last block of each of two groups
     assert uniform_pairs(3, 2) == [(1, 1), (2, 1), (3, 2)]
     assert uniform_pairs(2, 4) == [(1, 2), (2, 4)]
@@ -494,7 +495,7 @@ def test_cka_loss_between_different_widths():
 
 
 def test_mixture_dataset_tags_domains_and_balances(domains):
-    data = kdcore.build(
+    data = app.build(
         "dataset",
         "mixture",
         Setup(seed=0),
@@ -523,10 +524,10 @@ def test_gate_ce_adds_the_mixture_nll_and_trains_only_the_aggregator():
     labels = RNG.integers(0, 11, size=mask.shape).astype(np.int32)
     labels = np.where(mask > 0, labels, -100).astype(np.int32)
     hidden = hidden_states(3, 5, 8)
-    aggregate = kdcore.build(
+    aggregate = app.build(
         "teacher_aggregator", "amtml", Setup(num_teachers=3), input_dim=8, init_scale=2.0
     )
-    params = kdcore.make_config("loss", "amtml", gate_ce=0.5, l2=0.0)
+    params = app.make_config("loss", "amtml", gate_ce=0.5, l2=0.0)
     loss = testing.build_loss("amtml", gate_ce=0.5, l2=0.0)
 
     def run(module, s_logits):
@@ -552,7 +553,7 @@ def test_gate_ce_adds_the_mixture_nll_and_trains_only_the_aggregator():
     # The extra term moves the aggregator, not the student.
     g_student_with = mx.grad(lambda s: run(aggregate, s)[0])(mx.array(student))
     plain = testing.build_loss("amtml", l2=0.0)
-    plain_params = kdcore.make_config("loss", "amtml", l2=0.0)
+    plain_params = app.make_config("loss", "amtml", l2=0.0)
 
     def run_plain(s_logits):
         base = kdcore.LossInputs(
@@ -579,8 +580,8 @@ def test_running_standardisation_of_the_instance_input():
     student, teachers, mask = random_case(B=5)
     mask[:] = 1.0
     signals = [signal(z) for z in teachers]
-    agg = kdcore.build("teacher_aggregator", "amtml", Setup(num_teachers=3), input_dim=8)
-    plain = kdcore.build(
+    agg = app.build("teacher_aggregator", "amtml", Setup(num_teachers=3), input_dim=8)
+    plain = app.build(
         "teacher_aggregator", "amtml", Setup(num_teachers=3), input_dim=8, standardize=False
     )
     h1, h2 = hidden_states(5, 5, 8, seed=1), hidden_states(5, 5, 8, seed=2)
@@ -632,7 +633,7 @@ def test_a_row_loss_sends_the_learnable_aggregator_its_gradients(mode, top_k, mo
     student, teachers, mask = random_case(B=4)
     hidden = hidden_states(4, 5, 8)
     signals = [signal(z) for z in teachers]
-    aggregate = kdcore.build("teacher_aggregator", "amtml", Setup(num_teachers=3), input_dim=8)
+    aggregate = app.build("teacher_aggregator", "amtml", Setup(num_teachers=3), input_dim=8)
     T = 2.0
     hinton = testing.build_loss("hinton", temperature=T, top_k=top_k)
 

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from kd_bild import bild_divergence, plain_bild
 
 import kdcore
-from kdcore import ModelOutput, testing
+from kdcore import ModelOutput, app, testing
 
 PROFILE = settings.get_profile(testing.PROFILE)
 
@@ -64,7 +64,7 @@ def run(name, s, teacher, mask, **params):
         student=ModelOutput(logits=mx.array(s) if isinstance(s, np.ndarray) else s),
         teacher=teacher,
         batch={"mask": mx.array(mask)},
-        params=kdcore.make_config("loss", name, **params),
+        params=app.make_config("loss", name, **params),
     )
     return loss(inputs)
 
@@ -147,8 +147,8 @@ def test_bild_matches_the_float64_reference(arrays, k, T):
 
 
 def test_bild_matches_the_official_defaults():
-    assert kdcore.make_config("loss", "bild").top_k == 8
-    assert kdcore.make_config("loss", "bild").temperature == 3.0
+    assert app.make_config("loss", "bild").top_k == 8
+    assert app.make_config("loss", "bild").temperature == 3.0
 
 
 def _finite_difference(f, x, eps=1e-5):
@@ -185,7 +185,7 @@ def test_bild_offers_the_official_prompt_token_kl(capsys):
     assert metrics["prompt_kl"].item() == pytest.approx(prompt_kl, rel=1e-4)
     assert value.item() == pytest.approx(bild64(s, t, mask) + 0.5 * prompt_kl, rel=1e-4)
     with pytest.raises(kdcore.SpecError, match="prompt_kl"):
-        kdcore.make_config("loss", "bild", prompt_kl=-1.0)
+        app.make_config("loss", "bild", prompt_kl=-1.0)
 
 
 @pytest.mark.parametrize("k,T", [(3, 1.0), (4, 3.0)])
@@ -284,7 +284,7 @@ def test_bidirectional_kl_is_weighted_forward_plus_reverse_times_t_squared():
 @pytest.mark.parametrize("name", ["bild", "bidirectional_kl"])
 def test_distilling_a_tiny_student_lowers_the_loss(teacher_dir, spec_for, tmp_path, name):
     spec = spec_for([{"name": name}], steps=25, teachers=[{"path": str(teacher_dir)}])
-    kdcore.distill(spec, output=tmp_path / "run", progress=False)
+    app.distill(spec, output=tmp_path / "run", progress=False)
     lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     values = [r[f"loss/{name}"] for r in lines if f"loss/{name}" in r]
     assert len(values) == 25

@@ -18,6 +18,7 @@ import json
 import kdcore
 from kd_cot.dataset import Gsm8kConfig, RationaleConfig, RationaleDataset
 from kd_cot.losses import CotConfig, StepByStepConfig, cot_loss, step_by_step_loss
+from kdcore import app
 
 
 @kdcore.hookimpl
@@ -78,8 +79,8 @@ def _cmd_eval(args) -> int:
     from kd_cot.records import read_records
     from kd_cot.templates import get_template
 
-    model, _, _ = kdcore.load_model(args.model)
-    tokenizer = kdcore.load_tokenizer(args.model)
+    model, _, _ = app.load_model(args.model)
+    tokenizer = app.load_tokenizer(args.model)
     records, rejected, _ = read_records(args.data, args.format, limit=args.max_records)
     template = get_template(args.template, args.step_format)
     result = answer_accuracy(

@@ -29,7 +29,8 @@ import numpy as np
 from kd_cot.evaluator import check_annotations
 from kd_cot.records import RationaleRecord, read_records
 from kd_cot.templates import Template, TemplateError, get_template
-from kdcore import IGNORE_INDEX, Dataset, SpecError, resolve_tokenizer, validators
+from kdcore import IGNORE_INDEX, Dataset, SpecError, validators
+from kdcore.app import resolve_tokenizer
 
 
 def _templates(_instance, attribute, value):

@@ -1,6 +1,6 @@
 """``kd generate SPEC``: data distillation, sampling rationales from an MLX teacher.
 
-The spec is its own TOML (or JSON) file, structured with ``kdcore.read_config`` into
+The spec is its own TOML (or JSON) file, structured with ``app.read_config`` into
 :class:`GenerateSpec` (unknown keys are errors, every problem reported at once)::
 
     teacher = "runs/teacher/student"   # a saved model directory (config.json, weights, tokenizer)
@@ -62,8 +62,8 @@ from kd_cot.evaluator import (
 )
 from kd_cot.records import RecordError, Step, parse_gsm8k
 from kd_cot.templates import Template, TemplateError, get_template
-from kdcore import (
-    SpecError,
+from kdcore import SpecError, validators
+from kdcore.app import (
     atomic_path,
     generate,
     load_model,
@@ -71,7 +71,6 @@ from kdcore import (
     read_config,
     read_jsonl,
     to_plain,
-    validators,
     write_json,
 )
 
@@ -202,7 +201,7 @@ def sample_completions(
     """``n`` completions of each prompt (temperature 0: greedy), as text after the prompt.
 
     Prompts are grouped by token length (a batch holds no pads); each group is sampled
-    with ``kdcore.generate`` (KV-cached for the built-in and mlx-lm models), which asks
+    with ``app.generate`` (KV-cached for the built-in and mlx-lm models), which asks
     after every ``chunk`` tokens whether every row holds a complete answer and stops then.
     """
     mx.random.seed(seed)

@@ -29,7 +29,7 @@ from kd_cot.evaluator import (
     numbers_equal,
     parse_number,
 )
-from kdcore import read_jsonl
+from kdcore.app import read_jsonl
 
 Annotations = Literal["keep", "strip"]
 _ANNOTATION = re.compile(r"<<[^<>]*>>")

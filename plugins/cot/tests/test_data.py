@@ -11,7 +11,8 @@ from kd_cot.dataset import RationaleDataset
 from kd_cot.records import parse_gsm8k, read_records, strip_annotations
 from kd_cot.templates import NAMED, TemplateError, get_template
 
-from kdcore import IGNORE_INDEX, ByteTokenizer, Dataset, Setup, make_config
+from kdcore import IGNORE_INDEX, Dataset, Setup
+from kdcore.app import ByteTokenizer, make_config
 
 GSM8K_SLICE = Path(__file__).parent / "data" / "gsm8k_slice.jsonl"  # 300 GSM8K train records
 GSM8K_FULL = Path("/work/shared/data/gsm8k_train.jsonl")  # 7,473 records, where present

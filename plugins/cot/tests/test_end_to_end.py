@@ -8,8 +8,7 @@ from pathlib import Path
 
 from kd_cot.synthetic import write_jsonl
 
-import kdcore
-from kdcore import testing
+from kdcore import app, testing
 
 SLICE = Path(__file__).parent / "data" / "gsm8k_slice.jsonl"
 COT = "Q:{question}\n{rationale}\nA:{answer}\n"
@@ -76,7 +75,7 @@ def test_teacher_generate_and_students(tmp_path, capsys):
     train = tmp_path / "train.jsonl"
     write_jsonl(train, RECORDS * 4)  # the val split (a quarter) holds copies too
     # A teacher that learns four problems by heart, so its samples can be checked.
-    teacher = kdcore.distill(
+    teacher = app.distill(
         _spec(
             {"path": str(train), "templates": [COT]},
             [{"name": "ce"}],
@@ -116,7 +115,7 @@ def test_teacher_generate_and_students(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["accuracy"] == 1.0
 
     generated = tmp_path / "gen.jsonl"
-    cot = kdcore.distill(
+    cot = app.distill(
         _spec(
             {"path": str(generated), "templates": [COT]},
             [{"name": "cot", "params": {"temperature": 2.0, "answer_weight": 2.0}}],
@@ -134,7 +133,7 @@ def test_teacher_generate_and_students(tmp_path, capsys):
     assert all(r["cot/kl_answer"] > 0 and r["cot/kl_reasoning"] > 0 for r in steps)
     assert steps[-1]["loss"] < steps[0]["loss"]
 
-    sbs = kdcore.distill(
+    sbs = app.distill(
         _spec(
             {"path": str(generated), "templates": ["predict", "explain"]},
             [{"name": "step_by_step", "params": {"alpha": 0.5}}],

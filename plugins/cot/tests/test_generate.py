@@ -18,7 +18,8 @@ from kd_cot.generate import (
 )
 from kd_cot.templates import get_template
 
-from kdcore import ByteTokenizer, SpecError, Transformer, TransformerConfig, generate
+from kdcore import SpecError
+from kdcore.app import ByteTokenizer, Transformer, TransformerConfig, generate
 
 TEMPLATE = get_template("Q:{question}\n{rationale}\nA:{answer}\n")
 TOK = ByteTokenizer()

@@ -16,7 +16,8 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map
 
-from kdcore import TeacherSignal, count_parameters, validators, value_at
+from kdcore import TeacherSignal, validators, value_at
+from kdcore.app import count_parameters
 
 
 @attrs.define

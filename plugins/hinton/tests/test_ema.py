@@ -11,7 +11,8 @@ from kd_hinton.ema import EmaConfig, EmaTeacher
 from mlx.utils import tree_flatten
 
 import kdcore
-from kdcore import Transformer, TransformerConfig
+from kdcore import app
+from kdcore.app import Transformer, TransformerConfig
 
 
 def _model(seed: int) -> Transformer:
@@ -47,7 +48,7 @@ def test_the_average_follows_the_decay_formula():
 
 
 def test_the_decay_can_be_scheduled():
-    config = kdcore.make_config(
+    config = app.make_config(
         "teacher_source", "ema", decay={"schedule": "linear", "start": 0.0, "end": 1.0}
     )
     student = _model(0)
@@ -83,7 +84,7 @@ def test_ema_self_distillation_resumes_exactly(spec_for, tmp_path):
     spec["train"]["keep_checkpoints"] = 5
     spec["train"]["final_checkpoint"] = True  # the EMA state at the end is compared below
     whole = tmp_path / "whole"
-    kdcore.distill(spec, output=whole, progress=False)
+    app.distill(spec, output=whole, progress=False)
 
     # the same run stopped after step 2: keep only that checkpoint, then resume
     cut = tmp_path / "cut"
@@ -97,7 +98,7 @@ def test_ema_self_distillation_resumes_exactly(spec_for, tmp_path):
     assert key in extra
     # the average is not the student, so a resume that rebuilt it from the student would differ
     assert not np.allclose(np.array(extra[key]), np.array(trainable["student.embed.weight"]))
-    kdcore.distill(spec, output=cut, resume=True, progress=False)
+    app.distill(spec, output=cut, resume=True, progress=False)
 
     a = mx.load(str(whole / "student" / "model.safetensors"))
     b = mx.load(str(cut / "student" / "model.safetensors"))

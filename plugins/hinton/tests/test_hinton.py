@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import kdcore
-from kdcore import ModelOutput, testing
+from kdcore import ModelOutput, app, testing
 
 PROFILE = settings.get_profile(testing.PROFILE)
 
@@ -60,7 +60,7 @@ def inputs_for(s, teacher, mask, name, **params):
         student=ModelOutput(logits=mx.array(s) if isinstance(s, np.ndarray) else s),
         teacher=teacher,
         batch={"mask": mx.array(mask)},
-        params=kdcore.make_config("loss", name, **params),
+        params=app.make_config("loss", name, **params),
     )
 
 
@@ -124,11 +124,11 @@ def test_top_k_losses_conform(monkeypatch, name, params):
 
 def test_invalid_parameters_are_spec_errors():
     with pytest.raises(kdcore.SpecError, match="temperature"):
-        kdcore.make_config("loss", "hinton", temperature=0.0)
+        app.make_config("loss", "hinton", temperature=0.0)
     with pytest.raises(kdcore.SpecError, match="tail"):
-        kdcore.make_config("loss", "hinton", tail="drop")
+        app.make_config("loss", "hinton", tail="drop")
     with pytest.raises(kdcore.SpecError, match="top_k"):
-        kdcore.make_config("loss", "hinton", top_k=-1)
+        app.make_config("loss", "hinton", top_k=-1)
 
 
 # ---------------------------------------------------------------- values
@@ -145,7 +145,7 @@ def test_hinton_matches_the_float64_reference(arrays, T, t_squared):
 
 @settings(PROFILE)
 @given(
-    testing.logit_pairs(bound=10.0, min_vocab=3), st.sampled_from(kdcore.TAIL_POLICIES), st.data()
+    testing.logit_pairs(bound=10.0, min_vocab=3), st.sampled_from(testing.TAIL_POLICIES), st.data()
 )
 def test_top_k_tail_policies_match_the_reference(arrays, tail, data):
     s, t, mask = arrays
@@ -156,7 +156,7 @@ def test_top_k_tail_policies_match_the_reference(arrays, tail, data):
     assert value.item() == pytest.approx(want, rel=1e-4, abs=1e-4)
 
 
-@pytest.mark.parametrize("tail", kdcore.TAIL_POLICIES)
+@pytest.mark.parametrize("tail", testing.TAIL_POLICIES)
 def test_top_k_equal_to_v_is_hinton(tail):
     rng = np.random.default_rng(0)
     s = rng.standard_normal((2, 4, 16)).astype(np.float32) * 3
@@ -168,7 +168,7 @@ def test_top_k_equal_to_v_is_hinton(tail):
     # the sparse kernel itself at k = V (every id, in teacher order) is hinton too
     sig = kdcore.TeacherSignal(vocab_size=16, logits=mx.array(t))
     ids, lp = kdcore.teacher_support(sig, 2.0, tail, top_k=16)
-    sparse = kdcore.sparse_divergence(
+    sparse = testing.sparse_divergence(
         mx.array(s), ids, lp, mx.array(mask), tail=tail, temperature=2.0
     )
     assert 4.0 * sparse.item() == pytest.approx(full.item(), rel=1e-5)
@@ -199,7 +199,7 @@ def test_a_cache_with_more_tokens_than_top_k_keeps_the_largest():
         topk_logprobs=mx.array(np.take_along_axis(lpv, order, -1)),
         tail_logmass=mx.array(tail.astype(np.float32)),
     )
-    for policy in kdcore.TAIL_POLICIES:
+    for policy in testing.TAIL_POLICIES:
         got, _ = run("hinton", s, cache, mask, temperature=1.0, top_k=4, tail=policy)
         want = hinton64(s, t, mask, 1.0, top_k=4, tail=policy)
         assert got.item() == pytest.approx(want, rel=1e-4)
@@ -291,7 +291,7 @@ def test_chunked_hinton_equals_plain_values_and_gradients():
     mask = mx.array((rng.random((4, 9)) < 0.6).astype(np.float32))
     for rows in (1, 5, 1000):
         v1, g1 = mx.value_and_grad(
-            lambda x, rows=rows: kdcore.dense_divergence(
+            lambda x, rows=rows: testing.dense_divergence(
                 x, t, mask, temperature=2.0, chunk_rows=rows
             )
         )(s)
@@ -315,7 +315,7 @@ mx.eval(s, t, mask)
 if sys.argv[1] == "plain":
     f = lambda x: testing.plain_divergence(x, t, mask, "forward_kl")
 else:
-    f = lambda x: kdcore.dense_divergence(x, t, mask, "forward_kl", chunk_rows=32)
+    f = lambda x: testing.dense_divergence(x, t, mask, "forward_kl", chunk_rows=32)
 base = mx.get_active_memory()
 mx.reset_peak_memory()
 v, g = mx.value_and_grad(f)(s)
@@ -401,7 +401,7 @@ def _term(out, label):
 )
 def test_distilling_a_tiny_student_lowers_the_loss(teacher_dir, spec_for, tmp_path, loss):
     spec = spec_for([loss], steps=25, teachers=[{"path": str(teacher_dir)}])
-    summary = kdcore.distill(spec, output=tmp_path / "run", progress=False)
+    summary = app.distill(spec, output=tmp_path / "run", progress=False)
     values = _term(tmp_path / "run", loss["name"])
     assert len(values) == 25
     assert np.mean(values[-5:]) < 0.7 * np.mean(values[:3])

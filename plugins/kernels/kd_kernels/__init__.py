@@ -2,7 +2,7 @@
 
 kdcore computes every token divergence (against dense or top-k teachers) and the
 cross-entropy per chunk of rows with a *row function* ``rows(scale [C, 1], s [C, V],
-*inputs) -> (values [C], scale * d values / d s)`` (``kdcore.chunked_token_mean`` and the
+*inputs) -> (values [C], scale * d values / d s)`` (``kdcore.kernels.chunked`` and the
 fused head + loss pass call them). Its own row
 functions are sequences of MLX element-wise ops, which on a Linux CPU run scalar on one
 core. This plugin registers C++ replacements through the ``kd_row_kernels`` hook: one MLX

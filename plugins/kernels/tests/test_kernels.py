@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 import kdcore
-from kdcore import testing
+from kdcore import app, testing
 
 kd_kernels = pytest.importorskip("kd_kernels")
 if kd_kernels.unavailable_reason() is not None:
@@ -301,7 +301,7 @@ def _support(rng, t, k, tail, temperature):
     return np.array(ids), np.array(lp)
 
 
-@pytest.mark.parametrize("tail", kdcore.TAIL_POLICIES)
+@pytest.mark.parametrize("tail", testing.TAIL_POLICIES)
 @pytest.mark.parametrize("kind", KINDS)
 def test_sparse_rows_equal_the_float64_reference(kind, tail):
     """A large vocabulary, logits near 1e4, a top-64 support: tail-bucket's tail mass is
@@ -327,7 +327,7 @@ def test_sparse_rows_equal_the_float64_reference(kind, tail):
     close(np.array(values)[[0, 1, 3, 4]], want_values[[0, 1, 3, 4]])
 
 
-@pytest.mark.parametrize("tail", kdcore.TAIL_POLICIES)
+@pytest.mark.parametrize("tail", testing.TAIL_POLICIES)
 @pytest.mark.parametrize("kind", KINDS)
 def test_sparse_divergence_native_equals_pure_and_autodiff(kind, tail, monkeypatch):
     rng = np.random.default_rng(10)
@@ -341,7 +341,7 @@ def test_sparse_divergence_native_equals_pure_and_autodiff(kind, tail, monkeypat
 
     def value_and_grad():
         def f(x):
-            return kdcore.sparse_divergence(
+            return testing.sparse_divergence(
                 x, ids, lp, mask, kind, tail=tail, temperature=2.0, chunk_rows=4, **OPTIONS
             )
 
@@ -366,7 +366,7 @@ def test_sparse_divergence_native_equals_pure_and_autodiff(kind, tail, monkeypat
 
 def _dense_value_and_grad(kind, s, t, mask, temperature, teacher_temperature):
     def f(x):
-        return kdcore.dense_divergence(
+        return testing.dense_divergence(
             x,
             t,
             mask,
@@ -439,7 +439,7 @@ def _forward_kl(mask):
     rng = np.random.default_rng(8)
     s, t = mx.array(rows_of(rng, 10, 33)), mx.array(rows_of(rng, 10, 33))
     return mx.value_and_grad(
-        lambda x: kdcore.dense_divergence(x, t, mask, temperature=2.0, chunk_rows=3)
+        lambda x: testing.dense_divergence(x, t, mask, temperature=2.0, chunk_rows=3)
     )(s)
 
 
@@ -465,7 +465,7 @@ def test_a_registered_kernel_replaces_the_pure_rows_unless_kd_kernels_is_pure(mo
         close(np.array(holed_grad), np.array(pure_holed_grad))
         assert not np.array(holed_grad)[4].any()
         monkeypatch.setenv("KD_KERNELS", "fast")
-        with pytest.raises(kdcore.KdError, match="KD_KERNELS='fast'"):
+        with pytest.raises(app.KdError, match="KD_KERNELS='fast'"):
             _forward_kl(mask)
     declining = _Spy(decline=True)
     monkeypatch.setenv("KD_KERNELS", "native")
@@ -577,7 +577,7 @@ def test_the_fused_training_path_runs_the_native_rows_to_the_same_losses(
         monkeypatch.setenv("KD_KERNELS", mode)
         counter = _Counter()
         with testing.plugins(counter):
-            kdcore.distill(spec, output=tmp_path / mode, progress=False)
+            app.distill(spec, output=tmp_path / mode, progress=False)
         records = (tmp_path / mode / "metrics.jsonl").read_text().splitlines()
         losses[mode] = [r for r in map(json.loads, records) if "loss" in r]
         if mode == "native":
@@ -609,8 +609,8 @@ def test_a_weighted_loss_scales_its_own_gradient_buffer_and_nothing_else(mode, m
     for mask in (mx.ones((10,)), mx.array([1, 0, 1, 1, 1, 1, 0, 1, 1, 1], mx.float32)):
 
         def loss(x, m=mask):
-            a = kdcore.dense_divergence(x, t, m, temperature=2.0, chunk_rows=3)
-            b = kdcore.dense_divergence(x, t, m, "reverse_kl", chunk_rows=4)
+            a = testing.dense_divergence(x, t, m, temperature=2.0, chunk_rows=3)
+            b = testing.dense_divergence(x, t, m, "reverse_kl", chunk_rows=4)
             return 4.0 * a + 0.25 * b + a
 
         def plain(x, m=mask):
@@ -649,7 +649,7 @@ class _AdamSpy:
 def test_training_with_the_native_adam_step_equals_mlxs_update_bit_for_bit(
     tmp_path, corpus, teacher_dir, monkeypatch
 ):
-    """Three AdamW steps (weight decay, bias correction) through kdcore.distill: the
+    """Three AdamW steps (weight decay, bias correction) through app.distill: the
     native step runs every float32 parameter's update, and the student's weights equal
     those of the run with mlx's update (KD_KERNELS=pure) exactly."""
     spec = testing.tiny_spec(
@@ -670,7 +670,7 @@ def test_training_with_the_native_adam_step_equals_mlxs_update_bit_for_bit(
         monkeypatch.setenv("KD_KERNELS", mode)
         spy = _AdamSpy()
         with testing.plugins(spy):
-            kdcore.distill(spec, output=tmp_path / mode, progress=False)
+            app.distill(spec, output=tmp_path / mode, progress=False)
         weights[mode] = mx.load(str(tmp_path / mode / "student" / "model.safetensors"))
         assert (spy.calls > 0) == (mode == "native")
     assert weights["native"].keys() == weights["pure"].keys()

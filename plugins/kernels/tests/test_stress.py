@@ -8,7 +8,7 @@ every primitive with varied shapes (empty chunks, V not a multiple of any vector
 transposed, sliced and broadcast inputs, a broadcast ``scale``, bfloat16 and float16
 logits, int64 labels and ids, and the primitives' own VJPs (a broadcast cotangent) taken
 twice; then ``chunked_token_mean`` (V = 151,936, chunks of 55 rows as the fused pass has
-them) and ``dense_divergence`` under ``mx.value_and_grad`` twice, a short ``kdcore.distill``
+them) and ``dense_divergence`` under ``mx.value_and_grad`` twice, a short ``app.distill``
 run (ce + hinton: the engine's fused head + loss pass), and it exits with arrays (some never
 evaluated) still alive.
 
@@ -42,10 +42,10 @@ CHILD = textwrap.dedent(
     import kd_kernels
     import kdcore
     from kd_kernels import _ext
-    from kdcore import testing
+    from kdcore import app, testing
 
     faulthandler.enable()
-    kdcore.install_registered_kernels()  # kd-kernels' rows for dense_divergence, as a run has
+    app.install_registered_kernels()  # kd-kernels' rows for dense_divergence, as a run has
     seed, iterations = int(sys.argv[1]), int(sys.argv[2])
     rng = np.random.default_rng(seed)
     DTYPES = (mx.float32, mx.bfloat16, mx.float16)
@@ -125,8 +125,8 @@ CHILD = textwrap.dedent(
     plain = lambda x, *rest: mx.zeros(x.shape[:-1])  # only for the teacher's cotangent
 
     def chunked(x):
-        kl = kdcore.chunked_token_mean(dense_rows, plain, x, [t], mask, chunk_rows=55)
-        ce = kdcore.chunked_token_mean(ce_rows, plain, x, [labels], mask, chunk_rows=55)
+        kl = testing.chunked_token_mean(dense_rows, plain, x, [t], mask, chunk_rows=55)
+        ce = testing.chunked_token_mean(ce_rows, plain, x, [labels], mask, chunk_rows=55)
         return kl + ce
 
     for _ in range(2):
@@ -134,12 +134,12 @@ CHILD = textwrap.dedent(
     kept.append(chunked(s))
     s3, t3, m3 = s[:32].reshape(16, 2, vocab), t[:32].reshape(16, 2, vocab), mask[:32]
     for kind in ("forward_kl", "reverse_kl", "gjsd"):
-        f = lambda x: kdcore.dense_divergence(x, t3, m3.reshape(16, 2), kind, chunk_rows=5)
+        f = lambda x: testing.dense_divergence(x, t3, m3.reshape(16, 2), kind, chunk_rows=5)
         mx.eval(mx.value_and_grad(f)(s3))
     corpus, teacher, out = sys.argv[3:6]
     losses = [{"name": "ce", "weight": 0.5}, {"name": "hinton", "weight": 0.5}]
     spec = testing.tiny_spec(corpus, losses, steps=3, teachers=[{"path": teacher}])
-    kdcore.distill(spec, output=out, progress=False)
+    app.distill(spec, output=out, progress=False)
     print("stress ok", iterations)
     """
 )

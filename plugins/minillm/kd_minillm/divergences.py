@@ -14,7 +14,7 @@ over the vocabulary, masked mean over tokens (times ``T^2`` when ``t_squared``):
   tends to 0 there (about ``beta KL(p || q)`` just above 0), so the loss jumps at
   ``beta = 0`` and ``beta = 1`` (``kd explain gjsd``).
 
-From a top-k teacher cache they use ``kdcore.TAIL_POLICIES``; the default ``tail-bucket``
+From a top-k teacher cache they use ``testing.TAIL_POLICIES``; the default ``tail-bucket``
 compares the two distributions on the top-k tokens plus one class for the rest, a lower
 bound of the full divergence (see ``kdcore.token_divergence``).
 """

@@ -59,7 +59,6 @@ from kdcore import (
     cross_entropy_rows,
     log_softmax,
     masked_mean,
-    sample_continuations,
     teacher_rows,
     token_cross_entropy,
     value_at,
@@ -281,14 +280,12 @@ class MiniLLM:
         alpha = value_at(config.teacher_mix_alpha, step, total)
         prompts = batch["input_ids"][:, : config.prompt_length]
         # the core's on-policy sampler (train.on_policy's), with the importance weights
-        tokens, gen_mask, weights = sample_continuations(
-            context.student,
+        tokens, gen_mask, weights = context.sample_continuations(
             prompts,
             config.max_new_tokens,
             temperature,
             top_p,
             config.stop_token,
-            teacher_signal=context.teacher_signal if alpha > 0.0 else None,
             teacher_mix_alpha=alpha,
         )
         return append_samples(batch, tokens, gen_mask, weights)

@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import kdcore
-from kdcore import ModelOutput, testing
+from kdcore import ModelOutput, app, testing
 
 PROFILE = settings.get_profile(testing.PROFILE)
 
@@ -116,7 +116,7 @@ def test_losses_conform(name, params):
 )
 def test_dense_kernel_matches_the_float64_reference(arrays, kind, T, coef):
     s, t, mask = arrays
-    got = kdcore.dense_divergence(
+    got = testing.dense_divergence(
         mx.array(s),
         mx.array(t),
         mx.array(mask),
@@ -148,7 +148,7 @@ def test_losses_match_the_reference_with_t_squared(kind):
         student=ModelOutput(logits=mx.array(s)),
         teacher=kdcore.TeacherSignal(vocab_size=9, logits=mx.array(t)),
         batch={"mask": mx.array(mask)},
-        params=kdcore.make_config("loss", name, **params),
+        params=app.make_config("loss", name, **params),
     )
     value, _ = loss(inputs)
     want = 4.0 * reference(kind, s, t, mask, 2.0, 0.3, 0.3)
@@ -164,7 +164,7 @@ def test_endpoints(arrays, T):
     s, t, mask = (mx.array(a) for a in arrays)
 
     def div(kind, **kw):
-        return kdcore.dense_divergence(s, t, mask, kind, temperature=T, **kw).item()
+        return testing.dense_divergence(s, t, mask, kind, temperature=T, **kw).item()
 
     forward, reverse = div("forward_kl"), div("reverse_kl")
     assert div("gjsd", beta=0.0) == pytest.approx(forward, rel=1e-6, abs=1e-7)
@@ -182,8 +182,8 @@ def test_gjsd_is_symmetric_in_beta_and_direction():
     s = mx.array(rng.standard_normal((2, 4, 7)).astype(np.float32) * 2)
     t = mx.array(rng.standard_normal((2, 4, 7)).astype(np.float32) * 2)
     mask = mx.ones((2, 4))
-    a = kdcore.dense_divergence(s, t, mask, "gjsd", beta=0.3).item()
-    b = kdcore.dense_divergence(t, s, mask, "gjsd", beta=0.7).item()
+    a = testing.dense_divergence(s, t, mask, "gjsd", beta=0.3).item()
+    b = testing.dense_divergence(t, s, mask, "gjsd", beta=0.7).item()
     assert a == pytest.approx(b, rel=1e-5)
 
 
@@ -208,7 +208,7 @@ def test_gradient_matches_finite_differences(kind, T):
     t = rng.standard_normal((1, 3, 6)).astype(np.float32) * 2
     mask = np.array([[1.0, 0.0, 1.0]], np.float32)
     grad = mx.grad(
-        lambda x: kdcore.dense_divergence(
+        lambda x: testing.dense_divergence(
             x, mx.array(t), mx.array(mask), kind, temperature=T, **PARAMS
         )
     )(mx.array(s))
@@ -218,7 +218,7 @@ def test_gradient_matches_finite_differences(kind, T):
 
 
 @pytest.mark.parametrize("kind", kdcore.DIVERGENCES)
-@pytest.mark.parametrize("tail", kdcore.TAIL_POLICIES)
+@pytest.mark.parametrize("tail", testing.TAIL_POLICIES)
 def test_sparse_gradient_matches_finite_differences(kind, tail):
     rng = np.random.default_rng(4)
     s = rng.standard_normal((1, 2, 7)).astype(np.float32) * 2
@@ -228,7 +228,7 @@ def test_sparse_gradient_matches_finite_differences(kind, tail):
         kdcore.TeacherSignal(vocab_size=7, logits=mx.array(t)), 1.5, tail, top_k=3
     )
     grad = mx.grad(
-        lambda x: kdcore.sparse_divergence(
+        lambda x: testing.sparse_divergence(
             x, ids, lp, mx.array(mask), kind, tail=tail, temperature=1.5, **PARAMS
         )
     )(mx.array(s))
@@ -251,13 +251,13 @@ def test_chunked_equals_plain_dense(kind, chunk_rows):
     mask = mx.array(_mask(rng, (3, 7), 0.6))  # gaps: non-contiguous rows
     kw = {"temperature": 1.7, **PARAMS}
     v1, g1 = mx.value_and_grad(
-        lambda x: kdcore.dense_divergence(x, t, mask, kind, chunk_rows=chunk_rows, **kw)
+        lambda x: testing.dense_divergence(x, t, mask, kind, chunk_rows=chunk_rows, **kw)
     )(s)
     v2, g2 = mx.value_and_grad(lambda x: testing.plain_divergence(x, t, mask, kind, **kw))(s)
     assert v1.item() == pytest.approx(v2.item(), rel=1e-5)
     np.testing.assert_allclose(np.array(g1), np.array(g2), atol=1e-7)
     # the teacher's cotangent (for learnable aggregators) is the plain one
-    h1 = mx.grad(lambda y: kdcore.dense_divergence(s, y, mask, kind, chunk_rows=chunk_rows, **kw))(
+    h1 = mx.grad(lambda y: testing.dense_divergence(s, y, mask, kind, chunk_rows=chunk_rows, **kw))(
         t
     )
     h2 = mx.grad(lambda y: testing.plain_divergence(s, y, mask, kind, **kw))(t)
@@ -265,7 +265,7 @@ def test_chunked_equals_plain_dense(kind, chunk_rows):
 
 
 @pytest.mark.parametrize("kind", kdcore.DIVERGENCES)
-@pytest.mark.parametrize("tail", kdcore.TAIL_POLICIES)
+@pytest.mark.parametrize("tail", testing.TAIL_POLICIES)
 def test_chunked_equals_plain_sparse(kind, tail):
     rng = np.random.default_rng(6)
     s = mx.array(rng.standard_normal((2, 9, 40)).astype(np.float32) * 3)
@@ -274,7 +274,7 @@ def test_chunked_equals_plain_sparse(kind, tail):
     ids, lp = kdcore.teacher_support(kdcore.TeacherSignal(vocab_size=40, logits=t), 2.0, tail, 5)
     kw = {"tail": tail, "temperature": 2.0, **PARAMS}
     v1, g1 = mx.value_and_grad(
-        lambda x: kdcore.sparse_divergence(x, ids, lp, mask, kind, chunk_rows=4, **kw)
+        lambda x: testing.sparse_divergence(x, ids, lp, mask, kind, chunk_rows=4, **kw)
     )(s)
     v2, g2 = mx.value_and_grad(
         lambda x: testing.plain_sparse_divergence(x, ids, lp, mask, kind, **kw)
@@ -292,11 +292,13 @@ def test_bfloat16_logits_and_empty_mask():
     s = mx.array(rng.standard_normal((2, 3, 11)).astype(np.float32)).astype(mx.bfloat16)
     t = mx.array(rng.standard_normal((2, 3, 11)).astype(np.float32))
     mask = mx.ones((2, 3))
-    v1, g1 = mx.value_and_grad(lambda x: kdcore.dense_divergence(x, t, mask, "reverse_kl"))(s)
+    v1, g1 = mx.value_and_grad(lambda x: testing.dense_divergence(x, t, mask, "reverse_kl"))(s)
     v2 = testing.plain_divergence(s, t, mask, "reverse_kl")
     assert g1.dtype == mx.bfloat16
     assert v1.item() == pytest.approx(v2.item(), rel=1e-5)
-    v0, g0 = mx.value_and_grad(lambda x: kdcore.dense_divergence(x, t, mx.zeros((2, 3)), "gjsd"))(s)
+    v0, g0 = mx.value_and_grad(lambda x: testing.dense_divergence(x, t, mx.zeros((2, 3)), "gjsd"))(
+        s
+    )
     assert v0.item() == 0.0 and not np.any(np.array(g0.astype(mx.float32)))
 
 
@@ -310,13 +312,13 @@ def test_tail_bucket_is_a_lower_bound_and_exact_at_k_equal_v(arrays, kind, data)
     V = s.shape[-1]
     k = data.draw(st.integers(1, V - 1))
     sig = kdcore.TeacherSignal(vocab_size=V, logits=mx.array(t))
-    full = kdcore.dense_divergence(mx.array(s), mx.array(t), mx.array(mask), kind, **PARAMS).item()
+    full = testing.dense_divergence(mx.array(s), mx.array(t), mx.array(mask), kind, **PARAMS).item()
     ids, lp = kdcore.teacher_support(sig, 1.0, "tail-bucket", k)
-    bucket = kdcore.sparse_divergence(
+    bucket = testing.sparse_divergence(
         mx.array(s), ids, lp, mx.array(mask), kind, tail="tail-bucket", **PARAMS
     ).item()
     assert bucket <= full + 1e-5 * max(1.0, full)  # data-processing inequality
-    for tail in kdcore.TAIL_POLICIES:  # k = V through a top-k signal: both policies are exact
+    for tail in testing.TAIL_POLICIES:  # k = V through a top-k signal: both policies are exact
         lpv = np.array(kdcore.log_softmax(mx.array(t)))
         order = np.argsort(-lpv, -1).astype(np.int32)
         cache = kdcore.TeacherSignal(
@@ -357,7 +359,7 @@ def test_retempering_a_cache_matches_the_dense_teacher():
 @pytest.mark.parametrize("name", ["reverse_kl", "gjsd"])
 def test_distilling_with_the_loss_lowers_it(teacher_dir, spec_for, tmp_path, name):
     spec = spec_for([{"name": name}], steps=25, teachers=[{"path": str(teacher_dir)}])
-    kdcore.distill(spec, output=tmp_path / "run", progress=False)
+    app.distill(spec, output=tmp_path / "run", progress=False)
     lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     values = [r[f"loss/{name}"] for r in lines if f"loss/{name}" in r]
     assert len(values) == 25
@@ -391,12 +393,12 @@ def test_tvd_is_half_the_l1_distance_in_float64_and_its_gradient_matches():
     mask = _mask(rng, (2, 5))
     args = (mx.array(t), mx.array(mask))
     for T in (1.0, 2.0):
-        value = kdcore.dense_divergence(mx.array(s), *args, "tvd", temperature=T).item()
+        value = testing.dense_divergence(mx.array(s), *args, "tvd", temperature=T).item()
         assert value == pytest.approx(reference("tvd", s, t, mask, T), rel=1e-5)
         assert 0.0 <= value <= 1.0
 
         def kernel(x, T=T):
-            return kdcore.dense_divergence(x, *args, "tvd", temperature=T)
+            return testing.dense_divergence(x, *args, "tvd", temperature=T)
 
         def plain(x, T=T):
             return testing.plain_divergence(x, *args, "tvd", temperature=T)

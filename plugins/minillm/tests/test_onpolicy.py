@@ -15,12 +15,11 @@ from kd_minillm.onpolicy import (
     SAMPLE_TARGETS,
     SAMPLE_WEIGHTS,
     normalised_returns,
-    sample_continuations,
     whiten,
 )
 
 import kdcore
-from kdcore import IGNORE_INDEX, LossInputs, ModelOutput, TeacherSignal, testing
+from kdcore import IGNORE_INDEX, LossInputs, ModelOutput, TeacherSignal, app, testing
 
 Z_LIMIT = 4.5  # sampling tolerance in standard errors (chance of a false alarm ~ 1e-5 each)
 
@@ -184,7 +183,7 @@ def test_on_policy_branch_matches_numpy(params):
     mask = (np.arange(L)[None, :] < np.array([[8], [5], [3]])).astype(np.float32)
     batch = sampled_batch(B, L, V, mask, rng)
     batch[SAMPLE_WEIGHTS] = rng.uniform(0.3, 2.0, size=(B, L)).astype(np.float32)
-    config = kdcore.make_config("loss", "minillm", **params)
+    config = app.make_config("loss", "minillm", **params)
     loss = testing.build_loss("minillm", **params)
     value, metrics = call(loss, s, t, batch)
 
@@ -375,26 +374,6 @@ def test_two_step_gradient_against_enumeration(variant):
         assert_unbiased(estimate, per_sample, exact)
 
 
-def test_sampler_stops_at_the_stop_token_and_weighs_plain_samples_one():
-    mx.random.seed(0)
-    model = kdcore.Transformer(kdcore.TransformerConfig(vocab_size=6, dim=16, layers=1, heads=2))
-    prompts = mx.array(np.arange(12).reshape(4, 3) % 6, dtype=mx.int32)
-    tokens, gen_mask, weights = sample_continuations(model, prompts, 25, 2.0, 1.0, stop_token=3)
-    tokens, gen_mask, weights = np.array(tokens), np.array(gen_mask), np.array(weights)
-    np.testing.assert_array_equal(tokens[:, :3], np.array(prompts))
-    assert (gen_mask[:, :3] == 0).all()
-    stopped = 0
-    for row in range(4):
-        new = tokens[row, 3:]
-        hits = np.flatnonzero(new == 3)
-        end = hits[0] + 1 if hits.size else len(new)
-        stopped += bool(hits.size)
-        np.testing.assert_array_equal(gen_mask[row, 3:], np.arange(len(new)) < end)
-    assert stopped >= 1
-    # no teacher mixing and no top-p: the behaviour is the policy, every weight is 1
-    np.testing.assert_allclose(weights, 1.0, rtol=1e-5)
-
-
 # ---------------------------------------------------------------- inside a real run
 
 
@@ -450,7 +429,7 @@ def test_samples_layout_and_importance_weights(spec_for, teacher_dir):
     t = np.array(run.teachers[0].model(ids).logits, dtype=np.float64) / T
 
     def top_p_probs(z):
-        filtered = kdcore.top_p_filter(mx.array(z.astype(np.float32)), top_p)
+        filtered = app.top_p_filter(mx.array(z.astype(np.float32)), top_p)
         return np.exp(np_log_softmax(np.array(filtered, dtype=np.float64)))
 
     q, behaviour = np.exp(np_log_softmax(s)), (1 - alpha) * top_p_probs(s) + alpha * top_p_probs(t)
@@ -490,7 +469,7 @@ def test_end_to_end_run_logs_metrics_and_reduces_reverse_kl(tmp_path, spec_for, 
         max_new_tokens=8,
         teacher_mix_alpha=0.2,
     )
-    summary = kdcore.distill(kdcore.load_spec(spec), output=tmp_path / "run", progress=False)
+    summary = app.distill(app.load_spec(spec), output=tmp_path / "run", progress=False)
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
     train = [r for r in records if "eval" not in r]
     assert len(train) == 24

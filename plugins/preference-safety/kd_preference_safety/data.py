@@ -28,7 +28,8 @@ from typing import Any
 import attrs
 import numpy as np
 
-from kdcore import IGNORE_INDEX, Dataset, SpecError, read_jsonl, resolve_tokenizer, validators
+from kdcore import IGNORE_INDEX, Dataset, SpecError, validators
+from kdcore.app import read_jsonl, resolve_tokenizer
 
 HH_MARKER = "\n\nAssistant:"
 

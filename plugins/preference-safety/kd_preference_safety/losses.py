@@ -23,16 +23,8 @@ from kd_preference_safety.margins import (
     signal_response_ll,
     teacher_margins,
 )
-from kdcore import (
-    LossInputs,
-    SpecError,
-    StepContext,
-    TeacherSignal,
-    fingerprint,
-    load_model,
-    load_tokenizer,
-    log_softmax,
-)
+from kdcore import LossInputs, SpecError, StepContext, TeacherSignal, log_softmax
+from kdcore.app import fingerprint, load_model, load_tokenizer
 
 
 def _margins(inputs: LossInputs, normalize: bool, name: str):

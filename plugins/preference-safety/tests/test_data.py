@@ -9,11 +9,12 @@ import pytest
 from kd_preference_safety.data import encode_pair, parse_pair, read_pairs, split_dialogue
 
 import kdcore
-from kdcore import ByteTokenizer, testing
+from kdcore import app, testing
+from kdcore.app import ByteTokenizer
 
 
 def build(path, **params):
-    return kdcore.build(
+    return app.build(
         "dataset", "pairs", kdcore.Setup(base_dir=path.parent), path=path.name, **params
     )
 

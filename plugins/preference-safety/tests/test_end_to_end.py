@@ -7,8 +7,7 @@ import math
 
 import pytest
 
-import kdcore
-from kdcore import testing
+from kdcore import app, testing
 
 PAIRS = [
     {
@@ -62,8 +61,8 @@ def test_distill_with_every_preference_loss_then_kd_eval(
         {"name": "safety_alignment", "weight": 2.0},
     ]
     out = tmp_path / "run"
-    summary = kdcore.distill(
-        kdcore.load_spec(spec(pairs_file, random_model_dir, losses)), output=out, progress=False
+    summary = app.distill(
+        app.load_spec(spec(pairs_file, random_model_dir, losses)), output=out, progress=False
     )
     assert summary["steps"] == 4
     for key in ("preference_kd", "ranking_preservation", "dpkd", "safety_alignment"):
@@ -95,7 +94,7 @@ def test_dpo_training_makes_the_policy_prefer_chosen(tmp_path, pairs_file, rando
     run["student"]["init"] = {"name": "from-teacher"}
     run["student"]["model"]["params"].update(max_seq_len=64)
     run["train"]["optimizer"]["lr"] = 3e-3
-    kdcore.distill(kdcore.load_spec(run), output=out, progress=False)
+    app.distill(app.load_spec(run), output=out, progress=False)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if "loss/dpo" in r]
     # from-teacher init: the policy starts as the reference, so the first loss is log 2

@@ -14,10 +14,11 @@ from kdcore import (
     ModelOutput,
     StepContext,
     TeacherSignal,
-    load_model,
+    app,
     mixture,
     testing,
 )
+from kdcore.app import load_model
 
 # ---------------------------------------------------------------- NumPy reference
 
@@ -86,7 +87,7 @@ def make_case(seed=0, B=6, L=7, V=11):
 
 def call(name, student, teacher, batch, setup=None, **params):
     loss = testing.build_loss(name, setup, **params)
-    config = kdcore.make_config("loss", name, **params)
+    config = app.make_config("loss", name, **params)
     signal = (
         teacher
         if isinstance(teacher, TeacherSignal)
@@ -193,7 +194,7 @@ def test_dpo_reference_from_a_path_equals_that_model_as_teacher(random_model_dir
     as_teacher, _ = call("dpo", s, ref_logits, batch)
     assert by_path == pytest.approx(as_teacher, rel=1e-5)
     # prepare_batch computes the reference outside autodiff; the value is unchanged
-    dpo = kdcore.build("loss", "dpo", setup, reference="model")
+    dpo = app.build("loss", "dpo", setup, reference="model")
     assert isinstance(dpo, kdcore.PreparesBatch)
     context = StepContext(step=0, total_steps=1, seed=0, student=model)
     prepared = dpo.prepare_batch({k: mx.array(v) for k, v in batch.items()}, context)
@@ -207,7 +208,7 @@ def test_dpo_reference_from_a_path_equals_that_model_as_teacher(random_model_dir
 
 
 def test_dpo_without_reference_or_teacher_is_a_spec_error():
-    spec = kdcore.load_spec(
+    spec = app.load_spec(
         {"data": {"name": "text", "params": {"path": "x"}}, "losses": [{"name": "dpo"}]}
     )
     with pytest.raises(kdcore.SpecError, match="reference"):

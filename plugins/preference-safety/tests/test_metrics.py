@@ -17,7 +17,7 @@ from kd_preference_safety.metrics import (
 )
 from kd_preference_safety.stats import average_ranks
 
-from kdcore import ByteTokenizer, load_model
+from kdcore.app import ByteTokenizer, load_model
 
 
 def test_kendall_tau_by_hand():
