@@ -83,7 +83,8 @@ def scale_own_buffer(buffer: mx.array, cotangent: mx.array) -> mx.array:
     that nothing else holds (a kernel's own gradient buffer), in place on a CPU device.
 
     NumPy's vectorised multiply runs at memory speed where MLX's Linux CPU kernel is
-    scalar; the product is the same float32 rounding. A cotangent of exactly 1 (an unweighted loss) costs nothing.
+    scalar; the product is the same float32 rounding. A cotangent of exactly 1 (an
+    unweighted loss) costs nothing.
     """
     if cotangent.size != 1 or buffer.dtype != mx.float32 or not _on_cpu():
         return buffer * cotangent
