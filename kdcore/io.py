@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import math
@@ -45,6 +46,13 @@ def atomic_path(path: str | os.PathLike, suffix: str = ""):
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise CheckpointError(
+                f"no space left on the device writing {path} ({exc.strerror}); {path.name} "
+                "is unchanged: free space, then run the command again"
+            ) from None
+        raise
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -111,7 +119,13 @@ def read_json(path: str | os.PathLike, what: str = "file") -> Any:
 def save_arrays(path: str | os.PathLike, arrays: dict[str, mx.array], metadata=None) -> None:
     """Write ``arrays`` to a safetensors file atomically."""
     with atomic_path(path, suffix=".safetensors") as tmp:
-        mx.save_safetensors(str(tmp), arrays, metadata=metadata or {})
+        try:
+            mx.save_safetensors(str(tmp), arrays, metadata=metadata or {})
+        except RuntimeError as exc:  # MLX's own writer: "[write] Unable to write N bytes"
+            raise CheckpointError(
+                f"cannot write {path}: {exc} (is the disk full?); {Path(path).name} is "
+                "unchanged: free space, then run the command again"
+            ) from None
 
 
 # Bytes per element of each safetensors dtype (the format's own list).

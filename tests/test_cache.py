@@ -310,6 +310,43 @@ def test_a_run_from_a_full_cache_follows_the_online_run(world, tmp_path):
 # ---------------------------------------------------------------- resume
 
 
+def test_a_full_disk_stops_the_write_clearly_and_a_rerun_finishes_it(world, tmp_path, monkeypatch):
+    """ENOSPC at the second shard (MLX's writer comes up short): a clear error naming the
+    shard, the first shard intact, and the same command, with space back, finishes the cache
+    without rewriting it, to the bytes of a cache never interrupted."""
+    spec = app.load_spec(world["spec"])
+    out = tmp_path / "c"
+    real = mx.save_safetensors
+
+    def full_disk(path, arrays, metadata=None):
+        if ".shard-00001." in str(path):
+            raise RuntimeError("[write] Unable to write 8192 bytes to file.")
+        return real(path, arrays, metadata=metadata)
+
+    monkeypatch.setattr(mx, "save_safetensors", full_disk)
+    with pytest.raises(CheckpointError, match=r"shard-00001\.safetensors.*disk full"):
+        kc_write.write_cache(spec, out, top_k=8, shard_tokens=40 * SEQ, progress=False)
+    sub = out / "teacher-0"
+    manifest = read_json(sub / "manifest.json")
+    assert [s["file"] for s in manifest["shards"]] == ["shard-00000.safetensors"]
+    assert not [p.name for p in sub.iterdir() if p.name.endswith(".tmp.safetensors")]
+    monkeypatch.setattr(mx, "save_safetensors", real)
+    written = []
+    kc_write.write_cache(
+        spec,
+        out,
+        top_k=8,
+        shard_tokens=40 * SEQ,
+        progress=False,
+        on_shard=lambda t, s: written.append(s),
+    )
+    manifest = read_json(sub / "manifest.json")
+    assert written == list(range(1, len(manifest["shards"])))
+    reference = read_json(world["cache"] / "teacher-0" / "manifest.json")
+    assert [s["sha256"] for s in manifest["shards"]] == [s["sha256"] for s in reference["shards"]]
+    kc_format.verify_cache(out)
+
+
 def test_an_interrupted_write_resumes_where_it_stopped(world, tmp_path):
     spec = app.load_spec(world["spec"])
     out = tmp_path / "c"

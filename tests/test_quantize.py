@@ -296,3 +296,78 @@ def test_distillation_recovers_loss_over_round_to_nearest(trained_dir, corpus, t
     base_all = evaluate(rtn, teacher, every)
     assert kd_all["tokens"] > 1000
     assert kd_all["val_loss"] < base_all["val_loss"], (kd_all, base_all)
+
+
+# ---------------------------------------------------------------- killed and resumed
+
+KILLER = """
+import os, sys
+import kdcore
+from kdcore import app
+from kdcore.registry.manager import reset_registry
+
+class Killer:
+    def __init__(self, config, setup):
+        pass
+    def on_log(self, step, record):
+        if step == int(os.environ["KILL_AT"]):
+            os._exit(9)  # no cleanup, like SIGKILL
+
+class Plugin:
+    @kdcore.hookimpl
+    def kd_run_callbacks(self):
+        return [kdcore.Component("killer", Killer, doc="dies")]
+
+reset_registry([(Plugin(), "test-killer")])
+app.distill(app.load_spec(sys.argv[1]), output=sys.argv[2], resume=sys.argv[3] == "1",
+            progress=False)
+"""
+
+
+def test_a_quantized_run_killed_after_a_checkpoint_resumes_to_the_same_student(tmp_path, corpus):
+    import os
+    import subprocess
+    import sys
+
+    from kdcore.engine.checkpoint import latest_checkpoint
+    from kdcore.models import quantize
+
+    spec = tiny_spec(corpus, steps=8, dim=64)
+    spec["student"]["init"] = {
+        "name": "quantize",
+        "params": {"bits": 4, "group_size": 32, "start": "student"},
+    }
+    spec["train"].update({"checkpoint_every": 4, "log_every": 1})
+    spec["callbacks"] = [{"name": "killer"}]
+    path = tmp_path / "spec.json"
+    path.write_text(json.dumps(spec))
+    script = tmp_path / "killer.py"
+    script.write_text(KILLER)
+
+    def run(out: str, resume: bool, kill_at: int):
+        env = dict(os.environ, KILL_AT=str(kill_at))
+        argv = [sys.executable, str(script), str(path), str(tmp_path / out), str(int(resume))]
+        return subprocess.run(argv, env=env, capture_output=True, text=True)
+
+    full = run("full", False, 999)
+    assert full.returncode == 0, full.stderr
+    killed = run("cut", False, 6)
+    assert killed.returncode == 9, killed.stderr
+    assert latest_checkpoint(tmp_path / "cut" / "checkpoints").name == "step-0000004"
+    resumed = run("cut", True, 999)
+    assert resumed.returncode == 0, resumed.stderr
+
+    def losses(out):
+        lines = (tmp_path / out / "metrics.jsonl").read_text().splitlines()
+        return {r["step"]: r["loss"] for r in map(json.loads, lines) if "loss" in r}
+
+    a, b = losses("full"), losses("cut")
+    assert sorted(a) == sorted(b) == list(range(1, 9))
+    for step in range(5, 9):
+        assert b[step] == pytest.approx(a[step], rel=1e-5, abs=1e-6), step
+    wa = quantize.load_quantized_model(tmp_path / "full" / "student")
+    wb = quantize.load_quantized_model(tmp_path / "cut" / "student")
+    assert quantize.has_quantized(wb)
+    for (ka, va), (kb, vb) in zip(tree_flatten(wa.parameters()), tree_flatten(wb.parameters())):
+        assert ka == kb
+        np.testing.assert_allclose(np.array(va), np.array(vb), rtol=1e-4, atol=1e-6)

@@ -17,6 +17,7 @@ from kdcore.cache.format import DTYPES, FLOOR, FORMAT, SET_FORMAT, VERSION, _rea
 from kdcore.data.build import build_dataset
 from kdcore.engine.distributed import DataParallel
 from kdcore.engine.progress import Progress
+from kdcore.engine.rundir import RunLock
 from kdcore.errors import CheckpointError, SpecError
 from kdcore.io import read_json, save_arrays, sha256_file, write_json
 from kdcore.signal.teacher import stable_log_softmax
@@ -114,6 +115,44 @@ def write_cache(
     if not teachers:
         raise SpecError('the spec has no [[teachers]] entry with path = "MODEL_DIR" to cache')
     out = Path(output)
+    lock = None
+    if DataParallel().is_main:  # the processes of one mlx.launch job share the folder
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise CheckpointError(f"cannot create the cache folder {out}: {exc}") from None
+        lock = RunLock(out, "kd cache")
+    try:
+        return _write_cache(
+            spec,
+            out,
+            teachers,
+            top_k=top_k,
+            dtype=dtype,
+            temperature=temperature,
+            shard_tokens=shard_tokens,
+            batch_size=batch_size,
+            progress=progress,
+            on_shard=on_shard,
+        )
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _write_cache(
+    spec: RunSpec,
+    out: Path,
+    teachers: list,
+    *,
+    top_k: int,
+    dtype: str,
+    temperature: float,
+    shard_tokens: int,
+    batch_size: int,
+    progress: bool | None,
+    on_shard: Callable[[int, int], None] | None,
+) -> dict:
     dataset = build_dataset(spec)
     data = _data_record(dataset, spec)
     if data["examples"] == 0:

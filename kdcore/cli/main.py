@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 
@@ -46,6 +47,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KdError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:  # a file the command reads or writes: the OS's words, no trace
+        hint = ""
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            hint = "; free space and run the command again (kd distill: with --resume)"
+        print(f"error: {exc}{hint}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

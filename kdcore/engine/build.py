@@ -11,6 +11,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from kdcore.engine.distributed import DataParallel
+from kdcore.engine.sizes import size_problems
 from kdcore.engine.terms import BuiltLoss, build_losses, learnable_teacher
 from kdcore.errors import KdError, SpecError
 from kdcore.kernels.native import use_row_kernels
@@ -79,7 +80,7 @@ def check_run(spec: RunSpec) -> list[str]:
     Not found here, since they need the data tokenized or a teacher's weights loaded: a
     cache made for other data, a student vocabulary smaller than the tokenizer's, teachers
     with different vocabularies, an explicit layer map out of the teacher's range."""
-    problems = check_composition(spec) + initializer_problems(spec)
+    problems = check_composition(spec) + initializer_problems(spec) + _sizes(spec)
     student = None
     if getattr(spec.student.model.config, "path", None) is None:  # a saved one: weights
         try:
@@ -174,8 +175,8 @@ def _make_student(spec: RunSpec, vocab_size: int | None) -> nn.Module:
 
 
 def build_parts(spec: RunSpec) -> Parts:
-    # The checks kd validate runs too, before anything is loaded.
-    problems = check_composition(spec) + initializer_problems(spec)
+    # The checks kd validate runs too, before anything is loaded (or memory spent).
+    problems = check_composition(spec) + initializer_problems(spec) + _sizes(spec)
     if problems:
         raise SpecError(problems)
     registry = get_registry()
@@ -272,3 +273,7 @@ def _check_vocabularies(teachers, aligner, teacher_tok, tokenizer) -> None:
         )
     if isinstance(aligner, PreparesVocabularies):
         aligner.prepare(teacher_tok, tokenizer)
+
+
+def _sizes(spec: RunSpec) -> list[str]:
+    return blame_overrides(size_problems(spec), spec.overrides)

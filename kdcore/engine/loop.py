@@ -6,12 +6,15 @@ uninterrupted one drew.
 
 The first SIGINT (Ctrl-C) or SIGTERM asks the loop to stop: the step in progress ends, a
 checkpoint is saved and :class:`kdcore.errors.RunInterrupted` is raised (``kd distill``
-prints the command that resumes). A second one stops at once, saving nothing more.
+prints the command that resumes). A second one ends the process at once, even inside a
+step, saving nothing more; so does the first once a stated time has passed
+(:class:`StopRequest`).
 """
 
 from __future__ import annotations
 
 import os
+import select
 import signal
 import threading
 import time
@@ -125,38 +128,102 @@ def run_eval(parts: Parts) -> dict:
 
 class StopRequest:
     """While active (a ``with`` block in the main thread): SIGINT and SIGTERM set
-    ``signum`` instead of killing the process; a second one raises KeyboardInterrupt.
-    A signal the process was started ignoring (``nohup``, a background job) stays ignored."""
+    ``signum`` instead of killing the process, so the loop saves a checkpoint after the step
+    in progress. A signal the process was started ignoring (``nohup``, a background job)
+    stays ignored.
+
+    A step is one MLX evaluation, and Python runs a signal handler only once it returns. So
+    a watcher thread (MLX releases the GIL while it evaluates) reads the signals from
+    ``signal.set_wakeup_fd``: a second signal ends the process at once, and so does the
+    first once ``grace_s`` seconds pass without the loop finishing; the exit status is 128
+    plus the signal's number. The last checkpoint written stands: checkpoints are renamed
+    into place whole. ``grace_s``: ``KD_STOP_GRACE_S``, else three times the longest step
+    so far and at least 60 s."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
+    MIN_GRACE_S = 60.0
 
     def __init__(self) -> None:
         self.signum: int | None = None
+        self.longest_step_s = 0.0
         self._previous: dict[int, Any] = {}
+        self._wakeup: tuple[int, int] | None = None
+        self._old_wakeup = -1
+        self._done = threading.Event()
+
+    @property
+    def grace_s(self) -> float:
+        stated = os.environ.get("KD_STOP_GRACE_S")
+        if stated:
+            try:
+                return max(1.0, float(stated))
+            except ValueError:
+                pass
+        return max(self.MIN_GRACE_S, 3.0 * self.longest_step_s)
 
     def __enter__(self) -> StopRequest:
-        if threading.current_thread() is threading.main_thread():
-            for sig in self.SIGNALS:
-                previous = signal.getsignal(sig)
-                if previous is not signal.SIG_IGN:
-                    # None: a handler not installed from Python; the default is the nearest
-                    self._previous[sig] = signal.SIG_DFL if previous is None else previous
-                    signal.signal(sig, self._handle)
+        if threading.current_thread() is not threading.main_thread():
+            return self
+        for sig in self.SIGNALS:
+            previous = signal.getsignal(sig)
+            if previous is not signal.SIG_IGN:
+                # None: a handler not installed from Python; the default is the nearest
+                self._previous[sig] = signal.SIG_DFL if previous is None else previous
+                signal.signal(sig, self._handle)
+        if self._previous:
+            read, write = os.pipe()
+            os.set_blocking(write, False)
+            self._old_wakeup = signal.set_wakeup_fd(write, warn_on_full_buffer=False)
+            self._wakeup = (read, write)
+            threading.Thread(target=self._watch, args=(read,), daemon=True).start()
         return self
 
     def __exit__(self, *exc) -> None:
+        if self._wakeup is not None:
+            signal.set_wakeup_fd(self._old_wakeup)
+            self._done.set()
+            read, write = self._wakeup
+            os.close(write)  # the watcher sees the end of the pipe and returns
+            self._wakeup = None
         for sig, previous in self._previous.items():
             signal.signal(sig, previous)
         self._previous.clear()
 
+    def _watch(self, read: int) -> None:
+        first, deadline = None, None
+        try:
+            while not self._done.is_set():
+                timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+                ready, _, _ = select.select([read], [], [], timeout)
+                if self._done.is_set():
+                    return
+                if not ready:  # the stated time passed after the first signal
+                    os.write(2, b"\nthe step did not finish in time: stopping now\n")
+                    os._exit(128 + first)
+                data = os.read(read, 64)
+                if not data:
+                    return
+                for signum in (b for b in data if b in self.SIGNALS):
+                    if first is not None:
+                        name = signal.Signals(signum).name
+                        os.write(2, f"\n{name} again: stopping now\n".encode())
+                        os._exit(128 + signum)
+                    first, grace = signum, self.grace_s
+                    deadline = time.monotonic() + grace
+                    # os.write, not print: the progress bar may be writing to stderr
+                    os.write(
+                        2,
+                        f"\n{signal.Signals(signum).name}: saving a checkpoint after this "
+                        f"step (again, or after {grace:.0f} s: stop at once; the last "
+                        "checkpoint stands)\n".encode(),
+                    )
+        finally:
+            os.close(read)
+
     def _handle(self, signum: int, frame) -> None:
-        if self.signum is not None:
+        if self.signum is not None and self._wakeup is None:
             raise KeyboardInterrupt
-        self.signum = signum
-        # os.write, not print: the handler may run while the progress bar is writing to
-        # stderr, and a buffered stream refuses a reentrant write.
-        name = signal.Signals(signum).name
-        os.write(2, f"\n{name}: saving a checkpoint after this step (again: stop now)\n".encode())
+        self.signum = self.signum or signum
 
 
 def _save(
@@ -259,6 +326,7 @@ def train(
                             teacher.after_step(parts.student, step, total)
                     step += 1
                     dt = time.perf_counter() - t0
+                    stop.longest_step_s = max(stop.longest_step_s, dt)
                     tokens_seen += ntok.tokens
                     loss_tokens_seen += ntok.loss_tokens
                     train_seconds += dt

@@ -177,7 +177,7 @@ class RunLock:
     distill`` into the folder is refused. The OS drops it when the process dies, so a kill
     leaves no stale lock (the file stays; holding it is what counts)."""
 
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, what: str = "kd distill"):
         self.path = folder / LOCK
         try:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -188,8 +188,8 @@ class RunLock:
         except OSError:
             os.close(fd)
             raise CheckpointError(
-                f"{folder} is in use by another kd distill (it holds {self.path}); wait for "
-                "it to end, or stop it, before starting another run there"
+                f"{folder} is in use by another {what} (it holds {self.path}); wait for "
+                "it to end, or stop it, before starting another there"
             ) from None
         self.fd: int | None = fd
 
@@ -416,15 +416,25 @@ class RunDir:
         }
         if reason:
             state["reason"] = reason
-        return ckpt.save_checkpoint(
-            root,
-            step,
-            parts.trainable.parameters(),
-            optimizer.state,
-            self._extra_state(),
-            state,
-            keep=parts.spec.train.keep_checkpoints,
-        )
+        try:
+            return ckpt.save_checkpoint(
+                root,
+                step,
+                parts.trainable.parameters(),
+                optimizer.state,
+                self._extra_state(),
+                state,
+                keep=parts.spec.train.keep_checkpoints,
+            )
+        except (CheckpointError, OSError) as exc:
+            if isinstance(exc, ckpt.NonFiniteStateError):
+                raise
+            before = ckpt.latest_checkpoint(root)
+            stands = f"{before} stands" if before else "no earlier checkpoint exists"
+            raise CheckpointError(
+                f"the checkpoint of step {step} could not be written: {exc}. {stands}; once "
+                f"there is space, resume with --resume --output {self.out}"
+            ) from None
 
     def _restore(self, path: Path) -> dict:
         state, trainable, optimizer, extra = ckpt.load_checkpoint(path)

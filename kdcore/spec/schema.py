@@ -11,6 +11,10 @@ import attrs
 
 from kdcore.spec.validators import fraction, in_range, non_negative, positive, unit_interval
 
+# The largest count (steps, batch rows, micro-batches) a spec may ask for: far beyond any
+# run, small enough that a typo (1e12 steps) is refused instead of started.
+MAX_COUNT = 10**9
+
 # Range validators come from kdcore.spec.validators; their errors begin with the field's name
 # ("steps must be > 0"), which kdcore.spec.convert.structure_errors turns into the field's
 # path ($.train.steps). The ones below are this file's own.
@@ -50,6 +54,8 @@ class RunSection:
     name: str = "run"
     seed: int = attrs.field(default=0, validator=_seed)
     output: str | None = None
+    # false: run even when one step's estimated memory exceeds the machine's
+    memory_check: bool = True
 
 
 @attrs.define
@@ -127,12 +133,12 @@ class OnPolicySection:
 
 @attrs.define
 class TrainSection:
-    steps: int = attrs.field(default=100, validator=positive)
-    batch_size: int = attrs.field(default=8, validator=positive)
+    steps: int = attrs.field(default=100, validator=in_range(1, MAX_COUNT))
+    batch_size: int = attrs.field(default=8, validator=in_range(1, MAX_COUNT))
     optimizer: OptimizerSection = attrs.field(factory=OptimizerSection)
     # 0 or None (JSON null): no clipping
     grad_clip: float | None = attrs.field(default=1.0, validator=non_negative)
-    grad_accum: int = attrs.field(default=1, validator=positive)
+    grad_accum: int = attrs.field(default=1, validator=in_range(1, MAX_COUNT))
     param_groups: list[ParamGroup] = attrs.field(factory=list)
     stages: list[Stage] = attrs.field(factory=list)
     no_decay: list[str] = attrs.field(factory=lambda: ["norm", "bias"])
@@ -156,7 +162,7 @@ class TrainSection:
 @attrs.define
 class EvalSection:
     every: int = attrs.field(default=0, validator=non_negative)  # 0: only at the end
-    batches: int = attrs.field(default=8, validator=positive)
+    batches: int = attrs.field(default=8, validator=in_range(1, MAX_COUNT))
 
 
 @attrs.define
