@@ -12,6 +12,7 @@ kdcore, and for plugins that add ``kd`` commands or datasets. Example::
 """
 
 from kdcore.analysis.report import write_report
+from kdcore.cli.outputs import check_output
 from kdcore.data.datasets import open_text, read_jsonl, resolve_tokenizer
 from kdcore.engine.distill import distill
 from kdcore.engine.evaluate import evaluate
@@ -72,6 +73,7 @@ __all__ = [
     "top_p_filter",
     # files
     "atomic_path",
+    "check_output",
     "load_arrays",
     "read_json",
     "save_arrays",

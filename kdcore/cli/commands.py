@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import attrs
 
@@ -206,6 +207,13 @@ def cmd_eval(args) -> int:
 
     if args.positions_out and not args.worst:
         raise SpecError("--positions-out needs --worst N")
+    if args.positions_out:  # a file the user named: never an input, replaced only with --force
+        from kdcore.cli.outputs import check_output
+
+        run_dir = Path(args.run_dir)
+        inputs = [(p, "a file of the run") for p in run_dir.rglob("*") if p.is_file()]
+        inputs += [(Path(args.data), "--data")] if args.data else []
+        check_output(Path(args.positions_out), inputs, args.force, "kd eval")
     report = evaluate_run(args.run_dir, data=args.data, batches=args.batches, options=vars(args))
     if args.json:
         _print_json(report)
@@ -465,6 +473,7 @@ def add_commands(sub) -> None:
         metavar="FILE",
         help="JSONL for --worst (default RUN_DIR/worst_positions.jsonl)",
     )
+    p.add_argument("--force", action="store_true", help="replace --positions-out if it exists")
     p.add_argument("--context", type=int, default=48, help="context tokens shown per position")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_eval)

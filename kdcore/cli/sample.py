@@ -24,6 +24,20 @@ is kept. The file is written atomically (``.gz``: gzip without a timestamp, so o
 gives the same bytes), and the summary says how many answers stopped before
 ``max_new_tokens``.
 
+The output file: an existing one is replaced only with ``--force``; one of the command's
+own inputs (the spec, a file or folder ``[data]`` names, the teacher's files; paths compared
+resolved, links followed) never is. While it runs, the answers go to ``OUTPUT.partial``
+(locked; one JSON line per prompt answered, after a header line holding what the answers
+depend on: the spec file's hash, ``--set``, the teacher's folder and its files' sizes and
+times, every sampling flag, the batch size, seed and limit), a chunk at a time, flushed
+to disk; the output is written from it at the end and it is removed. A run that was
+killed or interrupted leaves it: the same command continues it (each prompt it skips must
+hash as the one answered, else the data changed), from its last whole chunk, so the output
+has the bytes an uninterrupted run writes. A partial file of other arguments or prompts is
+refused, naming it, unless ``--force`` discards it. On an error the partial file stays only
+when it holds answers (the command says so); no ``.tmp`` is left: a killed run's are
+removed by the next run of the same output.
+
 An answer that reaches ``max_new_tokens`` without a stop token was cut, not finished: written
 as a turn, a chat template would close it with an end of turn, and a student trained on it
 would learn to stop mid-sentence. ``--truncated`` says what to do with them: ``drop`` (the
@@ -34,11 +48,10 @@ true`` in the record, for a reader that filters them) or ``keep`` (written as th
 
 from __future__ import annotations
 
-import gzip
-import json
+import hashlib
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -47,9 +60,12 @@ import mlx.core as mx
 import numpy as np
 
 from kdcore.cli.output import _print_json
+from kdcore.cli.outputs import check_output
+from kdcore.cli.sample_journal import PARTIAL, Journal, StalePartial, prompt_hash, teacher_stamps
 from kdcore.engine import onpolicy
 from kdcore.errors import SpecError
-from kdcore.io import atomic_path
+from kdcore.hub import local_path
+from kdcore.io import temporaries_of
 from kdcore.models.io import load_model
 from kdcore.registry.manager import get_registry
 from kdcore.registry.setup import Setup
@@ -125,6 +141,7 @@ def _record(fmt: str, prompt_text: str, turns: dict | None, answer: str, where: 
 
 def sample_dataset(args) -> dict:
     """Write the teacher's answers (see the module docstring); the summary."""
+    _check_counts(args)
     spec = load_spec(args.spec, args.set)
     section = spec.train.on_policy
     registry = get_registry()
@@ -132,7 +149,16 @@ def sample_dataset(args) -> dict:
     folder, named, dtype = _teacher_dir(spec, args.teacher)
     if not (folder / "config.json").is_file():
         raise SpecError(f"no saved model in {folder} (config.json missing) @ {named}")
+    output = Path(args.output)
+    partial = output.with_name(output.name + PARTIAL)
+    inputs = _inputs(spec, args, folder)
+    check_output(
+        output, inputs, args.force, "kd sample", also=(partial,)
+    )  # before anything slow loads
     dataset = registry.get("dataset", spec.data.name).factory(spec.data.config, setup)
+    if isinstance(getattr(dataset, "path", None), (str, Path)):  # a hub dataset's local file
+        inputs.append((Path(dataset.path), "the dataset's file"))
+        check_output(output, inputs, args.force, "kd sample", also=(partial,))
     model, _arch, config = load_model(folder, dtype, named.replace(".path", ".params.dtype"))
     model.eval()
     tokenizer = load_tokenizer(folder)
@@ -143,7 +169,8 @@ def sample_dataset(args) -> dict:
         )
     chat = _is_chat(dataset)
     fmt = args.format or ("messages" if chat else "completion")
-    max_new = args.max_new_tokens or section.max_new_tokens
+    # None is "not given"; a 0 given was refused by _check_counts, never replaced
+    max_new = args.max_new_tokens if args.max_new_tokens is not None else section.max_new_tokens
     temperature = (
         args.temperature if args.temperature is not None else value_at(section.temperature, 0, 1)
     )
@@ -164,12 +191,16 @@ def sample_dataset(args) -> dict:
             f"--max-new-tokens {max_new} leaves no room for a prompt in the teacher's context "
             f"of {context} tokens @ {named}"
         )
-    batch_size = args.batch_size or spec.train.batch_size
-    items = (
-        _chat_items(dataset, args.split)
-        if chat
-        else _row_items(dataset, args.split, batch_size, section.prompt_length)
-    )
+    batch_size = args.batch_size if args.batch_size is not None else spec.train.batch_size
+
+    def items() -> Iterator[tuple[np.ndarray, dict | None]]:
+        return (
+            _chat_items(dataset, args.split)
+            if chat
+            else _row_items(dataset, args.split, batch_size, section.prompt_length)
+        )
+
+    seed = spec.run.seed if args.seed is None else args.seed
     writer = _Answers(
         model=model,
         tokenizer=tokenizer,
@@ -180,29 +211,44 @@ def sample_dataset(args) -> dict:
         eos=eos,
         room=room,
         fmt=fmt,
-        seed=spec.run.seed if args.seed is None else args.seed,
+        seed=seed,
         where=str(args.spec),
         truncated=args.truncated,
     )
-    output = Path(args.output)
+    identity = {
+        "spec": hashlib.sha256(Path(args.spec).read_bytes()).hexdigest(),
+        "set": list(args.set),
+        "base_dir": str(Path(spec.base_dir).resolve()),
+        "teacher": str(folder.resolve()),
+        "teacher_files": teacher_stamps(folder),
+        "split": args.split,
+        "format": fmt,
+        "max_new_tokens": max_new,
+        "temperature": temperature,
+        "top_p": top_p,
+        "stop_tokens": [int(t) for t in stops],
+        "truncated": args.truncated,
+        "batch_size": batch_size,
+        "seed": seed,
+        "limit": args.limit,
+    }
     start = time.perf_counter()
-    with atomic_path(output) as tmp:
-        opener = gzip.GzipFile(tmp, "wb", mtime=0) if output.suffix == ".gz" else open(tmp, "wb")
-        with opener as handle:
-            chunk: list[tuple[np.ndarray, dict | None]] = []
-            for n, item in enumerate(items):
-                if args.limit is not None and n >= args.limit:
-                    break
-                chunk.append(item)
-                if len(chunk) == batch_size:
-                    writer.write(chunk, handle)
-                    chunk = []
-            if chunk:
-                writer.write(chunk, handle)
+    journal = Journal.open(partial, identity, batch_size, args.force)
+    try:
+        for stale in temporaries_of(output):  # a killed run's, this output's: we hold its lock
+            stale.unlink(missing_ok=True)
+        resumed = _answer(journal, writer, items, batch_size, args.limit, args.force)
+        journal.write_output(output)
+    except BaseException as exc:
+        journal.abandon(exc)
+        raise
+    finally:
+        journal.close()
     return {
         "output": str(output),
         "records": writer.written,
         "answered": writer.answered,
+        "resumed": resumed,  # answers read back from OUTPUT.partial, not sampled again
         "stopped": writer.stopped,
         "truncated": writer.cut,  # answers that reached max_new_tokens unstopped
         "truncated_policy": args.truncated,
@@ -217,9 +263,89 @@ def sample_dataset(args) -> dict:
     }
 
 
+def _check_counts(args) -> None:
+    """A count flag given as 0 or less is an error, as -1 always was: never the spec's
+    default (``args.x or default`` read 0 as not given)."""
+    for flag, value in (
+        ("--max-new-tokens", args.max_new_tokens),
+        ("--batch-size", args.batch_size),
+        ("--limit", args.limit),
+    ):
+        if value is not None and value < 1:
+            raise SpecError(f"{flag} {value} is not a count: give at least 1")
+
+
+def _inputs(spec, args, folder: Path) -> list[tuple[Path, str]]:
+    """(path, what it is) of what this command reads: the spec, the teacher (as named and
+    its folder) and every existing path a string of ``[data]``'s params names."""
+    base = Path(spec.base_dir)
+    found = [(Path(args.spec), "the spec"), (folder, "the teacher's folder")]
+    named = args.teacher or next((t.path for t in spec.teachers if t.path), None)
+    if named:  # a .gguf file is read, its imported folder too
+        found.append((local_path(named, Path.cwd() if args.teacher else base), "the teacher"))
+
+    def walk(value: Any, where: str) -> None:
+        if isinstance(value, dict):
+            for key, item in value.items():
+                walk(item, f"{where}.{key}")
+        elif isinstance(value, list):
+            for i, item in enumerate(value):
+                walk(item, f"{where}[{i}]")
+        elif isinstance(value, str) and value.strip():
+            try:
+                path = local_path(value, base)
+                if path.exists():
+                    found.append((path, where))
+            except (OSError, ValueError):  # not a path: a name too long, a NUL
+                pass
+
+    walk(spec.data.params, "$.data.params")
+    return found
+
+
+def _answer(
+    journal: Journal,
+    writer: _Answers,
+    items: Callable[[], Iterator[tuple[np.ndarray, dict | None]]],
+    batch_size: int,
+    limit: int | None,
+    force: bool,
+) -> int:
+    """Answer the prompts ``journal`` lacks, a chunk at a time; the prompts it has are
+    skipped, each checked to be the one it answered. How many it had."""
+    writer.resume(journal)
+    resumed = journal.answered
+    matched = 0  # the partial file's prompts found again, in order
+    chunk: list[tuple[np.ndarray, dict | None]] = []
+    for n, item in enumerate(items()):
+        if limit is not None and n >= limit:
+            break
+        if n < resumed:
+            if prompt_hash(*item) != journal.prompts[n]:
+                break  # before any prompt was sampled: refused or started over below
+            matched += 1
+            continue
+        chunk.append(item)
+        if len(chunk) == batch_size:
+            journal.append(writer.answer(chunk))
+            chunk = []
+    if matched < resumed:  # a prompt changed, or the data holds fewer now
+        if not force:
+            raise StalePartial(
+                f"{journal.path}: prompt {matched} is not the one answered there (the data or "
+                f"its tokenizer changed since): pass --force to discard its {resumed} answers "
+                "and start over"
+            )
+        journal.reset()
+        return _answer(journal, writer, items, batch_size, limit, force)
+    if chunk:
+        journal.append(writer.answer(chunk))
+    return resumed
+
+
 @attrs.define
 class _Answers:
-    """Answers chunks of prompts and writes their records, counting them."""
+    """Answers chunks of prompts as partial-file entries, counting them."""
 
     model: Any
     tokenizer: Any
@@ -238,32 +364,45 @@ class _Answers:
     stopped: int = 0  # answers that ended at a stop token
     cut: int = 0  # answers that reached max_new unstopped
 
-    def write(self, chunk: list[tuple[np.ndarray, dict | None]], handle) -> None:
+    def resume(self, journal: Journal) -> None:
+        """Start from the answers ``journal`` holds (counted, not sampled again)."""
+        self.written = self.answered = self.stopped = self.cut = 0
+        for entry in journal.entries():
+            self._count(entry)
+
+    def _count(self, entry: dict) -> None:
+        self.answered += 1
+        self.stopped += int(entry["stopped"])
+        self.cut += int(not entry["stopped"])
+        self.written += int(entry["record"] is not None)
+
+    def answer(self, chunk: list[tuple[np.ndarray, dict | None]]) -> list[dict]:
         prompts = [p if self.room is None else p[-self.room :] for p, _ in chunk]
         # One seed per chunk, from the prompts answered before it (written or dropped): a
         # --limit run's records are the first ones of the run without it, whatever
-        # --truncated keeps.
+        # --truncated keeps, and a resumed run's are the uninterrupted run's.
         mx.random.seed(self.seed * 1_000_003 + self.answered)
         answers = onpolicy.continue_prompts(
             self.model, prompts, self.max_new, self.temperature, self.top_p, self.stops
         )
+        entries = []
         for (prompt, turns), answer in zip(chunk, answers):
-            self.answered += 1
             ended = len(answer) > 0 and int(answer[-1]) in self.stops
-            self.stopped += int(ended)
             cut = not ended  # it reached max_new (prompts leave it room in the context)
-            self.cut += int(cut)
-            if cut and self.truncated == "drop":
-                continue
-            if ended and int(answer[-1]) in self.eos:
-                answer = answer[:-1]
-            text = self.tokenizer.decode(answer.tolist())
-            prompt_text = self.tokenizer.decode(prompt.tolist()) if turns is None else ""
-            record = _record(self.fmt, prompt_text, turns, text, self.where)
-            if cut and self.truncated == "mark":
-                record["truncated"] = True
-            handle.write((json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8"))
-            self.written += 1
+            record = None
+            if not (cut and self.truncated == "drop"):
+                if ended and int(answer[-1]) in self.eos:
+                    answer = answer[:-1]
+                text = self.tokenizer.decode(answer.tolist())
+                prompt_text = self.tokenizer.decode(prompt.tolist()) if turns is None else ""
+                record = _record(self.fmt, prompt_text, turns, text, self.where)
+                if cut and self.truncated == "mark":
+                    record["truncated"] = True
+            entry = {"prompt": prompt_hash(prompt, turns), "stopped": ended, "record": record}
+            entries.append(entry)
+        for entry in entries:  # counted once the chunk is whole: a failed record counts none
+            self._count(entry)
+        return entries
 
 
 def cmd_sample(args) -> int:
@@ -277,6 +416,7 @@ def cmd_sample(args) -> int:
             f"{summary['max_new_tokens']} tokens; {summary['truncated']} cut at that limit, "
             f"{done[summary['truncated_policy']]}) in {summary['seconds']:.1f}s: "
             f"wrote {summary['records']} records to {summary['output']}"
+            + (f" ({summary['resumed']} answers resumed)" if summary["resumed"] else "")
         )
         if summary["answered"] and not summary["records"]:
             print(
@@ -293,7 +433,18 @@ def add_parser(sub) -> None:
         help="a teacher's answers to a dataset's prompts, as chat-format JSONL (sequence-level KD)",
     )
     p.add_argument("spec", help="a run spec: its [data] gives the prompts, its teacher answers")
-    p.add_argument("--output", "-o", required=True, help="the JSONL file to write (.gz allowed)")
+    p.add_argument(
+        "--output",
+        "-o",
+        required=True,
+        help="the JSONL file to write (.gz allowed); never one of the command's inputs. An "
+        "interrupted run leaves OUTPUT.partial, which the same command continues",
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="replace OUTPUT if it exists, and discard an OUTPUT.partial of other arguments",
+    )
     p.add_argument("--teacher", help="a saved model folder (default: the spec's first teacher)")
     p.add_argument("--split", default="train", choices=["train", "val"])
     p.add_argument(
@@ -302,7 +453,9 @@ def add_parser(sub) -> None:
         help="records as prompt/completion or messages (default: messages for a chat "
         "dataset, else prompt/completion)",
     )
-    p.add_argument("--max-new-tokens", type=int, help="default: train.on_policy.max_new_tokens")
+    p.add_argument(
+        "--max-new-tokens", type=int, help="at least 1; default: train.on_policy.max_new_tokens"
+    )
     p.add_argument("--temperature", type=float, help="0: greedy; default: train.on_policy's")
     p.add_argument("--top-p", type=float, help="default: train.on_policy.top_p")
     p.add_argument(
@@ -322,8 +475,10 @@ def add_parser(sub) -> None:
         'holds finished answers only), mark it ("truncated": true in its record) or keep it '
         "as if finished",
     )
-    p.add_argument("--batch-size", type=int, help="prompts per batch (default: train.batch_size)")
-    p.add_argument("--limit", type=int, help="answer at most this many prompts")
+    p.add_argument(
+        "--batch-size", type=int, help="prompts per batch, at least 1 (default: train.batch_size)"
+    )
+    p.add_argument("--limit", type=int, help="answer at most this many prompts (at least 1)")
     p.add_argument("--seed", type=int, help="default: run.seed")
     p.add_argument(
         "--set",

@@ -24,9 +24,9 @@ import numpy as np
 
 from kdcore.data import chat_inspect
 from kdcore.data.chat_index import TEXT, ChatConfig, ChatRecords, conversation
-from kdcore.data.packing import LAYOUT_VERSION, Rows
+from kdcore.data.packing import LAYOUT_VERSION, LOSS_CHECK_RECORDS, Rows
 from kdcore.data.prompts import Prompts
-from kdcore.data.render import ChatRenderer, Encoded
+from kdcore.data.render import ChatRenderer, Encoded, RenderTimeout
 from kdcore.errors import SpecError
 from kdcore.hub import resolve_data_path, resolve_tokenizer_dir
 from kdcore.tokenizers.simple import fingerprint
@@ -35,12 +35,23 @@ from kdcore.tokenizers.simple import fingerprint
 __all__ = ["ChatConfig", "ChatDataset"]
 
 
-def _encode(source: ChatRecords, renderer: ChatRenderer, record: int) -> Encoded:
+def _encode(
+    source: ChatRecords, renderer: ChatRenderer, record: int, limit: int | None = None
+) -> Encoded:
+    # A record the template ran out of time on is not rendered again (a segment is rendered
+    # again when it is needed again): rejected once, it costs its budget once.
+    late = source.late.get(record)
+    if late is not None:
+        raise RenderTimeout(late)
     data, kind, config = source.read(record), source.kind(record), source.config
     if kind == TEXT:
-        return renderer.encode_text(data[config.text_feature])
+        return renderer.encode_text(data[config.text_feature], limit)
     messages, tools = conversation(data, kind, config)
-    return renderer.encode_chat(messages, tools, config.mask_prompt)
+    try:
+        return renderer.encode_chat(messages, tools, config.mask_prompt, limit)
+    except RenderTimeout as exc:
+        source.late[record] = str(exc)
+        raise
 
 
 def _prompt(source: ChatRecords, renderer: ChatRenderer, record: int) -> list[int] | None:
@@ -61,7 +72,8 @@ class ChatDataset:
         # local paths, or hub names read through the Hugging Face caches (kdcore.hub)
         self.path = resolve_data_path(config.path, setup.base_dir)
         self.renderer = ChatRenderer(
-            resolve_tokenizer_dir(config.tokenizer, setup.base_dir, "$.data.params.tokenizer")
+            resolve_tokenizer_dir(config.tokenizer, setup.base_dir, "$.data.params.tokenizer"),
+            data=self.path,
         )
         self.tokenizer = self.renderer.tokenizer
         # kd eval passes the run's saved tokenizer: the template's folder must still hold it
@@ -80,11 +92,14 @@ class ChatDataset:
                 f"(tokenizer_config.json 'chat_template'): the chat records of {self.path} "
                 "cannot be rendered @ $.data.params.tokenizer"
             )
+        if (self.index.kinds != TEXT).any():
+            self.renderer.turn_end()  # a template that never ends is refused here, once
         split = {"val_fraction": config.val_fraction, "seed": self.seed}  # rows and prompts alike
         # The rows and prompts get functions of the records and the renderer, not bound
         # methods: holding the dataset would make a reference cycle, and the spooled copy of
         # a .gz file would outlive the dataset until the cycle collector runs.
-        encode = functools.partial(_encode, self.source, self.renderer)
+        # rows keep a record's first seq_len + 1 tokens: a longer one is tokenized only so far
+        encode = functools.partial(_encode, self.source, self.renderer, limit=self.seq_len + 1)
         self.rows = Rows(
             self.index,
             encode,
@@ -96,17 +111,23 @@ class ChatDataset:
         prompt = functools.partial(_prompt, self.source, self.renderer)
         self._prompts = Prompts(self.index.prompted, prompt, **split)
         self._fingerprint: str | None = None
+        self._has_loss: set[str] = set()
 
     # ------------------------------------------------------------ records
 
-    def encode(self, record: int) -> Encoded:
+    def encode(self, record: int, limit: int | None = None) -> Encoded:
         """Record ``record`` (0-based, among the kept records in file order) as tokens and
-        loss marks, uncut. Raises ``ValueError`` when the template refuses it."""
-        return _encode(self.source, self.renderer, record)
+        loss marks, uncut; with ``limit``, tokenized only as far as its first ``limit``
+        tokens need when it is far longer (``Encoded.exact`` False, ``total`` estimated).
+        Raises ``ValueError`` when the template or the tokenizer refuses it."""
+        return _encode(self.source, self.renderer, record, limit)
 
     def render(self, record: int) -> str:
         """The text record ``record`` is tokenized from (the template's rendering)."""
-        return self.encode(record).text
+        data, kind = self.source.read(record), self.source.kind(record)
+        if kind == TEXT:
+            return data[self.config.text_feature]
+        return self.renderer.render(*conversation(data, kind, self.config))
 
     def prompted_records(self, split: str = "train") -> np.ndarray:
         """The records of ``split`` (``"train"`` or ``"val"``) that have a prompt: a turn
@@ -142,15 +163,61 @@ class ChatDataset:
                 f"the {split} split of {self.path} is empty ({self.records} records kept, "
                 f"{self.rejected_count} rejected; kd data inspect shows why)"
             )
-        return self.rows.gather(split, self.rows.picks(index, batch_size, split))
+        batch = self.rows.gather(split, self.rows.picks(index, batch_size, split))
+        if split == "train":
+            self.require_loss(split)
+        return batch
 
     def batches(self, batch_size: int, split: str = "val", limit: int | None = None):
         """Consecutive batches covering the split once (the last one may be short)."""
+        if split == "train":
+            self.require_loss(split)
         n = self.num_examples(split)
         for count, start in enumerate(range(0, n, batch_size)):
             if limit is not None and count >= limit:
                 return
             yield self.rows.gather(split, list(range(start, min(n, start + batch_size))))
+
+    def require_loss(self, split: str = "train") -> None:
+        """Raise ``SpecError`` when the split has records but not one loss-carrying token
+        (every record refused by the template, or cut before its assistant turns): training
+        on it would log a loss of 0 and learn nothing. Renders the split's segments in order
+        until one carries loss: the first, as a rule; when none does, all of them or
+        ``LOSS_CHECK_RECORDS`` records (a random sample of a larger split)."""
+        if split in self._has_loss or not len(self.rows.plans[split].order):
+            return
+        if self.rows.has_loss(split, LOSS_CHECK_RECORDS):
+            self._has_loss.add(split)
+            return
+        s = self.rows.stats(split, max_records=0)[split]  # what was rendered, no more
+        records, refused, cut = s["scanned"], s["rejected"], s["loss_cut_records"]
+        scope = (
+            f"of its {records} records"
+            if records == s["of"]
+            else f"in {records} of its {s['of']} records, drawn at random"
+        )
+        why = [f"{refused} refused by the chat template"] if refused else []
+        if cut:
+            why.append(
+                f"{cut} lost every loss token to the cut at seq_len {self.seq_len} "
+                f"({self.seq_len + 1} tokens a record)"
+            )
+        if records - refused - cut:
+            why.append(f"{records - refused - cut} carry none (no assistant turn content)")
+        fixes = []
+        if cut:
+            fixes.append(
+                "raise seq_len (a record keeps its first seq_len + 1 tokens) or shorten the "
+                "turns before the assistant's"
+            )
+        if refused:
+            first = "; ".join(f"line {r['line']}: {r['reason']}" for r in self.rejected[:3])
+            fixes.append(f"fix the records or the template ({first})")
+        where = "$.data.params.seq_len" if cut else "$.data.params.path"
+        raise SpecError(
+            f"the {split} split of {self.path} has no loss tokens {scope}: "
+            f"{', '.join(why)}. To train: {'; '.join(fixes) or 'add assistant turns'} @ {where}"
+        )
 
     def layout(self, example: int, split: str = "train") -> list[tuple[int, int, int]]:
         """(line, first slot, tokens) of each record in row ``example`` of ``split``, by
@@ -202,8 +269,10 @@ class ChatDataset:
         """Per split: ``rows``, ``records`` placed, ``rejected`` (by the template),
         ``tokens``, ``loss_tokens``, ``padding_share`` (row slots holding no token),
         ``cut_records``/``cut_tokens`` (records longer than ``seq_len + 1``, and what they
-        lost), ``overflow_records``/``overflow_tokens`` (cut because a packed segment ran
-        out of room). Renders the records not yet rendered, a segment at a time (at most
+        lost; estimated for a record far longer than a row, tokenized only in part),
+        ``overflow_records``/``overflow_tokens`` (cut because a packed segment ran out of
+        room), ``loss_cut_records`` (records that carry loss, none of it in their row).
+        Renders the records not yet rendered, a segment at a time (at most
         ``max_records`` of them; ``scanned`` says how many records the numbers cover)."""
         return self.rows.stats(split, max_records)
 

@@ -32,6 +32,7 @@ import attrs
 import numpy as np
 
 from kdcore.data.datasets import (
+    BOM,
     MAX_LINE_BYTES,
     _check_readable,
     _open_binary,
@@ -226,6 +227,8 @@ def _index_file(path: Path, config: ChatConfig, spool) -> tuple[_Index, list, in
                 )
             if spool is not None:
                 spool.write(raw)
+            if not position and raw.startswith(BOM):  # not the record's: offsets skip it
+                raw, position = raw[len(BOM) :], len(BOM)
             for start, end in _line_spans(raw):
                 number += 1
                 if limit is not None and columns.count >= limit:
@@ -267,6 +270,9 @@ class ChatRecords:
         self._spool = tempfile.TemporaryFile() if spooled else None
         found = _index_file(path, config, self._spool)
         self.index, self._rejected, self.rejected_count, self.digest, self.lines_read = found
+        # records whose rendering ran out of time, with why: not rendered again (a few: the
+        # renderer refuses the template after FILE_TIMEOUT_SECONDS of them)
+        self.late: dict[int, str] = {}
         self._size = self._spool.tell() if self._spool else path.stat().st_size
 
     def __len__(self) -> int:

@@ -17,6 +17,7 @@ def inspect(dataset, limit: int = 3) -> dict:
     """The report of a :class:`kdcore.data.chat.ChatDataset`, with its first ``limit``
     records as samples."""
     stats = dataset.stats(max_records=INSPECT_RECORDS)
+    dataset.require_loss("train")  # a split that would train on nothing is an error here too
     kinds, lines = dataset.index.kinds, dataset.index.lines
     formats = {name: int((kinds == kind).sum()) for kind, name in FORMATS.items()}
     report = {
@@ -33,27 +34,31 @@ def inspect(dataset, limit: int = 3) -> dict:
     room, decode = dataset.seq_len + 1, dataset.tokenizer.decode
     for record in range(min(limit, dataset.records)):
         try:
-            enc = dataset.encode(record)
+            # tokenized as far as a row holds it: a 2 MB turn is not tokenized whole to show
+            # its first seq_len + 1 tokens (its count is then an estimate)
+            enc = dataset.encode(record, limit=room)
         except ValueError as exc:
             report["samples"].append({"line": int(lines[record]), "error": str(exc)})
             continue
         kept_ids, kept = enc.ids[:room], enc.carries[:room]
-        report["samples"].append(
-            {
-                "line": int(lines[record]),
-                "format": FORMATS[int(kinds[record])],
-                "text": decode(enc.ids),
-                "marked": _marked(decode, kept_ids, kept, len(enc.ids) - len(kept_ids)),
-                "loss_text": decode(kept_ids[kept]),
-                "tokens": int(len(enc.ids)),
-                "loss_tokens": int(kept.sum()),
-                "cut_tokens": int(max(0, len(enc.ids) - room)),
-            }
-        )
+        cut = int(max(0, enc.total - room))
+        sample = {
+            "line": int(lines[record]),
+            "format": FORMATS[int(kinds[record])],
+            "text": decode(enc.ids),
+            "marked": _marked(decode, kept_ids, kept, cut, enc.exact),
+            "loss_text": decode(kept_ids[kept]),
+            "tokens": int(enc.total),
+            "loss_tokens": int(kept.sum()),
+            "cut_tokens": cut,
+        }
+        if not enc.exact:
+            sample["tokens_estimated"] = True
+        report["samples"].append(sample)
     return report
 
 
-def _marked(decode, ids: np.ndarray, carries: np.ndarray, cut: int) -> str:
+def _marked(decode, ids: np.ndarray, carries: np.ndarray, cut: int, exact: bool = True) -> str:
     """The tokens' text with each run of loss-carrying tokens in ⟦ ⟧, and the cut."""
     pieces, start = [], 0
     for end in range(1, len(ids) + 1):
@@ -62,5 +67,5 @@ def _marked(decode, ids: np.ndarray, carries: np.ndarray, cut: int) -> str:
             pieces.append(f"{LOSS_OPEN}{text}{LOSS_CLOSE}" if carries[start] else text)
             start = end
     if cut:
-        pieces.append(f"⟪{cut} more tokens cut⟫")
+        pieces.append(f"⟪{'' if exact else 'about '}{cut} more tokens cut⟫")
     return "".join(pieces)

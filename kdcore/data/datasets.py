@@ -49,6 +49,14 @@ def resolve_tokenizer(
 CHUNK_BYTES = 1 << 20
 # Longest JSONL line read (a record is kilobytes; a file with no newline is not JSONL).
 MAX_LINE_BYTES = 64 << 20
+# Windows editors (Notepad, Excel's "UTF-8 CSV") open a UTF-8 file with a byte-order mark:
+# it is not part of the text, and json.loads refuses a line that starts with it.
+BOM = codecs.BOM_UTF8
+
+
+def _strip_bom(raw: bytes) -> bytes:
+    """``raw`` (a file's first bytes) without a UTF-8 byte-order mark."""
+    return raw[len(BOM) :] if raw.startswith(BOM) else raw
 
 
 def _check_readable(path: Path, bounded: bool) -> None:
@@ -99,8 +107,11 @@ def open_text(path: Path, max_chars: int | None = None) -> str:
     pieces: list[str] = []
     chars = lines = 0
     with _Reading(path), _open_binary(path) as handle:
+        first = True
         while max_chars is None or chars < max_chars:
             block = handle.read(CHUNK_BYTES)
+            if first:  # the first block holds all of a mark: a read returns all it asks but at EOF
+                block, first = _strip_bom(block), False
             pending = decoder.getstate()[0]  # bytes of a character split across blocks
             try:
                 text = decoder.decode(block, final=not block)
@@ -152,7 +163,9 @@ class Dataset:
         """
         n = self.num_examples(split)
         if n == 0:
-            raise SpecError(f"the {split} split is empty: more data or a smaller seq_len")
+            raise SpecError(
+                f"the {split} split is empty: more data or a smaller seq_len @ $.data.params"
+            )
         picks = []
         for sample in range(index * batch_size, (index + 1) * batch_size):
             epoch, k = divmod(sample, n)
@@ -286,6 +299,8 @@ def read_jsonl(path: Path, limit: int | None = None) -> tuple[list[tuple[int, di
                     f"data file {path}: line {number + 1} is longer than "
                     f"{MAX_LINE_BYTES >> 20} MiB (not JSONL?)"
                 )
+            if not number:
+                raw = _strip_bom(raw)
             # universal newlines, as text mode reads: a lone \r ends a line too
             for part in raw.splitlines():
                 number += 1
@@ -315,7 +330,26 @@ def _parse_line(raw: bytes, number: int, records: list, rejected: list) -> None:
     if not isinstance(record, dict):
         rejected.append({"line": number, "reason": "not a JSON object"})
         return
+    # UTF-8 bytes cannot hold a surrogate, but a JSON escape can (valid JSON, a Python
+    # string, yet no tokenizer's input): only a line with such an escape needs the check.
+    if b"\\ud" in raw or b"\\uD" in raw:
+        surrogate = _lone_surrogate(record)
+        if surrogate is not None:
+            reason = f"not Unicode text: a lone surrogate {ascii(surrogate)} (half of a pair)"
+            rejected.append({"line": number, "reason": reason})
+            return
     records.append((number, record))
+
+
+def _lone_surrogate(record: dict) -> str | None:
+    """The first unpaired surrogate in ``record``'s strings (keys too), or None."""
+    try:
+        json.dumps(record, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return exc.object[exc.start]
+    except (ValueError, RecursionError):  # json.loads read it: only a guard
+        return None
+    return None
 
 
 def encode_prompt_response(tokenizer, pairs: list[tuple[str, str]], seq_len: int):

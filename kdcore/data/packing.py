@@ -47,6 +47,9 @@ PACK_SEED = 0
 CALIBRATION_RECORDS = 64
 # Segments kept rendered.
 KEPT_SEGMENTS = 8
+# Records rendered, at most, to find that a split carries no loss token at all (all of them
+# in a smaller split): the check of the first batch costs seconds, not an epoch.
+LOSS_CHECK_RECORDS = 10_000
 # Bumped when the same data and parameters would give other rows (a cache made for the old
 # rows then no longer matches).
 LAYOUT_VERSION = 1
@@ -60,6 +63,7 @@ _STATS = (
     "cut_tokens",
     "overflow_records",
     "overflow_tokens",
+    "loss_cut_records",  # records that carry loss, none of it in their row (cut, overflow)
 )
 
 
@@ -177,7 +181,7 @@ class Rows:
         tokens, kept = [], []
         for record in picks:
             try:
-                tokens.append(len(self.encode(int(record)).ids))
+                tokens.append(self.encode(int(record)).total)
                 kept.append(int(record))
             except ValueError:
                 continue
@@ -236,7 +240,9 @@ class Rows:
         encoded = dict(items)
         for row, start, record, keep in _place(items, rows, room, self.pack):
             enc, line = encoded[record], int(self.index.lines[record])
-            whole = len(enc.ids)
+            whole = enc.total  # an estimate for a record tokenized only as far as the room
+            if enc.loss and not enc.carries[:keep].any():
+                stats["loss_cut_records"] += 1
             if whole > room:
                 stats["cut_records"] += 1
                 stats["cut_tokens"] += whole - room
@@ -313,6 +319,26 @@ class Rows:
             place = int(np.searchsorted(starts, k, side="right") - 1)
             picks.append(int(plan.row_starts[segments[place]]) + k - int(starts[place]))
         return picks
+
+    def has_loss(self, split: str, max_records: int | None = None) -> bool:
+        """Whether some row of ``split`` carries loss: the segments rendered so far first,
+        then the others in order until one does, or until ``max_records`` records of the
+        split have been rendered (a train split's order is shuffled: a random sample)."""
+        plan, table = self.plans[split], self._seg_stats[split]
+        loss = _STATS.index("loss_tokens")
+        if (table[:, loss] > 0).any():
+            return True
+        sizes = np.diff(plan.seg_starts)
+        scanned = int(sizes[table[:, 0] >= 0].sum())
+        for segment in range(plan.segments):
+            if table[segment, 0] >= 0:
+                continue
+            if max_records is not None and scanned >= max_records:
+                break
+            if self._segment(split, segment).stats[loss] > 0:
+                return True
+            scanned += int(sizes[segment])
+        return False
 
     def stats(self, split: str | None = None, max_records: int | None = None) -> dict:
         """See :meth:`kdcore.data.chat.ChatDataset.stats`."""

@@ -18,14 +18,17 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from kdcore.errors import CheckpointError, KdError, SpecError
-from kdcore.io import save_arrays, write_json
+from kdcore.io import read_json, save_arrays, write_json
 from kdcore.models.checkpoint import checkpointed
 from kdcore.models.dtype import apply_policy
 from kdcore.models.output import ModelOutput, plain_head
 from kdcore.tokenizers.hf import (
+    NEVER,
     HFTokenizer,
     byte_level_tokenizer_json,
+    folder_code,
     require_mlx_lm,
+    warn_folder_code,
     write_hf_tokenizer,
 )
 
@@ -98,8 +101,18 @@ def load_mlxlm(
     path = Path(path)
     if not (path / "config.json").exists():
         raise CheckpointError(f"not an mlx-lm model directory (no config.json): {path}")
+    # Never code from a model folder. mlx-lm would refuse a model_file too, but its message
+    # points at trust_remote_code, which kdcore does not offer; auto_map entries (for
+    # transformers) mlx-lm ignores: the model is its own implementation of model_type.
+    raw = read_json(path / "config.json", "model config")
+    raw = raw if isinstance(raw, dict) else {}
+    requests = folder_code(path, "model")
+    if raw.get("model_file") is not None:
+        raise CheckpointError(
+            f"{path} asks to run its own Python to build the model ({'; '.join(requests)}); {NEVER}"
+        )
+    warn_folder_code(path, requests, f"the model is mlx-lm's own {raw.get('model_type')!r}")
     try:
-        # never code from a model folder: a config naming its own model_file is refused
         model, config = load_model(path, trust_remote_code=False)
     except (FileNotFoundError, ValueError, KeyError, TypeError) as exc:
         raise CheckpointError(f"{path}: {exc}") from exc

@@ -184,6 +184,7 @@ def load_hf_tokenizer(directory: Path) -> HFTokenizer | None:
     if "model" not in data:  # a kdcore tokenizer.json ({"type": "byte"})
         return None
     require_mlx_lm()
+    warn_folder_code(directory, folder_code(directory, "tokenizer"), AS_DATA)
     return HFTokenizer.from_json(data, directory)
 
 
@@ -195,3 +196,85 @@ def require_mlx_lm():
             "mlx-lm models need the optional extra: pip install 'kdcore[mlx-lm]'"
         ) from exc
     return sys.modules["mlx_lm"]
+
+
+# ---------------------------------------------------------------- code in a model folder
+#
+# A model or tokenizer folder may name Python of its own: ``auto_map`` entries in
+# tokenizer_config.json / config.json (transformers imports the module they name), or
+# mlx-lm's ``model_file``. A folder is data, often downloaded: kdcore never runs its code.
+# Every load passes ``trust_remote_code=False`` and says what the folder asked for; a load
+# that cannot work without the code is refused.
+
+NEVER = "kdcore never runs code from a model folder"
+AS_DATA = "its tokenizer.json is read as data, which that code may tokenize differently"
+_warned: set[tuple[str, tuple[str, ...]]] = set()
+
+
+def folder_code(folder: str | Path, what: str) -> list[str]:
+    """The Python ``folder`` asks to run to load its ``what`` (``"tokenizer"`` or
+    ``"model"``), as ``"FILE: auto_map.KEY = module.Class"`` lines: a tokenizer's are its
+    tokenizer_config.json ``auto_map`` and config.json's ``AutoTokenizer`` (transformers
+    reads both); a model's, config.json's ``auto_map`` and ``model_file``. A file that
+    cannot be read asks for nothing here (its loader reports it)."""
+    folder = Path(folder)
+    found = []
+    names = ("tokenizer_config.json", "config.json") if what == "tokenizer" else ("config.json",)
+    for name in names:
+        try:
+            data = json.loads((folder / name).read_text(encoding="utf-8"))
+        except (OSError, ValueError, RecursionError):
+            continue
+        if not isinstance(data, dict):
+            continue
+        auto_map = data.get("auto_map")
+        for key, value in auto_map.items() if isinstance(auto_map, dict) else ():
+            if what == "tokenizer" and name == "config.json" and key != "AutoTokenizer":
+                continue  # model classes: not the tokenizer's
+            refs = value if isinstance(value, list) else [value]
+            shown = " / ".join(str(r) for r in refs if r is not None)
+            found.append(f"{name}: auto_map.{key} = {shown}")
+        if what == "model" and data.get("model_file") is not None:
+            found.append(f"{name}: model_file = {data['model_file']}")
+    return found
+
+
+def warn_folder_code(folder: str | Path, requests: list[str], instead: str) -> None:
+    """Say once per folder (on stderr) that its code was not run, and what was done
+    ``instead``."""
+    key = (str(folder), tuple(requests))
+    if not requests or key in _warned:
+        return
+    _warned.add(key)
+    print(
+        f"warning: {folder} asks to run its own Python ({'; '.join(requests)}); {NEVER}: {instead}",
+        file=sys.stderr,
+    )
+
+
+def load_mlx_tokenizer(folder: str | Path, where: str) -> Any:
+    """mlx-lm's ``TokenizerWrapper`` of ``folder`` (``mlx_lm.tokenizer_utils.load``), through
+    transformers with ``trust_remote_code=False``: a folder whose tokenizer class is its own
+    code is refused with the entry named (``where``: the spec place); one whose class
+    transformers has loads with that class, and a warning."""
+    require_mlx_lm()
+    from mlx_lm.tokenizer_utils import load
+
+    folder = Path(folder)
+    requests = folder_code(folder, "tokenizer")
+    try:
+        wrapper = load(folder, tokenizer_config_extra={"trust_remote_code": False})
+    except Exception as exc:  # transformers' errors for a broken folder vary
+        if requests and _is_code_refusal(exc):
+            raise SpecError(
+                f"{folder} asks to run its own Python to load its tokenizer "
+                f"({'; '.join(requests)}); {NEVER} @ {where}"
+            ) from None
+        raise SpecError(f"cannot load the tokenizer in {folder}: {exc} @ {where}") from None
+    warn_folder_code(folder, requests, "transformers' own tokenizer class is used")
+    return wrapper
+
+
+def _is_code_refusal(exc: Exception) -> bool:
+    # transformers' refusal of a folder's code names the option it was refused by
+    return isinstance(exc, ValueError) and "trust_remote_code" in str(exc)

@@ -99,4 +99,8 @@ def load_tokenizer(directory: str | os.PathLike):
         data = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise CheckpointError(f"{path} is not valid JSON: {exc}") from exc
+    if isinstance(data, dict) and "model" in data:  # a Hugging Face folder: is it code?
+        from kdcore.tokenizers.hf import AS_DATA, folder_code, warn_folder_code
+
+        warn_folder_code(directory, folder_code(directory, "tokenizer"), AS_DATA)
     return tokenizer_from_json(data, str(path), Path(directory))

@@ -194,8 +194,11 @@ def report_section(run_dir: str | Path, figures_dir: str | Path) -> list[str] | 
 
 def cmd_heatmap(args) -> int:
     run_dir = Path(args.run_dir)
-    result = instance_weights(run_dir, batches=args.batches, split=args.split)
     out = Path(args.output) if args.output else run_dir / "report" / "amtml_weights.png"
+    if args.output:  # a file the user named: never the run's own, replaced only with --force
+        run_files = [(p, "a file of the run") for p in run_dir.rglob("*") if p.is_file()]
+        app.check_output(out, run_files, args.force, "kd amtml-heatmap")
+    result = instance_weights(run_dir, batches=args.batches, split=args.split)
     data = write_heatmap(result, out)
     if args.json:
         print(json.dumps(data, indent=2))
@@ -218,5 +221,6 @@ def add_commands(subparsers) -> None:
     p.add_argument("--batches", type=int, default=None, help="val batches (default: all)")
     p.add_argument("--split", default="val", choices=["train", "val"])
     p.add_argument("--output", "-o", help="PNG path (default: RUN_DIR/report/amtml_weights.png)")
+    p.add_argument("--force", action="store_true", help="replace --output if it exists")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_heatmap)
