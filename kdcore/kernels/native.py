@@ -20,12 +20,20 @@ import mlx.core as mx
 
 from kdcore.errors import KdError
 from kdcore.kernels.kinds import KINDS
+from kdcore.models import ops
 from kdcore.registry.manager import RowKernel, get_registry
 
 RowFn = Callable[..., tuple[mx.array, mx.array]]
 
 # Every name a plugin may register a kernel for (kd doctor reports each).
-ROW_KERNELS = (*KINDS, *(f"sparse:{kind}" for kind in KINDS), "cross_entropy", "adam")
+ROW_KERNELS = (
+    *KINDS,
+    *(f"sparse:{kind}" for kind in KINDS),
+    "cross_entropy",
+    "adam",
+    "softmax",  # attention's softmax (kdcore.models.ops)
+    "swiglu",
+)
 
 # None until a table is installed (kd doctor says so, rather than "no plugin registers one").
 _installed: dict[str, RowKernel] | None = None
@@ -38,6 +46,9 @@ def use_row_kernels(kernels: Mapping[str, RowKernel] | None) -> dict[str, RowKer
     global _installed
     previous = _installed
     _installed = None if kernels is None else dict(kernels)
+    # The layers' kernels too: the built-in transformer and mlx-lm's layers read them there
+    # (and check KD_KERNELS and the device at each call).
+    ops.use_layer_kernels(_built("softmax", ()), _built("swiglu", ()))
     return previous
 
 

@@ -19,6 +19,7 @@ from mlx.utils import tree_flatten
 
 from kdcore.errors import CheckpointError, KdError, SpecError
 from kdcore.io import read_json, save_arrays, write_json
+from kdcore.models import ops
 from kdcore.models.checkpoint import checkpointed
 from kdcore.models.dtype import apply_policy
 from kdcore.models.output import ModelOutput, plain_head
@@ -67,6 +68,7 @@ def model_classes(config: dict) -> tuple[type, type]:
 
 def build_mlxlm(config: dict) -> nn.Module:
     """A fresh mlx-lm model of ``config`` (random weights from the current seed)."""
+    ops.patch_mlx_lm()
     model_cls, args_cls = model_classes(config)
     try:
         return model_cls(args_cls.from_dict(config))
@@ -98,6 +100,7 @@ def load_mlxlm(
     require_mlx_lm()
     from mlx_lm.utils import load_model
 
+    ops.patch_mlx_lm()  # its layers' attention and SwiGLU through kdcore.models.ops
     path = Path(path)
     if not (path / "config.json").exists():
         raise CheckpointError(f"not an mlx-lm model directory (no config.json): {path}")

@@ -16,6 +16,7 @@ import attrs
 import mlx.core as mx
 import mlx.nn as nn
 
+from kdcore.models import ops
 from kdcore.models.checkpoint import checkpointed
 from kdcore.models.output import ModelOutput, plain_head
 from kdcore.spec.validators import number, positive
@@ -171,7 +172,7 @@ class Attention(nn.Module):
             weights = mx.softmax(scores.astype(mx.float32), axis=-1).astype(q.dtype)
             out = weights @ v_full
         else:
-            out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
+            out = ops.attention(q, k, v, self.scale, mask)
         out = out.transpose(0, 2, 1, 3).reshape(B, L, -1)
         return self.o_proj(out), weights
 
@@ -184,7 +185,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(config.hidden_dim, config.dim, bias=False)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(ops.swiglu(self.gate_proj(x), self.up_proj(x)))
 
 
 class Block(nn.Module):
@@ -233,7 +234,9 @@ class Transformer(nn.Module):
         want_attn = "attentions" in capture
         x = self.embed(input_ids)
         L = input_ids.shape[1]
-        if cache is None:
+        if cache is None and not want_attn:
+            mask = "causal"  # the attention kernels' own causal mask (kdcore.models.ops)
+        elif cache is None:
             mask = nn.MultiHeadAttention.create_additive_causal_mask(L).astype(x.dtype)
         else:
             mask = cache.mask(L, x.dtype, explicit=want_attn)

@@ -61,6 +61,20 @@ NB_MODULE(_ext, m) {
       "bias_correction"_a,
       "(parameter, m, v) after one Adam(W) step of float32 arrays, in one pass (scalars: "
       "decay, b1, 1 - b1, b2, 1 - b2, eps, lr or c1, c2).");
+  m.def(
+      "softmax",
+      &kd_kernels::softmax,
+      "x"_a,
+      "scale"_a,
+      "causal"_a,
+      "softmax(scale * x) over the last axis of float32 attention scores [..., queries, "
+      "keys] (causal: query q sees keys up to q + keys - queries), with its gradient.");
+  m.def(
+      "swiglu",
+      &kd_kernels::swiglu,
+      "gate"_a,
+      "up"_a,
+      "silu(gate) * up of float32 arrays, with its gradient.");
   m.def("isa", &kd_kernels::isa, "The instruction set the kernels use.");
   m.def("isas", &kd_kernels::isas, "The instruction sets this build can use on this CPU.");
   m.def("set_isa", &kd_kernels::set_isa, "name"_a, "Use another instruction set; returns the old.");

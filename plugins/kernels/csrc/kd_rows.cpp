@@ -2,6 +2,8 @@
 // and the threads.
 #include "kd_rows.h"
 
+#include <functional>
+
 #include <algorithm>
 #include <atomic>
 #include <cstdlib>
@@ -30,6 +32,10 @@ struct Isa {
   CrossEntropyFn cross_entropy;
   SparseFn sparse;
   AdamFn adam;
+  SoftmaxFn softmax;
+  SoftmaxGradFn softmax_grad;
+  SwigluFn swiglu;
+  SwigluFn swiglu_grad;
   bool (*supported)();
 };
 
@@ -56,12 +62,20 @@ const Isa kIsas[] = {
      isa_avx512::cross_entropy_rows,
      isa_avx512::sparse_rows,
      isa_avx512::adam_step,
+     isa_avx512::softmax_rows,
+     isa_avx512::softmax_grad_rows,
+     isa_avx512::swiglu,
+     isa_avx512::swiglu_grad,
      has_avx512},
     {"avx2",
      isa_avx2::dense_rows,
      isa_avx2::cross_entropy_rows,
      isa_avx2::sparse_rows,
      isa_avx2::adam_step,
+     isa_avx2::softmax_rows,
+     isa_avx2::softmax_grad_rows,
+     isa_avx2::swiglu,
+     isa_avx2::swiglu_grad,
      has_avx2},
 #endif
     {"base",
@@ -69,6 +83,10 @@ const Isa kIsas[] = {
      isa_base::cross_entropy_rows,
      isa_base::sparse_rows,
      isa_base::adam_step,
+     isa_base::softmax_rows,
+     isa_base::softmax_grad_rows,
+     isa_base::swiglu,
+     isa_base::swiglu_grad,
      always},
 };
 
@@ -243,6 +261,19 @@ void no_gpu(const char* name) {
 }
 
 }  // namespace
+
+namespace detail {
+
+void parallel(int64_t items, int64_t work_per_item, const std::function<void(int64_t, int64_t)>& f) {
+  parallel_rows(items, work_per_item, f);
+}
+
+LayerFns layer_fns() {
+  const Isa* isa = current_isa();
+  return {isa->softmax, isa->softmax_grad, isa->swiglu, isa->swiglu_grad};
+}
+
+}  // namespace detail
 
 std::string isa() {
   return current_isa()->name;

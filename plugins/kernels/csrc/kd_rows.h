@@ -1,12 +1,14 @@
 // MLX primitives of the native kernels (loss rows, the Adam step) and the ops that build them.
 #pragma once
 
+#include <functional>
 #include <string>
 #include <tuple>
 #include <vector>
 
 #include "mlx/ops.h"
 #include "mlx/primitives.h"
+#include "rows.h"
 
 namespace mx = mlx::core;
 
@@ -63,6 +65,25 @@ std::vector<std::string> isas();
 std::string set_isa(const std::string& name);
 int threads();
 int set_threads(int n);
+
+// softmax(scale * x) over the last axis of float32 attention scores [..., queries, n]; with
+// `causal`, query q sees keys 0 .. q + n - queries (the others get 0). Differentiable.
+mx::array softmax(const mx::array& x, double scale, bool causal);
+
+// silu(gate) * up of float32 arrays of one shape. Differentiable.
+mx::array swiglu(const mx::array& gate, const mx::array& up);
+
+namespace detail {
+struct LayerFns {
+  SoftmaxFn softmax;
+  SoftmaxGradFn softmax_grad;
+  SwigluFn swiglu;
+  SwigluFn swiglu_grad;
+};
+// The instruction set's layer kernels, and rows split across the kernels' threads.
+LayerFns layer_fns();
+void parallel(int64_t items, int64_t work_per_item, const std::function<void(int64_t, int64_t)>& f);
+}  // namespace detail
 
 class DenseRows : public mx::Primitive {
  public:

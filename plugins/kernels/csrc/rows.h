@@ -92,7 +92,42 @@ struct AdamArgs {
   float* v;
 };
 
+// The softmax of attention scores [rows, n], float32: y = softmax(scale * x) per row; with
+// `causal`, row r is query position r % queries and sees keys 0 .. that + n - queries.
+struct SoftmaxArgs {
+  float scale;
+  int64_t n;
+  int64_t queries;
+  bool causal;
+  const float* x;
+  float* y;
+};
+
+// Its backward: dx = scale * y * (g - sum(g * y)).
+struct SoftmaxGradArgs {
+  float scale;
+  int64_t n;
+  int64_t queries;
+  bool causal;
+  const float* y;
+  const float* g;
+  float* dx;
+};
+
+// SwiGLU over elements: y = silu(gate) * up; its backward from dy into d_gate and d_up.
+struct SwigluArgs {
+  const float* gate;
+  const float* up;
+  const float* dy;
+  float* y;
+  float* d_gate;
+  float* d_up;
+};
+
 using DenseFn = void (*)(const DenseArgs&, int64_t r0, int64_t r1);
+using SoftmaxFn = void (*)(const SoftmaxArgs&, int64_t r0, int64_t r1);
+using SoftmaxGradFn = void (*)(const SoftmaxGradArgs&, int64_t r0, int64_t r1);
+using SwigluFn = void (*)(const SwigluArgs&, int64_t i0, int64_t i1);
 using SparseFn = void (*)(const SparseArgs&, int64_t r0, int64_t r1);
 using CrossEntropyFn = void (*)(const CrossEntropyArgs&, int64_t r0, int64_t r1);
 using AdamFn = void (*)(const AdamArgs&, int64_t i0, int64_t i1);
@@ -103,6 +138,10 @@ using AdamFn = void (*)(const AdamArgs&, int64_t i0, int64_t i1);
   void cross_entropy_rows(const CrossEntropyArgs& a, int64_t r0, int64_t r1);  \
   void sparse_rows(const SparseArgs& a, int64_t r0, int64_t r1);               \
   void adam_step(const AdamArgs& a, int64_t i0, int64_t i1);                   \
+  void softmax_rows(const SoftmaxArgs& a, int64_t r0, int64_t r1);             \
+  void softmax_grad_rows(const SoftmaxGradArgs& a, int64_t r0, int64_t r1);    \
+  void swiglu(const SwigluArgs& a, int64_t i0, int64_t i1);                    \
+  void swiglu_grad(const SwigluArgs& a, int64_t i0, int64_t i1);               \
   int lanes();                                                                 \
   }
 

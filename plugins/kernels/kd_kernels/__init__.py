@@ -1,4 +1,5 @@
-"""kd-kernels: kdcore's loss rows and Adam step as native MLX primitives on the CPU.
+"""kd-kernels: kdcore's loss rows, Adam step and layer kernels as native MLX primitives on
+the CPU.
 
 kdcore computes every token divergence (against dense or top-k teachers) and the
 cross-entropy per chunk of rows with a *row function* ``rows(scale [C, 1], s [C, V],
@@ -9,6 +10,10 @@ core. This plugin registers C++ replacements through the ``kd_row_kernels`` hook
 primitive per call that reads each row's logits from memory once, keeps the row in the
 core's cache for its remaining passes, writes the gradient once, vectorised (AVX-512, AVX2
 or the baseline instruction set, chosen at run time) and split across the CPU's cores.
+
+The layer kernels (``"softmax"``, attention's softmax, and ``"swiglu"``, each with its
+backward) run inside the built-in transformer's and mlx-lm's layers through
+``kdcore.models.ops``: on a real model most of a layer's time is that element-wise work.
 
 kdcore uses them on the CPU unless ``KD_KERNELS=pure`` (tests/test_stress.py is the stress
 check); on a GPU and for anything not registered its pure-MLX row functions run.
@@ -141,6 +146,18 @@ def adam_factory():
     return _ext.adam_step
 
 
+def softmax_factory():
+    """``softmax(x, scale, causal)``: attention's softmax of float32 scores [..., L, S] in one
+    vectorised, threaded pass per row, with its backward (``kdcore.models.ops.attention``)."""
+    return _ext.softmax
+
+
+def swiglu_factory():
+    """``swiglu(gate, up)``: ``silu(gate) * up`` of float32 arrays in one pass, with its
+    backward (``kdcore.models.ops.swiglu``)."""
+    return _ext.swiglu
+
+
 @kdcore.hookimpl
 def kd_row_kernels():
     reason = unavailable_reason()
@@ -154,6 +171,8 @@ def kd_row_kernels():
     table.update({f"sparse:{kind}": sparse_factory(kind) for kind in kinds})
     table["cross_entropy"] = cross_entropy_factory
     table["adam"] = adam_factory
+    table["softmax"] = softmax_factory
+    table["swiglu"] = swiglu_factory
     for factory in table.values():
         factory.description = text
     return table

@@ -1,0 +1,136 @@
+"""The two layer operations a plugin may run natively: attention (its softmax) and SwiGLU.
+
+MLX's Linux CPU backend runs exp, sigmoid and softmax as scalar code on one core: at a real
+model's shape most of a layer's time is the ``[B, heads, L, L]`` softmax and
+``silu(gate) * up``, not its matrix products (docs/performance.md, ``real_model``). A
+plugin registers native kernels for them through ``kd_row_kernels`` (names ``"softmax"``
+and ``"swiglu"``; kd-kernels does) and the engine installs them here
+(:func:`use_layer_kernels`); until then, on another device, under ``KD_KERNELS=pure`` or
+``KD_LAYER_KERNELS=off``, MLX's own ``scaled_dot_product_attention`` and ``silu`` run.
+
+Where they run: the built-in transformer calls :func:`attention` and :func:`swiglu`, and
+mlx-lm's llama, qwen2, qwen3, mistral and gemma3 layers do too once :func:`patch_mlx_lm`
+has replaced the two names those modules import (``scaled_dot_product_attention`` and
+``swiglu``), for the mlx-lm versions in :data:`CHECKED_MLX_LM` only; anything the kernels
+do not cover (a quantized KV cache, attention sinks, a mask array, a float16 model) goes to
+mlx-lm's own function.
+
+:func:`attention` with the native softmax computes ``q k^T`` and ``p v`` as batched matrix
+products (float32, grouped KV heads read in place), so it holds the ``[B, heads, L, L]``
+scores that MLX's CPU attention holds too.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+
+# mlx-lm versions whose layers were checked with the patch (tests/test_layer_kernels.py)
+CHECKED_MLX_LM = ("0.32.2",)
+MLX_LM_MODULES = ("llama", "qwen2", "qwen3", "mistral", "gemma3_text")
+
+_softmax: Callable[..., mx.array] | None = None
+_swiglu: Callable[..., mx.array] | None = None
+_patched: dict[str, tuple[Any, Any]] = {}  # module -> (its sdpa, its swiglu) before the patch
+
+
+def use_layer_kernels(
+    softmax: Callable[..., mx.array] | None, swiglu_kernel: Callable[..., mx.array] | None
+) -> tuple[Any, Any]:
+    """Run ``softmax(x, scale, causal)`` and ``swiglu(gate, up)`` from now on (None: MLX's
+    own); returns the pair it replaces."""
+    global _softmax, _swiglu
+    previous = (_softmax, _swiglu)
+    _softmax, _swiglu = softmax, swiglu_kernel
+    return previous
+
+
+def _native(x: mx.array) -> bool:
+    # KD_KERNELS=pure is read at each call, as the row kernels read it; KD_LAYER_KERNELS=off
+    # turns off these two alone (to measure what they give)
+    return (
+        mx.default_device().type == mx.cpu
+        and x.dtype == mx.float32
+        and os.environ.get("KD_KERNELS", "").strip().lower() != "pure"
+        and os.environ.get("KD_LAYER_KERNELS", "").strip().lower() != "off"
+    )
+
+
+def attention(
+    q: mx.array, k: mx.array, v: mx.array, scale: float, mask: str | mx.array | None
+) -> mx.array:
+    """``softmax(scale q k^T + mask) v`` for ``q`` [B, Hq, L, D] and ``k``, ``v`` [B, Hkv, S,
+    D] (``Hq`` a multiple of ``Hkv``); ``mask``: ``"causal"``, None or an additive array."""
+    kernel = _softmax
+    if kernel is None or not isinstance(mask, (str, type(None))) or not _native(q):
+        return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
+    if isinstance(mask, str) and mask != "causal":
+        return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
+    B, heads, L, D = q.shape
+    kv_heads = k.shape[1]
+    groups = heads // kv_heads
+    # [B, Hkv, G, L, D] @ [B, Hkv, 1, D, S]: each KV head serves its group in place
+    qg = q.reshape(B, kv_heads, groups, L, D)
+    scores = qg @ mx.expand_dims(k.astype(mx.float32), 2).swapaxes(-1, -2)
+    probs = kernel(scores, float(scale), mask == "causal")
+    out = probs @ mx.expand_dims(v.astype(mx.float32), 2)
+    return out.reshape(B, heads, L, D).astype(q.dtype)
+
+
+def swiglu(gate: mx.array, up: mx.array) -> mx.array:
+    """``silu(gate) * up``."""
+    kernel = _swiglu
+    if kernel is None or not _native(gate) or up.dtype != mx.float32:
+        return nn.silu(gate) * up
+    return kernel(gate, up)
+
+
+def _mlx_lm_attention(original: Callable[..., mx.array]) -> Callable[..., mx.array]:
+    def scaled_dot_product_attention(queries, keys, values, cache, scale, mask, sinks=None):
+        if _softmax is None or sinks is not None or hasattr(cache, "bits") or not _native(queries):
+            return original(queries, keys, values, cache, scale=scale, mask=mask, sinks=sinks)
+        return attention(queries, keys, values, scale, mask)
+
+    return scaled_dot_product_attention
+
+
+def _mlx_lm_swiglu(original: Callable[..., mx.array]) -> Callable[..., mx.array]:
+    def swiglu_or_mlx_lm(gate, x):
+        if _swiglu is None or not _native(gate) or x.dtype != mx.float32:
+            return original(gate, x)
+        return _swiglu(gate, x)
+
+    return swiglu_or_mlx_lm
+
+
+def patch_mlx_lm() -> list[str]:
+    """Route mlx-lm's layers through :func:`attention` and :func:`swiglu` (the names the
+    modules of :data:`MLX_LM_MODULES` import); the modules patched. Once per process, and
+    only for an mlx-lm in :data:`CHECKED_MLX_LM`."""
+    try:
+        import importlib
+
+        import mlx_lm
+    except ImportError:
+        return []
+    if mlx_lm.__version__ not in CHECKED_MLX_LM:
+        return []
+    for name in MLX_LM_MODULES:
+        if name in _patched:
+            continue
+        try:
+            module = importlib.import_module(f"mlx_lm.models.{name}")
+        except ImportError:
+            continue
+        sdpa = getattr(module, "scaled_dot_product_attention", None)
+        act = getattr(module, "swiglu", None)
+        _patched[name] = (sdpa, act)
+        if sdpa is not None:
+            module.scaled_dot_product_attention = _mlx_lm_attention(sdpa)
+        if act is not None:
+            module.swiglu = _mlx_lm_swiglu(act)
+    return sorted(_patched)
