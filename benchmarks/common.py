@@ -33,7 +33,12 @@ def run_isolated(
     env: dict[str, str] | None = None,
 ) -> dict:
     """Run ``python -m benchmarks.MODULE ARGS`` in a fresh process (clean peak memory),
-    with ``env`` added to the environment, and return the JSON it prints on its last line."""
+    with ``env`` added to the environment, and return the JSON it prints on its last line.
+
+    ``fast_path``: True preloads OpenBLAS (kd's fast path), False runs without it, None
+    inherits. A PyTorch peer runs with False, as a user runs it: OpenBLAS preloaded under
+    PyTorch's OpenMP threads made SmolLM2's forward 7x slower on this machine (2.7 s ->
+    18 s), its spinning threads taking the cores from PyTorch's own."""
     env, lib = {**os.environ, **(env or {})}, openblas_path()
     if fast_path is True and lib is not None:
         env["LD_PRELOAD"] = lib

@@ -209,7 +209,11 @@ def main(argv: list[str] | None = None) -> int:
         if torch:
             runs.append(("torch", "torch"))
         for part, variant in runs:
-            result = run_isolated("kernels", ["--one", loss, part, variant, *size])
+            result = run_isolated(
+                "kernels",
+                ["--one", loss, part, variant, *size],
+                fast_path=False if variant == "torch" else None,
+            )
             result["gb_per_s"] = moved / result["wall_s"] / 1e9
             result["bandwidth_share"] = result["gb_per_s"] / copy
             if part == "torch":

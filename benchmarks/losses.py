@@ -269,7 +269,10 @@ def main(argv: list[str] | None = None) -> int:
         runs: dict[str, list[dict]] = {v: [] for v in variants}
         for r in range(args.repeats):
             for variant in variants:  # interleaved: load drift hits every variant alike
-                runs[variant].append(run_isolated("losses", ["--one", loss, variant, *size]))
+                peer = False if variant == "torch" else None  # PyTorch as a user runs it
+                runs[variant].append(
+                    run_isolated("losses", ["--one", loss, variant, *size], fast_path=peer)
+                )
                 last = runs[variant][-1]
                 peak = last.get("peak_extra_bytes", last["rss_extra_bytes"]) / 2**20
                 print(

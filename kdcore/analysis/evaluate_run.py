@@ -13,6 +13,7 @@ from kdcore.engine.evaluate import evaluate
 from kdcore.engine.rundir import load_run_spec
 from kdcore.errors import CheckpointError, SpecError
 from kdcore.io import read_json
+from kdcore.kernels.native import install_registered_kernels
 from kdcore.models.io import count_parameters
 from kdcore.registry.manager import get_registry
 from kdcore.registry.setup import Setup
@@ -52,6 +53,9 @@ def evaluate_run(
     from kdcore.analysis.temperature import load_model_dir, run_teacher
 
     spec = load_run_spec(run_dir)
+    # The kernels the run installed when it built (attention's softmax, SwiGLU, the rows):
+    # the same figures as the run's own eval records, to the last digit.
+    install_registered_kernels()
     student, tokenizer = load_model_dir(run_dir / "student")
     registry = get_registry()
     notes: list[str] = []

@@ -15,9 +15,11 @@ has replaced the two names those modules import (``scaled_dot_product_attention`
 do not cover (a quantized KV cache, attention sinks, a mask array, a float16 model) goes to
 mlx-lm's own function.
 
-:func:`attention` with the native softmax computes ``q k^T`` and ``p v`` as batched matrix
-products (float32, grouped KV heads read in place), so it holds the ``[B, heads, L, L]``
-scores that MLX's CPU attention holds too.
+:func:`attention` with the native softmax computes ``q k^T`` and ``p v`` as matrix products
+(float32, a KV head's query heads stacked as rows), so under a gradient it holds the
+``[B, heads, L, S]`` scores and probabilities, as MLX's own attention does (a backward
+that recomputes them inside ``mx.custom_function`` keeps them too: MLX keeps a traced
+graph's intermediates until the backward; only a single native primitive would not).
 """
 
 from __future__ import annotations
@@ -70,14 +72,19 @@ def attention(
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
     if isinstance(mask, str) and mask != "causal":
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
+    return _attention_core(q, k, v, float(scale), mask == "causal", kernel)
+
+
+def _attention_core(q, k, v, scale: float, causal: bool, kernel) -> mx.array:
     B, heads, L, D = q.shape
     kv_heads = k.shape[1]
     groups = heads // kv_heads
-    # [B, Hkv, G, L, D] @ [B, Hkv, 1, D, S]: each KV head serves its group in place
-    qg = q.reshape(B, kv_heads, groups, L, D)
-    scores = qg @ mx.expand_dims(k.astype(mx.float32), 2).swapaxes(-1, -2)
-    probs = kernel(scores, float(scale), mask == "causal")
-    out = probs @ mx.expand_dims(v.astype(mx.float32), 2)
+    # A KV head's query heads stacked as rows, [B, Hkv, G * L, D] (a free reshape): one
+    # matrix product per KV head, K and V read in place, no broadcast copy.
+    qs = q.astype(mx.float32).reshape(B, kv_heads, groups * L, D)
+    scores = (qs @ k.astype(mx.float32).swapaxes(-1, -2)).reshape(B, kv_heads, groups, L, -1)
+    probs = kernel(scores, scale, causal).reshape(B, kv_heads, groups * L, -1)
+    out = probs @ v.astype(mx.float32)
     return out.reshape(B, heads, L, D).astype(q.dtype)
 
 
