@@ -199,6 +199,7 @@ def main(argv: list[str] | None = None) -> int:
         "settings": {"hinton_T": T_HINTON, "gjsd_beta": BETA},
         "target": {"bandwidth_share": TARGET, "losses": list(TARGET_LOSSES), "part": "rows"},
         "machine": machine(),
+        "torch_as_users_run_it": True,  # without kd's OpenBLAS preload
         "losses": {},
     }
     for loss in [x for x in args.losses.split(",") if x]:

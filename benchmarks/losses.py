@@ -263,6 +263,7 @@ def main(argv: list[str] | None = None) -> int:
         "repeats": args.repeats,
         "settings": {"hinton_T": T_KL, "gjsd_beta": BETA, "bild_k": K_BILD, "bild_T": T_BILD},
         "machine": machine(),
+        "torch_as_users_run_it": True,  # without kd's OpenBLAS preload
         "losses": {},
     }
     for loss in losses:

@@ -378,6 +378,7 @@ def measure(quick: bool = False) -> dict:
     result = {
         "shapes": {**s, "tokens_per_step": s["batch"] * s["seq"]},
         "machine": machine(),
+        "torch_as_users_run_it": True,  # without kd's OpenBLAS preload
         "load_average_before": load_before,
         "load_average_after": os.getloadavg()[0],
         "kd": kd,

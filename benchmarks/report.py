@@ -23,6 +23,8 @@ SECTIONS = [
     "cache",
     "generation",
     "real_vocab",
+    "real_model",
+    "real_model_breakdown",
     "scaling",
     "blas",
     "quantization",
@@ -371,6 +373,110 @@ def real_vocab_lines(v: dict) -> list[str]:
     ]
 
 
+def preloaded_torch(section: dict) -> list[str]:
+    """A caveat for a section measured before PyTorch ran as a user runs it."""
+    if section.get("torch_as_users_run_it"):
+        return []
+    return [
+        "*PyTorch's figures in this section were measured with kd's OpenBLAS preloaded "
+        "into PyTorch's process too (before commit 24833aa), which slows PyTorch (its "
+        "SmolLM2 forward went from 2.7 s to 18 s here): they flatter kd until this section "
+        "is run again.*",
+        "",
+    ]
+
+
+def real_model_lines(v: dict, b: dict | None) -> list[str]:
+    """kd distill on SmolLM2-135M-Instruct against PyTorch (benchmarks/real_model.py), and
+    where the time goes (benchmarks/real_model_breakdown.py)."""
+    s, gb = v["shapes"], 1e9
+    yes = {True: "met", False: "**missed**"}
+
+    def row(name: str, c: dict, mlx: bool = True) -> str:
+        if "step_s" not in c:
+            return f"| {name} | {c.get('skipped', 'not run')} | | |"
+        peak = f"{c['mlx_peak_bytes'] / gb:.2f}" if mlx and "mlx_peak_bytes" in c else "-"
+        return f"| {name} | {c['step_s']:.1f} | {peak} | {c['peak_rss_bytes'] / gb:.2f} |"
+
+    torch = v["torch"]
+    lines = [
+        "## A real model (SmolLM2-135M-Instruct, 30 layers, V = 49,152)",
+        "",
+        "`benchmarks/real_model.py` (`benchmarks/run --only real_model`): the teacher is "
+        "SmolLM2-135M-Instruct imported from its GGUF as float32, the student its first "
+        f"{s['student_layers'] // 2 + s['student_layers'] % 2} and last "
+        f"{s['student_layers'] // 2} layers ({s['student_layers']} of "
+        f"{s['teacher_layers']}); batch {s['batch']} x {s['seq']} tokens of the same rows "
+        "for every contender; 0.5 CE + 0.5 KL at T = 1, AdamW; step time the median of "
+        f"steps 2-{s['steps']}, each contender in its own process; load average "
+        f"{v['load_average_before']:.2f} before the section, {v['load_average_after']:.2f} "
+        "after it.",
+        "",
+        "| contender | step (s) | MLX peak (GB) | peak RSS (GB) |",
+        "| --- | ---: | ---: | ---: |",
+        row("`kd distill`, live teacher (fused head + loss, native kernels)", v["kd"]),
+        row(
+            "the same without the layer kernels (`KD_LAYER_KERNELS=off`)",
+            v["kd_no_layer_kernels"],
+        ),
+        row(f"`kd distill` from a top-{s['top_k']} cache of the teacher", v["kd_cache"]),
+        row(f"PyTorch {torch.get('torch', '')} + transformers, full logits", torch, False),
+        row("the same PyTorch loop with glibc's heap reuse", v["torch_heap_reuse"], False),
+        row(f"`kd distill` at 4x the tokens (batch {s['batch'] * 4})", v["kd_4x_tokens"]),
+        "",
+    ]
+    if v.get("kd_vs_torch") is not None:
+        lines += [
+            f"kd / PyTorch step **{v['kd_vs_torch']:.2f}x** (target <= 0.70x, "
+            f"{yes[v['kd_vs_torch'] <= 0.70]}), **{v['kd_vs_torch_heap_reuse']:.2f}x** "
+            f"against PyTorch with the heap reuse (target <= 1.0x, "
+            f"{yes[v['kd_vs_torch_heap_reuse'] <= 1.0]}); peak RSS "
+            f"**{v['kd_rss_vs_torch']:.2f}x** PyTorch's (target <= 0.50x, "
+            f"{yes[v['kd_rss_vs_torch'] <= 0.50]}). The layer kernels make kd's step "
+            f"{v['layer_kernels_speedup']:.2f}x faster; from the cache the step is "
+            f"{v['kd_cache_vs_torch']:.2f}x PyTorch's. First step's loss: kd "
+            f"{v['first_loss']['kd']:.5f}, PyTorch {v['first_loss']['torch']:.5f}.",
+            "",
+        ]
+    if b:
+        kinds = ["matmuls", "attention", "norms", "rotary", "activations", "copies"]
+        kd, pt = b["kd"], b["torch"]
+        lines += [
+            "Where the step's time goes (`benchmarks/real_model_breakdown.py`, `benchmarks/run "
+            "--only real_model_breakdown`; each phase timed alone, median of 3; load average "
+            f"{b['load_average_before']:.2f} before it):",
+            "",
+            "| phase | kd (s) | PyTorch (s) |",
+            "| --- | ---: | ---: |",
+            *(
+                f"| {name.replace('_', ' ')} | {kd['phases_s'][name]:.2f} | "
+                f"{pt['phases_s'][name]:.2f} |"
+                for name in kd["phases_s"]
+            ),
+            f"| sum | {kd['step_s']:.2f} | {pt['step_s']:.2f} |",
+            "",
+            "Inside the student's layers, by kind of work (kd: one layer's forward and backward "
+            "of each kind at the step's shape, times the layers; PyTorch: `torch.profiler` self "
+            "CPU time over one student forward and backward):",
+            "",
+            "| kind | kd (s) | PyTorch (s) |",
+            "| --- | ---: | ---: |",
+            *(
+                f"| {name} | {kd['student_layers_s'][name]:.2f} | "
+                f"{pt['student_layers_s'].get(name, 0.0):.2f} |"
+                for name in kinds
+            ),
+            f"| attention, MLX's own softmax | "
+            f"{kd['student_layers_s']['attention_without_native_softmax']:.2f} | |",
+            f"| SwiGLU, MLX's own silu | "
+            f"{kd['student_layers_s']['activations_without_native_swiglu']:.2f} | |",
+            f"| allocation | | {pt['student_layers_s'].get('allocation', 0.0):.2f} |",
+            f"| other | | {pt['student_layers_s'].get('other', 0.0):.2f} |",
+            "",
+        ]
+    return lines
+
+
 def breakdown_lines(b: dict | None) -> list[str]:
     """Where a real-vocabulary kd step goes (the part of each, one measured step)."""
     if not b:
@@ -488,11 +594,14 @@ def render(r: dict, figures: Path) -> str:
             "",
         ]
     if "losses" in r and "sizes" in r["losses"]:
-        lines += loss_lines(r, figures)
+        lines += loss_lines(r, figures) + preloaded_torch(r["losses"])
     if "kernels" in r:  # benchmarks/kernels.py
         lines += ["## Native row kernels (kd-kernels)", "", r["kernels"]["markdown"], ""]
+        lines += preloaded_torch(r["kernels"])
     if "real_vocab" in r:
-        lines += real_vocab_lines(r["real_vocab"])
+        lines += real_vocab_lines(r["real_vocab"]) + preloaded_torch(r["real_vocab"])
+    if "real_model" in r:
+        lines += real_model_lines(r["real_model"], r.get("real_model_breakdown"))
     if "cache" in r:
         lines += cache_lines(r["cache"])
     if "generation" in r:
