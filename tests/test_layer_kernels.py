@@ -43,6 +43,8 @@ def _pure(fn):
         (2, 4, 2, 5, 12, 16, "causal"),  # a cache: 5 new queries after 7 held keys
         (1, 2, 1, 1, 9, 8, "causal"),  # one new token
         (2, 4, 2, 7, 11, 8, None),  # no mask
+        (1, 9, 3, 300, 300, 16, "causal"),  # query blocks (ops.CAUSAL_BLOCK_ROWS), a short last
+        (1, 4, 2, 260, 270, 8, "causal"),  # query blocks after 10 held keys
     ],
 )
 def test_attention_equals_mlx_in_value_and_gradient(kernels, B, heads, kv_heads, L, S, D, mask):

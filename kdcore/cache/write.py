@@ -20,6 +20,7 @@ from kdcore.engine.progress import Progress
 from kdcore.engine.rundir import RunLock
 from kdcore.errors import CheckpointError, SpecError
 from kdcore.io import read_json, save_arrays, sha256_file, write_json
+from kdcore.kernels.native import install_registered_kernels
 from kdcore.signal.teacher import stable_log_softmax
 from kdcore.spec.convert import converter
 from kdcore.spec.load import load_spec
@@ -111,6 +112,9 @@ def write_cache(
         raise SpecError(f"--batch-size must be >= 1, got {batch_size}")
     if shard_tokens < 1:
         raise SpecError(f"--shard-tokens must be >= 1, got {shard_tokens}")
+    # The teacher runs on the kernels a run installs (the layers' softmax and SwiGLU): a
+    # cache holds the live teacher's numbers, bit for bit, whatever ran before in the process.
+    install_registered_kernels()
     teachers = [(i, ref) for i, ref in enumerate(spec.teachers) if ref.path]
     if not teachers:
         raise SpecError('the spec has no [[teachers]] entry with path = "MODEL_DIR" to cache')

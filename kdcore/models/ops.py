@@ -75,17 +75,38 @@ def attention(
     return _attention_core(q, k, v, float(scale), mask == "causal", kernel)
 
 
+# Causal attention at least this long runs in query blocks of this many rows: block i reads
+# keys [0, end of block i) only, so the score and value products and the held scores skip
+# most of the upper triangle (5/8 of the full work with 4 blocks, 9/16 with 8).
+CAUSAL_BLOCK_ROWS = 128
+
+
 def _attention_core(q, k, v, scale: float, causal: bool, kernel) -> mx.array:
+    L, S = q.shape[2], k.shape[2]
+    q32, k32, v32 = q.astype(mx.float32), k.astype(mx.float32), v.astype(mx.float32)
+    if not causal or L < 2 * CAUSAL_BLOCK_ROWS:
+        return _attend(q32, k32, v32, scale, causal, kernel).astype(q.dtype)
+    # Queries are the last L of the S keys' positions (a KV cache's offset S - L).
+    outs = []
+    for start in range(0, L, CAUSAL_BLOCK_ROWS):
+        stop = min(start + CAUSAL_BLOCK_ROWS, L)
+        keys = S - L + stop  # the last key a query of this block may see, plus one
+        outs.append(
+            _attend(q32[:, :, start:stop], k32[:, :, :keys], v32[:, :, :keys], scale, True, kernel)
+        )
+    return mx.concatenate(outs, axis=2).astype(q.dtype)
+
+
+def _attend(q, k, v, scale: float, causal: bool, kernel) -> mx.array:
     B, heads, L, D = q.shape
     kv_heads = k.shape[1]
     groups = heads // kv_heads
-    # A KV head's query heads stacked as rows, [B, Hkv, G * L, D] (a free reshape): one
-    # matrix product per KV head, K and V read in place, no broadcast copy.
-    qs = q.astype(mx.float32).reshape(B, kv_heads, groups * L, D)
-    scores = (qs @ k.astype(mx.float32).swapaxes(-1, -2)).reshape(B, kv_heads, groups, L, -1)
+    # A KV head's query heads stacked as rows, [B, Hkv, G * L, D]: one matrix product per
+    # KV head, K and V read in place, no broadcast copy.
+    qs = q.reshape(B, kv_heads, groups * L, D)
+    scores = (qs @ k.swapaxes(-1, -2)).reshape(B, kv_heads, groups, L, -1)
     probs = kernel(scores, scale, causal).reshape(B, kv_heads, groups * L, -1)
-    out = probs @ v.astype(mx.float32)
-    return out.reshape(B, heads, L, D).astype(q.dtype)
+    return (probs @ v).reshape(B, heads, L, D)
 
 
 def swiglu(gate: mx.array, up: mx.array) -> mx.array:
