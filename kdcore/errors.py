@@ -96,3 +96,38 @@ class RunInterrupted(KdError):
             f"{self.signal_name}: training stopped at step {step}; continue from {saved} "
             f"with --resume --output {output}"
         )
+
+
+class ServerError(KdError):
+    """A served teacher failed: the server at ``server`` (its address, never its token) did
+    not answer within the stated wait, or answered what the run cannot use (``reason``).
+
+    Raised inside training, the loop saves the state before the failing step and raises it
+    again with ``step``, ``checkpoint`` and ``output`` set; the message then says how to
+    resume."""
+
+    def __init__(
+        self,
+        server: str,
+        reason: str,
+        *,
+        step: int | None = None,
+        checkpoint: str | None = None,
+        output: str | None = None,
+    ):
+        self.server, self.reason = server, reason
+        self.step, self.checkpoint, self.output = step, checkpoint, output
+        message = f"teacher server {server}: {reason}"
+        if output is not None:
+            saved = f"state saved to {checkpoint}" if checkpoint else f"the checkpoints in {output}"
+            message += (
+                f"; training stopped at step {step}, {saved}: once the server answers, "
+                f"continue with --resume --output {output}"
+            )
+        super().__init__(message)
+
+    def stopped(self, step: int, checkpoint: str | None, output: str) -> ServerError:
+        """This error, for a run that stopped at ``step`` with ``checkpoint`` saved."""
+        return ServerError(
+            self.server, self.reason, step=step, checkpoint=checkpoint, output=output
+        )

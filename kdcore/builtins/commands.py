@@ -1,6 +1,6 @@
 """Built-in ``kd`` commands, registered through ``kd_add_commands`` like any plugin's."""
 
-from kdcore.cli import analysis, cache, commands, gguf, sample
+from kdcore.cli import analysis, cache, commands, gguf, sample, serve
 from kdcore.registry.manager import hookimpl
 
 
@@ -12,3 +12,4 @@ def kd_add_commands(subparsers):
     sample.add_parser(subparsers)
     gguf.add_parser(subparsers)
     gguf.add_export_parser(subparsers)
+    serve.add_parser(subparsers)

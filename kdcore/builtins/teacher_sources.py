@@ -1,10 +1,12 @@
-"""Built-in teacher sources: a saved model folder, an mlx-lm folder, an offline cache."""
+"""Built-in teacher sources: a saved model folder, an mlx-lm folder, an offline cache, a
+teacher server."""
 
 from kdcore.cache.read import CacheSourceConfig, CacheTeacher
 from kdcore.registry.components import Component
 from kdcore.registry.manager import hookimpl
 from kdcore.teachers.mlxlm import MlxLmTeacher, MlxLmTeacherConfig
 from kdcore.teachers.model import ModelSourceConfig, ModelTeacher
+from kdcore.teachers.served import ServedTeacher, ServedTeacherConfig
 
 
 @hookimpl
@@ -22,5 +24,11 @@ def kd_teacher_sources():
             CacheTeacher,
             CacheSourceConfig,
             doc="an offline top-k teacher cache (cache = DIR); never loads the teacher model",
+        ),
+        Component(
+            "server",
+            ServedTeacher,
+            ServedTeacherConfig,
+            doc="a teacher behind kd serve or an OpenAI-style server (server = URL); top-k",
         ),
     ]

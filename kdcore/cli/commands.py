@@ -179,17 +179,26 @@ def cmd_distill(args) -> int:
     import shlex
 
     from kdcore.engine.distill import distill
-    from kdcore.errors import RunInterrupted
+    from kdcore.errors import RunInterrupted, ServerError
+
+    def resume_line(output: str) -> str:
+        sets = [x for s in args.set for x in ("--set", s)]
+        command = ["kd", "distill", args.spec, *sets, "--output", output, "--resume"]
+        return f"resume with: {shlex.join(command)}"
 
     try:
         summary = distill(args.spec, overrides=args.set, output=args.output, resume=args.resume)
     except RunInterrupted as stop:
         saved = stop.checkpoint or f"{stop.output}/checkpoints"
         print(f"{stop.signal_name}: stopped at step {stop.step}; saved {saved}", file=sys.stderr)
-        sets = [x for s in args.set for x in ("--set", s)]
-        command = ["kd", "distill", args.spec, *sets, "--output", stop.output, "--resume"]
-        print(f"resume with: {shlex.join(command)}", file=sys.stderr)
+        print(resume_line(stop.output), file=sys.stderr)
         return stop.exit_code
+    except ServerError as exc:
+        if exc.output is None:  # before training: nothing to resume
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        print(resume_line(exc.output), file=sys.stderr)
+        return 1
     if args.json:
         _print_json(summary)
     else:

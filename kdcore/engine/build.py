@@ -115,18 +115,21 @@ def initializer_problems(spec: RunSpec) -> list[str]:
             spec.overrides,
         )
     ref = spec.teachers[index]
-    if ref.source_name != "cache":
+    if ref.source_name not in ("cache", "server"):
         return []
     fix = "give a model teacher (path = ...)"
     if "teacher_path" in attrs.fields_dict(type(config)):
         fix = "name the model folder to copy with params.teacher_path"
-        made_from = _cache_teacher_path(spec, ref)
+        made_from = _cache_teacher_path(spec, ref) if ref.source_name == "cache" else None
         if made_from:
             fix += f' (the cache was made from teacher_path = "{made_from}")'
+    what = "a top-k cache, which holds none"
+    if ref.source_name == "server":
+        what = "a served teacher, which sends none"
     return blame_overrides(
         [
-            f"initializer {init.name!r} copies the weights of teachers[{index}], a top-k "
-            f"cache, which holds none: {fix} @ {where}"
+            f"initializer {init.name!r} copies the weights of teachers[{index}], {what}: "
+            f"{fix} @ {where}"
         ],
         spec.overrides,
     )

@@ -8,7 +8,9 @@ The first SIGINT (Ctrl-C) or SIGTERM asks the loop to stop: the step in progress
 checkpoint is saved and :class:`kdcore.errors.RunInterrupted` is raised (``kd distill``
 prints the command that resumes). A second one ends the process at once, even inside a
 step, saving nothing more; so does the first once a stated time has passed
-(:class:`StopRequest`).
+(:class:`StopRequest`). A served teacher that stays down
+(:class:`kdcore.errors.ServerError`) stops the run the same way: the state of the last
+finished step is saved and the error says how to resume.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from kdcore.engine.evaluate import eval_teacher, evaluate
 from kdcore.engine.optim import build_optimizer, freeze_paths, plan_groups, set_learning_rate
 from kdcore.engine.progress import Progress
 from kdcore.engine.step import first_non_finite, gradients
-from kdcore.errors import NonFiniteLossError, NonFiniteStateError, RunInterrupted
+from kdcore.errors import NonFiniteLossError, NonFiniteStateError, RunInterrupted, ServerError
 from kdcore.kernels.native import native_kernel
 from kdcore.models import lora, quantize
 from kdcore.models.io import count_parameters
@@ -260,6 +262,17 @@ def _stop_non_finite(save_checkpoint, step: int, stage_index: int, optimizer, ba
     raise NonFiniteLossError(step + 1, bad[0], bad[1], str(path))
 
 
+def _server_down(
+    exc: ServerError, save_checkpoint, step: int, stage_index: int, optimizer, info: RunInfo
+) -> ServerError:
+    """A served teacher stayed down: save the state of the last finished step (nothing when
+    this process ran no step: the newest checkpoint stands) and say how to resume."""
+    saved = None
+    if optimizer is not None:
+        saved = _save(save_checkpoint, step, stage_index, optimizer, reason="teacher server")
+    return exc.stopped(step, saved and str(saved), str(info.output))
+
+
 def train(
     parts: Parts,
     *,
@@ -288,6 +301,7 @@ def train(
     step = start_step
     stage_end = 0
     saved = None  # the newest checkpoint this run wrote
+    stage_index, optimizer = 0, None  # the stage running, and its optimizer once made
     keep_final = spec.train.final_checkpoint or learns_beside_student(parts)
     with StopRequest() as stop:
         try:
@@ -367,9 +381,14 @@ def train(
                         )
                     if stop.signum is not None:
                         raise RunInterrupted(step, str(saved), str(info.output), stop.signum)
+        except ServerError as exc:
+            raise _server_down(exc, save_checkpoint, step, stage_index, optimizer, info) from None
         finally:
             bar.close()
-        eval_record = run_eval(parts)
+        try:
+            eval_record = run_eval(parts)
+        except ServerError as exc:
+            raise _server_down(exc, save_checkpoint, step, stage_index, optimizer, info) from None
         if stop.signum is not None:  # during the final evaluation: the last checkpoint holds
             raise RunInterrupted(step, saved and str(saved), str(info.output), stop.signum)
         emit("on_eval", step, eval_record)

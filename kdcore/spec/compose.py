@@ -41,20 +41,28 @@ def check_composition(spec: RunSpec) -> list[str]:
     return blame_overrides(problems, spec.overrides)
 
 
+# Teacher sources that give top-k log-probabilities only: what each cannot give. A cache
+# holds the dataset's own rows; a server scores any ids (student samples too).
+TOP_K_SOURCES = {
+    "cache": ("a top-k cache", {"hidden_states", "attentions", "student_samples"}),
+    "server": ("a served teacher (top-k log-probs)", {"hidden_states", "attentions"}),
+}
+
+
 def _capability_problems(spec: RunSpec) -> list[str]:
     registry = get_registry()
     problems = []
-    sources = [ref.source_name for ref in spec.teachers]
-    # A top-k cache holds log-probabilities only, for the dataset's own token rows.
-    not_from_cache = {"hidden_states", "attentions", "student_samples"}
-    if "cache" in sources:
+    sparse = [TOP_K_SOURCES[r.source_name] for r in spec.teachers if r.source_name in TOP_K_SOURCES]
+    what = sparse[0][0] if sparse else ""
+    not_from = set().union(*(missing for _what, missing in sparse))
+    if sparse:
         try:
             aggregator = registry.get("teacher_aggregator", spec.aggregator.name)
-            if aggregator.requires & not_from_cache:
+            if aggregator.requires & not_from:
                 problems.append(
                     f"aggregator {spec.aggregator.name!r} needs "
-                    f"{', '.join(sorted(aggregator.requires & not_from_cache))}, which a top-k "
-                    "cache does not hold @ $.aggregator.name"
+                    f"{', '.join(sorted(aggregator.requires & not_from))}, which {what} "
+                    "does not hold @ $.aggregator.name"
                 )
         except KeyError:
             pass
@@ -65,21 +73,17 @@ def _capability_problems(spec: RunSpec) -> list[str]:
             continue
         if (TEACHER_NEEDS & component.requires) and not spec.teachers:
             problems.append(f"loss {ref.name!r} needs a teacher and the spec has none @ $.teachers")
-        if "cache" in sources and component.requires & not_from_cache:
+        if sparse and component.requires & not_from:
             problems.append(
-                f"loss {ref.name!r} needs {', '.join(sorted(component.requires & not_from_cache))}"
-                f", which a top-k cache does not hold @ $.losses[{i}].name"
+                f"loss {ref.name!r} needs {', '.join(sorted(component.requires & not_from))}"
+                f", which {what} does not hold @ $.losses[{i}].name"
             )
             continue
         needs_dense = "dense_teacher" in component.requires
         sparse_ok = "sparse_ok" in component.properties
-        if (
-            "cache" in sources
-            and (needs_dense or not sparse_ok)
-            and (TEACHER_NEEDS & component.requires)
-        ):
+        if sparse and (needs_dense or not sparse_ok) and (TEACHER_NEEDS & component.requires):
             problems.append(
-                f"loss {ref.name!r} cannot work from a top-k cache (it needs full teacher "
+                f"loss {ref.name!r} cannot work from {what} (it needs full teacher "
                 f"logits); use a live teacher or a sparse-aware loss @ $.losses[{i}].name"
             )
     return problems
@@ -236,7 +240,8 @@ def _tail_temperature_problems(spec: RunSpec) -> list[str]:
         for t, ref in enumerate(spec.teachers)
         if ref.cache and ref.source_name == "cache" and spec.path(ref.cache).exists()
     ]  # a missing cache is reported by _path_problems
-    if not caches:
+    servers = [(t, ref) for t, ref in enumerate(spec.teachers) if ref.source_name == "server"]
+    if not caches and not servers:
         return []
     registry = get_registry()
     mixture = len(spec.teachers) > 1
@@ -259,14 +264,18 @@ def _tail_temperature_problems(spec: RunSpec) -> list[str]:
     problems, captured = [], []
     for t, ref in caches:
         try:
-            captured += [(t, folder, m) for folder, m in cache_manifests(spec, ref)]
+            for folder, m in cache_manifests(spec, ref):
+                captured.append((f"the top-k cache {folder}", m, "recapture with kd cache"))
         except CheckpointError as exc:
             problems.append(f"{exc} @ $.teachers[{t}].cache")
+    for _t, ref in servers:  # log-probs at temperature 1; its vocabulary is not known yet
+        m = {"capture_temperature": 1.0, "k": getattr(ref.config, "top_k", 0), "vocab_size": 0}
+        captured.append((f"the served teacher {ref.server}", m, ""))
     total = _total_steps(spec)
     for i, ref, temperature, bucket in checks:
-        for _t, folder, m in captured:
+        for name, m, recapture in captured:
             tc, k, vocab = float(m["capture_temperature"]), int(m["k"]), int(m["vocab_size"])
-            if k >= vocab:
+            if vocab and k >= vocab:
                 continue
             where = _first_difference(temperature, tc, total)
             if where is None:
@@ -274,17 +283,20 @@ def _tail_temperature_problems(spec: RunSpec) -> list[str]:
             how = (
                 'with tail = "tail-bucket"'
                 if bucket
-                else "in a mixture of teachers, which reads each cached member with a "
+                else "in a mixture of teachers, which reads each top-k member with a "
                 "tail-bucket (whatever tail says)"
             )
-            fixes = f"distil at temperature {tc:g}, recapture with kd cache --temperature T"
+            fixes = f"distil at temperature {tc:g}"
+            if recapture:
+                fixes += f", {recapture} --temperature T"
             if bucket and not mixture:
                 fixes += ', or use tail = "renormalize" (exact at every temperature)'
+            size = f"k = {k} of {vocab}" if vocab else f"k = {k}"
             problems.append(
-                f"loss {ref.name!r} reads the top-k cache {folder} (k = {k} of {vocab}, "
-                f"captured at temperature {tc:g}) {how} at temperature {where}: a tail "
-                "bucket is exact only at the capture temperature (the tail's mass cannot be "
-                f"re-tempered from its sum); {fixes} @ $.losses[{i}].params.temperature"
+                f"loss {ref.name!r} reads {name} ({size}, captured at temperature {tc:g}) "
+                f"{how} at temperature {where}: a tail bucket is exact only at the capture "
+                "temperature (the tail's mass cannot be re-tempered from its sum); "
+                f"{fixes} @ $.losses[{i}].params.temperature"
             )
             break  # one line per loss
     return problems

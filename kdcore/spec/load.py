@@ -16,7 +16,7 @@ from kdcore.errors import SpecError
 from kdcore.registry.manager import get_registry
 from kdcore.spec.convert import converter, structure_config, structure_errors
 from kdcore.spec.schedules import Schedule
-from kdcore.spec.schema import SLOTS, RunSpec
+from kdcore.spec.schema import SLOTS, RunSpec, default_source
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -204,8 +204,10 @@ def _component_entries(data: dict):
     """(kind, path, raw entry) for every component entry in a raw spec table."""
     for slot in SLOTS:
         for path, entry in slot.raw_entries(data):
-            if slot.kind == "teacher_source":  # named by source, or by cache/path
-                source = entry.get("source") or ("cache" if entry.get("cache") else "model")
+            if slot.kind == "teacher_source":  # named by source, or by server/cache/path
+                source = default_source(
+                    entry.get("source"), entry.get("cache"), entry.get("server")
+                )
                 entry = {**entry, "name": source}
             yield slot.kind, path, entry
 

@@ -58,22 +58,31 @@ class RunSection:
     memory_check: bool = True
 
 
+def default_source(source: str | None, cache: str | None, server: str | None) -> str:
+    """The teacher source an entry names: ``source``, else by the key it gives."""
+    if source:
+        return source
+    if server:
+        return "server"
+    return "cache" if cache else "model"
+
+
 @attrs.define
 class TeacherRef:
-    """A teacher: ``path`` (a saved model), ``cache`` (a top-k cache) or a named ``source``."""
+    """A teacher: ``path`` (a saved model), ``cache`` (a top-k cache), ``server`` (the
+    address of a teacher server) or a named ``source``."""
 
     source: str | None = None
     path: str | None = None
     cache: str | None = None
+    server: str | None = None
     params: dict[str, Any] = attrs.field(factory=dict)
     label: str | None = None
     config: Any = attrs.field(default=None, init=False, eq=False, repr=False)
 
     @property
     def source_name(self) -> str:
-        if self.source:
-            return self.source
-        return "cache" if self.cache else "model"
+        return default_source(self.source, self.cache, self.server)
 
 
 @attrs.define
