@@ -1,0 +1,210 @@
+"""Held-out scoring of a model folder against the teacher, per record and per prompt, so
+that every comparison can be a paired bootstrap over records (``report.py``)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from common import HELDOUT_DATA, HERE, MANIFEST, Budget, read_json
+
+RECORD_BATCH = 8  # held-out records run through a model together (sorted by length)
+PROMPT_BATCH = 16  # held-out prompts answered together (left-padded, KV-cached)
+
+
+class Scorer:
+    """Held-out figures of a model folder against the teacher, per record.
+
+    Each held-out record is rendered with the teacher's chat template (one record a row, cut
+    at ``seq_len + 1`` tokens like the training rows, then after its last assistant token).
+    Records of similar length run through the model and the teacher a batch at a time
+    (right-padded: causal attention keeps a row blind to the pads after it); then kdcore's
+    own evaluation (``kdcore.engine.evaluate``) scores each row alone from those outputs, so
+    every figure exists per record: ``nll`` and ``kl`` are sums over the record's assistant
+    tokens, ``top1`` a count. A quantized folder is scored as the float32 model of its
+    dequantized weights (kdcore's CPU dtype policy): the same function, to float rounding.
+
+    Greedy answers: each of the first ``greedy_per_source`` held-out prompts of each source
+    (the turns before the first assistant reply) is continued greedily by the model (up to
+    ``greedy_new`` tokens, ending at ``<|im_end|>``) and the teacher's NLL of those tokens,
+    the end-of-turn token included, is kept per prompt."""
+
+    def __init__(self, teacher: Path, budget: Budget):
+        from kdcore import Setup, app
+        from kdcore.engine import onpolicy
+
+        self.budget = budget
+        self.teacher, _, _ = app.load_model(teacher)
+        self.teacher.eval()
+        self.teacher_parameters = app.count_parameters(self.teacher)
+        self.dataset = app.build(
+            "dataset",
+            "chat",
+            Setup(base_dir=HERE, seed=0),
+            path=str(HELDOUT_DATA),
+            tokenizer=str(teacher),
+            seq_len=budget.seq_len,
+            val_fraction=0.0,
+            pack=False,
+        )
+        self.stops = onpolicy.default_stops(self.dataset.tokenizer, self.dataset)
+        scored = heldout_records(self.dataset.records, budget.heldout_per_source)
+        rows = {r: self.row(r) for r in scored}
+        self.rows = {r: row for r, row in rows.items() if row is not None}
+        # similar lengths together: little padding in a batch
+        by_length = sorted(self.rows, key=lambda r: len(self.rows[r][0]))
+        step = RECORD_BATCH
+        self.batches = [by_length[i : i + step] for i in range(0, len(by_length), step)]
+        chosen = heldout_records(self.dataset.records, budget.greedy_per_source)
+        self.prompted = [r for r in chosen if self.dataset.prompt(r) is not None]
+
+    def row(self, record: int) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+        """Record ``record`` as (input ids, labels, mask), cut after its last loss token;
+        None when no assistant token is left in its first ``seq_len + 1`` tokens."""
+        enc = self.dataset.encode(record, limit=self.budget.seq_len + 1)
+        ids, carries = enc.ids[: self.budget.seq_len + 1], enc.carries[: self.budget.seq_len + 1]
+        mask = carries[1:]
+        if not mask.any():
+            return None
+        end = int(np.flatnonzero(mask)[-1]) + 1
+        labels = np.where(mask, ids[1:], -100)[:end]
+        return ids[:end].astype(np.int32), labels.astype(np.int32), mask[:end].astype(np.float32)
+
+    def score(self, model_dir: Path, greedy: bool) -> dict:
+        from kdcore import app
+
+        model, _, _ = app.load_model(model_dir)
+        model.eval()
+        started = time.perf_counter()
+        per_record = self.per_record(model)
+        result = {"heldout": summarize(per_record), "per_record": per_record}
+        result["score_s"] = time.perf_counter() - started
+        if greedy:
+            started = time.perf_counter()
+            result["greedy"] = self.greedy(model)
+            result["greedy_s"] = time.perf_counter() - started
+        return result
+
+    def per_record(self, model) -> dict[str, list]:
+        import mlx.core as mx
+
+        from kdcore.app import evaluate
+
+        found: dict[int, tuple[float, float, float, float]] = {}
+        for batch in self.batches:
+            rows = [self.rows[r] for r in batch]
+            ids = np.zeros((len(rows), max(len(r[0]) for r in rows)), np.int32)
+            for b, (row_ids, _, _) in enumerate(rows):
+                ids[b, : len(row_ids)] = row_ids
+            s_out, t_out = model(mx.array(ids)), self.teacher(mx.array(ids))
+            mx.eval(*hidden_of(s_out), *hidden_of(t_out))
+            for b, (record, (row_ids, labels, mask)) in enumerate(zip(batch, rows)):
+                one = {"input_ids": row_ids[None], "labels": labels[None], "mask": mask[None]}
+                n = len(row_ids)
+                s_row, t_row = Given(row_of(s_out, b, n)), Given(row_of(t_out, b, n))
+                f = evaluate(s_row, t_row, [one])
+                t = f["tokens"]
+                kl, top1 = f["kl_teacher_student"] * t, f["top1_agreement"] * t
+                found[record] = (t, f["val_loss"] * t, kl, top1)
+        out: dict[str, list] = {"record": sorted(found)}
+        for i, key in enumerate(("tokens", "nll", "kl", "top1")):
+            out[key] = [found[r][i] for r in out["record"]]
+        return out
+
+    def greedy(self, model) -> dict:
+        from kdcore.engine import onpolicy
+
+        prompts = [np.asarray(self.dataset.prompt(r), np.int32) for r in self.prompted]
+        replies: list[np.ndarray] = []
+        nll: list[float] = []
+        for start in range(0, len(prompts), PROMPT_BATCH):
+            chunk = prompts[start : start + PROMPT_BATCH]
+            made = onpolicy.continue_prompts(
+                model, chunk, self.budget.greedy_new, 0.0, 1.0, self.stops
+            )
+            replies += made
+            nll += self.teacher_nll(chunk, made)
+        tokens = [len(r) for r in replies]
+        stopped = [bool(len(r) and int(r[-1]) in self.stops) for r in replies]
+        return {
+            "record": list(self.prompted),
+            "nll": nll,
+            "tokens": tokens,
+            "stopped": stopped,
+            "teacher_nll": sum(nll) / max(sum(tokens), 1),
+            "mean_length": sum(tokens) / max(len(tokens), 1),
+            "stopped_share": sum(stopped) / max(len(stopped), 1),
+            "samples": [self.dataset.tokenizer.decode(r.tolist()) for r in replies[:3]],
+        }
+
+    def teacher_nll(self, prompts: list[np.ndarray], replies: list[np.ndarray]) -> list[float]:
+        """The teacher's summed NLL of each reply after its prompt: one right-padded batch,
+        then each row's reply positions alone through the head."""
+        import mlx.core as mx
+
+        from kdcore.engine import onpolicy
+        from kdcore.losses.tokens import log_softmax
+
+        built = onpolicy.assemble(prompts, replies)
+        out = self.teacher(mx.array(built["input_ids"]))
+        sums = []
+        for b, (prompt, reply) in enumerate(zip(prompts, replies)):
+            if len(reply) == 0:
+                sums.append(0.0)
+                continue
+            at = slice(len(prompt) - 1, len(prompt) - 1 + len(reply))  # predicting the reply
+            if out.has_logits or out.final_hidden is None:
+                logits = out.logits[b, at]
+            else:  # only these rows through the head, never [batch, width, vocab]
+                logits = out.logits_of(out.final_hidden[b, at])
+            lp = log_softmax(logits.astype(mx.float32))
+            picked = mx.take_along_axis(lp, mx.array(reply)[:, None], axis=-1)
+            sums.append(-float(picked.sum().item()))
+        return sums
+
+
+class Given:
+    """A stand-in model for ``kdcore.engine.evaluate``: the output of one row of a batched
+    forward, already made (evaluate calls ``model(ids)`` and reads its output)."""
+
+    def __init__(self, output: Any):
+        self.output = output
+
+    def __call__(self, ids: Any) -> Any:
+        return self.output
+
+
+def hidden_of(out: Any) -> list:
+    """What a model output holds before its head: evaluated once for the whole batch."""
+    return [out.logits] if out.has_logits or out.final_hidden is None else [out.final_hidden]
+
+
+def row_of(out: Any, b: int, n: int) -> Any:
+    """Row ``b``'s first ``n`` positions of a batched model output, as a model output."""
+    from kdcore.models.output import ModelOutput
+
+    if out.has_logits or out.final_hidden is None:
+        return ModelOutput(logits=out.logits[b : b + 1, :n])
+    return ModelOutput(final_hidden=out.final_hidden[b : b + 1, :n], head=out.head)
+
+
+def heldout_records(total: int, per_source: int | None) -> list[int]:
+    """The held-out record ids scored: all, or the first ``per_source`` of each source
+    (``manifest.json``: GSM8K first, then HH)."""
+    if per_source is None:
+        return list(range(total))
+    gsm = read_json(MANIFEST)["heldout"]["gsm8k"]
+    return [*range(min(per_source, gsm)), *range(gsm, min(gsm + per_source, total))]
+
+
+def summarize(per_record: dict[str, list]) -> dict:
+    tokens = max(sum(per_record["tokens"]), 1)
+    return {
+        "loss": sum(per_record["nll"]) / tokens,
+        "kl": sum(per_record["kl"]) / tokens,
+        "top1": sum(per_record["top1"]) / tokens,
+        "tokens": sum(per_record["tokens"]),
+        "records": len(per_record["tokens"]),
+    }
