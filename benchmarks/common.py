@@ -31,6 +31,7 @@ def run_isolated(
     fast_path: bool | None = None,
     expect_json: bool = True,
     env: dict[str, str] | None = None,
+    may_fail: bool = False,
 ) -> dict:
     """Run ``python -m benchmarks.MODULE ARGS`` in a fresh process (clean peak memory),
     with ``env`` added to the environment, and return the JSON it prints on its last line.
@@ -38,7 +39,9 @@ def run_isolated(
     ``fast_path``: True preloads OpenBLAS (kd's fast path), False runs without it, None
     inherits. A PyTorch peer runs with False, as a user runs it: OpenBLAS preloaded under
     PyTorch's OpenMP threads made SmolLM2's forward 7x slower on this machine (2.7 s ->
-    18 s), its spinning threads taking the cores from PyTorch's own."""
+    18 s), its spinning threads taking the cores from PyTorch's own. ``may_fail``: a
+    failed run returns ``{"skipped": why}`` instead of raising (a peer that runs out of
+    memory must not take the section with it)."""
     env, lib = {**os.environ, **(env or {})}, openblas_path()
     if fast_path is True and lib is not None:
         env["LD_PRELOAD"] = lib
@@ -52,6 +55,9 @@ def run_isolated(
         capture_output=True,
         text=True,
     )
+    if proc.returncode != 0 and may_fail:  # a peer that cannot run here: say why, go on
+        why = "killed (SIGKILL: out of memory?)" if proc.returncode == -9 else "failed"
+        return {"skipped": f"{why}, exit {proc.returncode}: {proc.stderr[-300:].strip()}"}
     if proc.returncode != 0:
         raise RuntimeError(f"benchmarks.{module} {args} failed:\n{proc.stderr[-3000:]}")
     if not expect_json:
