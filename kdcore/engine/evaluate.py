@@ -17,7 +17,7 @@ import mlx.nn as nn
 import numpy as np
 
 from kdcore.kernels.chunked import default_chunk_rows
-from kdcore.losses.tokens import token_cross_entropy
+from kdcore.losses.tokens import IGNORE_INDEX
 
 SUMS = ("student_nll", "teacher_nll", "kl", "js", "top1", "top5")
 
@@ -41,23 +41,30 @@ def evaluate(
 ) -> dict[str, float]:
     """Token-averaged figures of ``student`` (and ``teacher``, when given) over ``batches``.
 
-    The logits are made a chunk of tokens at a time from each model's hidden states and
-    head (when the model gives them), so evaluation holds ``[chunk, V]``, not
-    ``[tokens, V]``, at a 150k vocabulary too."""
+    Only the loss positions go through the heads, a chunk of tokens at a time from each
+    model's hidden states (when the model gives them), so evaluation holds ``[chunk, V]``,
+    not ``[tokens, V]``, at a 150k vocabulary too; positions outside the mask cost
+    nothing (a chat record's prompt, padding)."""
     sums = dict.fromkeys(SUMS, 0.0)
     tokens = 0.0
     for batch in batches:
+        weights = np.asarray(batch["mask"], np.float32).reshape(-1)
+        keep = mx.array(np.flatnonzero(weights))
+        tokens += float(weights.sum())
+        if keep.size == 0:
+            continue
         ids = mx.array(batch["input_ids"])
-        labels = mx.array(batch["labels"]).reshape(-1)
-        mask = mx.array(batch["mask"]).astype(mx.float32).reshape(-1)
+        labels = mx.array(np.asarray(batch["labels"]).reshape(-1))[keep]
+        mask = mx.array(weights)[keep]
         s_rows, s_head = _rows(student(ids))
         t_rows, t_head = _rows(teacher(ids)) if teacher is not None else (None, None)
+        s_rows = s_rows[keep]
+        t_rows = t_rows[keep] if t_rows is not None else None
         vocab = s_rows.shape[-1] if s_head is None else s_head(s_rows[:1]).shape[-1]
         size = default_chunk_rows(vocab)
         for start in range(0, s_rows.shape[0], size):
             part = slice(start, start + size)
             _add_chunk(sums, s_rows, s_head, t_rows, t_head, labels[part], mask[part], part)
-        tokens += mask.sum().item()
     count = max(tokens, 1.0)
     result = {"tokens": int(tokens), "val_loss": sums["student_nll"] / count}
     result["val_ppl"] = math.exp(min(result["val_loss"], 50))
@@ -72,15 +79,31 @@ def evaluate(
     return result
 
 
+def _log_softmax(logits: mx.array) -> mx.array:
+    # relative to the row maximum, as token_cross_entropy does (logits near 1e4 stay exact)
+    z = logits - logits.max(-1, keepdims=True)
+    return z - mx.logsumexp(z, axis=-1, keepdims=True)
+
+
+def _nll(log_probs: mx.array, labels: mx.array) -> mx.array:
+    safe = mx.where(labels == IGNORE_INDEX, 0, labels)
+    picked = mx.take_along_axis(log_probs, safe[:, None], axis=-1)[:, 0]
+    return mx.where(labels == IGNORE_INDEX, 0.0, -picked)
+
+
 def _add_chunk(sums, s_rows, s_head, t_rows, t_head, labels, mask, part) -> None:
+    # each exp/log pass over [chunk, V] is scalar, single-threaded work on a CPU: the
+    # cross-entropies reuse the log-softmax rather than taking their own logsumexp
     s_logits = _logits(s_rows, s_head, part)
-    figures = {"student_nll": (token_cross_entropy(s_logits, labels) * mask).sum()}
+    s_all = _log_softmax(s_logits)
+    figures = {"student_nll": (_nll(s_all, labels) * mask).sum()}
     if t_rows is not None:
         t_logits = _logits(t_rows, t_head, part)
+        t_all = _log_softmax(t_logits)
+        figures["teacher_nll"] = (_nll(t_all, labels) * mask).sum()
         V = min(t_logits.shape[-1], s_logits.shape[-1])
-        figures["teacher_nll"] = (token_cross_entropy(t_logits, labels) * mask).sum()
-        t_lp = nn.log_softmax(t_logits[..., :V], -1)
-        s_lp = nn.log_softmax(s_logits[..., :V], -1)
+        t_lp = t_all if t_all.shape[-1] == V else _log_softmax(t_logits[..., :V])
+        s_lp = s_all if s_all.shape[-1] == V else _log_softmax(s_logits[..., :V])
         t_p, s_p = mx.exp(t_lp), mx.exp(s_lp)
         figures["kl"] = (((t_p * (t_lp - s_lp)).sum(-1)) * mask).sum()
         log_m = mx.log(0.5 * (t_p + s_p) + 1e-30)
