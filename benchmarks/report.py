@@ -30,6 +30,8 @@ SECTIONS = [
     "quantization",
     "dtype_policy",
 ]
+# Sections only --only runs: hours of training, resumable (their modules say how long).
+LONG_SECTIONS = ["real_model_quality"]
 # The loss kernels at three vocabulary sizes (tokens, vocab); fewer tokens at 128k keep the
 # plain formulations within memory and the section within its budget.
 LOSS_SIZES = [(4096, 8192), (2048, 32000), (512, 128000)]
@@ -251,7 +253,9 @@ def generation_lines(g: dict) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--only", help="comma-separated sections: " + ",".join(SECTIONS))
+    parser.add_argument(
+        "--only", help="comma-separated sections: " + ",".join(SECTIONS + LONG_SECTIONS)
+    )
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results.json"))
     parser.add_argument("--docs", default=str(ROOT / "docs" / "performance.md"))
     parser.add_argument(
@@ -544,6 +548,28 @@ def quantization_lines(q: dict) -> list[str]:
     ]
 
 
+def real_model_quality_lines(q: dict) -> list[str]:
+    """The quality tables on SmolLM2 (benchmarks/real_model_quality.py): their home is
+    docs/results.md; this page keeps the figures results.json holds."""
+
+    def shares(methods: dict) -> str:
+        named = [(k.removesuffix("_gap_recovered"), v) for k, v in methods.items()]
+        return ", ".join(f"{name} {v:.2f}" for name, v in named if v is not None)
+
+    gaps = "; ".join(f"{bits} bits: {shares(m)}" for bits, m in sorted(q["quantization"].items()))
+    state = "all units measured" if q["complete"] else f"{len(q['missing'])} units not measured yet"
+    return [
+        "## Quality on SmolLM2-135M-Instruct (summary)",
+        "",
+        f"`benchmarks/run --only real_model_quality` (`examples/real_quality`; {state}; collected "
+        f"{q['collected']}; the tables, their tests and machine loads are in docs/results.md): "
+        f"held-out loss, SFT {q['sft_val_loss'] or float('nan'):.4f} vs distilled "
+        f"{q['kd_val_loss'] or float('nan'):.4f} (p = {q['p_value'] or float('nan'):.4f}); "
+        f"quantization gap recovered: {gaps or 'none yet'}.",
+        "",
+    ]
+
+
 def provenance_lines(r: dict) -> list[str]:
     """Which run each section comes from, with that run's wall time for the section.
 
@@ -617,6 +643,8 @@ def render(r: dict, figures: Path) -> str:
         lines += generation_lines(r["generation"])
     if "quantization" in r:
         lines += quantization_lines(r["quantization"])
+    if "real_model_quality" in r:
+        lines += real_model_quality_lines(r["real_model_quality"])
     if "overhead" in r:
         o = r["overhead"]
         lines += [

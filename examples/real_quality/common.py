@@ -65,7 +65,7 @@ FULL = Budget(
     seq_len=256,
     batch_size=8,
     t1_steps=150,
-    t2_steps=24,
+    t2_steps=8,
     checkpoint_every=25,
     onpolicy_new=128,
     heldout_per_source=None,
@@ -111,6 +111,13 @@ T2_KD: dict[str, tuple[str, float, list[str]]] = {
     "kd_fkl_t2": ("hinton", 2.0, []),
     "kd_tvd": ("tvd", 1.0, []),
     "kd_fkl_fphead": ("hinton", 1.0, ["embed_tokens"]),
+    "kd_fkl_h8": ("hinton", 1.0, []),
+}
+# method -> the per-layer widths (quantize's `layers`) of its student; kd_fkl_h8 keeps the
+# tied embedding (the head) at 8 bits, group size 64, the rest at the row's bits, as
+# mixed-precision recipes do: what a cheaper head costs next to kd_fkl_fphead's float one
+T2_LAYERS: dict[str, list[dict]] = {
+    "kd_fkl_h8": [{"pattern": "embed_tokens", "bits": 8, "group_size": GROUP_SIZE}],
 }
 # method -> (learning rate, batch size); None: the kdcore run's
 T2_DWQ = {"dwq": (None, None), "dwq_default_lr": (1e-6, 4)}

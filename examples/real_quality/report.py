@@ -12,10 +12,13 @@ from typing import Any
 
 import numpy as np
 from common import (
+    BITS,
     GROUP_SIZE,
     MANIFEST,
     RESULTS,
     T1_ROWS,
+    T1_SEEDS,
+    T2_DEFAULT,
     T2_DWQ,
     T2_KD,
     T2_ROWS,
@@ -27,6 +30,8 @@ from common import (
 )
 
 BOOTSTRAP_DRAWS = 10_000
+DOCS = Path(__file__).resolve().parents[2] / "docs" / "results.md"
+BLOCK = ("<!-- real_quality:start -->", "<!-- real_quality:end -->")
 
 
 # ---------------------------------------------------------------- collecting
@@ -234,6 +239,7 @@ def collect(out: Path, quick: bool, budget: Budget) -> dict:
         "cache": {k: cache[k] for k in ("top_k", "bytes", "wall_s")} if cache else None,
         "quick": quick,
         "units": len(results),
+        "missing": [] if quick else missing_units(out),
         "machine": {
             **machine(),
             "loads": [
@@ -245,7 +251,31 @@ def collect(out: Path, quick: bool, budget: Budget) -> dict:
     write_json(target / "summary.json", summary)
     (target / "tables.md").write_text(render(summary), encoding="utf-8")
     log(f"wrote {target / 'summary.json'} and {target / 'tables.md'}")
+    if not quick:
+        write_docs_block(render(summary))
     return summary
+
+
+def missing_units(out: Path) -> list[str]:
+    """The units of the two tables' default commands that have no result yet."""
+    wanted = ["ref/teacher", "t1/cache"]
+    wanted += [f"t1/{row}-s{seed}" for row in T1_ROWS for seed in range(T1_SEEDS.get(row, 1))]
+    for bits in BITS:
+        wanted += [f"t2/{m}-b{bits}" if m == "rtn" else f"t2/{m}-b{bits}-s0" for m in T2_DEFAULT]
+    return [unit for unit in wanted if not (out / unit / "result.json").exists()]
+
+
+def write_docs_block(tables: str) -> None:
+    """docs/results.md shows the tables between its markers; the reading around them is
+    written by hand."""
+    text = DOCS.read_text(encoding="utf-8")
+    start, end = text.find(BLOCK[0]), text.find(BLOCK[1])
+    if start < 0 or end < start:
+        log(f"{DOCS} has no {BLOCK[0]} ... {BLOCK[1]} block: not updated")
+        return
+    body = tables.split("\n", 1)[1].replace("\n## ", "\n### ")  # under the page's heading
+    DOCS.write_text(text[: start + len(BLOCK[0])] + "\n" + body + text[end:], encoding="utf-8")
+    log(f"wrote the tables into {DOCS}")
 
 
 def fmt(value: Any, spec: str = ".4f") -> str:
@@ -271,6 +301,11 @@ def render(s: dict) -> str:
         f"Table 2: {b['t2_steps']} steps a trained row = {b['tokens_t2']:,} tokens, group size "
         f"{GROUP_SIZE}. Teacher held-out loss {fmt(s['teacher']['heldout_loss'])}, its NLL of its "
         f"own greedy answers {fmt(s['teacher']['teacher_nll_greedy'])}.",
+        *(
+            ["", f"**Not measured yet** ({len(s['missing'])} units): {', '.join(s['missing'])}."]
+            if s.get("missing")
+            else []
+        ),
         "",
         "## Table 1: half-depth student (15 of 30 layers), healed",
         "",

@@ -34,9 +34,11 @@ Table 2, the teacher quantized at 3 and 4 bits, group size 64 (``quantize.toml``
   1e-6, batch 4) at the same token budget;
 - ``kd_fkl``, ``kd_fkl_t2``, ``kd_tvd``: kdcore's ``quantize`` student with forward KL at
   T = 1 (and T = 2, DWQ's), and with total variation distance;
-- ``kd_fkl_fphead``: kd_fkl with the tied embedding (the head) left in float32.
+- ``kd_fkl_fphead``: kd_fkl with the tied embedding (the head) left in float32;
+- ``kd_fkl_h8``: kd_fkl with the tied embedding (the head) at 8 bits, group size 64
+  (``quantize``'s per-layer ``layers``), the rest at the row's bits.
 
-``kd_fkl_t2`` and ``kd_fkl_fphead`` run only when ``--rows`` names them.
+``kd_fkl_t2``, ``kd_fkl_fphead`` and ``kd_fkl_h8`` run only when ``--rows`` names them.
 
 Every model is scored on the held-out records (``data/heldout.jsonl.gz``, never trained on):
 loss on the assistant tokens, KL(teacher || model) and top-1 agreement, kept per record for
@@ -80,6 +82,7 @@ from common import (
     T2_DEFAULT,
     T2_DWQ,
     T2_KD,
+    T2_LAYERS,
     T2_ROWS,
     TRAIN_DATA,
     Budget,
@@ -345,6 +348,8 @@ def t2_spec(ctx: Context, method: str, bits: int, seed: int) -> dict:
     spec["student"]["init"]["params"].update(bits=bits, group_size=GROUP_SIZE)
     if skip:
         spec["student"]["init"]["params"]["skip"] = skip
+    if method in T2_LAYERS:  # only there: the other rows' specs (and settings) stay as they were
+        spec["student"]["init"]["params"]["layers"] = copy.deepcopy(T2_LAYERS[method])
     spec["losses"] = [{"name": loss, "params": {"temperature": temperature}}]
     spec["train"]["steps"] = ctx.budget.t2_steps
     # a few checkpoints in a short run: an interrupted row loses a third of it at most
@@ -613,7 +618,7 @@ def child_dwq(argv: list[str]) -> None:
 
 def status(out: Path) -> None:
     for path in sorted(out.glob("*/*")):
-        if not path.is_dir():
+        if not path.is_dir() or path.parent.name not in ("ref", "t1", "t2"):
             continue
         if (path / "result.json").exists():
             state = "done"
