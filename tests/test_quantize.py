@@ -20,6 +20,7 @@ from kdcore import app
 from kdcore.errors import SpecError
 from kdcore.io import load_arrays
 from kdcore.models.mlxlm import MlxLmModelConfig, create_mlxlm_dir, load_mlxlm, mlxlm_model
+from kdcore.models.save import load_quantized_model
 from kdcore.registry.setup import Setup
 from kdcore.spec.build import build
 from kdcore.spec.schema import ParamGroup
@@ -177,7 +178,7 @@ def test_the_builtin_transformer_quantizes_trains_saves_and_loads(tmp_path, corp
     assert summary["trainable_parameters"] == summary["init"]["trainable_parameters"]
     assert summary["quantization"]["bits"] == 3
     out = tmp_path / "run" / "student"
-    again = quantize.load_quantized_model(out)
+    again = load_quantized_model(out)
     assert quantize.has_quantized(again)
     # kdcore's own layout holds the dequantized model: kd eval and every loader open it
     plain, arch, _ = load_model(out)
@@ -200,6 +201,60 @@ def test_the_builtin_transformer_quantizes_trains_saves_and_loads(tmp_path, corp
         ({"group_size": 128}, "$.student.init.params.group_size", ("divide",)),
         ({"skip": ["("]}, "$.student.init.params.skip", ()),
         ({"skip": ["."]}, "$.student.init.params.skip", ("no layer",)),
+        # per-layer widths (layers): the entry's own key, or layers with the entry named
+        ({"layers": [{"pattern": "(", "bits": 8}]}, "$.student.init.params.layers[0].pattern", ()),
+        ({"layers": [{"pattern": "embed", "bits": 9}]}, "$.student.init.params.layers[0].bits", ()),
+        (
+            {"layers": [{"pattern": "embed", "group_size": 0}]},
+            "$.student.init.params.layers[0].group_size",
+            (),
+        ),
+        (
+            {"layers": [{"pattern": "embed", "bitz": 8}]},
+            "$.student.init.params.layers[0].bitz",
+            ("unknown key",),
+        ),
+        (
+            {"layers": {"embed_tokens": {"bits": 8}}},
+            "$.student.init.params.layers[0]",
+            ("list", "not a table keyed by pattern"),
+        ),
+        (
+            {"layers": [{"pattern": "x", "bits": 4}, {"pattern": "embed", "bits": 7}]},
+            "$.student.init.params.layers",
+            ("layers[1] ('embed') bits = 7", "affine"),
+        ),
+        (
+            {"layers": [{"pattern": "embed", "group_size": 48}]},
+            "$.student.init.params.layers",
+            ("layers[0]", "group_size = 48"),
+        ),
+        (
+            {"mode": "mxfp4", "layers": [{"pattern": "embed", "bits": 8}]},
+            "$.student.init.params.layers",
+            ("mxfp4", "bits = 8"),
+        ),
+        ({"layers": [{"pattern": "embed"}]}, "$.student.init.params.layers", ("neither",)),
+        (
+            {"layers": [{"pattern": "embed_tokens", "bits": 8}, {"pattern": "nope", "bits": 8}]},
+            "$.student.init.params.layers",
+            ("['nope']", "no layer"),
+        ),
+        (  # every q_proj is taken by the first entry: the second sets nothing
+            {"layers": [{"pattern": "proj", "bits": 8}, {"pattern": "q_proj", "bits": 3}]},
+            "$.student.init.params.layers",
+            ("['q_proj']",),
+        ),
+        (  # skip comes first: a skipped layer stays in full precision
+            {"skip": ["lm_head"], "layers": [{"pattern": "lm_head", "bits": 8}]},
+            "$.student.init.params.layers",
+            ("['lm_head']",),
+        ),
+        (  # the head's input size is 64
+            {"layers": [{"pattern": "lm_head", "group_size": 128}]},
+            "$.student.init.params.layers[0].group_size",
+            ("group_size 128 does not divide", "lm_head (64)"),
+        ),
     ],
 )
 def test_bad_settings_are_spec_errors_naming_the_place(
@@ -209,6 +264,7 @@ def test_bad_settings_are_spec_errors_naming_the_place(
     code, err = _distill(tmp_path, capsys, _spec(corpus, base_dir, student, "quantize", **params))
     assert code == 2, err
     assert where in err and all(w in err for w in words), err
+    assert any(line.rstrip().endswith(f"@ {where}") for line in err.splitlines()), err
     assert "Traceback" not in err
 
 
@@ -333,9 +389,15 @@ def test_a_quantized_run_killed_after_a_checkpoint_resumes_to_the_same_student(t
     from kdcore.models import quantize
 
     spec = tiny_spec(corpus, steps=8, dim=64)
+    # per-layer widths too: the tied embedding (the head) at 8 bits and group size 64,
+    # the down projections at 3 bits; a resumed run must rebuild them to take its scales
+    layers = [
+        {"pattern": "embed", "bits": 8, "group_size": 64},
+        {"pattern": r"mlp\.down_proj", "bits": 3},
+    ]
     spec["student"]["init"] = {
         "name": "quantize",
-        "params": {"bits": 4, "group_size": 32, "start": "student"},
+        "params": {"bits": 4, "group_size": 32, "start": "student", "layers": layers},
     }
     spec["train"].update({"checkpoint_every": 4, "log_every": 1})
     spec["callbacks"] = [{"name": "killer"}]
@@ -365,9 +427,14 @@ def test_a_quantized_run_killed_after_a_checkpoint_resumes_to_the_same_student(t
     assert sorted(a) == sorted(b) == list(range(1, 9))
     for step in range(5, 9):
         assert b[step] == pytest.approx(a[step], rel=1e-5, abs=1e-6), step
-    wa = quantize.load_quantized_model(tmp_path / "full" / "student")
-    wb = quantize.load_quantized_model(tmp_path / "cut" / "student")
+    wa = load_quantized_model(tmp_path / "full" / "student")
+    wb = load_quantized_model(tmp_path / "cut" / "student")
     assert quantize.has_quantized(wb)
+    widths = {p: (m.bits, m.group_size) for p, m in quantize.quantized_modules(wb)}
+    assert widths["embed"] == (8, 64)
+    assert widths["blocks.1.mlp.down_proj"] == (3, 32)
+    assert widths["blocks.1.mlp.up_proj"] == widths["blocks.0.attention.q_proj"] == (4, 32)
+    assert widths == {p: (m.bits, m.group_size) for p, m in quantize.quantized_modules(wa)}
     for (ka, va), (kb, vb) in zip(tree_flatten(wa.parameters()), tree_flatten(wb.parameters())):
         assert ka == kb
         np.testing.assert_allclose(np.array(va), np.array(vb), rtol=1e-4, atol=1e-6)

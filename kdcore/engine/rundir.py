@@ -62,13 +62,16 @@ def trajectory(data: dict) -> dict:
     for key in _UNHASHED_TRAIN:
         train.pop(key, None)
     # Fields added after runs existed, at the value that keeps the old trajectory, are left
-    # out, so those runs stay resumable: sampling off, float32 weights.
+    # out, so those runs stay resumable: sampling off, float32 weights, no per-layer widths.
     on_policy = train.get("on_policy")
     if isinstance(on_policy, dict) and on_policy.get("lmbda") in (0, 0.0):
         train.pop("on_policy")
     params = ((data.get("student") or {}).get("model") or {}).get("params") or {}
     if params.get("dtype") == "float32" and data["student"]["model"].get("name") == "transformer":
         params.pop("dtype")
+    init = (data.get("student") or {}).get("init") or {}
+    if init.get("name") == "quantize" and (init.get("params") or {}).get("layers") == []:
+        init["params"].pop("layers")
     data.pop("eval", None)
     data.pop("callbacks", None)
     return data

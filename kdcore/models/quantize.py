@@ -11,110 +11,47 @@ distillation moves the grids, as mlx-lm's DWQ does. A parameter group
 (``[[train.param_groups]]`` with ``lr_mult > 0``) opens more: norms, the layers ``skip``
 left in full precision.
 
+``layers`` gives some layers their own bit width or group size, as mixed-precision recipes
+keep the (tied) embedding and the head at 8 bits and the rest at 3 or 4::
+
+    params = { bits = 4, group_size = 64, layers = [
+        { pattern = "embed_tokens", bits = 8 },
+        { pattern = "lm_head", bits = 8, group_size = 32 } ] }
+
+Each entry's ``pattern`` is ``re.search``-ed on the layer paths, like ``skip``'s; a layer
+takes the first entry that matches it (``skip`` comes first: a skipped layer stays in full
+precision), and an unset ``bits`` or ``group_size`` is the top-level one. A list, not a
+table keyed by pattern: which entry comes first decides, and a run's spec hash (what a
+resume must share) reads a table's keys sorted, so two orders of one table would pass for
+the same run. A tied head is the embedding (``embed_tokens`` in mlx-lm's models, ``embed``
+in the built-in transformer): quantizing it at 8 bits quantizes the head at 8 bits.
+
 ``start`` says what is quantized: ``"teacher"`` copies the teacher's tensors first (the
 ``from-teacher`` initializer), ``"student"`` quantizes the student as built or loaded, and
 ``"auto"`` (the default) quantizes a student loaded from a ``path`` as it is and copies the
 teacher into a freshly built one.
 
 The engine unfreezes the whole model at each stage; :func:`refreeze` restores this split
-right after. An mlx-lm student is saved as an mlx-lm quantized folder (``config.json`` with
-its ``"quantization"`` entry, packed ``model.safetensors``) that ``mlx_lm.load`` opens; the
+right after. The student is saved by :mod:`kdcore.models.save`: an mlx-lm one as an mlx-lm
+quantized folder (``config.json`` with its ``"quantization"`` entry, a per-layer entry for
+each layer of its own width, packed ``model.safetensors``) that ``mlx_lm.load`` opens; the
 built-in transformer in kdcore's layout, dequantized (every loader opens it), with the
-packed tensors beside it (:func:`load_quantized_model`).
+packed tensors beside it.
 """
 
 from __future__ import annotations
 
 import re
-from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-import attrs
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map_with_path
 
-from kdcore.errors import CheckpointError, SpecError
-from kdcore.io import load_arrays, read_json, save_arrays, write_json
-from kdcore.spec.validators import non_negative
+from kdcore.errors import SpecError
+from kdcore.models.quantize_config import QuantizeConfig, QuantizeRecord
 
-MODES = ("affine", "mxfp4", "mxfp8", "nvfp4")
-# The group size each mode defaults to (mx.quantize's table of quantization modes).
-DEFAULT_GROUP_SIZE = {"affine": 64, "mxfp4": 32, "mxfp8": 32, "nvfp4": 16}
 TRAINED_LEAVES = ("scales", "biases")
-QUANTIZED_WEIGHTS = "quantized.safetensors"  # beside a built-in student's dequantized model
-QUANTIZATION_JSON = "quantization.json"
-
-
-def _probe(mode: str, bits: int, group_size: int) -> str | None:
-    """MLX's own refusal of (mode, bits, group size), or None if it quantizes with them.
-
-    mx.quantize checks its arguments when the op is built (nothing is computed), so the
-    supported set is MLX's, not a copy of its table that could go stale."""
-    try:
-        mx.quantize(mx.zeros((1, 32 * group_size)), group_size, bits, mode=mode)
-    except ValueError as exc:
-        return str(exc).removeprefix("[quantize] ").strip()
-    return None
-
-
-def _bits(instance, attribute, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or not 2 <= value <= 8:
-        raise ValueError(f"bits must be an integer in 2..8, got {value!r}")
-    problem = _probe(instance.mode, value, DEFAULT_GROUP_SIZE[instance.mode])
-    if problem is not None and "bits" in problem:
-        raise ValueError(f"bits must suit mode {instance.mode!r}: {problem}")
-
-
-def _group_size(instance, attribute, value) -> None:
-    if value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"group_size must be a positive integer, got {value!r}")
-    if _probe(instance.mode, instance.bits, DEFAULT_GROUP_SIZE[instance.mode]) is not None:
-        return  # bits is reported; a group size cannot be judged without valid bits
-    problem = _probe(instance.mode, instance.bits, value)
-    if problem is not None:
-        raise ValueError(f"group_size must suit mode {instance.mode!r}: {problem}")
-
-
-def _patterns(instance, attribute, value) -> None:
-    for pattern in value:
-        try:
-            re.compile(pattern)
-        except re.error as exc:
-            raise ValueError(f"skip must hold regexes: {pattern!r}: {exc}") from None
-
-
-@attrs.define
-class QuantizeConfig:
-    bits: int = attrs.field(default=4, validator=_bits)  # 2..8, as the mode allows
-    group_size: int | None = attrs.field(default=None, validator=_group_size)  # None: mode's
-    mode: Literal["affine", "mxfp4", "mxfp8", "nvfp4"] = "affine"  # as mx.quantize takes it
-    skip: list[str] = attrs.field(factory=list, validator=_patterns)  # re.search on layer paths
-    start: Literal["auto", "teacher", "student"] = "auto"  # what is quantized (module doc)
-    teacher: int = attrs.field(default=0, validator=non_negative)  # for start = "teacher"
-
-    def teacher_model(self, student_loaded: bool) -> int | None:
-        """kdcore.ReadsTeacherModel: the teacher copied before quantizing, as ``_start``
-        decides (``auto`` copies it unless the student was loaded from a folder)."""
-        if self.start == "teacher" or (self.start == "auto" and not student_loaded):
-            return self.teacher
-        return None
-
-    @property
-    def groups(self) -> int:
-        return self.group_size or DEFAULT_GROUP_SIZE[self.mode]
-
-
-@attrs.frozen
-class QuantizeRecord:
-    """What the initializer applied, kept on the student for refreezing and saving."""
-
-    bits: int
-    group_size: int
-    mode: str
-    layers: tuple[str, ...]  # the paths it quantized, in the student's parameter names
 
 
 # ---------------------------------------------------------------- the quantized layers
@@ -134,7 +71,7 @@ def has_quantized(model: nn.Module) -> bool:
     return any(True for _ in quantized_modules(model))
 
 
-def _layer_params(module: nn.Module) -> dict[str, Any]:
+def layer_params(module: nn.Module) -> dict[str, Any]:
     return {"group_size": module.group_size, "bits": module.bits, "mode": module.mode}
 
 
@@ -213,22 +150,30 @@ def _target(student: nn.Module) -> nn.Module:
     return student.lm if isinstance(student, MlxLmModel) else student
 
 
+def _entry(entries: list, path: str) -> int | None:
+    return next((i for i, (regex, _) in enumerate(entries) if regex.search(path)), None)
+
+
 def quantize_student(student: nn.Module, config: QuantizeConfig) -> QuantizeRecord:
     """Swap the student's quantizable layers for quantized ones, in place.
 
     The layers are mlx-lm's ``quantize_model`` choice (every layer with ``to_quantized``,
-    less what the model's own ``quant_predicate`` declines) minus ``skip``; layers already
-    quantized (a quantized student folder) stay as they are. A layer whose input size the
-    group size does not divide is an error, not a silent full-precision layer."""
+    less what the model's own ``quant_predicate`` declines) minus ``skip``, each with the
+    parameters of the first ``layers`` entry that matches it, else the top-level ones (or
+    the model's ``quant_predicate``'s); layers already quantized (a quantized student
+    folder) stay as they are. A layer whose input size its group size does not divide is
+    an error, not a silent full-precision layer."""
     from kdcore.models.mlxlm import MlxLmModel
 
     target = _target(student)
-    group_size = config.groups
+    top = {"group_size": config.groups, "bits": config.bits, "mode": config.mode}
     patterns = [re.compile(p) for p in config.skip]
+    entries = [(re.compile(e.pattern), e) for e in config.layers]
     declines = getattr(target, "quant_predicate", None)
-    chosen: dict[str, bool | dict] = {}
+    chosen: dict[str, dict] = {}
     matched: set[str] = set()
-    bad: list[str] = []
+    used: set[int] = set()
+    bad: dict[tuple[str, int], list[str]] = {}  # (its place, group size) -> layers
     already: list[str] = []
     paths: list[str] = []
     for path, module in tree_flatten(target.leaf_modules(), is_leaf=nn.Module.is_module):
@@ -245,10 +190,22 @@ def quantize_student(student: nn.Module, config: QuantizeConfig) -> QuantizeReco
         verdict = declines(path, module) if declines is not None else True
         if verdict is False:
             continue
+        # the model's quant_predicate may give a layer its own parameters
+        params = dict(verdict) if isinstance(verdict, dict) else dict(top)
+        where = "group_size"
+        if (i := _entry(entries, path)) is not None:
+            used.add(i)
+            entry = config.layers[i]
+            params.update(
+                {k: v for k in ("bits", "group_size") if (v := getattr(entry, k)) is not None}
+            )
+            if entry.group_size is not None:
+                where = f"layers[{i}].group_size"
+        group_size = params.get("group_size") or top["group_size"]
         if module.weight.shape[-1] % group_size:
-            bad.append(f"{path} ({module.weight.shape[-1]})")
+            bad.setdefault((where, group_size), []).append(f"{path} ({module.weight.shape[-1]})")
             continue
-        chosen[path] = verdict
+        chosen[path] = params
     unused = [p for p in config.skip if p not in matched]
     if unused:
         like = ", ".join(paths[:3])
@@ -256,12 +213,20 @@ def quantize_student(student: nn.Module, config: QuantizeConfig) -> QuantizeReco
             f"skip pattern(s) {unused} match no layer (re.search on layer paths such as "
             f"{like}) @ $.student.init.params.skip"
         )
-    if bad:
-        more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+    unused = [e.pattern for i, e in enumerate(config.layers) if i not in used]
+    if unused:
+        like = ", ".join(paths[:3])
         raise SpecError(
-            f"group_size {group_size} does not divide the input size of {', '.join(bad[:3])}"
+            f"layers pattern(s) {unused} match no layer this quantizes (re.search on layer "
+            f"paths such as {like}; a skipped layer, or one an earlier pattern matches, "
+            "does not count) @ $.student.init.params.layers"
+        )
+    for (where, size), layers in bad.items():
+        more = f" and {len(layers) - 3} more" if len(layers) > 3 else ""
+        raise SpecError(
+            f"group_size {size} does not divide the input size of {', '.join(layers[:3])}"
             f"{more}: choose a group size that divides it, or leave those layers in full "
-            "precision with skip @ $.student.init.params.group_size"
+            f"precision with skip @ $.student.init.params.{where}"
         )
     if not chosen and not already:
         where = "skip" if config.skip else "start"
@@ -269,16 +234,14 @@ def quantize_student(student: nn.Module, config: QuantizeConfig) -> QuantizeReco
             f"initializer 'quantize': no layer of {type(target).__name__} to quantize "
             f"@ $.student.init.params.{where}"
         )
-    defaults = {"group_size": group_size, "bits": config.bits, "mode": config.mode}
-    # the model's quant_predicate may give a layer its own parameters
-    _swap_layers(target, {p: v if isinstance(v, dict) else defaults for p, v in chosen.items()})
+    _swap_layers(target, chosen)
     if isinstance(student, MlxLmModel):
         student.sync()  # a swapped top-level layer (lm_head) is a new child
     return QuantizeRecord(
         bits=config.bits,
-        group_size=group_size,
+        group_size=config.groups,
         mode=config.mode,
-        layers=tuple(sorted([*chosen, *already])),
+        layers=dict(sorted((path, layer_params(m)) for path, m in quantized_modules(student))),
     )
 
 
@@ -373,14 +336,16 @@ def quantized_bits_per_weight(model: nn.Module) -> float | None:
 
 def summary(student: nn.Module) -> dict[str, Any] | None:
     """The run summary's ``quantization`` entry (None for a student without quantized
-    layers): the settings, how many layers, the unpacked parameter count, bits per weight."""
+    layers): the settings, the layers of other widths (``layers``: path -> parameters), how
+    many layers, the unpacked parameter count, bits per weight."""
     modules = quantized_modules(student)
     if not modules:
         return None
     record = getattr(student, "kd_quantize", None)
-    top = _top_params(student, modules)
+    top = top_params(student)
     return {
         **top,
+        "layers": own_params(student, top),
         "quantized_layers": len(modules),
         "parameters": parameter_count(student),
         "trainable_parameters": trained_parameters(student),
@@ -390,39 +355,21 @@ def summary(student: nn.Module) -> dict[str, Any] | None:
     }
 
 
-def _top_params(student: nn.Module, modules: list) -> dict[str, Any]:
+def top_params(student: nn.Module) -> dict[str, Any]:
+    """The common ``group_size``/``bits``/``mode``: the initializer's top-level ones, else
+    (a quantized folder loaded) those most of the quantized layers have."""
     record = getattr(student, "kd_quantize", None)
     if record is not None:
-        return {"group_size": record.group_size, "bits": record.bits, "mode": record.mode}
-    return _layer_params(modules[0][1])
+        return record.top
+    found = [layer_params(m) for _, m in quantized_modules(student)]
+    return max(found, key=found.count)
 
 
-# ---------------------------------------------------------------- saving and loading
-
-
-def mlx_lm_quantization(student: nn.Module) -> dict[str, Any]:
-    """The ``"quantization"`` entry of an mlx-lm config.json for ``student``: the common
-    ``group_size``/``bits``/``mode``, and a per-layer entry (as mlx-lm's ``quantize_model``
-    writes one) for each quantized layer that differs from them."""
-    modules = quantized_modules(student)
-    top = _top_params(student, modules)
-    names = {path for path, _ in modules}
-    old = getattr(student, "mlx_config", {}).get("quantization") or {}
-    entry = dict(top)
-    for key, value in old.items():  # a source folder's per-layer entries for other layers
-        if key not in top and key not in names:
-            entry[key] = value
-    for path, module in modules:
-        if _layer_params(module) != top:
-            entry[path] = _layer_params(module)
-    return entry
-
-
-def mlx_lm_config(student: nn.Module) -> dict[str, Any]:
-    """The student's mlx-lm config with its quantization entries (``quantization`` and the
-    Hugging Face ``quantization_config`` copy mlx-lm writes beside it)."""
-    entry = mlx_lm_quantization(student)
-    return {**student.mlx_config, "quantization": entry, "quantization_config": dict(entry)}
+def own_params(student: nn.Module, top: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """path -> parameters of each quantized layer whose parameters are not ``top``."""
+    return {
+        path: layer_params(m) for path, m in quantized_modules(student) if layer_params(m) != top
+    }
 
 
 def dequantized_weights(model: nn.Module) -> dict[str, mx.array]:
@@ -436,61 +383,10 @@ def dequantized_weights(model: nn.Module) -> dict[str, mx.array]:
     return weights
 
 
-def save_builtin(
-    student: nn.Module, directory: Path, arch: str, config: Any, tokenizer: Any
-) -> None:
-    """A quantized built-in student: kdcore's layout with the dequantized weights (every
-    kdcore loader opens it), plus the packed tensors (``quantized.safetensors``) and which
-    layers they quantize (``quantization.json``) for :func:`load_quantized_model`."""
-    from kdcore.spec.convert import converter
-    from kdcore.tokenizers.simple import save_tokenizer
-
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    save_arrays(
-        directory / "model.safetensors", dequantized_weights(student), metadata={"format": "mlx"}
-    )
-    write_json(directory / "config.json", {"kd_model": arch, **converter.unstructure(config)})
-    save_tokenizer(tokenizer, directory)
-    save_arrays(
-        directory / QUANTIZED_WEIGHTS,
-        dict(tree_flatten(student.parameters())),
-        metadata={"format": "mlx"},
-    )
-    modules = quantized_modules(student)
-    write_json(
-        directory / QUANTIZATION_JSON,
-        {
-            **_top_params(student, modules),
-            "layers": {path: _layer_params(m) for path, m in modules},
-        },
-    )
-
-
-def load_quantized_model(directory: str | Path) -> nn.Module:
-    """The quantized student a run saved: an mlx-lm folder through mlx-lm's loader, a
-    built-in one from its packed tensors."""
-    from kdcore.models.io import load_model
-
-    directory = Path(directory)
-    info_path = directory / QUANTIZATION_JSON
-    model, _arch, _config = load_model(directory)
-    if not info_path.exists():
-        if not has_quantized(model):
-            raise CheckpointError(f"{directory} holds no quantized model")
-        return model
-    info = read_json(info_path, "quantization settings")
-    layers = info.get("layers") or {}
+def swap_layers(model: nn.Module, layers: dict[str, dict[str, Any]]) -> None:
+    """Quantize ``model``'s layers named in ``layers`` (path -> parameters, as a saved
+    folder records them) empty-handed, ready for the saved tensors."""
     _swap_layers(_target(model), layers)
-    weights = load_arrays(directory / QUANTIZED_WEIGHTS, "quantized weights")
-    try:
-        model.load_weights(list(weights.items()), strict=True)
-    except ValueError as exc:
-        raise CheckpointError(
-            f"{directory}/{QUANTIZED_WEIGHTS} does not match {QUANTIZATION_JSON}: {exc}"
-        ) from exc
-    mx.eval(model.parameters())
-    return model
 
 
 # ---------------------------------------------------------------- the initializer
@@ -536,6 +432,7 @@ def quantize_init(config: QuantizeConfig, setup=None):
             "bits": record.bits,
             "group_size": record.group_size,
             "mode": record.mode,
+            "layers": {p: v for p, v in record.layers.items() if v != record.top},
             "quantized_layers": len(record.layers),
             "trainable_parameters": trained,
             "frozen_parameters": sum(v.size for _, v in tree_flatten(student.parameters()))
