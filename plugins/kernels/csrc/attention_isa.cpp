@@ -223,29 +223,12 @@ const float* head(const float* x, const int64_t* strides, int64_t b, int64_t h) 
 
 }  // namespace
 
-void attention_pack(const AttentionArgs& a, int64_t task, bool backward) {
-  const int64_t D = a.dim, Dp = padded(D), L = a.queries, S = a.keys;
-  if (!backward) {
-    const int64_t b = task / a.kv_heads, kvh = task % a.kv_heads;
-    float* kp = a.work + task * 2 * S * Dp;
-    copy_rows(head(a.k, a.k_strides, b, kvh), a.k_strides[2], S, D, Dp, 1.0f, kp);
-    copy_rows(head(a.v, a.v_strides, b, kvh), a.v_strides[2], S, D, Dp, 1.0f, kp + S * Dp);
-    return;
-  }
-  const int64_t b = task / a.heads, h = task % a.heads;
-  float* qs = a.work + task * L * Dp;
-  float* dop = a.work + (a.batch * a.heads + task) * L * Dp;
-  float* delta = a.work + 2 * a.batch * a.heads * L * Dp + task * L;
-  copy_rows(head(a.q, a.q_strides, b, h), a.q_strides[2], L, D, Dp, a.scale, qs);
-  copy_rows(a.d_o + task * L * D, D, L, D, Dp, 1.0f, dop);
-  for (int64_t i = 0; i < L; ++i) {
-    const float* o = a.o_in + (task * L + i) * D;
-    const float* go = a.d_o + (task * L + i) * D;
-    double dot = 0.0;
-    for (int64_t d = 0; d < D; ++d)
-      dot += double(o[d]) * go[d];
-    delta[i] = float(dot);
-  }
+void attention_pack(const AttentionArgs& a, int64_t task) {
+  const int64_t D = a.dim, Dp = padded(D), S = a.keys;
+  const int64_t b = task / a.kv_heads, kvh = task % a.kv_heads;
+  float* kp = a.work + task * 2 * S * Dp;
+  copy_rows(head(a.k, a.k_strides, b, kvh), a.k_strides[2], S, D, Dp, 1.0f, kp);
+  copy_rows(head(a.v, a.v_strides, b, kvh), a.v_strides[2], S, D, Dp, 1.0f, kp + S * Dp);
 }
 
 // The forward works on transposed score tiles, [keys, queries]: the online softmax's row
@@ -333,9 +316,12 @@ void attention_grad(const AttentionArgs& a, int64_t task, int64_t splits, float*
   const int64_t q_tiles = (L + T - 1) / T, k_tiles = (S + T - 1) / T;
   const int64_t offset = S - L;
 
-  std::vector<float> buf(groups * L * Dp + 3 * T * Dp + 2 * D * T + 2 * T * T);
+  std::vector<float> buf(groups * L * (3 * Dp + 1) + 3 * T * Dp + 2 * D * T + 2 * T * T);
   float* dq_acc = buf.data();  // [G, L, Dp] sum_j dS k
-  float* kp = dq_acc + groups * L * Dp;  // [T, Dp] the key tile
+  float* qs_all = dq_acc + groups * L * Dp;  // [G, L, Dp] scale * q of the group's heads
+  float* do_all = qs_all + groups * L * Dp;  // [G, L, Dp] their dO
+  float* delta_all = do_all + groups * L * Dp;  // [G, L] rowsum(dO * O)
+  float* kp = delta_all + groups * L;  // [T, Dp] the key tile
   float* dk_acc = kp + T * Dp;  // [T, Dp]
   float* dv_acc = dk_acc + T * Dp;  // [T, Dp]
   float* kt = dv_acc + T * Dp;  // [D, T] the key tile transposed
@@ -344,10 +330,20 @@ void attention_grad(const AttentionArgs& a, int64_t task, int64_t splits, float*
   float* ds = p + T * T;  // [T, T] dP, then dS
 
   const int64_t h0 = kvh * groups, bh0 = b * a.heads + h0;
-  // scale * q, dO [L, Dp] and rowsum(dO * O) [L] of each query head (attention_pack)
-  const float* qs_all = a.work + bh0 * L * Dp;
-  const float* do_all = a.work + (a.batch * a.heads + bh0) * L * Dp;
-  const float* delta_all = a.work + 2 * a.batch * a.heads * L * Dp + bh0 * L;
+  for (int64_t g = 0; g < groups; ++g) {
+    const int64_t bh = bh0 + g;
+    copy_rows(head(a.q, a.q_strides, b, h0 + g), a.q_strides[2], L, D, Dp, a.scale,
+              qs_all + g * L * Dp);
+    copy_rows(a.d_o + bh * L * D, D, L, D, Dp, 1.0f, do_all + g * L * Dp);
+    for (int64_t i = 0; i < L; ++i) {
+      const float* o = a.o_in + (bh * L + i) * D;
+      const float* go = a.d_o + (bh * L + i) * D;
+      double dot = 0.0;
+      for (int64_t d = 0; d < D; ++d)
+        dot += double(o[d]) * go[d];
+      delta_all[g * L + i] = float(dot);
+    }
+  }
   const float* k = head(a.k, a.k_strides, b, kvh);
   const float* v = head(a.v, a.v_strides, b, kvh);
   for (int64_t kt_index = split; kt_index < k_tiles; kt_index += splits) {

@@ -6,7 +6,6 @@
 #include <atomic>
 #include <cstring>
 #include <memory>
-#include <mutex>
 #include <stdexcept>
 
 #include "kd_rows.h"
@@ -136,11 +135,11 @@ class FlashAttention : public mx::Primitive {
       q.gather();
       k.gather();
       v.gather();
-      std::vector<float> packed(attention_work(args, false, kMaxLanes));
+      std::vector<float> packed(attention_work(args, kMaxLanes));
       args.work = packed.data();
       const double pack_work = double(args.batch) * args.kv_heads * args.keys * args.dim;
       run_tasks(args.batch * args.kv_heads, pack_work, [&](int64_t t) {
-        fns.attention_pack(args, t, false);
+        fns.attention_pack(args, t);
       });
       run_tasks(tasks, work, [&](int64_t t) { fns.attention(args, t); });
     });
@@ -211,27 +210,24 @@ class FlashAttentionGrad : public mx::Primitive {
       q.gather();
       k.gather();
       v.gather();
-      std::vector<float> packed(attention_work(args, true, kMaxLanes));
-      args.work = packed.data();
-      const double pack_work = double(args.batch) * args.heads * args.queries * args.dim;
-      run_tasks(args.batch * args.heads, pack_work, [&](int64_t t) {
-        fns.attention_pack(args, t, true);
-      });
       const auto fn = fns.attention_grad;
       const int64_t group = (args.heads / args.kv_heads) * args.queries * args.dim;
       if (splits == 1) {
         run_tasks(kv_count, work, [&](int64_t t) { fn(args, t, 1, dq + t * group); });
         return;
       }
-      std::memset(dq, 0, sizeof(float) * kv_count * group);
-      std::mutex lock;
+      // the splits' dq summed in split order: the same result whichever thread ran which
+      std::vector<float> parts(kv_count * splits * group);
       run_tasks(kv_count * splits, work, [&](int64_t t) {
-        std::vector<float> part(group);
-        fn(args, t, splits, part.data());
-        float* to = dq + (t / splits) * group;
-        std::lock_guard<std::mutex> hold(lock);
-        for (int64_t x = 0; x < group; ++x)
-          to[x] += part[x];
+        fn(args, t, splits, parts.data() + t * group);
+      });
+      run_tasks(kv_count, double(splits) * group, [&](int64_t kv) {
+        float* to = dq + kv * group;
+        const float* from = parts.data() + kv * splits * group;
+        std::memcpy(to, from, sizeof(float) * group);
+        for (int64_t part = 1; part < splits; ++part)
+          for (int64_t x = 0; x < group; ++x)
+            to[x] += from[part * group + x];
       });
     });
   }

@@ -146,30 +146,26 @@ struct AttentionArgs {
   const float* d_o;
   float* dk;  // backward: [B, Hkv, S, D]
   float* dv;
-  // Packed once per call (attention_pack, before the tasks; attention_work says how many
-  // floats): forward, each KV head's keys and values [S, Dp] (Dp: D rounded up to the
-  // lanes); backward, each query head's scale * q and dO [L, Dp] and rowsum(dO * O) [L].
+  // The forward's keys and values of each KV head [S, Dp] (Dp: D rounded up to the lanes),
+  // packed once per call by attention_pack before the tasks (attention_work floats).
   float* work;
 };
 
 // Floats of AttentionArgs::work for an instruction set of `lanes` float lanes (the most
 // lanes give enough for any).
-inline int64_t attention_work(const AttentionArgs& a, bool backward, int64_t lanes) {
+inline int64_t attention_work(const AttentionArgs& a, int64_t lanes) {
   const int64_t dp = (a.dim + lanes - 1) / lanes * lanes;
-  if (!backward)
-    return a.batch * a.kv_heads * 2 * a.keys * dp;
-  return a.batch * a.heads * a.queries * (2 * dp + 1);
+  return a.batch * a.kv_heads * 2 * a.keys * dp;
 }
 
 // Forward task t of B * Hq * ceil(L / tile) (the longest query tiles first), after pack
 // task t of B * Hkv.
 using AttentionFn = void (*)(const AttentionArgs&, int64_t task);
-// Backward task t of B * Hkv * splits, after pack task t of B * Hq: KV head t / splits, its
-// key tiles t % splits, t % splits + splits, ...; writes those rows of dk and dv, and this
-// task's share of dq for the group's Hq / Hkv query heads into dq [Hq / Hkv, L, D] (the
-// caller sums the splits).
+// Backward task t of B * Hkv * splits: KV head t / splits, its key tiles t % splits,
+// t % splits + splits, ...; writes those rows of dk and dv, and this task's share of dq for
+// the group's Hq / Hkv query heads into dq [Hq / Hkv, L, D] (the caller sums the splits).
 using AttentionGradFn = void (*)(const AttentionArgs&, int64_t task, int64_t splits, float* dq);
-using AttentionPackFn = void (*)(const AttentionArgs&, int64_t task, bool backward);
+using AttentionPackFn = void (*)(const AttentionArgs&, int64_t task);
 
 using DenseFn = void (*)(const DenseArgs&, int64_t r0, int64_t r1);
 using SoftmaxFn = void (*)(const SoftmaxArgs&, int64_t r0, int64_t r1);
@@ -191,7 +187,7 @@ using AdamFn = void (*)(const AdamArgs&, int64_t i0, int64_t i1);
   void swiglu_grad(const SwigluArgs& a, int64_t i0, int64_t i1);               \
   void attention(const AttentionArgs& a, int64_t task);                        \
   void attention_grad(const AttentionArgs& a, int64_t task, int64_t splits, float* dq); \
-  void attention_pack(const AttentionArgs& a, int64_t task, bool backward);     \
+  void attention_pack(const AttentionArgs& a, int64_t task);                   \
   int lanes();                                                                 \
   }
 
