@@ -60,7 +60,7 @@ def use_layer_kernels(
 
 def _native(x: mx.array) -> bool:
     # KD_KERNELS=pure is read at each call, as the row kernels read it; KD_LAYER_KERNELS=off
-    # turns off these two alone (to measure what they give)
+    # turns off the layer kernels alone (to measure what they give)
     return (
         mx.default_device().type == mx.cpu
         and x.dtype == mx.float32
