@@ -1,7 +1,10 @@
-"""The layer kernels (kd-kernels' attention softmax and SwiGLU, through kdcore.models.ops)
-against pure MLX: values and gradients, causal masks, grouped heads, odd lengths, a cache
-offset, and whole models (mlx-lm's llama, qwen3 and gemma3 layers, the built-in
-transformer) with and without them."""
+"""The layer kernels (kd-kernels' flash attention, attention softmax and SwiGLU, through
+kdcore.models.ops) against pure MLX: values and gradients, causal masks, grouped heads, odd
+lengths, a cache offset, and whole models (mlx-lm's llama, qwen3 and gemma3 layers, the
+built-in transformer) with and without them. Attention is checked on both native paths:
+flash attention, and the native softmax between matrix products (the path of a single
+query, and of a registry without the flash kernel). tests/test_flash_attention.py checks
+the flash kernel itself in more detail."""
 
 from __future__ import annotations
 
@@ -27,8 +30,19 @@ def kernels():
     use_row_kernels(previous)
 
 
+@pytest.fixture(params=["flash", "softmax"])
+def attention_path(request, kernels, monkeypatch):
+    """The attention kernel ops.attention runs: flash attention, or (no flash kernel) the
+    native softmax; the name of the one to count in ops."""
+    assert ops._flash is not None, "kd-kernels' flash attention is not installed"
+    if request.param == "softmax":
+        monkeypatch.setattr(ops, "_flash", None)
+        return "_softmax"
+    return "_flash"
+
+
 def _pure(fn):
-    saved = ops.use_layer_kernels(None, None)
+    saved = ops.use_layer_kernels(None, None, None)
     try:
         return fn()
     finally:
@@ -47,7 +61,9 @@ def _pure(fn):
         (1, 4, 2, 260, 270, 8, "causal"),  # query blocks after 10 held keys
     ],
 )
-def test_attention_equals_mlx_in_value_and_gradient(kernels, B, heads, kv_heads, L, S, D, mask):
+def test_attention_equals_mlx_in_value_and_gradient(
+    attention_path, B, heads, kv_heads, L, S, D, mask
+):
     rng = np.random.default_rng(L * 100 + S)
     q = mx.array(rng.standard_normal((B, heads, L, D)).astype(np.float32))
     k = mx.array(rng.standard_normal((B, kv_heads, S, D)).astype(np.float32))
@@ -133,16 +149,18 @@ def _loss_and_grads(model, ids):
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
-def test_mlx_lm_layers_run_the_kernels_to_the_same_loss_and_gradients(kernels, name, monkeypatch):
+def test_mlx_lm_layers_run_the_kernels_to_the_same_loss_and_gradients(
+    attention_path, name, monkeypatch
+):
     calls = []
-    kernel = ops._softmax
-    monkeypatch.setattr(ops, "_softmax", lambda *a: calls.append(1) or kernel(*a))
+    kernel = getattr(ops, attention_path)
+    monkeypatch.setattr(ops, attention_path, lambda *a: calls.append(1) or kernel(*a))
     mx.random.seed(0)
     model = build_mlxlm(MODELS[name])
     mx.eval(model.parameters())
     ids = mx.array(np.random.default_rng(1).integers(0, 97, (2, 19)))
     got, grads = _loss_and_grads(model, ids)
-    assert calls, f"{name}: the native softmax never ran"
+    assert calls, f"{name}: the native {attention_path} never ran"
     want, want_grads = _pure(lambda: _loss_and_grads(model, ids))
     assert got == pytest.approx(want, rel=1e-5)
     for key, expected in want_grads.items():
@@ -151,7 +169,12 @@ def test_mlx_lm_layers_run_the_kernels_to_the_same_loss_and_gradients(kernels, n
         )
 
 
-def test_the_builtin_transformer_runs_the_kernels_to_the_same_loss_and_gradients(kernels):
+def test_the_builtin_transformer_runs_the_kernels_to_the_same_loss_and_gradients(
+    attention_path, monkeypatch
+):
+    calls = []
+    kernel = getattr(ops, attention_path)
+    monkeypatch.setattr(ops, attention_path, lambda *a: calls.append(1) or kernel(*a))
     mx.random.seed(0)
     model = Transformer(TransformerConfig(vocab_size=97, dim=32, layers=2, heads=4, kv_heads=2))
     mx.eval(model.parameters())
@@ -166,6 +189,7 @@ def test_the_builtin_transformer_runs_the_kernels_to_the_same_loss_and_gradients
         return value.item(), dict(tree_flatten(grads))
 
     got, grads = loss_and_grads()
+    assert calls, f"the native {attention_path} never ran"
     want, want_grads = _pure(loss_and_grads)
     assert got == pytest.approx(want, rel=1e-5)
     for key, expected in want_grads.items():

@@ -33,6 +33,7 @@ ROW_KERNELS = (
     "adam",
     "softmax",  # attention's softmax (kdcore.models.ops)
     "swiglu",
+    "attention",  # whole causal attention, flash style (kdcore.models.ops)
 )
 
 # None until a table is installed (kd doctor says so, rather than "no plugin registers one").
@@ -48,7 +49,7 @@ def use_row_kernels(kernels: Mapping[str, RowKernel] | None) -> dict[str, RowKer
     _installed = None if kernels is None else dict(kernels)
     # The layers' kernels too: the built-in transformer and mlx-lm's layers read them there
     # (and check KD_KERNELS and the device at each call).
-    ops.use_layer_kernels(_built("softmax", ()), _built("swiglu", ()))
+    ops.use_layer_kernels(_built("softmax", ()), _built("swiglu", ()), _built("attention", ()))
     return previous
 
 

@@ -1,10 +1,10 @@
-"""The two layer operations a plugin may run natively: attention (its softmax) and SwiGLU.
+"""The layer operations a plugin may run natively: attention and SwiGLU.
 
 MLX's Linux CPU backend runs exp, sigmoid and softmax as scalar code on one core: at a real
 model's shape most of a layer's time is the ``[B, heads, L, L]`` softmax and
 ``silu(gate) * up``, not its matrix products (docs/performance.md, ``real_model``). A
-plugin registers native kernels for them through ``kd_row_kernels`` (names ``"softmax"``
-and ``"swiglu"``; kd-kernels does) and the engine installs them here
+plugin registers native kernels for them through ``kd_row_kernels`` (names ``"softmax"``,
+``"swiglu"`` and ``"attention"``; kd-kernels does) and the engine installs them here
 (:func:`use_layer_kernels`); until then, on another device, under ``KD_KERNELS=pure`` or
 ``KD_LAYER_KERNELS=off``, MLX's own ``scaled_dot_product_attention`` and ``silu`` run.
 
@@ -15,11 +15,14 @@ has replaced the two names those modules import (``scaled_dot_product_attention`
 do not cover (a quantized KV cache, attention sinks, a mask array, a float16 model) goes to
 mlx-lm's own function.
 
-:func:`attention` with the native softmax computes ``q k^T`` and ``p v`` as matrix products
-(float32, a KV head's query heads stacked as rows), so under a gradient it holds the
-``[B, heads, L, S]`` scores and probabilities, as MLX's own attention does (a backward
-that recomputes them inside ``mx.custom_function`` keeps them too: MLX keeps a traced
-graph's intermediates until the backward; only a single native primitive would not).
+:func:`attention` over more than one query runs the ``"attention"`` kernel where one is
+registered: flash attention, one primitive forward and one backward that never hold the
+``[B, heads, L, S]`` scores (under a gradient MLX keeps q, k, v, the output and one float
+per query). A single query (a decoding step: no mask) and a registry without it take the
+native softmax: ``q k^T`` and ``p v`` as matrix products (float32, a KV head's query heads
+stacked as rows), which under a gradient hold the scores and probabilities, as MLX's own
+attention does (a backward that recomputes them inside ``mx.custom_function`` keeps them
+too: MLX keeps a traced graph's intermediates until the backward).
 """
 
 from __future__ import annotations
@@ -37,23 +40,27 @@ MLX_LM_MODULES = ("llama", "qwen2", "qwen3", "mistral", "gemma3_text")
 
 _softmax: Callable[..., mx.array] | None = None
 _swiglu: Callable[..., mx.array] | None = None
+_flash: Callable[..., mx.array] | None = None
 _patched: dict[str, tuple[Any, Any]] = {}  # module -> (its sdpa, its swiglu) before the patch
 
 
 def use_layer_kernels(
-    softmax: Callable[..., mx.array] | None, swiglu_kernel: Callable[..., mx.array] | None
-) -> tuple[Any, Any]:
-    """Run ``softmax(x, scale, causal)`` and ``swiglu(gate, up)`` from now on (None: MLX's
-    own); returns the pair it replaces."""
-    global _softmax, _swiglu
-    previous = (_softmax, _swiglu)
-    _softmax, _swiglu = softmax, swiglu_kernel
+    softmax: Callable[..., mx.array] | None,
+    swiglu_kernel: Callable[..., mx.array] | None,
+    flash: Callable[..., mx.array] | None = None,
+) -> tuple[Any, Any, Any]:
+    """Run ``softmax(x, scale, causal)``, ``swiglu(gate, up)`` and ``flash(q, k, v, scale,
+    causal)`` (whole attention) from now on (None: MLX's own); returns the three it
+    replaces."""
+    global _softmax, _swiglu, _flash
+    previous = (_softmax, _swiglu, _flash)
+    _softmax, _swiglu, _flash = softmax, swiglu_kernel, flash
     return previous
 
 
 def _native(x: mx.array) -> bool:
     # KD_KERNELS=pure is read at each call, as the row kernels read it; KD_LAYER_KERNELS=off
-    # turns off these two alone (to measure what they give)
+    # turns off the layer kernels alone (to measure what they give)
     return (
         mx.default_device().type == mx.cpu
         and x.dtype == mx.float32
@@ -67,12 +74,16 @@ def attention(
 ) -> mx.array:
     """``softmax(scale q k^T + mask) v`` for ``q`` [B, Hq, L, D] and ``k``, ``v`` [B, Hkv, S,
     D] (``Hq`` a multiple of ``Hkv``); ``mask``: ``"causal"``, None or an additive array."""
-    kernel = _softmax
-    if kernel is None or not isinstance(mask, (str, type(None))) or not _native(q):
+    causal = isinstance(mask, str) and mask == "causal"
+    if not (causal or mask is None) or not _native(q):
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
-    if isinstance(mask, str) and mask != "causal":
+    if _flash is not None and q.shape[2] > 1:
+        f32 = mx.float32
+        out = _flash(q.astype(f32), k.astype(f32), v.astype(f32), float(scale), causal)
+        return out.astype(q.dtype)
+    if _softmax is None:
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
-    return _attention_core(q, k, v, float(scale), mask == "causal", kernel)
+    return _attention_core(q, k, v, float(scale), causal, _softmax)
 
 
 # Causal attention at least this long runs in query blocks of this many rows: block i reads
@@ -119,7 +130,8 @@ def swiglu(gate: mx.array, up: mx.array) -> mx.array:
 
 def _mlx_lm_attention(original: Callable[..., mx.array]) -> Callable[..., mx.array]:
     def scaled_dot_product_attention(queries, keys, values, cache, scale, mask, sinks=None):
-        if _softmax is None or sinks is not None or hasattr(cache, "bits") or not _native(queries):
+        native = _softmax is not None or _flash is not None
+        if not native or sinks is not None or hasattr(cache, "bits") or not _native(queries):
             return original(queries, keys, values, cache, scale=scale, mask=mask, sinks=sinks)
         return attention(queries, keys, values, scale, mask)
 

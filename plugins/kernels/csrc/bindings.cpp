@@ -75,6 +75,17 @@ NB_MODULE(_ext, m) {
       "gate"_a,
       "up"_a,
       "silu(gate) * up of float32 arrays, with its gradient.");
+  m.def(
+      "flash_attention",
+      &kd_kernels::flash_attention,
+      "q"_a,
+      "k"_a,
+      "v"_a,
+      "scale"_a,
+      "causal"_a,
+      "softmax(scale q k^T) v of float32 q [B, Hq, L, D] and k, v [B, Hkv, S, D] (causal: "
+      "query i sees keys up to i + S - L), flash style (the scores never held), with its "
+      "gradient.");
   m.def("isa", &kd_kernels::isa, "The instruction set the kernels use.");
   m.def("isas", &kd_kernels::isas, "The instruction sets this build can use on this CPU.");
   m.def("set_isa", &kd_kernels::set_isa, "name"_a, "Use another instruction set; returns the old.");

@@ -36,6 +36,9 @@ struct Isa {
   SoftmaxGradFn softmax_grad;
   SwigluFn swiglu;
   SwigluFn swiglu_grad;
+  AttentionFn attention;
+  AttentionGradFn attention_grad;
+  AttentionPackFn attention_pack;
   bool (*supported)();
 };
 
@@ -66,6 +69,9 @@ const Isa kIsas[] = {
      isa_avx512::softmax_grad_rows,
      isa_avx512::swiglu,
      isa_avx512::swiglu_grad,
+     isa_avx512::attention,
+     isa_avx512::attention_grad,
+     isa_avx512::attention_pack,
      has_avx512},
     {"avx2",
      isa_avx2::dense_rows,
@@ -76,6 +82,9 @@ const Isa kIsas[] = {
      isa_avx2::softmax_grad_rows,
      isa_avx2::swiglu,
      isa_avx2::swiglu_grad,
+     isa_avx2::attention,
+     isa_avx2::attention_grad,
+     isa_avx2::attention_pack,
      has_avx2},
 #endif
     {"base",
@@ -87,6 +96,9 @@ const Isa kIsas[] = {
      isa_base::softmax_grad_rows,
      isa_base::swiglu,
      isa_base::swiglu_grad,
+     isa_base::attention,
+     isa_base::attention_grad,
+     isa_base::attention_pack,
      always},
 };
 
@@ -270,7 +282,14 @@ void parallel(int64_t items, int64_t work_per_item, const std::function<void(int
 
 LayerFns layer_fns() {
   const Isa* isa = current_isa();
-  return {isa->softmax, isa->softmax_grad, isa->swiglu, isa->swiglu_grad};
+  return {
+      isa->softmax,
+      isa->softmax_grad,
+      isa->swiglu,
+      isa->swiglu_grad,
+      isa->attention,
+      isa->attention_grad,
+      isa->attention_pack};
 }
 
 }  // namespace detail

@@ -73,12 +73,21 @@ mx::array softmax(const mx::array& x, double scale, bool causal);
 // silu(gate) * up of float32 arrays of one shape. Differentiable.
 mx::array swiglu(const mx::array& gate, const mx::array& up);
 
+// softmax(scale q k^T) v of float32 q [B, Hq, L, D] and k, v [B, Hkv, S, D] (Hq a multiple
+// of Hkv; query head h reads KV head h / (Hq / Hkv)); with `causal`, query i sees keys
+// 0 .. i + S - L. Flash style: the scores are never held. Differentiable in q, k and v.
+mx::array flash_attention(
+    const mx::array& q, const mx::array& k, const mx::array& v, double scale, bool causal);
+
 namespace detail {
 struct LayerFns {
   SoftmaxFn softmax;
   SoftmaxGradFn softmax_grad;
   SwigluFn swiglu;
   SwigluFn swiglu_grad;
+  AttentionFn attention;
+  AttentionGradFn attention_grad;
+  AttentionPackFn attention_pack;
 };
 // The instruction set's layer kernels, and rows split across the kernels' threads.
 LayerFns layer_fns();

@@ -124,6 +124,49 @@ struct SwigluArgs {
   float* d_up;
 };
 
+// Causal (or full) attention of float32 q [B, Hq, L, D] with k, v [B, Hkv, S, D] (query head
+// h reads KV head h / (Hq / Hkv)), flash style: tiles of kAttentionTile queries x keys, an
+// online softmax, the [L, S] scores never held. With `causal`, query i sees keys
+// 0 .. i + S - L (the queries are the last L positions). q, k and v are read through their
+// strides (batch, head, row; elements of a row adjacent); everything else is contiguous.
+constexpr int64_t kAttentionTile = 64;
+
+struct AttentionArgs {
+  int64_t batch, heads, kv_heads, queries, keys, dim;
+  float scale;
+  bool causal;
+  const float* q;
+  const float* k;
+  const float* v;
+  int64_t q_strides[3], k_strides[3], v_strides[3];
+  float* o;  // forward: [B, Hq, L, D]
+  float* lse;  // forward: [B, Hq, L], log-sum-exp of each query's scaled scores
+  const float* o_in;  // backward: the forward's o and lse, and the cotangent of o
+  const float* lse_in;
+  const float* d_o;
+  float* dk;  // backward: [B, Hkv, S, D]
+  float* dv;
+  // The forward's keys and values of each KV head [S, Dp] (Dp: D rounded up to the lanes),
+  // packed once per call by attention_pack before the tasks (attention_work floats).
+  float* work;
+};
+
+// Floats of AttentionArgs::work for an instruction set of `lanes` float lanes (the most
+// lanes give enough for any).
+inline int64_t attention_work(const AttentionArgs& a, int64_t lanes) {
+  const int64_t dp = (a.dim + lanes - 1) / lanes * lanes;
+  return a.batch * a.kv_heads * 2 * a.keys * dp;
+}
+
+// Forward task t of B * Hq * ceil(L / tile) (the longest query tiles first), after pack
+// task t of B * Hkv.
+using AttentionFn = void (*)(const AttentionArgs&, int64_t task);
+// Backward task t of B * Hkv * splits: KV head t / splits, its key tiles t % splits,
+// t % splits + splits, ...; writes those rows of dk and dv, and this task's share of dq for
+// the group's Hq / Hkv query heads into dq [Hq / Hkv, L, D] (the caller sums the splits).
+using AttentionGradFn = void (*)(const AttentionArgs&, int64_t task, int64_t splits, float* dq);
+using AttentionPackFn = void (*)(const AttentionArgs&, int64_t task);
+
 using DenseFn = void (*)(const DenseArgs&, int64_t r0, int64_t r1);
 using SoftmaxFn = void (*)(const SoftmaxArgs&, int64_t r0, int64_t r1);
 using SoftmaxGradFn = void (*)(const SoftmaxGradArgs&, int64_t r0, int64_t r1);
@@ -142,6 +185,9 @@ using AdamFn = void (*)(const AdamArgs&, int64_t i0, int64_t i1);
   void softmax_grad_rows(const SoftmaxGradArgs& a, int64_t r0, int64_t r1);    \
   void swiglu(const SwigluArgs& a, int64_t i0, int64_t i1);                    \
   void swiglu_grad(const SwigluArgs& a, int64_t i0, int64_t i1);               \
+  void attention(const AttentionArgs& a, int64_t task);                        \
+  void attention_grad(const AttentionArgs& a, int64_t task, int64_t splits, float* dq); \
+  void attention_pack(const AttentionArgs& a, int64_t task);                   \
   int lanes();                                                                 \
   }
 

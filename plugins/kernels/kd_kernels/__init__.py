@@ -11,9 +11,10 @@ primitive per call that reads each row's logits from memory once, keeps the row 
 core's cache for its remaining passes, writes the gradient once, vectorised (AVX-512, AVX2
 or the baseline instruction set, chosen at run time) and split across the CPU's cores.
 
-The layer kernels (``"softmax"``, attention's softmax, and ``"swiglu"``, each with its
-backward) run inside the built-in transformer's and mlx-lm's layers through
-``kdcore.models.ops``: on a real model most of a layer's time is that element-wise work.
+The layer kernels (``"attention"``, flash attention, ``"softmax"``, attention's softmax, and
+``"swiglu"``, each with its backward) run inside the built-in transformer's and mlx-lm's
+layers through ``kdcore.models.ops``: on a real model most of a layer's time is that
+element-wise work.
 
 kdcore uses them on the CPU unless ``KD_KERNELS=pure`` (tests/test_stress.py is the stress
 check); on a GPU and for anything not registered its pure-MLX row functions run.
@@ -158,6 +159,13 @@ def swiglu_factory():
     return _ext.swiglu
 
 
+def attention_factory():
+    """``attention(q, k, v, scale, causal)``: ``softmax(scale q k^T) v`` of float32 q [B, Hq,
+    L, D] and k, v [B, Hkv, S, D], flash style (tiles, an online softmax; the scores are never
+    held), forward and backward each one threaded primitive (``kdcore.models.ops.attention``)."""
+    return _ext.flash_attention
+
+
 @kdcore.hookimpl
 def kd_row_kernels():
     reason = unavailable_reason()
@@ -173,6 +181,7 @@ def kd_row_kernels():
     table["adam"] = adam_factory
     table["softmax"] = softmax_factory
     table["swiglu"] = swiglu_factory
+    table["attention"] = attention_factory
     for factory in table.values():
         factory.description = text
     return table

@@ -512,7 +512,7 @@ def _doctor(capsys) -> dict:
 def test_kd_doctor_says_which_kernels_run_and_why(capsys, monkeypatch):
     monkeypatch.setenv("KD_KERNELS", "native")
     kernels = _doctor(capsys)
-    for name in (*KINDS, *(f"sparse:{kind}" for kind in KINDS), "cross_entropy"):
+    for name in (*KINDS, *(f"sparse:{kind}" for kind in KINDS), "cross_entropy", "attention"):
         assert kernels[name]["path"] == "native", kernels[name]
         assert kernels[name]["source"].startswith("kd-kernels")
         assert kd_kernels._ext.isa() in kernels[name]["detail"]
