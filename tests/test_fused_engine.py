@@ -176,6 +176,22 @@ def test_mlxlm_student_and_teacher(tied, tmp_path, corpus):
     compare(spec)
 
 
+def test_an_mlxlm_folder_as_a_plain_path_teacher_is_the_mlxlm_source(tmp_path, corpus):
+    """``path = MLX_LM_FOLDER`` with the default source loads it as kdcore's model source
+    does (it crashed on the dtype choice the wrapper did not carry) and teaches exactly
+    what ``source = "mlx-lm"`` teaches."""
+    config = {**QWEN3, "hidden_size": 48, "tie_word_embeddings": True}
+    t_dir = create_mlxlm_dir(tmp_path / "teacher", config, seed=1)
+    totals = []
+    for teacher in ({"path": str(t_dir)}, {"source": "mlx-lm", "path": str(t_dir)}):
+        spec = testing.tiny_spec(corpus, [loss_entry("hinton")], teachers=[teacher])
+        parts = testing.build_run(spec)
+        batch = testing.prepare_batch(parts, parts.dataset.batch(0, 4), 0)
+        total, _, _ = loss_terms(parts, parts.trainable, batch, parts.teacher_signals(batch), 0)
+        totals.append(total.item())
+    assert totals[0] == totals[1] and np.isfinite(totals[0])
+
+
 def test_mlxlm_models_split_their_head_exactly(tmp_path):
     ids = mx.array([[1, 5, 9, 200, 3]])
     for tied in (True, False):

@@ -494,6 +494,7 @@ def load_kd_model(
     config = MlxLmModelConfig(path=str(directory), dtype=dtype)
     lm, raw = load_mlxlm(Path(directory), dtype, where)
     model = MlxLmModel(lm, raw, Path(directory))
+    model.dtype_choice = lm.dtype_choice  # what a `path` teacher reports, as a kd model does
     model.eval()
     return model, "mlx-lm", config
 
