@@ -262,7 +262,7 @@ class Context:
     @property
     def scorer(self) -> Scorer:
         if self._scorer is None:
-            self._scorer = Scorer(self.teacher, self.budget)
+            self._scorer = Scorer(self.teacher, self.budget, self.out / "ref")
         return self._scorer
 
 

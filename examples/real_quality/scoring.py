@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from common import HELDOUT_DATA, HERE, MANIFEST, Budget, read_json
+from common import HELDOUT_DATA, HERE, MANIFEST, Budget, digest, read_json
 
 RECORD_BATCH = 8  # held-out records run through a model together (sorted by length)
 PROMPT_BATCH = 16  # held-out prompts answered together (left-padded, KV-cached)
@@ -26,16 +26,23 @@ class Scorer:
     tokens, ``top1`` a count. A quantized folder is scored as the float32 model of its
     dequantized weights (kdcore's CPU dtype policy): the same function, to float rounding.
 
+    The teacher's side of every record is the same for every model scored: its final hidden
+    states (before the head) are computed once, kept in ``cache_dir`` as safetensors
+    (~0.2 GB for the 400 records), and every later score reads them back instead of running
+    the 30-layer teacher again (half of a score's forward work).
+
     Greedy answers: each of the first ``greedy_per_source`` held-out prompts of each source
     (the turns before the first assistant reply) is continued greedily by the model (up to
     ``greedy_new`` tokens, ending at ``<|im_end|>``) and the teacher's NLL of those tokens,
     the end-of-turn token included, is kept per prompt."""
 
-    def __init__(self, teacher: Path, budget: Budget):
+    def __init__(self, teacher: Path, budget: Budget, cache_dir: Path | None = None):
         from kdcore import Setup, app
         from kdcore.engine import onpolicy
 
         self.budget = budget
+        self.teacher_path, self.cache_dir = teacher, cache_dir
+        self._teacher_rows: dict[int, Any] | None = None
         self.teacher, _, _ = app.load_model(teacher)
         self.teacher.eval()
         self.teacher_parameters = app.count_parameters(self.teacher)
@@ -92,18 +99,15 @@ class Scorer:
 
         from kdcore.app import evaluate
 
+        teacher_rows = self.teacher_rows()
         found: dict[int, tuple[float, float, float, float]] = {}
         for batch in self.batches:
             rows = [self.rows[r] for r in batch]
-            ids = np.zeros((len(rows), max(len(r[0]) for r in rows)), np.int32)
-            for b, (row_ids, _, _) in enumerate(rows):
-                ids[b, : len(row_ids)] = row_ids
-            s_out, t_out = model(mx.array(ids)), self.teacher(mx.array(ids))
-            mx.eval(*hidden_of(s_out), *hidden_of(t_out))
+            s_out = model(mx.array(self.padded(batch)))
+            mx.eval(*hidden_of(s_out))
             for b, (record, (row_ids, labels, mask)) in enumerate(zip(batch, rows)):
                 one = {"input_ids": row_ids[None], "labels": labels[None], "mask": mask[None]}
-                n = len(row_ids)
-                s_row, t_row = Given(row_of(s_out, b, n)), Given(row_of(t_out, b, n))
+                s_row, t_row = Given(row_of(s_out, b, len(row_ids))), Given(teacher_rows[record])
                 f = evaluate(s_row, t_row, [one])
                 t = f["tokens"]
                 kl, top1 = f["kl_teacher_student"] * t, f["top1_agreement"] * t
@@ -112,6 +116,48 @@ class Scorer:
         for i, key in enumerate(("tokens", "nll", "kl", "top1")):
             out[key] = [found[r][i] for r in out["record"]]
         return out
+
+    def padded(self, batch: list[int]) -> np.ndarray:
+        rows = [self.rows[r][0] for r in batch]
+        ids = np.zeros((len(rows), max(len(r) for r in rows)), np.int32)
+        for b, row_ids in enumerate(rows):
+            ids[b, : len(row_ids)] = row_ids
+        return ids
+
+    def teacher_rows(self) -> dict[int, Any]:
+        """Each scored record's teacher output (one row), from ``cache_dir`` when it holds
+        them for this teacher and these records, else computed and kept there."""
+        import mlx.core as mx
+
+        from kdcore.models.output import ModelOutput
+
+        if self._teacher_rows is not None:
+            return self._teacher_rows
+        key = digest({"teacher": str(self.teacher_path), "rows": sorted(self.rows)})
+        name = f"teacher-hidden-{key}.safetensors"
+        path = self.cache_dir / name if self.cache_dir else None
+        probe = self.teacher(mx.array([[0]]))
+        if probe.has_logits or probe.final_hidden is None:
+            raise SystemExit("the teacher gives no hidden states before its head: no cache")
+        names = sorted(f"r{r}" for r in self.rows)
+        hidden = mx.load(str(path)) if path is not None and path.exists() else {}
+        if sorted(hidden) != names:
+            hidden = {}
+            for batch in self.batches:
+                t_out = self.teacher(mx.array(self.padded(batch)))
+                for b, record in enumerate(batch):
+                    n = len(self.rows[record][0])
+                    hidden[f"r{record}"] = t_out.final_hidden[b : b + 1, :n]
+                mx.eval(list(hidden.values()))
+            if path is not None:
+                partial = path.with_name("partial-" + name)
+                mx.save_safetensors(str(partial), hidden)
+                partial.replace(path)
+        self._teacher_rows = {
+            int(key[1:]): ModelOutput(final_hidden=value, head=probe.head)
+            for key, value in hidden.items()
+        }
+        return self._teacher_rows
 
     def greedy(self, model) -> dict:
         from kdcore.engine import onpolicy
