@@ -21,6 +21,7 @@ SECTIONS = [
     "kernels",
     "overhead",
     "cache",
+    "served",
     "generation",
     "real_vocab",
     "real_model",
@@ -639,6 +640,10 @@ def render(r: dict, figures: Path) -> str:
         lines += real_model_lines(r["real_model"], r.get("real_model_breakdown"))
     if "cache" in r:
         lines += cache_lines(r["cache"])
+    if "served" in r:
+        from benchmarks.served import markdown_lines
+
+        lines += markdown_lines(r["served"])
     if "generation" in r:
         lines += generation_lines(r["generation"])
     if "quantization" in r:

@@ -159,10 +159,17 @@ def test_missing_data_teacher_and_cache_paths_are_named(validate, make_spec, tmp
     assert _problem(lines, "$.teachers[1].cache", "no-such-cache", "not found"), lines
 
 
-def test_path_and_cache_on_one_teacher_is_refused(validate, make_spec, teacher_dir, tmp_path):
+def test_a_path_beside_a_cache_names_its_origin_and_must_exist(
+    validate, make_spec, teacher_dir, tmp_path
+):
+    # the run reads the cache and checks it was made from that folder (test_cache_provenance)
     spec = make_spec(teachers=[{"path": str(teacher_dir), "cache": str(tmp_path)}])
     code, lines = validate(spec)
-    assert code == 2 and _problem(lines, "$.teachers[0]", "path", "cache"), lines
+    assert code == 0, lines
+    spec = make_spec(teachers=[{"path": "no-such-teacher", "cache": str(tmp_path)}])
+    code, lines = validate(spec)
+    assert code == 2, lines
+    assert _problem(lines, "$.teachers[0].path", "no-such-teacher", "not found"), lines
 
 
 def test_distill_refuses_a_missing_data_file_before_writing(make_spec, tmp_path):

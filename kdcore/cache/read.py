@@ -4,6 +4,7 @@ the ``cache`` teacher source."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 import attrs
 import mlx.core as mx
@@ -16,10 +17,12 @@ from kdcore.cache.format import (
     _read_manifest,
     teacher_dirs,
 )
+from kdcore.cache.provenance import chat_template_hash, check_provenance, teacher_identity
 from kdcore.data.build import build_dataset
 from kdcore.errors import CheckpointError, SpecError
 from kdcore.registry.setup import Setup
 from kdcore.signal.teacher import TeacherSignal
+from kdcore.spec.validators import positive
 from kdcore.tokenizers.simple import fingerprint, load_tokenizer
 
 
@@ -95,10 +98,19 @@ class CacheReader:
 class CacheSourceConfig:
     """``teacher``: which teacher of a multi-teacher cache directory (``DIR/teacher-N``);
     ``verify_checksums``: hash every shard when the run starts (off for very large caches:
-    shapes and sizes are still checked)."""
+    shapes and sizes are still checked).
+
+    What the cache must have been made with (None: not checked; with the entry's ``path``
+    or ``server`` naming its origin, ``kdcore.cache.provenance``): ``model``,
+    ``protocol``, ``top_k``, ``temperature`` (the capture temperature), ``vocab_size``."""
 
     teacher: int | None = None
     verify_checksums: bool = True
+    model: str | None = None
+    protocol: Literal["kd", "openai"] | None = None
+    top_k: int | None = attrs.field(default=None, validator=positive)
+    temperature: float | None = attrs.field(default=None, validator=positive)
+    vocab_size: int | None = attrs.field(default=None, validator=positive)
 
 
 def resolve_cache_dir(directory: Path, teacher: int | None) -> Path:
@@ -131,6 +143,8 @@ class CacheTeacher:
         ref = setup.teacher
         if ref is None or not ref.cache:
             raise SpecError('the cache teacher source needs cache = "CACHE_DIR" @ $.teachers')
+        teachers = getattr(setup.spec, "teachers", None) or [ref]
+        where = f"$.teachers[{next((i for i, t in enumerate(teachers) if t is ref), 0)}]"
         self.path = resolve_cache_dir(Path(setup.resolve(ref.cache)), config.teacher)
         self.reader = CacheReader(self.path, config.verify_checksums)
         manifest = self.reader.manifest
@@ -141,6 +155,7 @@ class CacheTeacher:
                 f"cache {self.path}: tokenizer.json (hash {fingerprint(self.tokenizer)}) is not "
                 f"the tokenizer the cache was made with (hash {manifest['tokenizer_hash']})"
             )
+        check_provenance(self.path, manifest, expected_provenance(ref, config, setup, where))
         self.model = None
         self.config = None
         self.num_parameters = manifest["teacher"]["num_parameters"]
@@ -162,14 +177,38 @@ class CacheTeacher:
         return self.reader.signal(np.array(batch["example_index"]))
 
 
+def expected_provenance(ref, config: CacheSourceConfig, setup: Setup, where: str) -> dict:
+    """What a ``cache`` entry says its cache was made from: field -> (value, spec place)."""
+    expected: dict = {}
+    if ref.server:
+        from kdcore.teachers.served import public_address, server_address
+
+        address = public_address(server_address(ref.server, f"{where}.server"))
+        expected["source"] = ("server", f"{where}.server")
+        expected["server"] = (address, f"{where}.server")
+    elif ref.path:
+        from kdcore.models.mlxlm import locate_model
+
+        folder = locate_model(ref.path, Path(setup.base_dir), f"{where}.path")
+        expected["source"] = ("model", f"{where}.path")
+        expected["identity"] = (teacher_identity(folder), f"{where}.path")
+        expected["tokenizer_hash"] = (fingerprint(load_tokenizer(folder)), f"{where}.path")
+        expected["chat_template_hash"] = (chat_template_hash(folder), f"{where}.path")
+    fields = {"model": "model", "protocol": "protocol", "top_k": "k"}
+    fields.update(temperature="temperature", vocab_size="vocab_size")
+    for key, field in fields.items():
+        value = getattr(config, key, None)
+        if value is not None:
+            expected[field] = (value, f"{where}.params.{key}")
+    return expected
+
+
 def cached_teacher_folder(spec, ref) -> tuple[Path | None, str]:
     """(model folder, note) of the teacher a ``cache = DIR`` entry was captured from, for
     what needs its weights (``kd eval``'s teacher figures): the folder the cache's manifest
     records, else the ``teacher_path`` the student initializer copies from; each is taken
     only when its config and weights still hash to the manifest's teacher identity. None,
     with the reason in ``note``, when no such folder is known."""
-    from kdcore.cache.write import teacher_identity
-
     config = ref.config
     try:
         directory = resolve_cache_dir(Path(spec.path(ref.cache)), getattr(config, "teacher", None))
@@ -180,6 +219,8 @@ def cached_teacher_folder(spec, ref) -> tuple[Path | None, str]:
     recorded = teacher.get("path")  # as kd cache resolved it
     if isinstance(recorded, str) and recorded:
         candidates.append(Path(recorded))
+    if ref.path:  # the folder the entry names as the cache's origin
+        candidates.append(spec.path(ref.path))
     named = getattr(spec.student.init.config, "teacher_path", None)  # relative to the spec
     if isinstance(named, str) and named:
         candidates.append(spec.path(named))

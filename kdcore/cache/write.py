@@ -3,17 +3,17 @@ atomically, resumable after an interruption."""
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import mlx.core as mx
 import numpy as np
 
 from kdcore.cache.format import DTYPES, FLOOR, FORMAT, SET_FORMAT, VERSION, _read_manifest
+from kdcore.cache.provenance import local_provenance, served_provenance, teacher_identity
 from kdcore.data.build import build_dataset
 from kdcore.engine.distributed import DataParallel
 from kdcore.engine.progress import Progress
@@ -26,6 +26,8 @@ from kdcore.spec.convert import converter
 from kdcore.spec.load import load_spec
 from kdcore.spec.schema import RunSpec
 from kdcore.tokenizers.simple import fingerprint, load_tokenizer, save_tokenizer
+
+__all__ = ["teacher_identity", "topk_logprobs", "write_cache"]  # identity: provenance's
 
 
 def topk_logprobs(
@@ -53,17 +55,6 @@ def topk_logprobs(
     return ids, mx.maximum(values, FLOOR), tail
 
 
-def teacher_identity(directory: Path) -> str:
-    """sha256 over the teacher's ``config.json`` (canonical JSON) and its weight files."""
-    digest = hashlib.sha256()
-    config = read_json(directory / "config.json", "teacher config")
-    digest.update(json.dumps(config, sort_keys=True).encode())
-    for weights in sorted(directory.glob("*.safetensors")):
-        digest.update(weights.name.encode())
-        digest.update(sha256_file(weights).encode())
-    return digest.hexdigest()[:16]
-
-
 def _data_record(dataset, spec: RunSpec) -> dict:
     first = dataset.batch(0, 1, "train")
     return {
@@ -85,7 +76,7 @@ def write_cache(
     spec: RunSpec | str | Path,
     output: str | Path,
     *,
-    top_k: int = 64,
+    top_k: int | None = None,
     dtype: str = "float16",
     temperature: float = 1.0,
     shard_tokens: int = 1 << 20,
@@ -94,17 +85,19 @@ def write_cache(
     progress: bool | None = None,
     on_shard: Callable[[int, int], None] | None = None,
 ) -> dict:
-    """Cache every ``[[teachers]]`` entry with a ``path`` into ``output/teacher-<i>``.
+    """Cache every ``[[teachers]]`` entry with a ``path`` (a local model) or a ``server``
+    into ``output/teacher-<i>``.
 
-    ``on_shard(teacher, shard)`` is called after each shard is committed (tests use it to
-    interrupt a run). A rerun with the same settings skips the shards already written.
-    Returns the set manifest.
+    ``top_k``: None caches a local teacher's top 64 and a served one's ``params.top_k``.
+    A served teacher gives log-probs at temperature 1 only. ``on_shard(teacher, shard)`` is
+    called after each shard is committed (tests use it to interrupt a run). A rerun with
+    the same settings skips the shards already written. Returns the set manifest.
     """
     if not isinstance(spec, RunSpec):
         spec = load_spec(spec, overrides or [])
     if dtype not in DTYPES:
         raise SpecError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
-    if top_k < 1:
+    if top_k is not None and top_k < 1:
         raise SpecError(f"--top-k must be >= 1, got {top_k}")
     if not (math.isfinite(temperature) and temperature > 0):
         raise SpecError(f"--temperature must be a finite number > 0, got {temperature}")
@@ -115,9 +108,18 @@ def write_cache(
     # The teacher runs on the kernels a run installs (the layers' softmax and SwiGLU): a
     # cache holds the live teacher's numbers, bit for bit, whatever ran before in the process.
     install_registered_kernels()
-    teachers = [(i, ref) for i, ref in enumerate(spec.teachers) if ref.path]
+    teachers = [(i, ref) for i, ref in enumerate(spec.teachers) if ref.server or ref.path]
     if not teachers:
-        raise SpecError('the spec has no [[teachers]] entry with path = "MODEL_DIR" to cache')
+        raise SpecError(
+            'the spec has no [[teachers]] entry with path = "MODEL_DIR" or server = "URL" to cache'
+        )
+    served = [i for i, ref in teachers if ref.server]
+    if served and temperature != 1.0:
+        raise SpecError(
+            f"--temperature {temperature:g}: a served teacher gives log-probs at temperature "
+            f"1 only (teachers[{served[0]}]); cache it at 1 and distil with "
+            'tail = "renormalize" at any temperature'
+        )
     out = Path(output)
     lock = None
     if DataParallel().is_main:  # the processes of one mlx.launch job share the folder
@@ -149,7 +151,7 @@ def _write_cache(
     out: Path,
     teachers: list,
     *,
-    top_k: int,
+    top_k: int | None,
     dtype: str,
     temperature: float,
     shard_tokens: int,
@@ -162,45 +164,137 @@ def _write_cache(
     if data["examples"] == 0:
         raise SpecError("the train split is empty: more data or a smaller seq_len @ $.data")
     rows_per_shard = max(1, shard_tokens // data["seq_len"])
-    from kdcore.models.mlxlm import locate_model
-
-    # a .gguf file or a hub name becomes its local folder; params.dtype as the run reads it
-    folders = [
-        locate_model(ref.path, Path(spec.base_dir), f"$.teachers[{i}].path") for i, ref in teachers
-    ]
     entries = [
-        {"dir": f"teacher-{n}", "spec_index": i, "path": str(folders[n])}
+        {"dir": f"teacher-{n}", "spec_index": i, **_origin(spec, i, ref)}
         for n, (i, ref) in enumerate(teachers)
     ]
     write_json(
         out / "manifest.json", {"format": SET_FORMAT, "version": VERSION, "teachers": entries}
     )
     for n, (i, ref) in enumerate(teachers):
-        _write_teacher(
-            folders[n],
-            out / f"teacher-{n}",
-            dataset,
-            data,
-            top_k=top_k,
-            dtype=dtype,
-            temperature=temperature,
-            rows_per_shard=rows_per_shard,
-            batch_size=batch_size,
-            progress=progress,
-            on_shard=(lambda s, n=n: on_shard(n, s)) if on_shard else None,
-            label=f"cache teacher-{n}",
-            model_dtype=((ref.params or {}).get("dtype"), f"$.teachers[{i}].params.dtype"),
-        )
+        # one teacher loaded (or connected) at a time
+        source = (_ServedTeacher if ref.server else _LocalTeacher)(spec, i, ref, dataset, top_k)
+        try:
+            _write_teacher(
+                source,
+                out / f"teacher-{n}",
+                dataset,
+                data,
+                dtype=dtype,
+                temperature=temperature,
+                rows_per_shard=rows_per_shard,
+                batch_size=batch_size,
+                progress=progress,
+                on_shard=(lambda s, n=n: on_shard(n, s)) if on_shard else None,
+                label=f"cache teacher-{n}",
+            )
+        finally:
+            source.close()
     return read_json(out / "manifest.json", "cache manifest")
 
 
+class _LocalTeacher:
+    """A teacher folder, loaded here: what ``kd cache`` writes of it, and its top-k."""
+
+    def __init__(self, spec: RunSpec, i: int, ref: Any, dataset: Any, top_k: int | None):
+        from kdcore.models.io import count_parameters, load_model
+        from kdcore.models.mlxlm import locate_model
+
+        # params.dtype as the run reads it
+        folder = locate_model(ref.path, Path(spec.base_dir), f"$.teachers[{i}].path")
+        where = f"$.teachers[{i}].params.dtype"
+        self.model, architecture, config = load_model(
+            folder, (ref.params or {}).get("dtype"), where
+        )
+        self.model.eval()
+        self.tokenizer = load_tokenizer(folder)
+        first = dataset.batch(0, 1, "train")["input_ids"][:, :1]
+        self.vocab = int(self.model(mx.array(first)).logits.shape[-1])
+        self.k = 64 if top_k is None else top_k
+        if self.k > self.vocab:
+            raise SpecError(
+                f"--top-k {self.k} is larger than the teacher's vocabulary {self.vocab}"
+            )
+        self.record = {
+            "identity": teacher_identity(folder),
+            "path": str(folder),
+            "architecture": architecture,
+            "num_parameters": count_parameters(self.model),
+            "config": converter.unstructure(config),
+        }
+        self.provenance = local_provenance(folder, str(ref.path))
+
+    def topk(self, ids: np.ndarray, temperature: float) -> tuple[mx.array, mx.array, mx.array]:
+        return topk_logprobs(self.model(mx.array(ids)).logits, self.k, temperature)
+
+    def close(self) -> None:
+        pass
+
+
+class _ServedTeacher:
+    """A teacher behind a server (``kdcore.teachers.served``): its top-k, asked batch by
+    batch, and what ``kd cache`` writes of it (the token never)."""
+
+    def __init__(self, spec: RunSpec, i: int, ref: Any, dataset: Any, top_k: int | None):
+        import attrs
+
+        from kdcore.registry.setup import Setup
+        from kdcore.teachers.served import ServedTeacher, ServedTeacherConfig
+
+        config = ref.config
+        if not isinstance(config, ServedTeacherConfig):  # an entry that reads a cache
+            known = {f.name for f in attrs.fields(ServedTeacherConfig)}
+            params = {k: v for k, v in (ref.params or {}).items() if k in known}
+            config = converter.structure(params, ServedTeacherConfig)
+        if top_k is not None:
+            config = attrs.evolve(config, top_k=top_k)
+        config = attrs.evolve(config, prefetch=0)  # asked batch by batch below
+        setup = Setup(
+            base_dir=Path(spec.base_dir), seed=spec.run.seed, spec=spec, teacher=ref,
+            extras={"dataset": dataset},
+        )  # fmt: skip
+        self.teacher = ServedTeacher(config, setup)
+        self.tokenizer = dataset.tokenizer  # the served ids are the run's (checked by kd)
+        self.vocab, self.k = self.teacher.vocab_size, config.top_k
+        recorded = self.teacher.provenance()
+        self.record = {
+            "identity": recorded["identity"],
+            "path": None,
+            "server": recorded["server"],
+            "architecture": None,
+            "num_parameters": self.teacher.num_parameters,
+            "config": None,
+        }
+        self.provenance = served_provenance(recorded)
+
+    def topk(self, ids: np.ndarray, temperature: float) -> tuple[mx.array, mx.array, mx.array]:
+        return tuple(mx.array(a) for a in self.teacher.score(ids))
+
+    def close(self) -> None:
+        self.teacher.close()
+
+
+def _origin(spec: RunSpec, i: int, ref: Any) -> dict:
+    """Where teacher ``i`` comes from, as the set manifest lists it."""
+    if ref.server:
+        from kdcore.teachers.served import public_address, server_address
+
+        return {
+            "path": None,
+            "server": public_address(server_address(ref.server, f"$.teachers[{i}].server")),
+        }
+    from kdcore.models.mlxlm import locate_model
+
+    # a .gguf file or a hub name becomes its local folder
+    return {"path": str(locate_model(ref.path, Path(spec.base_dir), f"$.teachers[{i}].path"))}
+
+
 def _write_teacher(
-    teacher_dir: Path,
+    source: _LocalTeacher | _ServedTeacher,
     out: Path,
     dataset,
     data: dict,
     *,
-    top_k: int,
     dtype: str,
     temperature: float,
     rows_per_shard: int,
@@ -208,31 +302,17 @@ def _write_teacher(
     progress: bool | None,
     on_shard: Callable[[int], None] | None,
     label: str,
-    model_dtype: tuple[str | None, str] = (None, "$.teachers[0].params.dtype"),
 ) -> dict:
-    from kdcore.models.io import count_parameters, load_model
-
-    model, architecture, config = load_model(teacher_dir, *model_dtype)
-    model.eval()
-    tokenizer = load_tokenizer(teacher_dir)
-    vocab = int(model(mx.array(dataset.batch(0, 1, "train")["input_ids"][:, :1])).logits.shape[-1])
-    if top_k > vocab:
-        raise SpecError(f"--top-k {top_k} is larger than the teacher's vocabulary {vocab}")
     settings = {
         "format": FORMAT,
         "version": VERSION,
-        "teacher": {
-            "identity": teacher_identity(teacher_dir),
-            "path": str(teacher_dir),
-            "architecture": architecture,
-            "num_parameters": count_parameters(model),
-            "config": converter.unstructure(config),
-        },
-        "tokenizer_hash": fingerprint(tokenizer),
+        "teacher": source.record,
+        "provenance": source.provenance,
+        "tokenizer_hash": fingerprint(source.tokenizer),
         "data": data,
-        "k": top_k,
+        "k": source.k,
         "capture_temperature": float(temperature),
-        "vocab_size": vocab,
+        "vocab_size": source.vocab,
         "seq_len": data["seq_len"],
         "dtypes": {"topk_ids": "int32", "topk_logprobs": dtype, "tail_logmass": "float32"},
         "rows_per_shard": rows_per_shard,
@@ -242,7 +322,9 @@ def _write_teacher(
     done: dict[int, dict] = {}
     if manifest_path.exists():
         old = _read_manifest(out)
-        changed = [key for key in settings if key != "teacher" and old.get(key) != settings[key]]
+        # a cache begun before provenance was recorded: its teacher identity still decides
+        fields = [k for k in settings if k != "teacher" and (k != "provenance" or k in old)]
+        changed = [key for key in fields if old.get(key) != settings[key]]
         if old.get("teacher", {}).get("identity") != settings["teacher"]["identity"]:
             changed.insert(0, "teacher identity")
         if changed:
@@ -254,7 +336,7 @@ def _write_teacher(
             path = out / shard["file"]
             if path.exists() and sha256_file(path) == shard["sha256"]:
                 done[shard["index"]] = shard
-    save_tokenizer(tokenizer, out)
+    save_tokenizer(source.tokenizer, out)
 
     total_rows = data["examples"]
     count = math.ceil(total_rows / rows_per_shard)
@@ -299,9 +381,7 @@ def _write_teacher(
         for index, chunk in enumerate(dataset.batches(rows_per_shard, "train")):
             if index in done or index % dp.size != dp.rank:
                 continue
-            arrays = _shard_arrays(
-                model, chunk["input_ids"], top_k, temperature, dtype, batch_size, tick
-            )
+            arrays = _shard_arrays(source, chunk["input_ids"], temperature, dtype, batch_size, tick)
             path = out / shard_name(index)
             save_arrays(path, arrays, metadata={"format": FORMAT})
             first = int(chunk["example_index"][0])
@@ -335,9 +415,8 @@ def _write_teacher(
 
 
 def _shard_arrays(
-    model,
+    source: _LocalTeacher | _ServedTeacher,
     input_ids: np.ndarray,
-    k: int,
     temperature: float,
     dtype: str,
     batch_size: int,
@@ -345,8 +424,7 @@ def _shard_arrays(
 ) -> dict[str, mx.array]:
     ids_parts, lp_parts, tail_parts = [], [], []
     for lo in range(0, len(input_ids), batch_size):
-        logits = model(mx.array(input_ids[lo : lo + batch_size])).logits
-        ids, logp, tail = topk_logprobs(logits, k, temperature)
+        ids, logp, tail = source.topk(np.asarray(input_ids[lo : lo + batch_size]), temperature)
         logp = logp.astype(DTYPES[dtype])
         mx.eval(ids, logp, tail)
         ids_parts.append(ids)

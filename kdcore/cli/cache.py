@@ -14,12 +14,20 @@ from kdcore.cache.write import write_cache
 def add_parser(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "cache",
-        help="run the teachers once and store their top-k log-probs (or --verify a cache)",
+        help="run the teachers (or ask their servers) once and store their top-k log-probs "
+        "(or --verify a cache)",
         description="Write an offline top-k teacher cache for SPEC's training data.",
     )
-    p.add_argument("spec", nargs="?", help="TOML or JSON spec whose [[teachers]] have path")
+    p.add_argument(
+        "spec", nargs="?", help="TOML or JSON spec whose [[teachers]] have path or server"
+    )
     p.add_argument("--output", "-o", help="cache directory")
-    p.add_argument("--top-k", type=int, default=64)
+    p.add_argument(
+        "--top-k",
+        type=int,
+        default=None,
+        help="log-probs per position (default: 64 for a model, params.top_k for a server)",
+    )
     p.add_argument(
         "--dtype",
         choices=list(DTYPES),
@@ -64,5 +72,6 @@ def cmd_cache(args: argparse.Namespace) -> int:
         print(json.dumps(manifest, indent=2))
     else:
         for entry in manifest["teachers"]:
-            print(f"{args.output}/{entry['dir']}: cache of {entry['path']}")
+            origin = entry.get("server") or entry["path"]
+            print(f"{args.output}/{entry['dir']}: cache of {origin}")
     return 0

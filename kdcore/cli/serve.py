@@ -7,10 +7,12 @@ a hub name) and answers two protocols:
 - kdcore's own (``kdcore.teachers.wire``): ``POST /v1/topk`` with a ``[B, L]`` batch of
   token ids, answered with each position's top-k log-probs and tail mass as safetensors;
 - OpenAI-style ``POST /v1/completions`` with ``prompt`` a list of token ids (or of such
-  lists), ``echo``, ``logprobs = k`` and ``max_tokens`` 0 or 1, answered as vLLM and
-  llama.cpp do (``choices[i].logprobs``: ``tokens``, ``token_logprobs``,
-  ``top_logprobs``); token strings are the vocabulary's, or ``"token_id:N"`` with vLLM's
-  ``return_tokens_as_token_ids``.
+  lists) or text, ``echo``, ``logprobs = k`` and ``max_tokens`` 0 or 1, answered as vLLM
+  and llama.cpp do (``choices[i].logprobs``: ``tokens``, ``token_logprobs``,
+  ``top_logprobs``), and with vLLM's ``prompt_logprobs = k`` as vLLM does
+  (``choices[i].prompt_logprobs``); token strings are the vocabulary's, or
+  ``"token_id:N"`` with vLLM's ``return_tokens_as_token_ids``. ``POST /tokenize`` gives a
+  text's ids (vLLM's and llama.cpp's form).
 
 It binds to loopback by default; any other address needs a token (``--token-env VAR``),
 checked as ``Authorization: Bearer``. A request larger than ``--max-request-mb`` or with
@@ -75,6 +77,13 @@ class Scorer:
             self.tokenizer = None
         self.tokens = self.tokenizer.tokens() if self.tokenizer is not None else None
         self.tokenizer_hash = fingerprint(self.tokenizer) if self.tokenizer is not None else None
+        from kdcore.cache.provenance import chat_template_hash, teacher_identity
+
+        try:  # what a cache made from this server records of it
+            self.identity: str | None = teacher_identity(self.folder)
+        except CheckpointError:
+            self.identity = None
+        self.chat_template_hash = chat_template_hash(self.folder)
 
     def _load(self, model: str, dtype: str | None) -> None:
         import mlx.core as mx
@@ -124,8 +133,9 @@ class Scorer:
         return tuple(np.array(a) for a in top)
 
     def prompt_logprobs(self, rows: list[list[int]], k: int) -> list[tuple]:
-        """Per row: top-k ids and log-probs [n, k] after each token, and the log-prob of
-        each token given those before it [n - 1]; rows of one length run as one batch."""
+        """Per row: top-k ids and log-probs [n, k] after each token, and the log-prob and
+        rank (1: the most probable) of each token given those before it [n - 1]; rows of
+        one length run as one batch."""
         import mlx.core as mx
 
         from kdcore.cache.write import topk_logprobs
@@ -137,11 +147,20 @@ class Scorer:
             ids = mx.array([rows[i] for i in which])
             logits = self.model(ids).logits
             top_ids, top_lp, _tail = topk_logprobs(logits, max(k, 1))
-            given = mx.take_along_axis(stable_log_softmax(logits[:, :-1]), ids[:, 1:, None], -1)
-            mx.eval(top_ids, top_lp, given)
+            logp = stable_log_softmax(logits[:, :-1].astype(mx.float32))
+            given = mx.take_along_axis(logp, ids[:, 1:, None], -1)
+            rank = (logp > given).sum(-1) + 1
+            mx.eval(top_ids, top_lp, given, rank)
             for j, i in enumerate(which):
-                out[i] = (np.array(top_ids[j]), np.array(top_lp[j]), np.array(given[j, :, 0]))
+                got = (top_ids[j], top_lp[j], given[j, :, 0], rank[j])
+                out[i] = tuple(np.array(a) for a in got)
         return out
+
+    def piece(self, tid: int) -> str:
+        """The text of one token (vLLM's ``decoded_token``)."""
+        if self.tokenizer is None:
+            return f"{openai.ID_PREFIX}{tid}"
+        return self.tokenizer.decode([tid])
 
     def token_name(self, tid: int, as_ids: bool) -> str:
         if as_ids or self.tokens is None or tid >= len(self.tokens):
@@ -210,6 +229,8 @@ class TeacherServer(ThreadingHTTPServer):
             "max_tokens": self.limits.max_tokens,
             "tokenizer_hash": s.tokenizer_hash,
             "num_parameters": s.num_parameters,
+            "identity": s.identity,
+            "chat_template_hash": s.chat_template_hash,
         }
 
 
@@ -272,11 +293,13 @@ class Handler(BaseHTTPRequestHandler):
         raise Reject(404, f"no such path: GET {self.path}", "not_found")
 
     def _post(self) -> tuple[int, bytes, str | None]:
-        if self.path not in (wire.TOPK_PATH, wire.COMPLETIONS_PATH):
+        if self.path not in (wire.TOPK_PATH, wire.COMPLETIONS_PATH, openai.TOKENIZE_PATH):
             raise Reject(404, f"no such path: POST {self.path}", "not_found")
         request = self._json_body()
         if self.path == wire.TOPK_PATH:
             return 200, self._topk(request), wire.TOPK_TYPE
+        if self.path == openai.TOKENIZE_PATH:
+            return 200, json.dumps(self._tokenize(request)).encode(), None
         return 200, json.dumps(self._completions(request)).encode(), None
 
     def _json_body(self) -> dict:
@@ -343,24 +366,25 @@ class Handler(BaseHTTPRequestHandler):
             raise Reject(
                 404, f"the model {request['model']!r} is not served here ({s.name!r})", "not_found"
             )
-        if isinstance(request.get("prompt"), str) or (
-            isinstance(request.get("prompt"), list)
-            and any(isinstance(p, str) for p in request["prompt"])
-        ):
-            raise Reject(400, "kd serve takes token ids as the prompt, not text")
-        rows = self._rows(request.get("prompt"), "prompt")
+        rows = self._rows(self._encoded(request.get("prompt")), "prompt")
         new = request.get("max_tokens") or 0  # none asked: the prompt's log-probs only
         if new not in (0, 1) or isinstance(new, bool):
             raise Reject(400, "kd serve scores prompts: max_tokens must be 0 or 1")
         if request.get("n", 1) != 1:
             raise Reject(400, "n must be 1")
         k = self._k(request.get("logprobs"), "logprobs", 0)
+        pk = request.get("prompt_logprobs")
+        if pk is not None:
+            pk = self._k(pk, "prompt_logprobs", 0)
         echo, as_ids = bool(request.get("echo")), bool(request.get("return_tokens_as_token_ids"))
-        scored = self._run(s.prompt_logprobs, rows, k)
+        scored = self._run(s.prompt_logprobs, rows, max(k, pk or 0))
         choices = [
             _choice(s, i, row, got, k, new, echo, as_ids, request.get("logprobs") is not None)
             for i, (row, got) in enumerate(zip(rows, scored, strict=True))
         ]
+        if pk is not None:
+            for choice, row, got in zip(choices, rows, scored, strict=True):
+                choice["prompt_logprobs"] = _prompt_logprobs(s, row, got, pk)
         prompt_tokens = sum(len(r) for r in rows)
         return {
             "id": f"cmpl-kd-{uuid.uuid4().hex[:12]}",
@@ -375,11 +399,60 @@ class Handler(BaseHTTPRequestHandler):
             },
         }
 
+    def _encoded(self, prompt: Any) -> Any:
+        """A text prompt (or a list of them) as the tokenizer's ids, no special tokens."""
+        texts = [prompt] if isinstance(prompt, str) else prompt
+        if not (isinstance(texts, list) and texts and all(isinstance(t, str) for t in texts)):
+            return prompt
+        tokenizer = self.server.scorer.tokenizer
+        if tokenizer is None:
+            raise Reject(400, "this model has no tokenizer here: send token ids, not text")
+        return [tokenizer.encode(t) for t in texts]
+
+    def _tokenize(self, request: dict) -> dict:
+        """llama.cpp's ``content`` or vLLM's ``prompt``, as ids (with llama.cpp's
+        ``with_pieces``, ``{"id", "piece"}`` each)."""
+        text = request.get("content", request.get("prompt"))
+        if not isinstance(text, str):
+            raise Reject(400, "/tokenize needs the text in content (or prompt)")
+        rows = self._encoded(text) if text else [[]]
+        ids = rows[0]
+        tokens: list = ids
+        if request.get("with_pieces"):
+            decode = self.server.scorer.tokenizer.decode
+            tokens = [{"id": i, "piece": decode([i])} for i in ids]
+        return {"tokens": tokens, "count": len(ids), "max_model_len": self.server.limits.max_tokens}
+
+
+def _prompt_logprobs(s: Scorer, row, got, k: int) -> list:
+    """vLLM's ``prompt_logprobs``: null, then per prompt token its top-k and itself, each
+    ``{"ID": {"logprob", "rank", "decoded_token"}}``."""
+    top_ids, top_lp, given, ranks = got
+    out: list = [None]
+    for t in range(1, len(row)):
+        entry = {
+            str(int(i)): {
+                "logprob": float(v),
+                "rank": r + 1,
+                "decoded_token": s.piece(int(i)),
+            }
+            for r, (i, v) in enumerate(zip(top_ids[t - 1][:k], top_lp[t - 1][:k], strict=True))
+        }
+        token = str(int(row[t]))
+        if token not in entry:
+            entry[token] = {
+                "logprob": float(given[t - 1]),
+                "rank": int(ranks[t - 1]),
+                "decoded_token": s.piece(int(row[t])),
+            }
+        out.append(entry)
+    return out
+
 
 def _choice(s: Scorer, index, row, got, k, new, echo, as_ids, want_logprobs) -> dict:
     """One row's choice: the prompt echoed (when asked) and the greedy next token (max_tokens
     1), with each token's log-prob given those before it and the top-k there."""
-    top_ids, top_lp, given = got
+    top_ids, top_lp, given, _ranks = got
     tokens, token_lp, top = [], [], []
     if echo:
         tokens = list(row)

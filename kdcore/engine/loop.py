@@ -31,6 +31,7 @@ from mlx.utils import tree_flatten
 from kdcore.engine.build import Parts
 from kdcore.engine.evaluate import eval_teacher, evaluate
 from kdcore.engine.optim import build_optimizer, freeze_paths, plan_groups, set_learning_rate
+from kdcore.engine.prefetch import Lookahead
 from kdcore.engine.progress import Progress
 from kdcore.engine.step import first_non_finite, gradients
 from kdcore.errors import NonFiniteLossError, NonFiniteStateError, RunInterrupted, ServerError
@@ -303,6 +304,7 @@ def train(
     saved = None  # the newest checkpoint this run wrote
     stage_index, optimizer = 0, None  # the stage running, and its optimizer once made
     keep_final = spec.train.final_checkpoint or learns_beside_student(parts)
+    ahead = Lookahead(parts)  # a served teacher's requests for the next batches
     with StopRequest() as stop:
         try:
             for stage_index, stage in enumerate(stages(spec)):
@@ -319,6 +321,7 @@ def train(
                     lr_value = stage.lr if stage.lr is not None else spec.train.optimizer.lr
                     lr = value_at(lr_value, step, total)
                     set_learning_rate(optimizer, plan, lr)
+                    ahead.before_step(step)
                     total_loss, terms, metrics, grads, ntok = parts.dp.reduce_step(
                         *gradients(parts, step)
                     )
@@ -358,11 +361,17 @@ def train(
                             "tokens_per_s": ntok.tokens / dt,
                             "loss_tokens_per_s": ntok.loss_tokens / dt,
                             "step_s": dt,
+                            **ahead.record(),
                         }
                         emit("on_log", step, record)
                         rates = (
                             f"{ntok.tokens / dt:,.0f} tok/s {ntok.loss_tokens / dt:,.0f} loss_tok/s"
                         )
+                        if "server/wait_s" in record:
+                            rates += (
+                                f" server {record.get('server/tokens_per_s', 0):,.0f} tok/s "
+                                f"waited {record['server/wait_s']:.3f} s"
+                            )
                         bar.update(step, f"loss {record['loss']:.4f} {rates}", True)
                     else:
                         bar.update(step, f"loss {total_loss.item():.4f}")
@@ -384,6 +393,7 @@ def train(
         except ServerError as exc:
             raise _server_down(exc, save_checkpoint, step, stage_index, optimizer, info) from None
         finally:
+            ahead.close()  # no request is sent for a batch no step will read
             bar.close()
         try:
             eval_record = run_eval(parts)
@@ -411,6 +421,7 @@ def train(
             # MLX's allocator peak and the process's peak resident memory, whole run
             "peak_memory_bytes": mx.get_peak_memory(),
             "peak_rss_bytes": peak_rss_bytes(),
+            **ahead.summary(),
         }
         emit("on_end", summary)
     return summary

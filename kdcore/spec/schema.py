@@ -59,12 +59,13 @@ class RunSection:
 
 
 def default_source(source: str | None, cache: str | None, server: str | None) -> str:
-    """The teacher source an entry names: ``source``, else by the key it gives."""
+    """The teacher source an entry names: ``source``, else by the key it gives (a
+    ``cache`` beside a ``path`` or ``server`` is read, the other naming its origin)."""
     if source:
         return source
-    if server:
-        return "server"
-    return "cache" if cache else "model"
+    if cache:
+        return "cache"
+    return "server" if server else "model"
 
 
 @attrs.define

@@ -15,6 +15,11 @@ answers 429, 500, 502, 503 or 504, is tried again after ``backoff_s``, doubling 
 of the last finished step and says how to resume. A reply of the wrong shape or
 vocabulary is refused with the reason. TLS certificates are verified (Python's default
 context); redirects are not followed (they would carry the token elsewhere).
+
+While the student trains, the requests for the next batches are in flight
+(``prefetch``, :mod:`kdcore.teachers.prefetch`); a server that takes no token ids gets
+text, its ``/tokenize`` checked against the run's tokenizer first (``prompt = "text"``,
+:mod:`kdcore.teachers.openai`).
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import http.client
 import json
 import os
 import ssl
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -38,6 +44,7 @@ from kdcore.signal.teacher import TeacherSignal
 from kdcore.spec.validators import in_range, non_negative, positive
 from kdcore.teachers import openai, wire
 from kdcore.teachers.mlxlm import run_tokenizer
+from kdcore.teachers.prefetch import Prefetcher
 from kdcore.tokenizers.simple import fingerprint
 
 RETRY_STATUSES = (429, 500, 502, 503, 504)
@@ -60,6 +67,9 @@ class ServedTeacherConfig:
     backoff_s: float = attrs.field(default=1.0, validator=positive)
     wait_s: float = attrs.field(default=300.0, validator=non_negative)
     vocab_size: int | None = attrs.field(default=None, validator=positive)
+    prefetch: int = attrs.field(default=2, validator=in_range(0, 64))
+    prompt: Literal["ids", "text"] = "ids"
+    form: Literal["echo", "prompt_logprobs"] = "echo"
 
 
 class _Transient(Exception):
@@ -110,19 +120,34 @@ class ServedTeacher:
         self._opener = urllib.request.build_opener(
             _NoRedirect, urllib.request.HTTPSHandler(context=ssl.create_default_context())
         )
+        if config.prompt == "text" and config.protocol != "openai":
+            raise SpecError(
+                f'prompt = "text" is for protocol = "openai" (kd serve takes ids) '
+                f"@ {where}.params.prompt"
+            )
         self.model = None  # no weights here: an initializer cannot copy from it
         self.config = None
         self.tokenizer = None
         self.run_tokenizer = run_tokenizer(setup)
         self._token_ids: dict[str, int] | None = None
+        self._closed = threading.Event()  # set: requests sent ahead stop retrying
+        self._ahead = threading.local()
+        self._lock = threading.Lock()
+        self._traffic = {"tokens": 0, "requests": 0, "request_s": 0.0, "wait_s": 0.0}
         self.info: dict = {}
+        self.served_model = config.model
         if config.protocol == "kd":
             self.info = self._json(self._request(wire.INFO_PATH), wire.INFO_PATH)
             self.vocab_size = self._check_info(self.info)
+            self.served_model = self.info.get("model")
         else:
             self.vocab_size = config.vocab_size or getattr(self.run_tokenizer, "vocab_size", 0)
-            self.score(np.zeros((1, 2), np.int32))  # answers, in the expected form
+            if config.prompt == "text":
+                self._check_tokenize()
+            self._probe()  # answers, in the expected form
         self.num_parameters = int(self.info.get("num_parameters") or 0)
+        self.prefetch_depth = config.prefetch
+        self._prefetcher = Prefetcher(self._score_ahead) if config.prefetch else None
 
     # ------------------------------------------------------------ the signal
 
@@ -132,13 +157,63 @@ class ServedTeacher:
                 f"a served teacher sends top-k log-probs only, not {', '.join(sorted(capture))}"
                 ": losses that need them need a local teacher (path = ...) @ $.teachers"
             )
-        ids, logprobs, tail = self.score(np.asarray(batch["input_ids"]))
+        ids = np.asarray(batch["input_ids"])
+        got, waited = None, 0.0
+        if self._prefetcher is not None:
+            got, waited = self._prefetcher.take(ids)
+        if got is None:  # not asked for ahead: the step waits for all of it
+            start = time.perf_counter()
+            got = self.score(ids)
+            waited = time.perf_counter() - start
+        with self._lock:
+            self._traffic["wait_s"] += waited
+        top_ids, logprobs, tail = got
         return TeacherSignal(
             vocab_size=self.vocab_size,
-            topk_ids=mx.array(ids),
+            topk_ids=mx.array(top_ids),
             topk_logprobs=mx.array(logprobs),
             tail_logmass=mx.array(tail),
         )
+
+    def prefetch(self, batches: list[tuple[int, np.ndarray]]) -> None:
+        """Send the requests for ``(index, ids)`` batches ahead of the steps that read them."""
+        if self._prefetcher is not None:
+            self._prefetcher.ask(batches)
+
+    def traffic(self) -> dict[str, float]:
+        """Cumulative: ``tokens`` scored, ``requests`` answered, ``request_s`` spent in them,
+        ``wait_s`` the run's steps waited for replies."""
+        with self._lock:
+            return dict(self._traffic)
+
+    def _score_ahead(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        self._ahead.active = True  # on the prefetch thread: close() ends its retries
+        return self.score(ids)
+
+    def close(self) -> None:
+        """Stop asking ahead; a request retrying in the background gives up (the run's
+        own requests, the final evaluation's, still retry)."""
+        self._closed.set()
+        if self._prefetcher is not None:
+            self._prefetcher.close()
+
+    def provenance(self) -> dict:
+        """What a cache written from this server records of it (never the token);
+        ``unknown``: what the server does not say (an OpenAI-style server says neither its
+        chat template nor its weights' identity; None from kd serve means it has none)."""
+        said = ("identity", "chat_template_hash")
+        unknown = [key for key in said if key not in self.info]
+        if self.served_model is None:
+            unknown.insert(0, "model")
+        return {
+            "source": "server",
+            "server": public_address(self.server),
+            "protocol": self.settings.protocol,
+            "model": self.served_model,
+            "identity": self.info.get("identity"),
+            "chat_template_hash": self.info.get("chat_template_hash"),
+            "unknown": unknown,
+        }
 
     def score(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(top-k ids [B, L, K], log-probs [B, L, K], tail log-mass [B, L]) of a [B, L]
@@ -148,7 +223,12 @@ class ServedTeacher:
             raise ValueError(f"a served teacher scores a [B, L] batch of ids, got {ids.shape}")
         limit = int(self.info.get("max_tokens") or 0)
         rows = max(1, limit // ids.shape[1]) if limit else len(ids)
+        start = time.perf_counter()
         parts = [self._score_rows(ids[lo : lo + rows]) for lo in range(0, len(ids), rows)]
+        with self._lock:
+            self._traffic["tokens"] += int(ids.size)
+            self._traffic["requests"] += len(parts)
+            self._traffic["request_s"] += time.perf_counter() - start
         return tuple(np.concatenate(p, axis=0) for p in zip(*parts, strict=True))
 
     def _score_rows(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -166,12 +246,7 @@ class ServedTeacher:
                 )
             got = (arrays["topk_ids"], arrays["topk_logprobs"], arrays["tail_logmass"])
         else:
-            body = json.dumps(openai.completions_request(ids, k, self.settings.model)).encode()
-            reply = self._json(self._request(wire.COMPLETIONS_PATH, body), "the completion")
-            try:
-                got = openai.parse_completions(reply, ids, k, self._lookup)
-            except ValueError as exc:
-                raise self._fail(str(exc)) from None
+            got = self._score_openai(ids, k)
         B, L = ids.shape
         want = {"ids": (B, L, k), "log-probs": (B, L, k), "tail": (B, L)}
         for (name, shape), array in zip(want.items(), got, strict=True):
@@ -180,6 +255,49 @@ class ServedTeacher:
         if got[0].size and (got[0].min() < 0 or got[0].max() >= self.vocab_size):
             raise self._fail(f"token ids outside its vocabulary of {self.vocab_size}")
         return got
+
+    def _score_openai(self, ids: np.ndarray, k: int) -> tuple[np.ndarray, ...]:
+        s = self.settings
+        texts = self._texts(ids) if s.prompt == "text" else None
+        request = openai.completions_request(ids, k, s.model, s.form, texts)
+        reply = self._json(
+            self._request(wire.COMPLETIONS_PATH, json.dumps(request).encode()), "the completion"
+        )
+        if self.served_model is None and isinstance(reply.get("model"), str):
+            self.served_model = reply["model"]
+        try:
+            return openai.parse_completions(reply, ids, k, self._lookup, texts is not None)
+        except ValueError as exc:
+            raise self._fail(str(exc)) from None
+
+    def _probe(self) -> None:
+        ids = np.zeros((1, 2), np.int32)
+        if self.settings.prompt == "text":  # ids whose text tokenizes back to them
+            ids = np.asarray([self.run_tokenizer.encode(openai.PROBE_TEXT)[:4]], np.int32)
+        self.score(ids)
+        with self._lock:  # not the run's traffic
+            self._traffic.update(tokens=0, requests=0, request_s=0.0)
+
+    def _texts(self, ids: np.ndarray) -> list[str]:
+        """Each row's text; a row whose text the run's tokenizer does not encode back to
+        its ids cannot be sent as text and be scored on those ids."""
+        tok, texts = self.run_tokenizer, []
+        for b, row in enumerate(ids.tolist()):
+            text = tok.decode(row)
+            again = tok.encode(text)
+            if again != row:
+                first = next(
+                    (i for i, (a, c) in enumerate(zip(row, again, strict=False)) if a != c),
+                    min(len(row), len(again)),
+                )
+                raise SpecError(
+                    f"teacher server {self.server}: row {b} of a batch does not survive text "
+                    f"(its ids, decoded and encoded again, differ from position {first} on), "
+                    'so prompt = "text" cannot score it exactly: serve the teacher with a '
+                    "server that takes token ids (vLLM, llama.cpp, kd serve) @ $.teachers"
+                )
+            texts.append(text)
+        return texts
 
     # ------------------------------------------------------------ checks
 
@@ -210,10 +328,52 @@ class ServedTeacher:
             )
         return vocab
 
+    def _check_tokenize(self) -> None:
+        """Text prompts are scored on the server's tokens: its ``/tokenize`` must give the
+        run tokenizer's ids for a probe text (llama.cpp's and vLLM's forms)."""
+        tok = self.run_tokenizer
+        if tok is None:
+            raise self._fail("prompt = \"text\" needs the run's tokenizer to check the server's")
+        body = json.dumps(openai.tokenize_request(openai.PROBE_TEXT, self.settings.model))
+        try:
+            reply = self._request(openai.TOKENIZE_PATH, body.encode())
+        except ServerError as exc:
+            raise self._fail(
+                f'prompt = "text" checks the server\'s tokenizer with {openai.TOKENIZE_PATH}, '
+                f"which failed: {exc.reason}"
+            ) from None
+        try:
+            theirs = openai.parse_tokenize(self._json(reply, openai.TOKENIZE_PATH))
+        except ValueError as exc:
+            raise self._fail(str(exc)) from None
+        ours = tok.encode(openai.PROBE_TEXT)
+        if theirs != ours:
+            at = next(
+                (i for i, (a, b) in enumerate(zip(ours, theirs, strict=False)) if a != b),
+                min(len(ours), len(theirs)),
+            )
+            mine = ours[at] if at < len(ours) else "nothing"
+            other = theirs[at] if at < len(theirs) else "nothing"
+            raise self._fail(
+                f"its tokenizer is not the run's: {openai.TOKENIZE_PATH} gives {len(theirs)} "
+                f"tokens for a probe text where the run's gives {len(ours)}, the first "
+                f"difference at token {at} ({other} there, {mine} here); the teacher would "
+                "score other tokens than the student's"
+            )
+
     def _lookup(self, token: str) -> int | None:
+        """The id of a token named by its text: the decoded text of exactly one id (what
+        vLLM and llama.cpp send), else its vocabulary string."""
         if self._token_ids is None:
-            tokens = self.run_tokenizer.tokens() if self.run_tokenizer is not None else []
-            self._token_ids = {t: i for i, t in enumerate(tokens)}
+            tok = self.run_tokenizer
+            tokens = tok.tokens() if tok is not None else []
+            ids = {t: i for i, t in enumerate(tokens)}
+            pieces: dict[str, int | None] = {}
+            for i in range(len(tokens)):
+                piece = tok.decode([i])
+                pieces[piece] = None if piece in pieces else i  # two ids: ambiguous
+            ids.update({p: i for p, i in pieces.items() if i is not None})
+            self._token_ids = ids
         return self._token_ids.get(token)
 
     # ------------------------------------------------------------ HTTP
@@ -250,7 +410,11 @@ class ServedTeacher:
                     f"no answer after {tries} tries over {waited:.1f} s (last: {last}); "
                     "is it running?"
                 )
-            time.sleep(pause)
+            if getattr(self._ahead, "active", False):
+                if self._closed.wait(pause):
+                    raise self._fail("the run stopped asking")
+            else:
+                time.sleep(pause)
             delay = min(delay * 2, MAX_BACKOFF_S)
 
     def _once(self, path: str, body: bytes | None) -> bytes:
@@ -272,6 +436,9 @@ class ServedTeacher:
                 sent = f"the token in ${self.settings.token_env}" if self.token else "no token"
                 message = f"refused {sent} (HTTP {exc.code}: {message})"
                 raise self._fail(message) from None
+            if exc.code in (400, 422) and path == wire.COMPLETIONS_PATH:
+                if self.settings.prompt == "ids":
+                    message += ' (if the server takes no token ids, set prompt = "text")'
             raise self._fail(f"HTTP {exc.code} for {path}: {message}") from None
         except urllib.error.URLError as exc:
             if isinstance(exc.reason, ssl.SSLError):
@@ -279,6 +446,13 @@ class ServedTeacher:
             raise _Transient(str(exc.reason)) from None
         except (OSError, http.client.HTTPException) as exc:
             raise _Transient(f"{type(exc).__name__}: {exc}") from None
+
+
+def public_address(url: str) -> str:
+    """``url`` as a cache may record it: scheme, host, port and path, never a query or a
+    fragment (where a token could hide)."""
+    parts = urllib.parse.urlsplit(url)
+    return urllib.parse.urlunsplit((parts.scheme, parts.netloc, parts.path.rstrip("/"), "", ""))
 
 
 def _seconds(value: str) -> float:

@@ -1,0 +1,209 @@
+"""The OpenAI-style client beyond token ids and echo: vLLM's ``prompt_logprobs`` reply
+form, text prompts for servers that take no ids (``prompt = "text"``) with the server's
+``/tokenize`` checked against the run's tokenizer first, a BOS the server puts before the
+text, and tokens named by their text. Replies constructed in vLLM's and llama.cpp's forms
+are in tests/data/openai_prompt_logprobs.json; the live tests run against ``kd serve``
+and small stand-ins that answer as those servers do."""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import itertools
+import json
+import sys
+import threading
+import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from kdcore.cache.write import topk_logprobs
+from kdcore.errors import ServerError, SpecError
+from kdcore.models.io import load_model
+from kdcore.teachers import openai
+
+DATA = Path(__file__).with_name("data")
+
+
+def _served_helpers():
+    """tests/test_served_teacher.py (its server fixture and helpers), loaded by path:
+    under ``--import-mode=importlib`` tests/ is not importable."""
+    name = "served_teacher_helpers"
+    if name not in sys.modules:
+        path = Path(__file__).with_name("test_served_teacher.py")
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+S = _served_helpers()
+world, token = S.world, S.token  # the fixtures: a tiny teacher behind kd serve, its token
+
+
+# ---------------------------------------------------------------- constructed replies
+
+
+def test_the_client_reads_vllm_and_llama_cpp_reply_forms():
+    fixture = json.loads((DATA / "openai_prompt_logprobs.json").read_text())
+    lookup = fixture["vocab"].get
+    for case in fixture["cases"]:
+        rows = np.array(case["rows"])
+        ids, logprobs, tail = openai.parse_completions(
+            case["reply"], rows, case["k"], lookup, case["text"]
+        )
+        np.testing.assert_array_equal(ids, case["ids"], err_msg=case["name"])
+        np.testing.assert_allclose(logprobs, case["logprobs"], rtol=1e-6, err_msg=case["name"])
+        mass = np.exp(np.asarray(case["logprobs"], np.float64)).sum(-1)
+        np.testing.assert_allclose(tail, np.log1p(-mass), rtol=1e-5, err_msg=case["name"])
+    for form, reply in fixture["tokenize"].items():
+        assert openai.parse_tokenize(reply) == [5, 12, 6], form
+
+
+def test_reply_forms_that_do_not_fit_are_refused_with_the_reason():
+    fixture = json.loads((DATA / "openai_prompt_logprobs.json").read_text())
+    vllm, bos_text, named = (case["reply"] for case in fixture["cases"])
+    lookup = fixture["vocab"].get
+    # the BOS before a prompt of ids: the rows' positions would be off by one
+    with pytest.raises(ValueError, match="3 prompt tokens for the 2 ids sent .*BOS"):
+        openai.parse_completions(bos_text, np.array([[5], [7]]), 2, lookup, text=False)
+    # the generated token's log-probs missing: no distribution after the last token
+    cut = copy.deepcopy(bos_text)
+    for choice in cut["choices"]:
+        choice["logprobs"] = None
+    with pytest.raises(ValueError, match="for 1 of its 2 positions"):
+        openai.parse_completions(cut, np.array([[5, 6], [7, 5]]), 2, lookup, text=True)
+    # fewer log-probs than top_k, once the prompt token (rank 3) is left out
+    with pytest.raises(ValueError, match="2 log-probs where top_k = 3"):
+        openai.parse_completions(vllm, np.array([[5, 6]]), 3, lookup)
+    # text the run's vocabulary does not know, and an echo of other tokens than sent
+    with pytest.raises(ValueError, match="token 'b' is not in the vocabulary"):
+        openai.parse_completions(named, np.array([[5, 12]]), 2, {"a": 5}.get, text=True)
+    with pytest.raises(ValueError, match="echoed prompt differs .* position 1"):
+        openai.parse_completions(named, np.array([[5, 9]]), 2, lookup, text=True)
+    for bad in ({}, {"tokens": "5 12"}, {"tokens": [5, "12"]}):
+        with pytest.raises(ValueError, match="/tokenize reply"):
+            openai.parse_tokenize(bad)
+
+
+# ---------------------------------------------------------------- live, against kd serve
+
+
+def test_every_prompt_and_reply_form_gives_the_local_teachers_top_k(world, corpus):
+    ids = S.batch_ids(world, corpus)
+    model = load_model(world["teacher"])[0]
+    want = [np.array(a) for a in topk_logprobs(model(mx.array(ids)).logits, S.K)]
+    for prompt, form in itertools.product(("ids", "text"), ("echo", "prompt_logprobs")):
+        entry = S.served_entry(world, "openai", prompt=prompt, form=form)
+        signal = S.open_served(world, corpus, entry).signal({"input_ids": mx.array(ids)})
+        got = [np.array(signal.topk_ids), np.array(signal.topk_logprobs)]
+        np.testing.assert_array_equal(got[0], want[0], err_msg=f"{prompt} {form}")
+        np.testing.assert_allclose(got[1], want[1], atol=1e-5, rtol=0, err_msg=f"{prompt} {form}")
+
+
+class StandIn(ThreadingHTTPServer):
+    """A server that answers like another kind: it hands requests on to ``kd serve``
+    (``upstream``) and ``change(path, reply)`` rewrites the reply (None: 404)."""
+
+    daemon_threads = True
+
+    def __init__(self, upstream: str, change):
+        self.upstream, self.change = upstream, change
+        super().__init__(("127.0.0.1", 0), StandInHandler)
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server_address[1]}"
+
+    def close(self) -> None:
+        self.shutdown()
+        self.server_close()
+
+
+class StandInHandler(BaseHTTPRequestHandler):
+    server: StandIn
+
+    def log_message(self, *args) -> None:
+        pass
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        request = urllib.request.Request(
+            self.server.upstream + self.path,
+            data=body,
+            headers={"Content-Type": "application/json", "Authorization": f"Bearer {S.TOKEN}"},
+        )
+        with urllib.request.urlopen(request, timeout=10) as reply:
+            answer = self.server.change(self.path, json.loads(body), json.loads(reply.read()))
+        status, data = (
+            (404, {"error": {"message": "Not Found"}}) if answer is None else (200, answer)
+        )
+        out = json.dumps(data).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(out)))
+        self.end_headers()
+        self.wfile.write(out)
+
+
+def stand_in_entry(world, server: StandIn, **params) -> dict:
+    entry = S.served_entry(world, "openai", prompt="text", **params)
+    return {**entry, "server": server.url}
+
+
+def test_a_text_server_that_puts_a_bos_before_the_text_is_read_past_it(world, corpus):
+    """As llama.cpp answers a text prompt: its BOS first, then the text's tokens."""
+
+    def with_bos(path, request, reply):
+        if path == openai.TOKENIZE_PATH:
+            return reply
+        for choice in reply["choices"]:
+            lp = choice["logprobs"]
+            lp["tokens"] = ["token_id:1"] + lp["tokens"]
+            lp["token_logprobs"] = [None, -3.0] + lp["token_logprobs"][1:]
+            lp["top_logprobs"] = [None, dict(lp["top_logprobs"][1])] + lp["top_logprobs"][1:]
+        return reply
+
+    server = StandIn(world["url"], with_bos)
+    try:
+        ids = S.batch_ids(world, corpus)
+        teacher = S.open_served(world, corpus, stand_in_entry(world, server))
+        got = teacher.signal({"input_ids": mx.array(ids)})
+        want = S.open_served(world, corpus, S.served_entry(world, "openai"))
+        want = want.signal({"input_ids": mx.array(ids)})
+        np.testing.assert_array_equal(np.array(got.topk_ids), np.array(want.topk_ids))
+        np.testing.assert_array_equal(np.array(got.topk_logprobs), np.array(want.topk_logprobs))
+    finally:
+        server.close()
+
+
+def test_text_prompts_are_refused_unless_the_servers_tokenize_agrees(world, corpus):
+    def other_tokens(path, request, reply):
+        if path == openai.TOKENIZE_PATH:
+            reply["tokens"] = reply["tokens"][:7] + [reply["tokens"][7] + 1] + reply["tokens"][8:]
+        return reply
+
+    def no_tokenize(path, request, reply):
+        return None if path == openai.TOKENIZE_PATH else reply
+
+    for change, words in (
+        (other_tokens, r"its tokenizer is not the run's: /tokenize gives \d+ tokens .* at token 7"),
+        (no_tokenize, r"checks the server's tokenizer with /tokenize, which failed: HTTP 404"),
+    ):
+        server = StandIn(world["url"], change)
+        try:
+            with pytest.raises(ServerError, match=words) as refused:
+                S.open_served(world, corpus, stand_in_entry(world, server))
+            assert server.url in str(refused.value)
+        finally:
+            server.close()
+    # a row whose ids are not the tokens of their own text cannot go as text
+    teacher = S.open_served(world, corpus, S.served_entry(world, "openai", prompt="text"))
+    broken = np.array([[72, 105, 0xC3, 33]])  # a lone UTF-8 lead byte
+    with pytest.raises(SpecError, match="row 0 of a batch does not survive text .* position 2"):
+        teacher.score(broken)
+    with pytest.raises(SpecError, match='prompt = "text" is for protocol = "openai"'):
+        S.open_served(world, corpus, S.served_entry(world, "kd", prompt="text"))
