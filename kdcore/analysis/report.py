@@ -172,14 +172,17 @@ def _plots(
 
 
 def _group(keys: list[str]) -> dict[str, list[str]]:
-    """The total loss with its terms share a plot, as do the teachers' mean weights; every
-    other series has a plot of its own."""
+    """The total loss with its terms share a plot, as do the teachers' mean weights and a
+    routed run's per-teacher figures (one plot a figure); every other series has a plot of
+    its own."""
     groups: dict[str, list[str]] = {}
     for key in keys:
         if key == "loss" or key.startswith("loss/"):
             group = "losses"
         elif key.startswith("teacher_weight/"):
             group = "teacher_weight"
+        elif key.startswith("route/") and key.count("/") >= 2:
+            group = "route/" + key.split("/", 2)[2]  # a routed run: a line per teacher
         else:
             group = key
         groups.setdefault(group, []).append(key)

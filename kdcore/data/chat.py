@@ -27,6 +27,7 @@ from kdcore.data.chat_index import TEXT, ChatConfig, ChatRecords, conversation
 from kdcore.data.packing import LAYOUT_VERSION, LOSS_CHECK_RECORDS, Rows
 from kdcore.data.prompts import Prompts
 from kdcore.data.render import ChatRenderer, Encoded, RenderTimeout
+from kdcore.data.sources import SourcedRecords, data_sources
 from kdcore.errors import SpecError
 from kdcore.hub import resolve_data_path, resolve_tokenizer_dir
 from kdcore.tokenizers.simple import fingerprint
@@ -69,8 +70,15 @@ class ChatDataset:
         self.config = config
         self.seed = setup.seed
         self.seq_len = config.seq_len
-        # local paths, or hub names read through the Hugging Face caches (kdcore.hub)
-        self.path = resolve_data_path(config.path, setup.base_dir)
+        # local paths, or hub names read through the Hugging Face caches (kdcore.hub); one
+        # file, or several sources (kdcore.data.sources)
+        self.paths = {
+            name: resolve_data_path(path, setup.base_dir)
+            for name, path in data_sources(config.path).items()
+        }
+        self.path = next(iter(self.paths.values()))
+        # the sources' names (route's by = "source"); None: one file
+        self.source_names = None if isinstance(config.path, str) else list(self.paths)
         self.renderer = ChatRenderer(
             resolve_tokenizer_dir(config.tokenizer, setup.base_dir, "$.data.params.tokenizer"),
             data=self.path,
@@ -83,7 +91,10 @@ class ChatDataset:
                 f"the tokenizer in {self.renderer.folder} is not the one this run was trained "
                 "with @ $.data.params.tokenizer"
             )
-        self.source = ChatRecords(self.path, config)
+        if self.source_names is None:
+            self.source = ChatRecords(self.path, config)
+        else:
+            self.source = SourcedRecords(self.paths, config)
         self.index = self.source.index
         self.records, self.records_read = len(self.source), self.source.lines_read
         if (self.index.kinds != TEXT).any() and not self.renderer.has_template:
@@ -218,6 +229,11 @@ class ChatDataset:
             f"the {split} split of {self.path} has no loss tokens {scope}: "
             f"{', '.join(why)}. To train: {'; '.join(fixes) or 'add assistant turns'} @ {where}"
         )
+
+    def track_records(self) -> None:
+        """From now on every batch also holds ``record_id`` [B, L]: the record (0-based, as
+        :meth:`encode` takes it) whose token each position predicts, -1 on padding."""
+        self.rows.track_records = True
 
     def layout(self, example: int, split: str = "train") -> list[tuple[int, int, int]]:
         """(line, first slot, tokens) of each record in row ``example`` of ``split``, by

@@ -55,7 +55,8 @@ _BREAK = re.compile(rb"\r\n|\r|\n")
 class ChatConfig:
     # Here, not in kdcore.data.chat, because the record checks below read its feature names
     # and chat.py imports this module.
-    path: str
+    # one file, or several sources: a list of files (named by their stems) or {name = file}
+    path: dict[str, str] | str | list[str]
     tokenizer: str  # a folder: tokenizer.json and tokenizer_config.json with a chat_template
     seq_len: int = attrs.field(default=512, validator=validators.positive)
     mask_prompt: bool = True
@@ -283,6 +284,13 @@ class ChatRecords:
 
     def line(self, record: int) -> int:
         return int(self.index.lines[record])
+
+    def where(self, record: int) -> tuple[Path, int]:
+        """(file, line) of record ``record``, for messages."""
+        return self.path, self.line(record)
+
+    def source_of(self, record: int) -> int:
+        return 0
 
     def read(self, record: int) -> dict:
         """Record ``record`` parsed again; an error when the file changed since the pass."""

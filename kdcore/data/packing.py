@@ -91,6 +91,7 @@ class _Segment:
     carries: np.ndarray  # [rows, seq_len + 1] bool
     layout: list  # per row: [(line, start, tokens)]
     stats: np.ndarray  # [len(_STATS)] int64
+    records: np.ndarray  # [rows, seq_len + 1] int32: the record of each slot, -1 on padding
 
 
 def _fit_estimate(turns: np.ndarray, chars: np.ndarray, tokens: np.ndarray) -> np.ndarray:
@@ -169,6 +170,8 @@ class Rows:
         }
         self._segments: OrderedDict = OrderedDict()
         self._epoch_cache: tuple | None = None
+        # batches also carry each position's record (``record_id``): per-record routing
+        self.track_records = False
 
     def _calibrate(self) -> np.ndarray:
         """Fit the token estimate on up to ``CALIBRATION_RECORDS`` records spread over the
@@ -236,6 +239,7 @@ class Rows:
                 refused.append({"line": int(self.index.lines[record]), "reason": str(exc)})
         ids = np.zeros((rows, room), np.int32)
         carries = np.zeros((rows, room), bool)
+        owner = np.full((rows, room), -1, np.int32)
         layout: list[list] = [[] for _ in range(rows)]
         encoded = dict(items)
         for row, start, record, keep in _place(items, rows, room, self.pack):
@@ -253,6 +257,7 @@ class Rows:
             if keep:
                 ids[row, start : start + keep] = enc.ids[:keep]
                 carries[row, start : start + keep] = enc.carries[:keep]
+                owner[row, start : start + keep] = record
                 layout[row].append((line, start, keep))
                 stats["records"] += 1
         stats["rejected"] = len(refused)
@@ -262,7 +267,8 @@ class Rows:
         if self._seg_stats[split][segment, 0] < 0:  # first time: record what it found
             self._seg_stats[split][segment] = values
             self._reject(refused)
-        seg = _Segment(ids, carries, [sorted(r, key=lambda t: t[1]) for r in layout], values)
+        layout = [sorted(r, key=lambda t: t[1]) for r in layout]
+        seg = _Segment(ids, carries, layout, values, owner)
         self._segments[key] = seg
         if len(self._segments) > KEPT_SEGMENTS:
             self._segments.popitem(last=False)
@@ -277,20 +283,24 @@ class Rows:
 
     def gather(self, split: str, examples: list[int]) -> dict[str, np.ndarray]:
         """Rows ``examples`` of ``split`` as a batch: ``input_ids``, ``labels``, ``mask`` and
-        ``example_index``."""
+        ``example_index`` (and ``record_id`` when ``track_records`` is set)."""
         ids = np.zeros((len(examples), self.room), np.int32)
         carries = np.zeros((len(examples), self.room), bool)
+        owner = np.zeros((len(examples), self.room), np.int32)
         for i, example in enumerate(examples):
             segment, row = self._locate(split, example)
             seg = self._segment(split, segment)
-            ids[i], carries[i] = seg.ids[row], seg.carries[row]
+            ids[i], carries[i], owner[i] = seg.ids[row], seg.carries[row], seg.records[row]
         labels = np.where(carries[:, 1:], ids[:, 1:], IGNORE_INDEX).astype(np.int32)
-        return {
+        batch = {
             "input_ids": ids[:, :-1],
             "labels": labels,
             "mask": carries[:, 1:].astype(np.float32),
             "example_index": np.asarray(examples, np.int32),
         }
+        if self.track_records:  # a position belongs to the record of the token it predicts
+            batch["record_id"] = owner[:, 1:]
+        return batch
 
     def layout(self, example: int, split: str) -> list[tuple[int, int, int]]:
         segment, row = self._locate(split, example)

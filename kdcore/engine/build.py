@@ -11,6 +11,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from kdcore.engine.distributed import DataParallel
+from kdcore.engine.routed import bind_route, route_problems
 from kdcore.engine.sizes import size_problems
 from kdcore.engine.terms import BuiltLoss, build_losses, learnable_teacher
 from kdcore.errors import KdError, SpecError
@@ -19,6 +20,7 @@ from kdcore.protocols import HasRequirements, PreparesVocabularies, ReadsTeacher
 from kdcore.registry.components import Component
 from kdcore.registry.manager import get_registry
 from kdcore.registry.setup import Setup
+from kdcore.signal.route import Route, routed_signals
 from kdcore.spec.compose import cache_manifests, check_composition, check_parameter_groups
 from kdcore.spec.load import blame_overrides
 from kdcore.spec.schema import RunSpec
@@ -67,7 +69,10 @@ class Parts:
 
     def teacher_signals(self, batch: dict[str, mx.array]) -> list:
         """Each teacher's signal for ``batch`` (spec order), capturing what the run's
-        components need (``capture``)."""
+        components need (``capture``). With the ``route`` aggregator a teacher runs only on
+        the rows that hold its positions (None: it has none in this batch)."""
+        if isinstance(self.aggregator, Route):
+            return routed_signals(self.aggregator, self.teachers, batch, self.capture, self.student)
         return [t.signal(batch, self.capture, self.student) for t in self.teachers]
 
 
@@ -81,6 +86,7 @@ def check_run(spec: RunSpec) -> list[str]:
     cache made for other data, a student vocabulary smaller than the tokenizer's, teachers
     with different vocabularies, an explicit layer map out of the teacher's range."""
     problems = check_composition(spec) + initializer_problems(spec) + _sizes(spec)
+    problems += route_problems(spec)
     student = None
     if getattr(spec.student.model.config, "path", None) is None:  # a saved one: weights
         try:
@@ -180,6 +186,7 @@ def _make_student(spec: RunSpec, vocab_size: int | None) -> nn.Module:
 def build_parts(spec: RunSpec) -> Parts:
     # The checks kd validate runs too, before anything is loaded (or memory spent).
     problems = check_composition(spec) + initializer_problems(spec) + _sizes(spec)
+    problems += route_problems(spec, read_records=False)  # read once, by bind_route
     if problems:
         raise SpecError(problems)
     registry = get_registry()
@@ -231,7 +238,16 @@ def build_parts(spec: RunSpec) -> Parts:
         spec.aggregator.config, setup
     )
     aligner = component("vocab_aligner", spec.aligner).factory(spec.aligner.config, setup)
-    if teachers:
+    if teachers and isinstance(aggregator, Route):  # an aligner per teacher, in the route
+        aligner = bind_route(
+            aggregator,
+            spec,
+            dataset,
+            teachers,
+            tokenizer,
+            lambda: component("vocab_aligner", spec.aligner).factory(spec.aligner.config, setup),
+        )
+    elif teachers:
         _check_vocabularies(teachers, aligner, teacher_tok, tokenizer)
 
     losses = build_losses(spec, setup, learnable_teacher(aggregator))

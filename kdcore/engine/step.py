@@ -15,6 +15,7 @@ from mlx.utils import tree_flatten, tree_map
 from kdcore.engine import onpolicy
 from kdcore.engine.build import Parts, Trainable
 from kdcore.engine.fused import FusedTerm, fused_pass, head_trains, student_reason
+from kdcore.engine.routed import is_routed, routed_loss_terms
 from kdcore.losses.inputs import LossInputs, StepContext
 from kdcore.losses.rows import as_list, rows_on_logits
 from kdcore.models.output import ModelOutput
@@ -92,10 +93,36 @@ def loss_terms(parts: Parts, trainable: Trainable, batch, signals, step: int):
     """(total, {label: term}, {metric: value}) for one micro-batch.
 
     Losses that can run fused with the output heads (``kdcore.engine.fused``) share one
-    pass over token chunks; the others are called on the student's full logits."""
+    pass over token chunks; the others are called on the student's full logits. With the
+    ``route`` aggregator each teacher's terms run on its own rows (``kdcore.engine.routed``)."""
     out = trainable.student(batch["input_ids"], capture=parts.capture)
     inputs = LossInputs(student=out, teacher=None, batch=batch, step=step, total_steps=parts.total)
+    if is_routed(parts):
+        return routed_loss_terms(parts, trainable, out, inputs, signals, step, run_terms)
     teacher = combined_signal(parts, signals, inputs, trainable)
+    total, terms, metrics = run_terms(parts, trainable, parts.losses, out, inputs, teacher, step)
+    if teacher is not None and teacher.weights is not None:
+        mean_w = teacher.weights.reshape(-1, teacher.weights.shape[-1]).mean(0)
+        for k in range(mean_w.shape[0]):
+            metrics[f"teacher_weight/{k}"] = mean_w[k]
+    return total, terms, metrics
+
+
+def run_terms(
+    parts: Parts,
+    trainable: Trainable,
+    losses: list,
+    out: ModelOutput,
+    inputs: LossInputs,
+    teacher: TeacherSignal | None,
+    step: int,
+    watch: list = (),
+):
+    """(total, {label: term}, {metric: value}) of ``losses`` (built losses of the run) on the
+    student's output ``out`` against ``teacher``; ``inputs`` are the step's, without a
+    teacher. ``watch``: (metric, :class:`kdcore.Rows`) pairs computed in the same pass at
+    weight 0, logged only (a routed step's per-teacher agreement)."""
+    batch = inputs.batch
     teacher_batch = batch
     if teacher is not None:
         # A teacher with another tokenizer covers only the positions it could align.
@@ -105,7 +132,7 @@ def loss_terms(parts: Parts, trainable: Trainable, batch, signals, step: int):
     fusing = student_reason(out) is None  # each loss's own reason was decided at build
     total = mx.array(0.0)
     terms, metrics, fused = {}, {}, []
-    for built in parts.losses:
+    for built in losses:
         loss = trainable.losses.get(built.key, built.loss)
         label = built.label
         loss_batch = teacher_batch if built.reads_teacher else batch
@@ -129,19 +156,25 @@ def loss_terms(parts: Parts, trainable: Trainable, batch, signals, step: int):
             metrics[f"{label}/{key}"] = metric
         if weight != 0.0:
             total = total + weight * value
+    watched = {name for name, _ in watch}
+    for name, rows in watch:
+        mask = teacher_batch["mask"] if rows.mask is None else rows.mask
+        if fusing:
+            fused.append(FusedTerm(name, rows, 0.0, mask))
+        else:
+            metrics[name], _ = rows_on_logits(rows, out.logits, teacher, teacher_batch)
     if fused:
         head_grad = head_trains(trainable.student, out.head_weight)
         fused_total, values = fused_pass(fused, out, teacher, batch, head_grad)
         total = total + fused_total
         for term, value in zip(fused, values):
+            if term.label in watched:
+                metrics[term.label] = value
+                continue
             terms[term.label] = terms.get(term.label, 0.0) + value * float(term.rows.weight)
             if term.rows.name:
                 metrics[f"{term.label}/{term.rows.name}"] = value
-        terms = {b.label: terms[b.label] for b in parts.losses}
-    if teacher is not None and teacher.weights is not None:
-        mean_w = teacher.weights.reshape(-1, teacher.weights.shape[-1]).mean(0)
-        for k in range(mean_w.shape[0]):
-            metrics[f"teacher_weight/{k}"] = mean_w[k]
+        terms = {b.label: terms[b.label] for b in losses}
     return total, terms, metrics
 
 
@@ -202,6 +235,8 @@ def evaluate_signals(signals: list[TeacherSignal]) -> None:
     the step). Lazy logits stay lazy: only what a signal already holds is evaluated."""
     arrays = []
     for signal in signals:
+        if signal is None:  # a routed teacher with no rows in this batch: not run
+            continue
         for member in signal.members or (signal,):
             if member.members is not None:
                 continue  # a nested mixture: left to the step

@@ -109,7 +109,13 @@ def _path_problems(spec: RunSpec) -> list[str]:
         problems.append(f"{what} not found: {spec.path(value)} @ {where}")
 
     data = spec.data.config
-    need(getattr(data, "path", None), "data file", "$.data.params.path", "dataset")
+    path = getattr(data, "path", None)
+    need(path, "data file", "$.data.params.path", "dataset")
+    if isinstance(path, (list, dict)):  # several sources (the chat dataset)
+        named = path.items() if isinstance(path, dict) else enumerate(path)
+        for key, value in named:
+            where = f".{key}" if isinstance(path, dict) else f"[{key}]"
+            need(value, "data file", f"$.data.params.path{where}", "dataset")
     paths = getattr(data, "paths", None)
     if isinstance(paths, list):
         for j, value in enumerate(paths):
@@ -123,12 +129,7 @@ def _path_problems(spec: RunSpec) -> list[str]:
         "$.student.init.params.teacher_path",
     )
     for i, ref in enumerate(spec.teachers):
-        if ref.path and ref.cache:
-            problems.append(
-                "a teacher is either a model (path) or a top-k cache (cache), not both; "
-                f"give one @ $.teachers[{i}]"
-            )
-            continue
+        # beside a cache, path names the folder the cache must have been made from
         need(ref.path, "teacher model", f"$.teachers[{i}].path")
         need(ref.cache, "teacher cache", f"$.teachers[{i}].cache", None)
     return problems
@@ -244,7 +245,8 @@ def _tail_temperature_problems(spec: RunSpec) -> list[str]:
     if not caches and not servers:
         return []
     registry = get_registry()
-    mixture = len(spec.teachers) > 1
+    # several teachers make a mixture, but for route, whose teachers each keep their own signal
+    mixture = len(spec.teachers) > 1 and spec.aggregator.name != "route"
     checks = []
     for i, ref in enumerate(spec.losses):
         try:
