@@ -21,7 +21,7 @@ class Scorer:
     at ``seq_len + 1`` tokens like the training rows, then after its last assistant token).
     Records of similar length run through the model and the teacher a batch at a time
     (right-padded: causal attention keeps a row blind to the pads after it); then kdcore's
-    own evaluation (``kdcore.engine.evaluate``) scores each row alone from those outputs, so
+    loss positions of each row are scored alone from those outputs (`record_figures`), so
     every figure exists per record: ``nll`` and ``kl`` are sums over the record's assistant
     tokens, ``top1`` a count. A quantized folder is scored as the float32 model of its
     dequantized weights (kdcore's CPU dtype policy): the same function, to float rounding.
@@ -39,7 +39,9 @@ class Scorer:
     def __init__(self, teacher: Path, budget: Budget, cache_dir: Path | None = None):
         from kdcore import Setup, app
         from kdcore.engine import onpolicy
+        from kdcore.kernels.native import install_registered_kernels
 
+        install_registered_kernels()  # the models' layer kernels (attention, SwiGLU)
         self.budget = budget
         self.teacher_path, self.cache_dir = teacher, cache_dir
         self._teacher_rows: dict[int, Any] | None = None
@@ -97,21 +99,15 @@ class Scorer:
     def per_record(self, model) -> dict[str, list]:
         import mlx.core as mx
 
-        from kdcore.app import evaluate
-
         teacher_rows = self.teacher_rows()
         found: dict[int, tuple[float, float, float, float]] = {}
         for batch in self.batches:
-            rows = [self.rows[r] for r in batch]
             s_out = model(mx.array(self.padded(batch)))
             mx.eval(*hidden_of(s_out))
-            for b, (record, (row_ids, labels, mask)) in enumerate(zip(batch, rows)):
-                one = {"input_ids": row_ids[None], "labels": labels[None], "mask": mask[None]}
-                s_row, t_row = Given(row_of(s_out, b, len(row_ids))), Given(teacher_rows[record])
-                f = evaluate(s_row, t_row, [one])
-                t = f["tokens"]
-                kl, top1 = f["kl_teacher_student"] * t, f["top1_agreement"] * t
-                found[record] = (t, f["val_loss"] * t, kl, top1)
+            for b, record in enumerate(batch):
+                _, labels, mask = self.rows[record]
+                s_row = row_of(s_out, b, len(labels))
+                found[record] = record_figures(s_row, teacher_rows[record], labels, mask)
         out: dict[str, list] = {"record": sorted(found)}
         for i, key in enumerate(("tokens", "nll", "kl", "top1")):
             out[key] = [found[r][i] for r in out["record"]]
@@ -211,15 +207,40 @@ class Scorer:
         return sums
 
 
-class Given:
-    """A stand-in model for ``kdcore.engine.evaluate``: the output of one row of a batched
-    forward, already made (evaluate calls ``model(ids)`` and reads its output)."""
+def record_figures(
+    student: Any, teacher: Any, labels: np.ndarray, mask: np.ndarray
+) -> tuple[float, float, float, float]:
+    """One record's (assistant tokens, summed NLL, summed KL(teacher || student), top-1
+    agreements), from one row of each model's output, at the loss positions only.
 
-    def __init__(self, output: Any):
-        self.output = output
+    Exact float32 MLX, as ``kdcore.engine.evaluate`` computes these three (its JS and top-5
+    are left out: MLX's CPU backend runs every exp over ``[positions, 49,152]`` as scalar
+    code, and those two cost as much again). kd-kernels' native rows would be ~2x faster
+    again but differ by ~5e-5 relative (their exp is a fast approximation): visible in a
+    held-out loss's fourth decimal, so not used here."""
+    import mlx.core as mx
 
-    def __call__(self, ids: Any) -> Any:
-        return self.output
+    from kdcore.losses.tokens import stable_log_softmax
+
+    keep = np.flatnonzero(mask)
+    at = mx.array(keep)
+    s_logits, t_logits = logits_at(student, at), logits_at(teacher, at)
+    s_lp, t_lp = stable_log_softmax(s_logits), stable_log_softmax(t_logits)
+    picked = mx.take_along_axis(s_lp, mx.array(labels[keep])[:, None], axis=-1)
+    kl = (mx.exp(t_lp) * (t_lp - s_lp)).sum(-1).sum()  # by row first: float32 sums
+    agree = (s_logits.argmax(-1) == t_logits.argmax(-1)).sum().astype(mx.float32)
+    nll_sum, kl_sum, top1 = mx.stack([-picked.sum(), kl, agree]).tolist()
+    return float(mask[keep].sum()), nll_sum, kl_sum, top1
+
+
+def logits_at(out: Any, keep: Any) -> Any:
+    """Float32 logits of one output row at the positions ``keep``: only those through the
+    head."""
+    import mlx.core as mx
+
+    if out.has_logits or out.final_hidden is None:
+        return out.logits[0][keep].astype(mx.float32)
+    return out.head(out.final_hidden[0][keep]).astype(mx.float32)
 
 
 def hidden_of(out: Any) -> list:
