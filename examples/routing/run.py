@@ -61,7 +61,7 @@ class Budget:
     heldout: int | None  # held-out records scored per source (None: all 200)
 
 
-FULL = Budget(120, 150, 8, 25, None, None)
+FULL = Budget(40, 60, 8, 20, None, 100)
 QUICK = Budget(3, 3, 4, 0, 48, 8)
 
 
