@@ -395,6 +395,116 @@ def test_cached_and_served_teachers_route_like_local_ones(world, monkeypatch, fu
         server.close()
 
 
+@pytest.fixture
+def two_servers(world, monkeypatch):
+    """Both teachers behind ``kd serve`` on loopback, and every batch each one scored."""
+    from kdcore.cli.serve import Limits, Scorer, TeacherServer
+
+    monkeypatch.setenv("KD_ROUTE_TOKEN", "route-test-token")
+    limits = Limits(max_top_k=32, max_tokens=8192, timeout_s=10.0)
+    servers, seen = {}, {}
+    for name in ("maths", "chat"):
+        scorer, seen[name] = Scorer(str(world[name])), []
+
+        def recording(ids, k, scorer=scorer, into=seen[name]):
+            into.append(np.array(ids))
+            return Scorer.topk(scorer, ids, k)
+
+        monkeypatch.setattr(scorer, "topk", recording)
+        servers[name] = TeacherServer(scorer, "127.0.0.1", 0, "route-test-token", limits)
+        servers[name].start()
+    try:
+        yield servers, seen
+    finally:
+        for server in servers.values():
+            server.close()
+
+
+def test_prefetch_sends_each_served_teacher_its_rows_and_each_request_is_used(
+    world, two_servers, tmp_path, monkeypatch
+):
+    from kdcore.signal.route import teacher_rows
+    from kdcore.teachers.prefetch import Prefetcher
+
+    servers, seen = two_servers
+    taken = []  # whether each request a step made had been sent ahead
+
+    def take(self, ids):
+        reply, waited = real_take(self, ids)
+        taken.append(reply is not None)
+        return reply, waited
+
+    real_take = Prefetcher.take
+    monkeypatch.setattr(Prefetcher, "take", take)
+    # few maths records (batches without a maths row) and some routed nowhere (batches
+    # where chat has only some rows)
+    data = records(90)
+    for i, record in enumerate(data):
+        record["teacher"] = "maths" if i % 15 == 0 else "none" if 20 <= i < 50 else "chat"
+    path = write_jsonl(tmp_path / "rare.jsonl", data)
+
+    def spec_for(depth: int) -> dict:
+        params = {"protocol": "kd", "token_env": "KD_ROUTE_TOKEN", "top_k": 16}
+        teachers = [
+            {"server": servers[name].url, "label": name, "params": {**params, "prefetch": depth}}
+            for name in ("maths", "chat")
+        ]
+        spec = route_spec(world, teachers=teachers, data={"path": str(path)}, steps=6)
+        spec["train"]["checkpoint_every"] = 3
+        return spec
+
+    # what each step asks each teacher for, by the step's own function
+    parts = testing.build_run(spec_for(0))
+    wanted = {name: [] for name in ("maths", "chat")}
+    for index in range(6):
+        batch = parts.dataset.batch(index, 4)
+        for k, picked in enumerate(teacher_rows(parts.aggregator, batch, 2)):
+            if len(picked):
+                wanted[parts.aggregator.labels[k]].append((index, batch["input_ids"][picked]))
+    assert [i for i, _ in wanted["maths"]] == [1, 3, 4], "batches 0, 2, 5 have no maths row"
+    assert any(len(ids) < 4 for _i, ids in wanted["chat"]), "chat: some batches in part"
+
+    def run(depth: int, out: Path, resume: bool = False) -> list[dict]:
+        for name in seen:
+            seen[name].clear()
+        taken.clear()
+        app.distill(spec_for(depth), output=out, resume=resume, progress=False)
+        lines = (out / "metrics.jsonl").read_text().splitlines()
+        found = [json.loads(x) for x in lines]
+        return [
+            {k: v for k, v in r.items() if k.split("/")[0] in ("step", "loss", "route")}
+            for r in found
+            if "loss" in r and "eval" not in r
+        ]
+
+    def sent_as_wanted(first: int) -> None:
+        for name, want in wanted.items():
+            want = [ids for index, ids in want if index >= first]
+            got = seen[name]
+            assert len(got) == len(want), (name, len(got), len(want))
+            for a, b in zip(got, want, strict=True):
+                np.testing.assert_array_equal(a, b)
+
+    plain = run(0, tmp_path / "p0")
+    sent_as_wanted(0)
+    assert taken == []  # prefetch = 0: each step sends its own request
+    ahead = run(2, tmp_path / "p2")
+    assert ahead == plain and len(ahead) == 6  # the same losses and figures, bit for bit
+    # one request per teacher per batch holding its rows, in the data's order, nothing for
+    # a batch without them or past the last step; each one sent ahead and taken by its step
+    sent_as_wanted(0)
+    assert taken == [True] * (len(wanted["maths"]) + len(wanted["chat"]))
+    summary = json.loads((tmp_path / "p2" / "summary.json").read_text())
+    asked = [summary["teacher_servers"][f"teachers[{k}]"]["requests"] for k in (0, 1)]
+    assert asked == [len(wanted["maths"]), len(wanted["chat"])]
+    # resumed from the step-3 checkpoint: steps 4-6 again, the same, each request used
+    (tmp_path / "p2" / "checkpoints" / "latest").write_text("step-0000003\n")
+    again = run(2, tmp_path / "p2", resume=True)
+    assert again[-3:] == ahead[3:] and [r["step"] for r in again[-3:]] == [4, 5, 6]
+    sent_as_wanted(3)
+    assert taken == [True] * len(seen["maths"] + seen["chat"])
+
+
 def test_called_as_a_plain_aggregator_it_is_the_one_hot_mixture():
     from kdcore.losses.inputs import LossInputs
     from kdcore.models.output import ModelOutput

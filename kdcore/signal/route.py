@@ -215,6 +215,13 @@ def routed_rows(owners: np.ndarray, mask: np.ndarray, count: int) -> list[np.nda
     return [np.flatnonzero(((owners == k) & carries).any(axis=1)) for k in range(count)]
 
 
+def teacher_rows(route: Route, batch: dict, count: int) -> list[np.ndarray]:
+    """For each of ``count`` teachers, the rows of ``batch`` a routed step runs it on: the
+    one function both the step (:func:`routed_signals`) and a served teacher's look-ahead
+    (``kdcore.engine.prefetch``) use, so the rows sent ahead are the rows asked for."""
+    return routed_rows(route.owners(batch), np.asarray(batch["mask"]), count)
+
+
 def take_rows(batch: dict, rows: np.ndarray) -> dict:
     """``batch`` with only ``rows`` of every array whose first axis is the batch's."""
     size = batch["input_ids"].shape[0]
@@ -237,10 +244,8 @@ def routed_signals(
 ) -> list[TeacherSignal | None]:
     """Each teacher's signal on the rows that hold its positions (None: it has none in this
     batch, and is not called)."""
-    owners = route.owners(batch)
-    rows = routed_rows(owners, np.asarray(batch["mask"]), len(teachers))
     out: list[TeacherSignal | None] = []
-    for teacher, picked in zip(teachers, rows):
+    for teacher, picked in zip(teachers, teacher_rows(route, batch, len(teachers))):
         if not len(picked):
             out.append(None)
             continue

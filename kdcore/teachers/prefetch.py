@@ -2,7 +2,8 @@
 
 A served teacher's reply depends only on the ids sent: the same ids give the same bytes,
 whenever they are asked for. So the training loop names the batches it will read next
-(their ids are known in advance from the data order, ``kdcore.engine.prefetch``) and a
+(their ids are known in advance from the data order, ``kdcore.engine.prefetch``; with the
+``route`` aggregator, only the rows of each that the step will send this teacher) and a
 :class:`Prefetcher` sends them on a background thread, one at a time and in that order;
 the step that needs a batch takes its reply, waiting only for what has not arrived. A
 batch whose ids were not named in advance (an on-policy batch of the student's samples, a
