@@ -2,8 +2,10 @@
 form, text prompts for servers that take no ids (``prompt = "text"``) with the server's
 ``/tokenize`` checked against the run's tokenizer first, a BOS the server puts before the
 text, and tokens named by their text. Replies constructed in vLLM's and llama.cpp's forms
-are in tests/data/openai_prompt_logprobs.json; the live tests run against ``kd serve``
-and small stand-ins that answer as those servers do."""
+are in tests/data/openai_prompt_logprobs.json, replies recorded from llama-cpp-python's
+server in tests/data/llamacpp_completions_echo.json (examples/served/verify.py --record);
+the live tests run against ``kd serve`` and small stand-ins that answer as those servers
+do."""
 
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ import pytest
 from kdcore.cache.write import topk_logprobs
 from kdcore.errors import ServerError, SpecError
 from kdcore.models.io import load_model
-from kdcore.teachers import openai
+from kdcore.teachers import openai, wire
 
 DATA = Path(__file__).with_name("data")
 
@@ -114,6 +116,7 @@ class StandIn(ThreadingHTTPServer):
 
     def __init__(self, upstream: str, change):
         self.upstream, self.change = upstream, change
+        self.seen: list[tuple[str, dict]] = []  # (path, request body) of every request
         super().__init__(("127.0.0.1", 0), StandInHandler)
         threading.Thread(target=self.serve_forever, daemon=True).start()
         self.url = f"http://127.0.0.1:{self.server_address[1]}"
@@ -131,16 +134,21 @@ class StandInHandler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         body = self.rfile.read(int(self.headers["Content-Length"]))
+        self.server.seen.append((self.path, json.loads(body)))
+        upstream = ROUTES.get(self.path, self.path)
         request = urllib.request.Request(
-            self.server.upstream + self.path,
+            self.server.upstream + upstream,
             data=body,
             headers={"Content-Type": "application/json", "Authorization": f"Bearer {S.TOKEN}"},
         )
         with urllib.request.urlopen(request, timeout=10) as reply:
             answer = self.server.change(self.path, json.loads(body), json.loads(reply.read()))
-        status, data = (
-            (404, {"error": {"message": "Not Found"}}) if answer is None else (200, answer)
-        )
+        if isinstance(answer, tuple):  # (status, body): an error reply
+            status, data = answer
+        else:
+            status, data = (
+                (404, {"error": {"message": "Not Found"}}) if answer is None else (200, answer)
+            )
         out = json.dumps(data).encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
@@ -149,8 +157,12 @@ class StandInHandler(BaseHTTPRequestHandler):
         self.wfile.write(out)
 
 
+# llama-cpp-python's tokenizer path, answered by kd serve's /tokenize behind a stand-in
+ROUTES = {"/extras/tokenize": openai.TOKENIZE_PATH}
+
+
 def stand_in_entry(world, server: StandIn, **params) -> dict:
-    entry = S.served_entry(world, "openai", prompt="text", **params)
+    entry = S.served_entry(world, "openai", **{"prompt": "text", **params})
     return {**entry, "server": server.url}
 
 
@@ -187,11 +199,11 @@ def test_text_prompts_are_refused_unless_the_servers_tokenize_agrees(world, corp
         return reply
 
     def no_tokenize(path, request, reply):
-        return None if path == openai.TOKENIZE_PATH else reply
+        return None if path in openai.TOKENIZE_PATHS else reply
 
     for change, words in (
         (other_tokens, r"its tokenizer is not the run's: /tokenize gives \d+ tokens .* at token 7"),
-        (no_tokenize, r"checks the server's tokenizer with /tokenize, which failed: HTTP 404"),
+        (no_tokenize, r"tokenizer with /tokenize or /extras/tokenize, which failed: HTTP 404"),
     ):
         server = StandIn(world["url"], change)
         try:
@@ -207,3 +219,79 @@ def test_text_prompts_are_refused_unless_the_servers_tokenize_agrees(world, corp
         teacher.score(broken)
     with pytest.raises(SpecError, match='prompt = "text" is for protocol = "openai"'):
         S.open_served(world, corpus, S.served_entry(world, "kd", prompt="text"))
+
+
+# ---------------------------------------------------------------- llama-cpp-python, recorded
+
+
+def llamacpp_recorded() -> dict:
+    return json.loads((DATA / "llamacpp_completions_echo.json").read_text())
+
+
+def test_llama_cpp_pythons_echo_is_refused_as_one_that_leaves_entries_out():
+    """Recorded from llama-cpp-python 0.3.36's server: one entry per prompt token, the first
+    null, each the distribution *after* its token (the last one's top token is the one it
+    generated), and none for the generated token; a chat turn's special tokens are named
+    "" and its BOS ids left out. The client refuses both by their count."""
+    recorded = llamacpp_recorded()
+    plain = recorded["plain"]
+    reply, ids = plain["reply"], np.array([plain["ids"]])
+    logprobs = reply["choices"][0]["logprobs"]
+    assert reply["usage"] == {"prompt_tokens": 4, "completion_tokens": 1, "total_tokens": 5}
+    assert len(logprobs["top_logprobs"]) == 4 and logprobs["top_logprobs"][0] is None
+    generated = reply["choices"][0]["text"][len("The quick brown fox") :]
+    last = logprobs["top_logprobs"][-1]
+    assert max(last, key=last.get) == generated  # entry 3: after " fox", not before it
+    with pytest.raises(ValueError, match=r"^4 echoed log-prob entries for the 4 prompt and 1 "):
+        openai.parse_completions(reply, ids, 3, None, text=True)
+    chat = recorded["chat"]
+    tokens = chat["reply"]["choices"][0]["logprobs"]["tokens"]
+    assert chat["ids"][0] == 1 and "" in tokens and len(tokens) < len(chat["ids"])
+    with pytest.raises(ValueError, match="leaves entries out, .*llama-cpp-python#1983"):
+        openai.parse_completions(chat["reply"], np.array([chat["ids"]]), 3, None, text=True)
+    # what kdcore sent it otherwise: ids (HTTP 500, not 422), two prompts (HTTP 500), and
+    # /tokenize (404; its tokenizer answers at /extras/tokenize, read as vLLM's)
+    assert recorded["ids_prompt"]["status"] == recorded["two_prompts"]["status"] == 500
+    assert recorded["tokenize"]["status"] == 404
+    assert openai.parse_tokenize(recorded["extras_tokenize"]["reply"]) == plain["ids"]
+
+
+def llamacpp_like(path, request, reply):
+    """As llama-cpp-python's server answers what kdcore sends (its recorded errors), with
+    kd serve's log-probs where it answers."""
+    recorded = llamacpp_recorded()
+    if path == openai.TOKENIZE_PATH:
+        return None
+    if path == wire.COMPLETIONS_PATH:
+        prompt = request["prompt"]
+        if not all(isinstance(p, str) for p in prompt):
+            return 500, recorded["ids_prompt"]["reply"]
+        if len(prompt) > 1:
+            return 500, recorded["two_prompts"]["reply"]
+    return reply
+
+
+def test_a_server_like_llama_cpp_pythons_is_told_what_to_set_and_then_used(world, corpus):
+    server = StandIn(world["url"], llamacpp_like)
+    try:
+        entry = stand_in_entry(world, server, prompt="ids")
+        with pytest.raises(ServerError, match=r"answered HTTP 500 \(if the server takes no token"):
+            S.open_served(world, corpus, entry)
+        two = r"scored one row but not a request of two .*HTTP 500"
+        with pytest.raises(ServerError, match=two):
+            S.open_served(world, corpus, stand_in_entry(world, server))
+        server.seen.clear()
+        ids = S.batch_ids(world, corpus)
+        entry = stand_in_entry(world, server, rows_per_request=1)
+        got = S.open_served(world, corpus, entry).signal({"input_ids": mx.array(ids)})
+        tokenized = [body for path, body in server.seen if path == "/extras/tokenize"]
+        assert [body["input"] for body in tokenized] == [openai.PROBE_TEXT]
+        sent = [body["prompt"] for path, body in server.seen if path == wire.COMPLETIONS_PATH]
+        assert len(sent) == 1 + len(ids) and all(len(p) == 1 for p in sent)  # probe, rows
+        want = S.open_served(world, corpus, S.served_entry(world, "openai"))
+        want = want.signal({"input_ids": mx.array(ids)})  # one request: other batch shapes
+        np.testing.assert_array_equal(np.array(got.topk_ids), np.array(want.topk_ids))
+        got, want = np.array(got.topk_logprobs), np.array(want.topk_logprobs)
+        np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+    finally:
+        server.close()

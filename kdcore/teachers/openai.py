@@ -1,8 +1,10 @@
-"""OpenAI-style completions with prompt log-probs, as vLLM, llama.cpp's servers and
-``kd serve`` answer them: the requests a served teacher sends and the parsers of the
-replies.
+"""OpenAI-style completions with prompt log-probs, as vLLM and ``kd serve`` answer them:
+the requests a served teacher sends and the parsers of the replies. Checked against real
+servers (examples/served): llama.cpp's ``llama-server`` refuses ``echo``, and
+llama-cpp-python's server takes text only, one prompt a request, and pairs each echoed
+token with the distribution after it, which this module refuses (:func:`_check_count`).
 
-Token ids in (``prompt = "ids"``, what vLLM, llama.cpp and ``kd serve`` take): each row of a
+Token ids in (``prompt = "ids"``, what vLLM and ``kd serve`` take): each row of a
 ``[B, L]`` batch is sent as its list of ids with one more token after it (any: a causal
 model reads it last, so it changes nothing before it). Entry ``i`` of the prompt's
 log-probs is the distribution of prompt token ``i`` given those before it (entry 0 is
@@ -17,8 +19,8 @@ tokenizer first (:func:`tokenize_request`, :func:`parse_tokenize`), and special 
 server puts before the text (a BOS) are skipped.
 
 Two reply forms: ``echo`` + ``logprobs`` (``choices[i].logprobs.tokens``/``top_logprobs``,
-the prompt's then the generated token's; OpenAI's legacy form, vLLM, llama.cpp,
-llama-cpp-python) and vLLM's ``prompt_logprobs`` (``choices[i].prompt_logprobs``, one
+the prompt's then the generated token's; OpenAI's legacy form, vLLM) and vLLM's
+``prompt_logprobs`` (``choices[i].prompt_logprobs``, one
 ``{"ID": {"logprob", "rank", "decoded_token"}}`` per prompt token, holding the top-k and
 the prompt token itself; the generated token's in ``logprobs``).
 
@@ -37,6 +39,9 @@ import numpy as np
 FLOOR = -1.0e4  # as kdcore.cache.format.FLOOR: exp(FLOOR) == 0 in float32 and float64
 ID_PREFIX = "token_id:"
 TOKENIZE_PATH = "/tokenize"
+# llama-cpp-python's server has no /tokenize: its tokenizer answers at /extras/tokenize
+# ({"input"} in, {"tokens": [ids]} out). Tried in this order, the next on a 404.
+TOKENIZE_PATHS = (TOKENIZE_PATH, "/extras/tokenize")
 # Text whose tokens the server's /tokenize must give as the run's tokenizer does: words,
 # digits, spaces, punctuation and characters outside ASCII.
 PROBE_TEXT = (
@@ -75,9 +80,11 @@ def completions_request(
 
 
 def tokenize_request(text: str, model: str | None = None) -> dict:
-    """A ``/tokenize`` body both llama.cpp (``content``, ``add_special``) and vLLM
-    (``prompt``, ``add_special_tokens``) read: the text's tokens, no special ones."""
+    """A ``/tokenize`` body llama.cpp (``content``, ``add_special``), vLLM (``prompt``,
+    ``add_special_tokens``) and llama-cpp-python (``input``) read: the text's tokens, no
+    special ones (llama-cpp-python adds a BOS where its model does)."""
     body = {"content": text, "prompt": text, "add_special": False, "add_special_tokens": False}
+    body["input"] = text
     if model:
         body["model"] = model
     return body
@@ -130,6 +137,7 @@ def parse_completions(
         got = len(choices) if isinstance(choices, list) else "no"
         raise ValueError(f"{got} choices for a batch of {B} rows")
     choices = sorted(choices, key=lambda c: c.get("index", 0) if isinstance(c, dict) else 0)
+    _check_count(reply, choices)
     out_ids = np.empty((B, L, k), np.int32)
     out_lp = np.empty((B, L, k), np.float32)
     for b, choice in enumerate(choices):
@@ -202,6 +210,33 @@ def _row_distributions(
             "token's log-probs for the last one?)"
         )
     return wanted
+
+
+def _check_count(reply: dict, choices: list) -> None:
+    """An echo reply has one log-prob entry per token its ``usage`` counts (prompt and
+    generated, as vLLM and ``kd serve`` give them). Fewer: the server left some out, and
+    the rest cannot be placed. llama-cpp-python's server (0.3.x) is one: it pairs each
+    echoed prompt token with the distribution *after* it and leaves out the generated
+    token's (and every token equal to its BOS id)."""
+    usage = reply.get("usage")
+    if not isinstance(usage, dict) or any("prompt_logprobs" in c for c in choices):
+        return
+    counted = [usage.get("prompt_tokens"), usage.get("completion_tokens")]
+    if not all(isinstance(n, int) and not isinstance(n, bool) for n in counted):
+        return
+    entries = 0
+    for choice in choices:
+        logprobs = choice.get("logprobs") if isinstance(choice, dict) else None
+        top = logprobs.get("top_logprobs") if isinstance(logprobs, dict) else None
+        entries += len(top) if isinstance(top, list) else 0
+    if entries < sum(counted):
+        raise ValueError(
+            f"{entries} echoed log-prob entries for the {counted[0]} prompt and {counted[1]} "
+            "generated tokens its usage counts: the server leaves entries out, so the others "
+            "cannot be placed (llama-cpp-python's server pairs each echoed prompt token with "
+            "the distribution after it and leaves out the generated token's, "
+            "abetlen/llama-cpp-python#1983); serve the teacher with vLLM or kd serve"
+        )
 
 
 def _echo_skip(echoed, row, entries: int, sent: int, b: int, text: bool) -> int:

@@ -56,7 +56,9 @@ class ServedTeacherConfig:
     """``protocol``: ``"kd"`` (``kd serve``'s binary top-k) or ``"openai"`` (completions with
     ``echo`` and ``logprobs``); ``model``: the name sent to the server; ``token_env``: the
     environment variable that holds the bearer token; ``top_k``: log-probs per position;
-    ``vocab_size``: the teacher's vocabulary (``openai`` only; None: the run tokenizer's)."""
+    ``vocab_size``: the teacher's vocabulary (``openai`` only; None: the run tokenizer's);
+    ``rows_per_request``: the most rows one request carries (None: a whole batch; 1 for a
+    server that takes one prompt a request, as llama-cpp-python's)."""
 
     protocol: Literal["kd", "openai"] = "kd"
     model: str | None = None
@@ -70,14 +72,16 @@ class ServedTeacherConfig:
     prefetch: int = attrs.field(default=2, validator=in_range(0, 64))
     prompt: Literal["ids", "text"] = "ids"
     form: Literal["echo", "prompt_logprobs"] = "echo"
+    rows_per_request: int | None = attrs.field(default=None, validator=positive)
 
 
 class _Transient(Exception):
     """A failure worth another try: no answer, or a busy or restarting server."""
 
-    def __init__(self, reason: str, retry_after: float = 0.0):
+    def __init__(self, reason: str, retry_after: float = 0.0, status: int | None = None):
         super().__init__(reason)
         self.retry_after = retry_after
+        self.status = status  # the HTTP status when the server answered
 
 
 class _NoRedirect(urllib.request.HTTPRedirectHandler):
@@ -223,6 +227,7 @@ class ServedTeacher:
             raise ValueError(f"a served teacher scores a [B, L] batch of ids, got {ids.shape}")
         limit = int(self.info.get("max_tokens") or 0)
         rows = max(1, limit // ids.shape[1]) if limit else len(ids)
+        rows = min(rows, self.settings.rows_per_request or rows)
         start = time.perf_counter()
         parts = [self._score_rows(ids[lo : lo + rows]) for lo in range(0, len(ids), rows)]
         with self._lock:
@@ -271,10 +276,22 @@ class ServedTeacher:
             raise self._fail(str(exc)) from None
 
     def _probe(self) -> None:
+        """One row, then two in one request (where ``rows_per_request`` allows): a server
+        that takes one prompt a request (llama-cpp-python's answers HTTP 500) is refused
+        with what to set."""
         ids = np.zeros((1, 2), np.int32)
         if self.settings.prompt == "text":  # ids whose text tokenizes back to them
             ids = np.asarray([self.run_tokenizer.encode(openai.PROBE_TEXT)[:4]], np.int32)
         self.score(ids)
+        if self.settings.rows_per_request != 1:
+            try:
+                self.score(np.concatenate([ids, ids]))
+            except ServerError as exc:
+                raise self._fail(
+                    f"it scored one row but not a request of two ({exc.reason}): a server "
+                    "that takes one prompt a request (llama-cpp-python's) needs "
+                    "params.rows_per_request = 1"
+                ) from None
         with self._lock:  # not the run's traffic
             self._traffic.update(tokens=0, requests=0, request_s=0.0)
 
@@ -330,20 +347,26 @@ class ServedTeacher:
 
     def _check_tokenize(self) -> None:
         """Text prompts are scored on the server's tokens: its ``/tokenize`` must give the
-        run tokenizer's ids for a probe text (llama.cpp's and vLLM's forms)."""
+        run tokenizer's ids for a probe text (the forms of llama.cpp, vLLM and
+        llama-cpp-python, whose path is /extras/tokenize)."""
         tok = self.run_tokenizer
         if tok is None:
             raise self._fail("prompt = \"text\" needs the run's tokenizer to check the server's")
         body = json.dumps(openai.tokenize_request(openai.PROBE_TEXT, self.settings.model))
+        for path in openai.TOKENIZE_PATHS:
+            try:
+                reply = self._request(path, body.encode())
+                break
+            except ServerError as exc:
+                if "HTTP 404" in exc.reason and path != openai.TOKENIZE_PATHS[-1]:
+                    continue  # not this server's path: llama-cpp-python's is the next
+                paths = " or ".join(openai.TOKENIZE_PATHS)
+                raise self._fail(
+                    f'prompt = "text" checks the server\'s tokenizer with {paths}, which '
+                    f"failed: {exc.reason}"
+                ) from None
         try:
-            reply = self._request(openai.TOKENIZE_PATH, body.encode())
-        except ServerError as exc:
-            raise self._fail(
-                f'prompt = "text" checks the server\'s tokenizer with {openai.TOKENIZE_PATH}, '
-                f"which failed: {exc.reason}"
-            ) from None
-        try:
-            theirs = openai.parse_tokenize(self._json(reply, openai.TOKENIZE_PATH))
+            theirs = openai.parse_tokenize(self._json(reply, path))
         except ValueError as exc:
             raise self._fail(str(exc)) from None
         ours = tok.encode(openai.PROBE_TEXT)
@@ -355,7 +378,7 @@ class ServedTeacher:
             mine = ours[at] if at < len(ours) else "nothing"
             other = theirs[at] if at < len(theirs) else "nothing"
             raise self._fail(
-                f"its tokenizer is not the run's: {openai.TOKENIZE_PATH} gives {len(theirs)} "
+                f"its tokenizer is not the run's: {path} gives {len(theirs)} "
                 f"tokens for a probe text where the run's gives {len(ours)}, the first "
                 f"difference at token {at} ({other} there, {mine} here); the teacher would "
                 "score other tokens than the student's"
@@ -404,11 +427,12 @@ class ServedTeacher:
                 return self._once(path, body)
             except _Transient as exc:
                 last, pause = str(exc), max(delay, min(exc.retry_after, MAX_BACKOFF_S))
+                status = exc.status
             waited = time.monotonic() - start
             if tries > s.retries or waited + pause > s.wait_s:
                 raise self._fail(
                     f"no answer after {tries} tries over {waited:.1f} s (last: {last}); "
-                    "is it running?"
+                    + self._hint(path, status)
                 )
             if getattr(self._ahead, "active", False):
                 if self._closed.wait(pause):
@@ -416,6 +440,15 @@ class ServedTeacher:
             else:
                 time.sleep(pause)
             delay = min(delay * 2, MAX_BACKOFF_S)
+
+    def _hint(self, path: str, status: int | None) -> str:
+        if status is None:
+            return "is it running?"
+        hint = f"it is running, and answered HTTP {status}"
+        if path == wire.COMPLETIONS_PATH and self.settings.prompt == "ids":
+            # llama-cpp-python's server answers a prompt of ids with HTTP 500, not 422
+            hint += ' (if the server takes no token ids, set prompt = "text")'
+        return hint
 
     def _once(self, path: str, body: bytes | None) -> bytes:
         headers = {"Content-Type": "application/json"}
@@ -431,7 +464,7 @@ class ServedTeacher:
             message = wire.error_message(exc.read())
             if exc.code in RETRY_STATUSES:
                 after = exc.headers.get("Retry-After", "") if exc.headers else ""
-                raise _Transient(f"HTTP {exc.code}: {message}", _seconds(after)) from None
+                raise _Transient(f"HTTP {exc.code}: {message}", _seconds(after), exc.code) from None
             if exc.code in (401, 403):
                 sent = f"the token in ${self.settings.token_env}" if self.token else "no token"
                 message = f"refused {sent} (HTTP {exc.code}: {message})"
