@@ -330,10 +330,17 @@ def measure(quick: bool = False) -> dict:
         )
         for side in ("kd", "torch")
     }
+    from kdcore.kernels.native import install_registered_kernels, row_kernel_status
+
+    install_registered_kernels()
     return {
         **sides,
         "shapes": {"batch": s["batch"], "seq": s["seq"], "layers": s["student_layers"]},
         "machine": machine(),
+        # which attention kd's layers ran: the flash kernel, or the native softmax before it
+        "attention_kernel": "flash"
+        if row_kernel_status()["attention"]["path"] == "native"
+        else "softmax",
         "torch_as_users_run_it": True,  # without kd's OpenBLAS preload
         "load_average_before": load_before,
         "load_average_after": os.getloadavg()[0],

@@ -458,7 +458,14 @@ def real_model_lines(v: dict, b: dict | None) -> list[str]:
         lines += [
             "Where the step's time goes (`benchmarks/real_model_breakdown.py`, `benchmarks/run "
             "--only real_model_breakdown`; each phase timed alone, median of 3; load average "
-            f"{b['load_average_before']:.2f} before it):",
+            f"{b['load_average_before']:.2f} before it"
+            + (
+                "; measured in an earlier run, before kd-kernels' flash attention: its "
+                "attention row is the native-softmax path"
+                if b.get("attention_kernel") != "flash"
+                else ""
+            )
+            + "):",
             "",
             "| phase | kd (s) | PyTorch (s) |",
             "| --- | ---: | ---: |",
