@@ -23,6 +23,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 DEFAULT_OUT = ROOT / "runs" / "real_quality"
 RESULTS = HERE / "results"
+UNITS = RESULTS / "units"  # every full-budget unit's result, per record: kept in the repository
 TRAIN_DATA = HERE / "data" / "train.jsonl.gz"
 HELDOUT_DATA = HERE / "data" / "heldout.jsonl.gz"
 MANIFEST = HERE / "data" / "manifest.json"
@@ -137,11 +138,12 @@ def read_toml(path: Path) -> dict:
     return tomllib.loads(path.read_text(encoding="utf-8"))
 
 
-def write_json(path: Path, data: Any) -> None:
+def write_json(path: Path, data: Any, compact: bool = False) -> None:
     """Atomically (a temporary file renamed over it): a result file is whole or absent."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
+    text = json.dumps(data, separators=(",", ":")) if compact else json.dumps(data, indent=1)
+    tmp.write_text(text + "\n", encoding="utf-8")
     os.replace(tmp, path)
 
 

@@ -22,6 +22,7 @@ from common import (
     T2_DWQ,
     T2_KD,
     T2_ROWS,
+    UNITS,
     Budget,
     log,
     machine,
@@ -65,8 +66,17 @@ def bootstrap(
     }
 
 
-def load_results(out: Path) -> list[dict]:
-    return [read_json(p) for p in sorted(out.glob("*/*/result.json"))]
+def result_files(out: Path, quick: bool) -> dict[str, Path]:
+    """Each unit's result: its run folder's, else (full budget) the one kept in
+    ``results/units/`` by an earlier machine."""
+    stored = [] if quick else UNITS.glob("*/*.json")
+    found = {p.relative_to(UNITS).with_suffix("").as_posix(): p for p in stored}
+    found.update({p.parent.relative_to(out).as_posix(): p for p in out.glob("*/*/result.json")})
+    return dict(sorted(found.items()))
+
+
+def load_results(out: Path, quick: bool = False) -> list[dict]:
+    return [read_json(p) for p in result_files(out, quick).values()]
 
 
 def seed_mean(units: list[dict], key: str, field: str) -> tuple[np.ndarray, np.ndarray]:
@@ -213,7 +223,7 @@ def mean_or_none(values: list) -> float | None:
 
 
 def collect(out: Path, quick: bool, budget: Budget) -> dict:
-    results = load_results(out)
+    results = load_results(out, quick)
     ref = next((r for r in results if r.get("row") == "teacher"), None)
     teacher_loss = ref["heldout"]["loss"] if ref else None
     t1, comparisons = t1_table(results)
@@ -262,7 +272,8 @@ def missing_units(out: Path) -> list[str]:
     wanted += [f"t1/{row}-s{seed}" for row in T1_ROWS for seed in range(T1_SEEDS.get(row, 1))]
     for bits in BITS:
         wanted += [f"t2/{m}-b{bits}" if m == "rtn" else f"t2/{m}-b{bits}-s0" for m in T2_DEFAULT]
-    return [unit for unit in wanted if not (out / unit / "result.json").exists()]
+    done = result_files(out, quick=False)
+    return [unit for unit in wanted if unit not in done]
 
 
 def write_docs_block(tables: str) -> None:

@@ -85,6 +85,7 @@ from common import (
     T2_LAYERS,
     T2_ROWS,
     TRAIN_DATA,
+    UNITS,
     Budget,
     digest,
     int_list,
@@ -372,38 +373,64 @@ def gkd_warm_dir(ctx: Context, seed: int) -> Path:
     return unit_dir(ctx, f"t1/gkd-s{seed}") / "warm" / "student"
 
 
-def finished(folder: Path, settings: dict) -> bool:
-    """A unit is done when its result exists; one made with other settings is an error (the
-    tables must not mix budgets), not something to overwrite silently."""
-    path = folder / "result.json"
-    if not path.exists():
-        return False
-    made = read_json(path).get("settings_hash")
-    if made != digest(settings):
-        raise SystemExit(
-            f"{path} was made with other settings than this command's (another budget, spec or "
-            f"scoring): remove {folder} to redo it, or use another --out"
-        )
-    return True
+def settings_digest(ctx: Context, settings: dict) -> str:
+    """The settings' hash with this checkout's, the output's and kdcore's cache's folders
+    left out, so that a unit kept in ``results/units/`` is found done in another clone."""
+    text = json.dumps(settings, sort_keys=True, default=str)
+    for folder, name in ((ctx.out, "<out>"), (ROOT, "<repo>"), (ctx.teacher.parent, "<cache>")):
+        text = text.replace(str(folder), name)
+    return digest(text)
 
 
-def do_unit(folder: Path, settings: dict, work: Callable[[], dict]) -> dict:
-    """Run ``work`` unless the unit is done; write its result (atomically, last)."""
-    if finished(folder, settings):
-        log(f"= {folder.relative_to(folder.parents[1])}: done, skipped")
-        return read_json(folder / "result.json")
-    log(f"== {folder.relative_to(folder.parents[1])}")
+def stored_result(ctx: Context, name: str) -> Path | None:
+    """Where a full-budget unit's result is kept in the repository (``results/units/``):
+    the run folders are scratch, the per-record scores the tables need are not."""
+    return None if ctx.quick else UNITS / f"{name}.json"
+
+
+def finished(ctx: Context, name: str, settings: dict, from_store: bool = True) -> Path | None:
+    """The result of a done unit, or None. A unit is done when its result exists in its run
+    folder or (``from_store``) in ``results/units/``; one made with other settings is an
+    error (the tables must not mix budgets), not something to overwrite silently."""
+    stored = stored_result(ctx, name) if from_store else None
+    for path in (ctx.out / name / "result.json", stored):
+        if path is None or not path.exists():
+            continue
+        if read_json(path).get("settings_hash") != settings_digest(ctx, settings):
+            raise SystemExit(
+                f"{path} was made with other settings than this command's (another budget, "
+                f"spec or scoring): remove it to redo the unit, or use another --out"
+            )
+        return path
+    return None
+
+
+def do_unit(
+    ctx: Context, name: str, settings: dict, work: Callable[[], dict], from_store: bool = True
+) -> dict:
+    """Run ``work`` unless the unit is done; write its result (atomically, last) to its
+    folder and, at the full budget, to ``results/units/``."""
+    done = finished(ctx, name, settings, from_store)
+    if done is not None:
+        log(f"= {name}: done ({done}), skipped")
+        return read_json(done)
+    log(f"== {name}")
+    folder = ctx.out / name
     folder.mkdir(parents=True, exist_ok=True)
     start_machine, started = machine(), time.perf_counter()
     result = work()
     result.update(
+        unit=name,
         settings=settings,
-        settings_hash=digest(settings),
+        settings_hash=settings_digest(ctx, settings),
         unit_wall_s=time.perf_counter() - started,
         machine_start=start_machine,
         machine_end=machine(),
     )
     write_json(folder / "result.json", result)
+    stored = stored_result(ctx, name)
+    if stored is not None:
+        write_json(stored, result, compact=True)
     return result
 
 
@@ -424,7 +451,8 @@ def reference_unit(ctx: Context) -> dict:
     NLL of its own greedy answers."""
     settings = score_settings(ctx, greedy=True)
     return do_unit(
-        unit_dir(ctx, "ref/teacher"),
+        ctx,
+        "ref/teacher",
         settings,
         lambda: {"row": "teacher", **ctx.scorer.score(ctx.teacher, greedy=True)},
     )
@@ -447,11 +475,13 @@ def cache_unit(ctx: Context) -> dict:
         size = sum(p.stat().st_size for p in (folder / "cache").rglob("*") if p.is_file())
         return {"wall_s": time.perf_counter() - started, "bytes": size, "top_k": CACHE_TOP_K}
 
-    return do_unit(folder, settings, work)
+    # the cache's files, not only its result, are what kd_cache needs: never done from the store
+    return do_unit(ctx, "t1/cache", settings, work, from_store=False)
 
 
 def t1_unit(ctx: Context, row: str, seed: int) -> dict:
-    folder = unit_dir(ctx, f"t1/{row}-s{seed}")
+    name = f"t1/{row}-s{seed}"
+    folder = unit_dir(ctx, name)
     phases = ["warm", "main"] if row == "gkd" else ["main"]
     specs = {phase: t1_spec(ctx, row, seed, phase) for phase in phases}
     settings = {"specs": specs, "score": score_settings(ctx, greedy=True)}
@@ -468,7 +498,7 @@ def t1_unit(ctx: Context, row: str, seed: int) -> dict:
         budget = {"steps": steps, "tokens": steps * ctx.budget.batch_size * ctx.budget.seq_len}
         return {"row": row, "seed": seed, "train": train, "budget": budget, **figures}
 
-    return do_unit(folder, settings, work)
+    return do_unit(ctx, name, settings, work)
 
 
 def dwq_rows(ctx: Context, seed: int) -> Path:
@@ -506,8 +536,8 @@ def dwq_rows(ctx: Context, seed: int) -> Path:
 
 
 def t2_unit(ctx: Context, method: str, bits: int, seed: int) -> dict:
-    tag = f"{method}-b{bits}" + ("" if method == "rtn" else f"-s{seed}")
-    folder = unit_dir(ctx, f"t2/{tag}")
+    name = f"t2/{method}-b{bits}" + ("" if method == "rtn" else f"-s{seed}")
+    folder = unit_dir(ctx, name)
     settings: dict[str, Any] = {"method": method, "bits": bits, "score": score_settings(ctx, False)}
     if method in T2_KD:
         settings["spec"] = t2_spec(ctx, method, bits, seed)
@@ -539,7 +569,7 @@ def t2_unit(ctx: Context, method: str, bits: int, seed: int) -> dict:
         result["budget"] = {"steps": ctx.budget.t2_steps, "tokens": ctx.budget.tokens_t2}
         return {**result, **ctx.scorer.score(model, greedy=False)}
 
-    return do_unit(folder, settings, work)
+    return do_unit(ctx, name, settings, work)
 
 
 def dwq_args(ctx: Context, method: str, bits: int, seed: int, rows: Path, model: Path) -> list:
@@ -616,17 +646,21 @@ def child_dwq(argv: list[str]) -> None:
 # ---------------------------------------------------------------- status and main
 
 
-def status(out: Path) -> None:
-    for path in sorted(out.glob("*/*")):
-        if not path.is_dir() or path.parent.name not in ("ref", "t1", "t2"):
-            continue
+def status(out: Path, quick: bool) -> None:
+    names = {p.relative_to(out).as_posix() for p in out.glob("*/*") if p.is_dir()}
+    if not quick:
+        names |= {p.relative_to(UNITS).with_suffix("").as_posix() for p in UNITS.glob("*/*.json")}
+    for name in sorted(n for n in names if n.split("/")[0] in ("ref", "t1", "t2")):
+        path = out / name
         if (path / "result.json").exists():
             state = "done"
+        elif not quick and (UNITS / f"{name}.json").exists():
+            state = "done (results/units)"
         elif (path / "run" / "run.json").exists() or (path / "warm" / "run.json").exists():
             state = "started (resumes)"
         else:
             state = "started"
-        print(f"{path.relative_to(out)}: {state}")
+        print(f"{name}: {state}")
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -674,7 +708,7 @@ def main(argv: list[str] | None = None) -> int:
     budget = QUICK if args.quick else FULL
     out = (args.out / "quick" if args.quick else args.out).resolve()
     if args.status:
-        status(out)
+        status(out, args.quick)
         return 0
     if args.collect:
         collect(out, args.quick, budget)
