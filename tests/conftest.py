@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+import real_models
 
 from kdcore import testing
 
@@ -13,6 +14,8 @@ ROOT = Path(__file__).resolve().parents[1]
 CORPUS = ROOT / "examples" / "shakespeare" / "data" / "tinyshakespeare.txt"
 
 os.environ.setdefault("KD_HYPOTHESIS_PROFILE", "fast")
+# the served-teacher fixtures (world, server_token): tests/served_helpers.py
+pytest_plugins = ["served_helpers"]
 
 
 @pytest.fixture(scope="session")
@@ -43,33 +46,16 @@ def make_spec(corpus):
     return make
 
 
-def _real_models():
-    """tests/real_models.py, loaded by path: under ``--import-mode=importlib`` tests/ is
-    not on ``sys.path``."""
-    import importlib.util
-    import sys
-
-    module = sys.modules.get("real_models")
-    if module is None:
-        spec = importlib.util.spec_from_file_location(
-            "real_models", Path(__file__).with_name("real_models.py")
-        )
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["real_models"] = module
-        spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="session")
 def smollm2_gguf() -> Path:
     """SmolLM2-135M-Instruct's Q4_1 GGUF (the real-model tier, ``tests/real_models.py``)."""
-    return _real_models().smollm2_gguf()
+    return real_models.smollm2_gguf()
 
 
 @pytest.fixture(scope="session")
 def gemma3_gguf() -> Path:
     """Gemma 3 270M's Q4_K_M GGUF (the real-model tier, ``tests/real_models.py``)."""
-    return _real_models().gemma3_gguf()
+    return real_models.gemma3_gguf()
 
 
 @pytest.fixture(scope="session")

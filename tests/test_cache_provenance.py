@@ -3,13 +3,12 @@ provenance) checked against the run's spec."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+import served_helpers as S
 
 from kdcore import app
 from kdcore.cache.format import map_safetensors
@@ -20,22 +19,7 @@ from kdcore.errors import SpecError
 from kdcore.models.mlxlm import create_mlxlm_dir
 from kdcore.spec.tomlwrite import dumps as toml_dumps
 
-
-def _served_helpers():
-    """tests/test_served_teacher.py (its server fixture and helpers), loaded by path:
-    under ``--import-mode=importlib`` tests/ is not importable."""
-    name = "served_teacher_helpers"
-    if name not in sys.modules:
-        path = Path(__file__).with_name("test_served_teacher.py")
-        spec = importlib.util.spec_from_file_location(name, path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-S = _served_helpers()
-world, token = S.world, S.token  # the fixtures: a tiny teacher behind kd serve, its token
+pytestmark = pytest.mark.usefixtures("server_token")  # the served teacher's token, in its env var
 
 
 def shards(folder: Path) -> dict[str, np.ndarray]:
