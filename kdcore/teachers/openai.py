@@ -167,8 +167,12 @@ def _row_distributions(
     L = len(row)
     sent = L if text else L + 1  # ids go with one extra token; text gets one generated
     logprobs = choice.get("logprobs")
+    top = logprobs.get("top_logprobs") if isinstance(logprobs, dict) else None
+    # vLLM answers an echo request with its prompt_logprobs too (it makes the echo from them):
+    # its top_logprobs then holds the prompt's entries already, the first one null
+    echo_reply = isinstance(top, list) and bool(top) and top[0] is None
     generated_top: list = []
-    if "prompt_logprobs" in choice and choice["prompt_logprobs"] is not None:
+    if choice.get("prompt_logprobs") is not None and not echo_reply:
         prompt = choice["prompt_logprobs"]
         if not isinstance(prompt, list):
             raise ValueError(f"row {b}: prompt_logprobs is not a list")
@@ -180,7 +184,6 @@ def _row_distributions(
             generated_top = logprobs["top_logprobs"]
         dists += [_echo_entry(e, b, i, lookup) for i, e in enumerate(generated_top)]
     else:
-        top = logprobs.get("top_logprobs") if isinstance(logprobs, dict) else None
         if not isinstance(top, list) or len(top) < sent:
             have = len(top) if isinstance(top, list) else "no"
             raise ValueError(
