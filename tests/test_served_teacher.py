@@ -104,7 +104,7 @@ def test_a_server_killed_mid_run_stops_it_with_a_checkpoint_and_it_resumes(
             raise RuntimeError("killed")
         return Scorer.topk(scorer, ids, k)
 
-    spec = spec_dict(world, corpus, served_entry(world, timeout_s=1.0, backoff_s=0.2))
+    spec = spec_dict(world, corpus, served_entry(world, backoff_s=0.2))
     spec_path, out = tmp_path / "spec.toml", tmp_path / "run"
     spec_path.write_text(toml_dumps(spec))
     scorer.topk = dying
