@@ -1,9 +1,12 @@
 """A served teacher checked against a real third-party server (issue 35): llama-cpp-python's
-``llama_cpp.server`` serving SmolLM2-135M-Instruct's Q4_1 GGUF, against kdcore's own float32
-import of the same file (README.md).
+``llama_cpp.server`` serving SmolLM2-135M-Instruct's Q4_1 GGUF, or any running OpenAI-style
+server given by ``--url`` (vLLM: ``vllm_cpu.sh``) serving kdcore's float32 import of it,
+against that import (README.md).
 
     bash examples/served/verify.sh                  # llama-cpp-python from /tmp/llamacpp-venv
     bash examples/served/verify.sh --venv DIR --mlx # another venv; mlx_lm.server probed too
+    bash examples/served/verify.sh --url http://127.0.0.1:8795 --model smollm2 \
+        --form echo --form prompt_logprobs         # a running server, read by kdcore's client
 
 What it does, one model process at a time where it can:
 
@@ -22,7 +25,16 @@ What it does, one model process at a time where it can:
    with the same teacher behind ``kd serve``'s OpenAI form for contrast;
 5. ``--mlx``: ``mlx_lm.server`` asked the same question.
 
-The figures go to ``results.json`` (``--out``) and a table to stdout.
+With ``--url`` (the server must serve the float32 import, e.g. ``vllm_cpu.sh``), for each
+``--form``: the rows sent by kdcore's own request builder and read by its own parser (ids, text,
+and all rows in one request), each position's top-k compared with the local teacher's (top-1
+agreement, top-k overlap, |log-prob difference| at the server's ids); ``/tokenize`` against the
+run tokenizer; tokens/s; what the ``server`` teacher source says at start; and a short ``kd
+distill`` through the server beside the same run with the teacher loaded locally (its
+``hinton`` on the same renormalised top-k).
+
+The figures go to ``results.json`` (``--out``; ``results/server.json`` with ``--url``) and a
+table to stdout.
 """
 
 from __future__ import annotations
@@ -340,7 +352,8 @@ def distill_spec(url: str, teacher: Path, steps: int, params: dict) -> dict:
 
 
 def distill(spec: dict, run_dir: Path) -> dict:
-    """``kd distill`` of ``spec``: its exit code, time, last lines and first/last loss."""
+    """``kd distill`` of ``spec``: its exit code, time, load, last lines, and each step's loss
+    and loss terms, the validation loss and the server's tokens/s."""
     if run_dir.exists():
         shutil.rmtree(run_dir)
     spec_file = run_dir.with_suffix(".spec.json")
@@ -348,16 +361,22 @@ def distill(spec: dict, run_dir: Path) -> dict:
     spec_file.write_text(json.dumps(spec, indent=1))
     cmd = [sys.executable, "-m", "kdcore.cli", "distill", str(spec_file), "--output", str(run_dir)]
     log("$ " + " ".join(cmd))
+    load = os.getloadavg()[0]
     started = time.perf_counter()
     done = subprocess.run(["nice", "-n", "19", *cmd], cwd=ROOT, capture_output=True, text=True)
     out = {"exit": done.returncode, "seconds": round(time.perf_counter() - started, 1)}
+    out["load_1min"] = [round(load, 2), round(os.getloadavg()[0], 2)]  # before, after
     lines = (done.stdout + done.stderr).strip().splitlines()
     out["last_lines"] = lines[-4:]
     metrics = run_dir / "metrics.jsonl"
     if metrics.exists():
         records = [json.loads(line) for line in metrics.read_text().splitlines() if line]
-        losses = [r["loss"] for r in records if "loss" in r and "step" in r]
-        out["losses"] = losses
+        steps = [r for r in records if "loss" in r and "step" in r]
+        out["losses"] = [r["loss"] for r in steps]
+        out["loss_terms"] = [{k: v for k, v in r.items() if k.startswith("loss/")} for r in steps]
+        evals = [r["eval"]["val_loss"] for r in records if "val_loss" in r.get("eval", {})]
+        if evals:
+            out["val_loss"] = evals[-1]
         served = [r for r in records if "server/tokens_per_s" in r]
         if served:
             out["server_tokens_per_s"] = served[-1]["server/tokens_per_s"]
@@ -577,6 +596,236 @@ def mlx_server(args: argparse.Namespace, teacher: Path, work: Path) -> dict:
     return out
 
 
+# ---------------------------------------------------------------- any running server (--url)
+
+
+def topk_agreement(ids: np.ndarray, lps: np.ndarray, local: np.ndarray) -> dict:
+    """The server's top-k of one row (``[L, k]`` ids and log-probs, as kdcore's client parsed
+    them) against the local teacher's ``[L, V]`` log-probs at the same positions; log-probs
+    are compared at the server's ids."""
+    k = ids.shape[-1]
+    mine = np.argsort(-local, axis=-1, kind="stable")[:, :k]
+    shared = np.array(
+        [len(set(a.tolist()) & set(b.tolist())) for a, b in zip(ids, mine, strict=True)]
+    )
+    diffs = np.abs(lps - np.take_along_axis(local, ids.astype(np.int64), axis=-1))
+    # where the sets differ: the local gap between ranks k and k + 1 (0: a tie, either set is right)
+    ranked = np.sort(local, axis=-1)[:, ::-1]
+    gaps = (ranked[:, k - 1] - ranked[:, k])[shared < k]
+    return {
+        "positions": len(ids),
+        "top1_agreement": float(np.mean(ids[:, 0] == mine[:, 0])),
+        "topk_overlap": float(np.mean(shared) / k),
+        "same_topk_set": float(np.mean(shared == k)),
+        "mean_abs_logprob_diff": float(np.mean(diffs)),
+        "max_abs_logprob_diff": float(np.max(diffs)),
+        "max_rank_gap_where_sets_differ": float(np.max(gaps)) if gaps.size else 0.0,
+    }
+
+
+def pool(figures: list[dict]) -> dict:
+    """Figures of several rows as one: means weighted by positions, maxima over rows."""
+    total = sum(f["positions"] for f in figures)
+    out: dict = {"positions": total}
+    for key in figures[0]:
+        if key.startswith("max_"):
+            out[key] = max(f[key] for f in figures)
+        elif key != "positions":
+            out[key] = sum(f[key] * f["positions"] for f in figures) / total
+    return out
+
+
+def served_scores(
+    url: str,
+    model: str | None,
+    batches: list[np.ndarray],
+    local: list[np.ndarray],
+    k: int,
+    form: str,
+    tok: Any = None,
+) -> dict:
+    """Each ``[B, L]`` batch sent in one request as kdcore's client sends it (as text when
+    ``tok`` is given), read by its parser and compared row by row with ``local`` (the local
+    log-probs of the batches' rows, in order); the server's tokens/s over request time."""
+    from kdcore.teachers import openai  # noqa: PLC0415
+
+    figures, seconds, rows = [], 0.0, iter(local)
+    for batch in batches:
+        text = None if tok is None else [tok.decode([int(t) for t in row]) for row in batch]
+        body = openai.completions_request(batch, k, model=model, form=form, text=text)
+        started = time.perf_counter()
+        status, reply = call(url + "/v1/completions", body)
+        seconds += time.perf_counter() - started
+        if status != 200:
+            return {"error": f"HTTP {status}: {str(reply)[:300]}"}
+        try:
+            ids, lps, _ = openai.parse_completions(reply, batch, k, text=tok is not None)
+        except ValueError as exc:
+            return {"error": f"kdcore's parser: {exc}"}
+        for b in range(len(batch)):
+            figures.append(topk_agreement(ids[b], lps[b], next(rows)[: batch.shape[1]]))
+    out = pool(figures)
+    out["tokens_per_s"] = round(out["positions"] / seconds, 1)
+    return out
+
+
+def tokenize_agreement(url: str, model: str | None, rows: list[np.ndarray], tok: Any) -> dict:
+    """Whether the server's ``/tokenize`` gives the run tokenizer's ids for the client's probe
+    text and for each row's text."""
+    from kdcore.teachers import openai  # noqa: PLC0415
+
+    texts = [openai.PROBE_TEXT] + [tok.decode([int(t) for t in row]) for row in rows]
+    wanted = [tok.encode(openai.PROBE_TEXT)] + [[int(t) for t in row] for row in rows]
+    agree = []
+    for text, ids in zip(texts, wanted, strict=True):
+        status, reply = call(url + openai.TOKENIZE_PATH, openai.tokenize_request(text, model))
+        if status != 200:
+            return {"error": f"HTTP {status}: {str(reply)[:300]}"}
+        agree.append(openai.parse_tokenize(reply) == list(ids))
+    return {"probe_text": agree[0], "rows": f"{sum(agree[1:])}/{len(rows)}"}
+
+
+def server_info(url: str) -> dict:
+    """The server's version (vLLM's ``/version``) and its ``/v1/models`` entries."""
+    status, version = call(url + "/version", timeout=30)
+    status_m, models = call(url + "/v1/models", timeout=30)
+    listed = models.get("data", []) if status_m == 200 and isinstance(models, dict) else []
+    keep = ("id", "owned_by", "max_model_len")
+    return {
+        "version": version.get("version") if status == 200 and isinstance(version, dict) else None,
+        "models": [{key: m.get(key) for key in keep} for m in listed],
+    }
+
+
+def local_spec(teacher: Path, steps: int, k: int) -> dict:
+    """:func:`distill_spec` with the teacher loaded in the run, its ``hinton`` reading the top
+    ``k`` (renormalised, as it reads a served top-k): the same loss, computed here."""
+    spec = distill_spec("", teacher, steps, {})
+    spec["teachers"] = [{"path": str(teacher)}]
+    spec["losses"][1]["params"] = {"temperature": 1.0, "top_k": k}
+    return spec
+
+
+def check_url(args: argparse.Namespace, gguf: Path, teacher: Path, work: Path) -> int:
+    """Check the OpenAI-style server at ``--url`` (serving the float32 teacher) with kdcore's
+    own client and parser, for each ``--form``; write the JSON and print the table."""
+    url, forms = args.url.rstrip("/"), args.form or ["echo"]
+    info = server_info(url)
+    model = args.model or (info["models"][0]["id"] if info["models"] else None)
+    rows, tok = heldout_rows(teacher, args.rows, args.seq_len)
+    local = local_logprobs(teacher, rows)
+    from kdcore.teachers import openai  # noqa: PLC0415
+
+    warm_up = openai.completions_request(rows[0][None, :8], args.k, model=model)
+    call(url + "/v1/completions", warm_up)  # untimed: a server's first request is slower
+    length = min(len(r) for r in rows)
+    together = [np.stack([r[:length] for r in rows])]
+    results: dict = {
+        "date": time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime()),
+        "machine": {
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+            "loadavg_at_start": [round(x, 2) for x in os.getloadavg()],
+        },
+        "url": url,
+        "model": model,
+        "server": info,
+        "teacher": str(teacher),
+        "gguf": gguf.name,
+        "k": args.k,
+        "rows": [len(r) for r in rows],
+        "tokenize": tokenize_agreement(url, model, rows, tok),
+        "forms": {},
+    }
+    for form in forms:
+        log(f"form = {form}")
+        single = [r[None] for r in rows]
+        results["forms"][form] = {
+            "ids": served_scores(url, model, single, local, args.k, form),
+            "text": served_scores(url, model, single, local, args.k, form, tok),
+            "ids_all_rows_one_request": served_scores(url, model, together, local, args.k, form),
+            "kdcore_client": {
+                "ids": client_outcome(url, teacher, model=model, form=form),
+                "text": client_outcome(url, teacher, model=model, form=form, prompt="text"),
+            },
+        }
+        log(json.dumps(results["forms"][form]))
+    if not args.skip_distill:
+        runs = results["kd_distill"] = {}
+        for form in forms:
+            spec = distill_spec(url, teacher, args.steps, {"model": model, "form": form})
+            runs[f"server, form = {form}"] = distill(spec, work / f"run-url-{form}")
+        runs["local teacher"] = distill(local_spec(teacher, args.steps, args.k), work / "run-local")
+    results["machine"]["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    out = Path(args.out or HERE / "results" / "server.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=1) + "\n")
+    print(url_table(results))
+    return 0
+
+
+URL_FIGURES = (
+    ("positions", "positions", "d"),
+    ("top1_agreement", "top-1 agreement", ".4f"),
+    ("topk_overlap", "top-k overlap", ".4f"),
+    ("same_topk_set", "same top-k set", ".4f"),
+    ("mean_abs_logprob_diff", "mean abs. log-prob diff", ".2e"),
+    ("max_abs_logprob_diff", "max abs. log-prob diff", ".2e"),
+    ("max_rank_gap_where_sets_differ", "max local rank-k/k+1 gap where sets differ", ".1e"),
+    ("tokens_per_s", "server tokens/s", ".1f"),
+)
+PROMPTS = (("ids", "ids"), ("text", "text"), ("ids_all_rows_one_request", "ids, 1 request"))
+
+
+def url_table(r: dict) -> str:
+    """The ``--url`` figures as Markdown tables: agreement per form and prompt, then runs."""
+    columns = [
+        (f"{form}, {name}", got[key]) for form, got in r["forms"].items() for key, name in PROMPTS
+    ]
+    machine = r["machine"]
+    lines = [
+        f"{r['url']} ({r['model']}, version {r['server']['version']}) vs kdcore's float32 "
+        f"teacher, top-{r['k']}, {len(r['rows'])} held-out chat rows; load "
+        f"{machine['loadavg_at_start'][0]} to {machine['loadavg_at_end'][0]} on "
+        f"{machine['cpus']} CPUs",
+        "",
+        "| | " + " | ".join(name for name, _ in columns) + " |",
+        "| --- |" + " ---: |" * len(columns),
+    ]
+    for key, name, spec in URL_FIGURES:
+        cells = [format(c[key], spec) if key in c else c.get("error", "")[:60] for _, c in columns]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += ["", f"/tokenize agrees: {r['tokenize']}"]
+    for form, got in r["forms"].items():
+        for prompt, said in got["kdcore_client"].items():
+            lines.append(f"kdcore client, form = {form}, prompt = {prompt}: {said[:200]}")
+    runs = r.get("kd_distill")
+    if runs:
+        lines += [
+            "",
+            "| kd distill, 2 rows x 128 tokens | exit | step losses (ce, hinton) | val loss | "
+            "server tokens/s | seconds | load before, after |",
+            "| --- | ---: | --- | ---: | ---: | ---: | --- |",
+        ]
+        for name, run in runs.items():
+            steps = (
+                ", ".join(
+                    f"{loss:.4f} ({terms.get('loss/ce', 0):.4f}, {terms.get('loss/hinton', 0):.4f})"
+                    for loss, terms in zip(
+                        run.get("losses", []), run.get("loss_terms", []), strict=True
+                    )
+                )
+                or run["last_lines"][-1][:120]
+            )
+            val = f"{run['val_loss']:.4f}" if "val_loss" in run else ""
+            speed = f"{run['server_tokens_per_s']:.1f}" if "server_tokens_per_s" in run else ""
+            lines.append(
+                f"| {name} | {run['exit']} | {steps} | {val} | {speed} | {run['seconds']} | "
+                f"{run['load_1min'][0]}, {run['load_1min'][1]} |"
+            )
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -593,14 +842,29 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mlx", action="store_true", help="probe mlx_lm.server too")
     p.add_argument("--record", default=None, help="write the test suite's recorded replies here")
     p.add_argument("--work", default=str(ROOT / "runs" / "served"))
-    p.add_argument("--out", default=str(HERE / "results.json"))
+    p.add_argument("--out", default=None, help="results.json; with --url results/server.json")
+    p.add_argument("--url", default=None, help="check this running OpenAI-style server instead")
+    p.add_argument("--model", default=None, help="with --url: the served model's name")
+    p.add_argument(
+        "--form",
+        action="append",
+        choices=("echo", "prompt_logprobs"),
+        help="with --url: the reply form(s) asked for (repeat for both; default echo)",
+    )
+    p.add_argument("--print-teacher", action="store_true", help="print the float32 folder")
     args = p.parse_args(argv)
-    work = Path(args.work)
-    work.mkdir(parents=True, exist_ok=True)
     from kdcore.gguf.convert import imported_folder  # noqa: PLC0415
 
     gguf = find_gguf(args.gguf)
     teacher = imported_folder(gguf, "float32").resolve()
+    if args.print_teacher:
+        print(teacher)
+        return 0
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    if args.url:
+        return check_url(args, gguf, teacher, work)
+    args.out = args.out or str(HERE / "results.json")
     rows, tok = heldout_rows(teacher, args.rows, args.seq_len)
     local = local_logprobs(teacher, rows)
     pieces = Pieces(teacher)

@@ -4,6 +4,9 @@
 # /tmp/llamacpp-venv) and, with --mlx, mlx_lm.server, against kdcore's float32 import of
 # the same GGUF (README.md).
 #   bash examples/served/verify.sh [--mlx] [--venv DIR] [--rows N] [--skip-distill]
+# or any running OpenAI-style server serving that import (vLLM: vllm_cpu.sh):
+#   bash examples/served/verify.sh --url http://127.0.0.1:8795 --model smollm2 \
+#     [--form echo] [--form prompt_logprobs] [--out examples/served/results/vllm_cpu.json]
 # Runs niced, through kd's OpenBLAS fast path (float32 products ~30x faster on a CPU).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
