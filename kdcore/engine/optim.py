@@ -37,6 +37,29 @@ from kdcore.errors import SpecError
 AdamStep = Callable[..., tuple[mx.array, mx.array, mx.array]]
 
 
+def _scalars(opt: Adam | AdamW, weight_decay: float) -> mx.array:
+    """The kernel's eight scalars for this step, made once per step and optimizer: every
+    parameter's update takes the same (mlx's update makes them per parameter: a dozen
+    small ops each)."""
+    key = (weight_decay, *opt.betas, opt.eps, bool(opt.bias_correction))
+    step, lr = opt.step, opt.learning_rate  # new arrays each step (and each schedule value)
+    cached = opt._kernel_scalars
+    if cached is not None and cached[0] is step and cached[1] is lr and cached[2] == key:
+        return cached[3]
+    lr32 = lr.astype(mx.float32)
+    decay = (1 - lr32 * weight_decay).astype(mx.float32)  # AdamW's factor, as mlx rounds it
+    b1, b2 = opt.betas
+    if opt.bias_correction:
+        first = (lr32 / (1 - b1**step)).astype(mx.float32)
+        second = mx.rsqrt(1 - b2**step).astype(mx.float32)
+    else:
+        first, second = lr32, mx.array(1.0, mx.float32)
+    constants = mx.array([b1, 1 - b1, b2, 1 - b2, opt.eps], mx.float32)
+    scalars = mx.concatenate([decay.reshape(1), constants, first.reshape(1), second.reshape(1)])
+    opt._kernel_scalars = (step, lr, key, scalars)
+    return scalars
+
+
 def _native_step(
     opt: Adam | AdamW, gradient: mx.array, parameter: mx.array, state: dict, weight_decay: float
 ) -> mx.array | None:
@@ -49,16 +72,7 @@ def _native_step(
     m, v = state["m"], state["v"]
     if any(x.dtype != mx.float32 for x in (gradient, parameter, m, v)):
         return None
-    lr = opt.learning_rate.astype(mx.float32)
-    decay = (1 - lr * weight_decay).astype(mx.float32)  # AdamW's factor, as mlx rounds it
-    b1, b2 = opt.betas
-    if opt.bias_correction:
-        first = (lr / (1 - b1**opt.step)).astype(mx.float32)
-        second = mx.rsqrt(1 - b2**opt.step).astype(mx.float32)
-    else:
-        first, second = lr, mx.array(1.0, mx.float32)
-    constants = mx.array([b1, 1 - b1, b2, 1 - b2, opt.eps], mx.float32)
-    scalars = mx.concatenate([decay.reshape(1), constants, first.reshape(1), second.reshape(1)])
+    scalars = _scalars(opt, weight_decay)
     parameter, state["m"], state["v"] = step(
         gradient, parameter, m, v, scalars, bool(opt.bias_correction)
     )
@@ -71,6 +85,7 @@ class Adam(optim.Adam):
     def __init__(self, *args: Any, kernel: AdamStep | None = None, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.kernel = kernel
+        self._kernel_scalars = None  # (step, learning rate, constants, scalars): _scalars
 
     def apply_single(self, gradient: mx.array, parameter: mx.array, state: dict):
         out = _native_step(self, gradient, parameter, state, 0.0)
@@ -83,6 +98,7 @@ class AdamW(optim.AdamW):
     def __init__(self, *args: Any, kernel: AdamStep | None = None, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.kernel = kernel
+        self._kernel_scalars = None  # (step, learning rate, constants, scalars): _scalars
 
     def apply_single(self, gradient: mx.array, parameter: mx.array, state: dict):
         out = _native_step(self, gradient, parameter, state, self.weight_decay)

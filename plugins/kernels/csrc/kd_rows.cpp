@@ -714,18 +714,44 @@ std::tuple<mx::array, mx::array, mx::array> adam_step(
   return {outputs[0], outputs[1], outputs[2]};
 }
 
+namespace {
+
+// A 2-D array that is the transpose of a dense one: what value_and_grad gives for a Linear
+// weight (the gradient of w.T, transposed back). The kernel reads it in tiles.
+bool is_transposed(const mx::array& x) {
+  return x.ndim() == 2 && x.strides(0) == 1 && x.strides(1) == x.shape(0) &&
+      x.data_size() == x.size();
+}
+
+}  // namespace
+
 void AdamStep::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
   auto& encoder = mx::cpu::get_command_encoder(stream());
   for (const auto& x : inputs)
     encoder.set_input_array(x);
-  const DenseInput g = dense_input(inputs[0]), p = dense_input(inputs[1]);
+  const bool transposed = !is_dense(inputs[0]) && is_transposed(inputs[0]);
+  const DenseInput g = transposed ? DenseInput{inputs[0].data<float>()} : dense_input(inputs[0]);
+  const DenseInput p = dense_input(inputs[1]);
   const DenseInput m = dense_input(inputs[2]), v = dense_input(inputs[3]);
+  // Each of a primitive's outputs holds its own copy of the inputs (array::make_arrays), so
+  // here every input is held at least three times and is_donatable() never holds: the
+  // step would write three fresh arrays (a GB at 81M parameters) and leave the old ones to
+  // be freed. The siblings' copies go now, as array::detach drops them right after this
+  // eval; a tracer keeps its graph.
+  if (!outputs[0].is_tracer())
+    for (auto& out : outputs)
+      if (&out.inputs() != &inputs)
+        out.inputs().clear();
   for (int i = 0; i < 3; ++i) {
     set_output(outputs[i], inputs[i + 1]);
     encoder.set_output_array(outputs[i]);
   }
   AdamArgs args{};
   args.bias_correction = bias_correction_;
+  if (transposed) {
+    args.g_rows = inputs[0].shape(0);
+    args.g_cols = inputs[0].shape(1);
+  }
   args.p = outputs[0].data<float>();
   args.m = outputs[1].data<float>();
   args.v = outputs[2].data<float>();
@@ -747,7 +773,16 @@ void AdamStep::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::ar
     args.p_in = p.data;
     args.m_in = m.data;
     args.v_in = v.data;
-    parallel_rows(n, 1, [&](int64_t i0, int64_t i1) { fn(args, i0, i1); });
+    if (args.g_cols == 0) {
+      parallel_rows(n, 1, [&](int64_t i0, int64_t i1) { fn(args, i0, i1); });
+      return;
+    }
+    // whole tiles per thread: each reads its own runs of g's columns
+    const int64_t rows = args.g_rows, cols = args.g_cols;
+    const int64_t tiles = (rows + kAdamRows - 1) / kAdamRows;
+    parallel_rows(tiles, kAdamRows * cols, [&](int64_t t0, int64_t t1) {
+      fn(args, t0 * kAdamRows * cols, std::min(rows, t1 * kAdamRows) * cols);
+    });
   });
 }
 

@@ -78,12 +78,15 @@ struct SparseArgs {
 // roundings in its order: p = p * decay (AdamW's 1 - lr * weight_decay; 1 for Adam);
 // m = b1 m + (1 - b1) g; v = b2 v + (1 - b2) g^2; p -= (lr m) / (sqrt(v) + eps), or with
 // bias correction p -= (c1 m) / (sqrt(v) c2 + eps). Outputs may be the inputs' buffers.
+// g_cols > 0: the parameter is [g_rows, g_cols] and g the transpose of a dense
+// [g_cols, g_rows] array (a Linear weight's gradient), g(r, c) = g[c * g_rows + r].
 struct AdamArgs {
   float decay, b1, one_minus_b1, b2, one_minus_b2, eps;
   float lr;  // c1 = lr / (1 - b1^step) with bias correction
   float c2;  // rsqrt(1 - b2^step) with bias correction
   bool bias_correction;
   const float* g;
+  int64_t g_rows, g_cols;
   const float* p_in;
   const float* m_in;
   const float* v_in;
@@ -91,6 +94,10 @@ struct AdamArgs {
   float* m;
   float* v;
 };
+
+// Rows of a transposed gradient (AdamArgs::g_cols > 0) the Adam step reads per tile: runs of
+// 32 floats of each column, two cache lines. Threads take whole tiles.
+constexpr int64_t kAdamRows = 32;
 
 // The softmax of attention scores [rows, n], float32: y = softmax(scale * x) per row; with
 // `causal`, row r is query position r % queries and sees keys 0 .. that + n - queries.
