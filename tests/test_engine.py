@@ -642,3 +642,39 @@ def test_adam_hands_its_update_to_a_registered_kernel_with_mlxs_roundings(
     assert not np.array_equal(
         got["layers.2.weight"], _updated(mlx_class(0.0), steps=0)["layers.2.weight"]
     )
+
+
+def test_adamw_on_real_gradients_equals_mlxs_update():
+    """kdcore's AdamW with the native step against mlx.optimizers.AdamW, three steps of
+    value_and_grad's own gradients (transposed views for the Linear weights)."""
+    import mlx.nn as nn
+    import mlx.optimizers as optim
+
+    from kdcore.engine.optim import AdamW
+
+    kd_kernels = pytest.importorskip("kd_kernels")  # built by ./scripts/setup.sh
+
+    def run(kernel):
+        mx.random.seed(3)
+        model = nn.Sequential(nn.Linear(37, 130), nn.LayerNorm(130), nn.Linear(130, 1001))
+        x = mx.random.normal((8, 37))
+        y = mx.random.randint(0, 1001, (8,))
+        schedule = optim.cosine_decay(3e-2, 10)
+        if kernel is None:
+            opt = optim.AdamW(learning_rate=schedule, weight_decay=0.1, bias_correction=True)
+        else:
+            opt = AdamW(
+                learning_rate=schedule, weight_decay=0.1, bias_correction=True, kernel=kernel
+            )
+        grad = nn.value_and_grad(model, lambda mod: nn.losses.cross_entropy(mod(x), y).mean())
+        for _ in range(3):
+            _, grads = grad(model)
+            opt.update(model, grads)
+            mx.eval(model.parameters(), opt.state)
+        flat = {**dict(tree_flatten(model.parameters())), **dict(tree_flatten(opt.state))}
+        return {key: np.array(value) for key, value in flat.items()}
+
+    want, got = run(None), run(kd_kernels.adam_factory())
+    assert want.keys() == got.keys()
+    for key in want:
+        np.testing.assert_array_equal(got[key], want[key], err_msg=key)
